@@ -1,0 +1,178 @@
+#pragma once
+/// Codebook: the learned centroids of one CQ quantizer (one KV head of one layer, K or V).
+///
+/// Layout: centroids (groups, num_centroids, channels), float, 64-byte aligned — group g's
+/// centroid k is the `channels` floats at ((g * num_centroids) + k) * channels. Alongside it the
+/// codebook keeps derived tables the encoders read: per-centroid squared norms and a transposed
+/// copy (groups, channels, padded_centroids), padded to a multiple of 16 so SIMD code can stride
+/// over centroids; padding centroids have norm +inf so they never win.
+
+#include "cq/config.hpp"
+#include "cq/detail/aligned_buffer.hpp"
+#include "cq/error.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace cq {
+
+/// How a codebook was produced; written to and read from codebook files.
+struct FitInfo {
+  std::string method = "none";   // "kmeans", "fisher-kmeans", "uniform-int", or "none"
+  std::string init;              // "kmeans++" or "random"
+  std::string dtype = "F32";     // activation type the codebook was fitted on
+  std::uint32_t iterations = 0;  // Lloyd iterations run
+  std::uint64_t calibration_rows = 0;  // rows the fit saw (after subsampling)
+  std::uint64_t seed = 0;
+  double objective = 0.0;        // final (weighted) mean squared error per element
+};
+
+/// Read-only view of one group's tables.
+struct GroupCodebookView {
+  const float* centroids = nullptr;   // (num_centroids, channels)
+  const float* norms = nullptr;       // (padded_centroids): |c_k|^2, +inf for padding
+  const float* transposed = nullptr;  // (channels, padded_centroids)
+  std::uint32_t num_centroids = 0;
+  std::uint32_t channels = 0;
+  std::uint32_t padded_centroids = 0;
+};
+
+/// Read-only view of a whole codebook.
+struct CodebookView {
+  const float* centroids = nullptr;
+  const float* norms = nullptr;
+  const float* transposed = nullptr;
+  std::size_t groups = 0;
+  std::size_t channels = 0;
+  int bits = 0;
+  std::size_t padded_centroids = 0;
+
+  constexpr std::size_t num_centroids() const { return std::size_t{1} << bits; }
+  constexpr std::size_t dim() const { return groups * channels; }
+  constexpr GroupCodebookView group(std::size_t g) const {
+    return {centroids + g * num_centroids() * channels, norms + g * padded_centroids,
+            transposed + g * channels * padded_centroids, static_cast<std::uint32_t>(num_centroids()),
+            static_cast<std::uint32_t>(channels), static_cast<std::uint32_t>(padded_centroids)};
+  }
+};
+
+/// Padding of the centroid axis in the transposed table: a multiple of 16 floats (one AVX-512
+/// register), at least 16.
+constexpr std::size_t padded_centroid_count(std::size_t k) { return k < 16 ? 16 : (k + 15) / 16 * 16; }
+
+/// Checks the (dim, channels, bits) triple of a CQ configuration; throws naming `what`.
+inline void check_cq_shape(std::size_t dim, std::size_t channels, int bits, const char* what) {
+  CQ_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16, got ", bits);
+  CQ_CHECK(channels >= 1, what, ": channels per group must be >= 1, got ", channels);
+  CQ_CHECK(dim >= 1, what, ": dim must be >= 1, got ", dim);
+  CQ_CHECK(dim % channels == 0, what, ": dim ", dim, " is not a multiple of channels per group ", channels);
+}
+
+class Codebook {
+ public:
+  Codebook() = default;
+  /// A codebook of zero centroids for vectors of `dim` channels cut into groups of `channels`.
+  Codebook(std::size_t dim, std::size_t channels, int bits) {
+    check_cq_shape(dim, channels, bits, "Codebook");
+    channels_ = channels;
+    groups_ = dim / channels;
+    bits_ = bits;
+    centroids_.resize(groups_ * num_centroids() * channels_, 0.0f);
+    refresh();
+  }
+
+  std::size_t dim() const { return groups_ * channels_; }
+  std::size_t channels() const { return channels_; }
+  std::size_t groups() const { return groups_; }
+  int bits() const { return bits_; }
+  std::size_t num_centroids() const { return std::size_t{1} << bits_; }
+  bool empty() const { return groups_ == 0; }
+
+  /// All centroids, layout (groups, num_centroids, channels).
+  const float* data() const { return centroids_.data(); }
+  std::size_t size() const { return centroids_.size(); }
+  /// Group g's centroids, layout (num_centroids, channels).
+  const float* group_data(std::size_t g) const { return centroids_.data() + g * num_centroids() * channels_; }
+  float centroid(std::size_t g, std::size_t k, std::size_t c) const {
+    return centroids_[(g * num_centroids() + k) * channels_ + c];
+  }
+
+  /// Replaces group g's centroids with (num_centroids, channels) floats; all must be finite.
+  void set_group(std::size_t g, const float* centroids) {
+    CQ_CHECK(g < groups_, "Codebook::set_group: group ", g, " out of range (groups = ", groups_, ")");
+    const std::size_t n = num_centroids() * channels_;
+    for (std::size_t i = 0; i < n; ++i)
+      CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_group: centroid value ", centroids[i],
+               " at group ", g, ", index ", i, " is not finite");
+    std::memcpy(centroids_.data() + g * n, centroids, n * sizeof(float));
+    refresh_group(g);
+  }
+  /// Replaces every centroid with (groups, num_centroids, channels) floats; all must be finite.
+  void set_all(const float* centroids) {
+    for (std::size_t i = 0; i < centroids_.size(); ++i)
+      CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_all: centroid value ", centroids[i],
+               " at flat index ", i, " is not finite");
+    std::memcpy(centroids_.data(), centroids, centroids_.size() * sizeof(float));
+    refresh();
+  }
+
+  CodebookView view() const {
+    return {centroids_.data(), norms_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
+  }
+  GroupCodebookView group(std::size_t g) const { return view().group(g); }
+
+  /// How the codebook was made (method, iterations, objective...).
+  FitInfo& info() { return info_; }
+  const FitInfo& info() const { return info_; }
+
+  /// Bytes of centroid storage (what a file or a KV cache's accounting counts). The derived
+  /// tables roughly double the resident size; allocated_bytes() includes them.
+  std::size_t size_bytes() const { return centroids_.size() * sizeof(float); }
+  std::size_t allocated_bytes() const {
+    return centroids_.allocated_bytes() + norms_.allocated_bytes() + transposed_.allocated_bytes();
+  }
+
+  /// Same shape and bit-identical centroids.
+  friend bool operator==(const Codebook& a, const Codebook& b) {
+    return a.channels_ == b.channels_ && a.groups_ == b.groups_ && a.bits_ == b.bits_ &&
+           (a.centroids_.size() == 0 ||
+            std::memcmp(a.centroids_.data(), b.centroids_.data(), a.centroids_.size() * sizeof(float)) == 0);
+  }
+
+ private:
+  void refresh() {
+    padded_ = padded_centroid_count(num_centroids());
+    norms_.resize(groups_ * padded_);
+    transposed_.resize(groups_ * channels_ * padded_);
+    for (std::size_t g = 0; g < groups_; ++g) refresh_group(g);
+  }
+  void refresh_group(std::size_t g) {
+    const std::size_t k_count = num_centroids();
+    const float* c = group_data(g);
+    float* norms = norms_.data() + g * padded_;
+    float* tr = transposed_.data() + g * channels_ * padded_;
+    for (std::size_t k = 0; k < padded_; ++k) {
+      float n = std::numeric_limits<float>::infinity();
+      if (k < k_count) {
+        n = 0.0f;
+        for (std::size_t j = 0; j < channels_; ++j) n += c[k * channels_ + j] * c[k * channels_ + j];
+      }
+      norms[k] = n;
+      for (std::size_t j = 0; j < channels_; ++j) tr[j * padded_ + k] = k < k_count ? c[k * channels_ + j] : 0.0f;
+    }
+  }
+
+  std::size_t channels_ = 0;
+  std::size_t groups_ = 0;
+  int bits_ = 0;
+  std::size_t padded_ = 0;
+  detail::AlignedBuffer<float> centroids_;
+  detail::AlignedBuffer<float> norms_;
+  detail::AlignedBuffer<float> transposed_;
+  FitInfo info_;
+};
+
+}  // namespace cq

@@ -1,0 +1,106 @@
+#pragma once
+/// detail::AlignedBuffer<T>: a growable, cache-line-aligned array of trivially copyable T.
+/// Used by every owner in cq so SIMD loads never straddle an allocation's start.
+
+#include "cq/config.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+namespace cq::detail {
+
+template <class T>
+class AlignedBuffer {
+  static_assert(std::is_trivially_copyable_v<T>, "cq: AlignedBuffer holds trivially copyable types only");
+
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(std::size_t n, T fill = T{}) { resize(n, fill); }
+  AlignedBuffer(const AlignedBuffer& o) { assign(o.data_, o.size_); }
+  AlignedBuffer(AlignedBuffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
+        capacity_(std::exchange(o.capacity_, 0)) {}
+  AlignedBuffer& operator=(const AlignedBuffer& o) {
+    if (this != &o) assign(o.data_, o.size_);
+    return *this;
+  }
+  AlignedBuffer& operator=(AlignedBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+      capacity_ = std::exchange(o.capacity_, 0);
+    }
+    return *this;
+  }
+  ~AlignedBuffer() { release(); }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  std::size_t capacity() const { return capacity_; }
+  bool empty() const { return size_ == 0; }
+  T& operator[](std::size_t i) { return data_[i]; }
+  const T& operator[](std::size_t i) const { return data_[i]; }
+  T* begin() { return data_; }
+  T* end() { return data_ + size_; }
+  const T* begin() const { return data_; }
+  const T* end() const { return data_ + size_; }
+
+  /// Ensures capacity for n elements; contents are kept. Throws std::bad_alloc on failure and then
+  /// leaves the buffer unchanged.
+  void reserve(std::size_t n) {
+    if (n <= capacity_) return;
+    T* fresh = allocate(n);
+    if (size_) std::memcpy(fresh, data_, size_ * sizeof(T));
+    release_storage();
+    data_ = fresh;
+    capacity_ = n;
+  }
+  /// Resizes; new elements are set to `fill`. Growth is geometric so appends are amortised O(1).
+  void resize(std::size_t n, T fill = T{}) {
+    if (n > capacity_) reserve(std::max(n, capacity_ + capacity_ / 2));
+    if (n > size_) std::fill(data_ + size_, data_ + n, fill);
+    size_ = n;
+  }
+  void clear() { size_ = 0; }
+  void assign(const T* src, std::size_t n) {
+    if (n > capacity_) {
+      T* fresh = allocate(n);
+      release_storage();
+      data_ = fresh;
+      capacity_ = n;
+    }
+    if (n) std::memcpy(data_, src, n * sizeof(T));
+    size_ = n;
+  }
+  /// Bytes of storage held (capacity, not size): what memory accounting reports.
+  std::size_t allocated_bytes() const { return capacity_ * sizeof(T); }
+
+ private:
+  static T* allocate(std::size_t n) {
+    if (n > (SIZE_MAX - buffer_alignment) / sizeof(T)) throw std::bad_array_new_length();
+    // Round the byte count up so the aligned operator new contract holds for every n.
+    std::size_t bytes = (n * sizeof(T) + buffer_alignment - 1) / buffer_alignment * buffer_alignment;
+    return static_cast<T*>(::operator new(bytes, std::align_val_t{buffer_alignment}));
+  }
+  void release_storage() {
+    if (data_) ::operator delete(data_, std::align_val_t{buffer_alignment});
+    data_ = nullptr;
+  }
+  void release() {
+    release_storage();
+    size_ = capacity_ = 0;
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+};
+
+}  // namespace cq::detail

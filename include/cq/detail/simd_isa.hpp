@@ -1,0 +1,130 @@
+#pragma once
+/// Thin ISA traits for the SIMD backend: one struct per instruction set with the handful of
+/// operations the kernels need, so each kernel is written once for every width. Only the structs
+/// the translation unit is compiled for exist (static dispatch, see config.hpp).
+
+#include "cq/config.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
+#include <immintrin.h>
+#endif
+
+namespace cq::detail {
+
+#if CQ_HAVE_AVX512
+struct Avx512Isa {
+  static constexpr const char* name = "avx512";
+  static constexpr int width = 16;
+  using vf = __m512;
+  using vi = __m512i;
+  static CQ_ALWAYS_INLINE vf load(const float* p) { return _mm512_loadu_ps(p); }
+  static CQ_ALWAYS_INLINE void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+  static CQ_ALWAYS_INLINE vf set1(float x) { return _mm512_set1_ps(x); }
+  static CQ_ALWAYS_INLINE vf zero() { return _mm512_setzero_ps(); }
+  static CQ_ALWAYS_INLINE vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+  // min/max through compare + masked move: GCC 12's _mm512_min_ps/_mm512_max_ps trip
+  // -Wmaybe-uninitialized on their internal _mm512_undefined_ps(). NaN in b is never taken.
+  static CQ_ALWAYS_INLINE vf max(vf a, vf b) { return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ), b); }
+  static CQ_ALWAYS_INLINE vf min(vf a, vf b) { return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(b, a, _CMP_LT_OQ), b); }
+  // Horizontal reductions by lane shuffles. The masked forms with an explicit source are used on
+  // purpose: GCC 12's unmasked ones (and _mm512_reduce_*) trip -Wuninitialized on their
+  // internal _mm512_undefined_*().
+  template <class Op>
+  static CQ_ALWAYS_INLINE vf fold(vf a, Op op) {
+    a = op(a, _mm512_mask_shuffle_f32x4(a, 0xFFFF, a, a, _MM_SHUFFLE(1, 0, 3, 2)));
+    a = op(a, _mm512_mask_shuffle_f32x4(a, 0xFFFF, a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+    a = op(a, _mm512_mask_permute_ps(a, 0xFFFF, a, _MM_SHUFFLE(1, 0, 3, 2)));
+    return op(a, _mm512_mask_permute_ps(a, 0xFFFF, a, _MM_SHUFFLE(2, 3, 0, 1)));
+  }
+  static CQ_ALWAYS_INLINE float reduce_add(vf a) {
+    return _mm512_cvtss_f32(fold(a, [](vf x, vf y) { return _mm512_add_ps(x, y); }));
+  }
+  static CQ_ALWAYS_INLINE float reduce_max(vf a) {
+    return _mm512_cvtss_f32(fold(a, [](vf x, vf y) { return max(x, y); }));
+  }
+  static CQ_ALWAYS_INLINE float reduce_min(vf a) {
+    return _mm512_cvtss_f32(fold(a, [](vf x, vf y) { return min(x, y); }));
+  }
+  static CQ_ALWAYS_INLINE vi iota() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static CQ_ALWAYS_INLINE vi set1i(int x) { return _mm512_set1_epi32(x); }
+  static CQ_ALWAYS_INLINE vi addi(vi a, vi b) { return _mm512_add_epi32(a, b); }
+  /// Lane-wise: where a < minv (ordered, so NaN never wins) take (a, idx).
+  static CQ_ALWAYS_INLINE void argmin_update(vf a, vi idx, vf& minv, vi& mini) {
+    const __mmask16 m = _mm512_cmp_ps_mask(a, minv, _CMP_LT_OQ);
+    minv = _mm512_mask_mov_ps(minv, m, a);
+    mini = _mm512_mask_mov_epi32(mini, m, idx);
+  }
+  /// Index of the smallest lane value; among equal values the smallest index.
+  static CQ_ALWAYS_INLINE std::uint32_t argmin_reduce(vf minv, vi mini) {
+    const float m = reduce_min(minv);
+    unsigned eq = _mm512_cmp_ps_mask(minv, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    if (eq == 0) return 0u;  // every lane +inf (or NaN input): code 0
+    alignas(64) std::uint32_t idx[16];
+    _mm512_store_si512(idx, mini);
+    std::uint32_t best = UINT32_MAX;
+    for (; eq; eq &= eq - 1) best = std::min(best, idx[__builtin_ctz(eq)]);  // usually one lane
+    return best;
+  }
+};
+#endif
+
+#if CQ_HAVE_AVX2
+struct Avx2Isa {
+  static constexpr const char* name = "avx2";
+  static constexpr int width = 8;
+  using vf = __m256;
+  using vi = __m256i;
+  static CQ_ALWAYS_INLINE vf load(const float* p) { return _mm256_loadu_ps(p); }
+  static CQ_ALWAYS_INLINE void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+  static CQ_ALWAYS_INLINE vf set1(float x) { return _mm256_set1_ps(x); }
+  static CQ_ALWAYS_INLINE vf zero() { return _mm256_setzero_ps(); }
+  static CQ_ALWAYS_INLINE vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+  static CQ_ALWAYS_INLINE vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+  static CQ_ALWAYS_INLINE float reduce_add(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static CQ_ALWAYS_INLINE float reduce_max(vf a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static CQ_ALWAYS_INLINE vi iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static CQ_ALWAYS_INLINE vi set1i(int x) { return _mm256_set1_epi32(x); }
+  static CQ_ALWAYS_INLINE vi addi(vi a, vi b) { return _mm256_add_epi32(a, b); }
+  static CQ_ALWAYS_INLINE void argmin_update(vf a, vi idx, vf& minv, vi& mini) {
+    const vf m = _mm256_cmp_ps(a, minv, _CMP_LT_OQ);
+    minv = _mm256_blendv_ps(minv, a, m);
+    mini = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mini), _mm256_castsi256_ps(idx), m));
+  }
+  static CQ_ALWAYS_INLINE std::uint32_t argmin_reduce(vf minv, vi mini) {
+    alignas(32) float v[8];
+    alignas(32) std::uint32_t ix[8];
+    _mm256_store_ps(v, minv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ix), mini);
+    float best = v[0];
+    std::uint32_t best_i = ix[0];
+    for (int l = 1; l < 8; ++l)
+      if (v[l] < best || (v[l] == best && ix[l] < best_i)) {
+        best = v[l];
+        best_i = ix[l];
+      }
+    return best_i;
+  }
+};
+#endif
+
+}  // namespace cq::detail

@@ -1,0 +1,77 @@
+#pragma once
+// Shared helpers for cq's tests: seeded random data, planted clusters, brute-force references.
+
+#include <cq/cq.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace cq::test {
+
+/// Checks that `expr` throws cq::Error whose message contains `needle`.
+#define CQ_CHECK_THROWS_CONTAINING(expr, needle) CHECK_THROWS_WITH_AS(expr, doctest::Contains(needle), ::cq::Error)
+
+inline std::vector<float> random_normal(std::size_t n, std::uint64_t seed, float scale = 1.0f) {
+  cq::detail::Rng rng(seed, 7);
+  std::vector<float> v(n);
+  for (auto& x : v) x = scale * float(rng.normal());
+  return v;
+}
+
+template <element_type T>
+std::vector<T> convert(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
+  return out;
+}
+
+/// `clusters` well-separated centres in `dim` dims, `per_cluster` points each with N(0, sigma^2)
+/// noise; labels[i] is the true cluster of row i.
+struct Planted {
+  std::vector<float> points, centres;
+  std::vector<std::uint32_t> labels;
+};
+inline Planted planted_clusters(std::size_t clusters, std::size_t per_cluster, std::size_t dim, float sigma,
+                                std::uint64_t seed) {
+  cq::detail::Rng rng(seed, 11);
+  Planted p;
+  p.centres.resize(clusters * dim);
+  for (auto& c : p.centres) c = 20.0f * float(rng.uniform()) - 10.0f;
+  // Shuffle the point order so clusters are interleaved.
+  std::vector<std::uint32_t> order(clusters * per_cluster);
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::uint32_t>(i % clusters);
+  for (std::size_t i = order.size(); i-- > 1;) std::swap(order[i], order[rng.below(i + 1)]);
+  for (auto k : order) {
+    p.labels.push_back(k);
+    for (std::size_t d = 0; d < dim; ++d) p.points.push_back(p.centres[k * dim + d] + sigma * float(rng.normal()));
+  }
+  return p;
+}
+
+/// Squared distance of a group of x to centroid k of group g, in double.
+template <element_type T>
+double group_distance(const Codebook& cb, const T* x, std::size_t g, std::size_t k) {
+  double d = 0.0;
+  for (std::size_t j = 0; j < cb.channels(); ++j) {
+    const double diff = double(to_float(x[g * cb.channels() + j])) - double(cb.centroid(g, k, j));
+    d += diff * diff;
+  }
+  return d;
+}
+
+/// True when `code` is a nearest centroid of group g of x, up to float rounding (ties aside).
+template <element_type T>
+bool is_nearest(const Codebook& cb, const T* x, std::size_t g, std::uint32_t code, double rel_tol = 1e-5) {
+  double best = std::numeric_limits<double>::infinity();
+  for (std::size_t k = 0; k < cb.num_centroids(); ++k) best = std::min(best, group_distance(cb, x, g, k));
+  const double mine = group_distance(cb, x, g, code);
+  double scale = 0.0;
+  for (std::size_t j = 0; j < cb.channels(); ++j) scale += double(to_float(x[g * cb.channels() + j])) * to_float(x[g * cb.channels() + j]);
+  return mine <= best + rel_tol * (best + scale + 1e-30);
+}
+
+}  // namespace cq::test
