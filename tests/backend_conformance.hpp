@@ -19,13 +19,6 @@ using conformance_backends = std::tuple<backend::Scalar, backend::Native
 #endif
                                         >;
 
-/// A random codebook (not fitted: conformance is about the kernels, not k-means).
-inline Codebook random_codebook(std::size_t dim, std::size_t C, int bits, std::uint64_t seed) {
-  Codebook cb(dim, C, bits);
-  cb.set_all(random_normal(cb.size(), seed).data());
-  cb.info().method = "random";
-  return cb;
-}
 
 template <class Backend, element_type T>
 void check_backend_against_reference(std::size_t n, std::size_t dim, std::size_t C, int bits, std::uint64_t seed) {

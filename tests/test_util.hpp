@@ -74,4 +74,12 @@ bool is_nearest(const Codebook& cb, const T* x, std::size_t g, std::uint32_t cod
   return mine <= best + rel_tol * (best + scale + 1e-30);
 }
 
+/// A random codebook (not fitted: conformance is about the kernels, not k-means).
+inline Codebook random_codebook(std::size_t dim, std::size_t C, int bits, std::uint64_t seed) {
+  Codebook cb(dim, C, bits);
+  cb.set_all(random_normal(cb.size(), seed).data());
+  cb.info().method = "random";
+  return cb;
+}
+
 }  // namespace cq::test

@@ -22,3 +22,6 @@
 #include "cq/io/codebook_file.hpp"
 #include "cq/baseline/uniform.hpp"
 #include "cq/synthetic.hpp"
+#include "cq/rope.hpp"
+#include "cq/attention.hpp"
+#include "cq/kv_cache.hpp"

@@ -2,6 +2,7 @@
 /// backend::Scalar — the reference backend: short, obvious, compiled everywhere. Every other
 /// backend is tested against it. Distances are computed directly as sum_c (x_c - c_kc)^2.
 
+#include "cq/backend/scalar_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
@@ -13,7 +14,7 @@
 
 namespace cq::backend {
 
-struct Scalar {
+struct Scalar : ScalarAttentionOps {
   static constexpr std::string_view name = "scalar";
 
   /// Nearest centroid (L2) of each point; ties go to the lowest index.

@@ -8,6 +8,7 @@
 /// in flight when the codebook is small so the FMA pipes stay busy.
 
 #include "cq/backend/scalar.hpp"
+#include "cq/backend/simd_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/simd_isa.hpp"
 #include "cq/element.hpp"
@@ -87,7 +88,7 @@ CQ_ALWAYS_INLINE void put_centroid(const float* CQ_RESTRICT c, std::size_t C, T*
 }  // namespace detail_simd
 
 template <class Isa>
-struct Simd {
+struct Simd : SimdAttentionOps<Isa> {
   static constexpr std::string_view name = Isa::name;
 
   template <element_type T>

@@ -4,6 +4,7 @@
 /// the translation unit is compiled for exist (static dispatch, see config.hpp).
 
 #include "cq/config.hpp"
+#include "cq/element.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -73,6 +74,47 @@ struct Avx512Isa {
     for (; eq; eq &= eq - 1) best = std::min(best, idx[__builtin_ctz(eq)]);  // usually one lane
     return best;
   }
+
+  // ---- attention helpers (masked forms: see the note on reductions above) ----
+  static CQ_ALWAYS_INLINE vf gather(const float* base, vi idx) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, idx, base, 4);
+  }
+  /// W consecutive 8-bit codes as 32-bit lanes.
+  static CQ_ALWAYS_INLINE vi load_u8(const std::uint8_t* p) {
+    return _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  /// W consecutive 16-bit little-endian codes as 32-bit lanes.
+  static CQ_ALWAYS_INLINE vi load_u16(const std::uint8_t* p) {
+    return _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static CQ_ALWAYS_INLINE vi load_u32(const std::uint32_t* p) { return _mm512_loadu_si512(p); }
+  static CQ_ALWAYS_INLINE vf load(const half* p) {
+    return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static CQ_ALWAYS_INLINE vf load(const bfloat16* p) {
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16));
+  }
+  /// exp(x) to ~1 ulp for x in [-87, 88] (inputs below give ~0, above +inf-free saturation).
+  static CQ_ALWAYS_INLINE vf exp(vf x) {
+    x = max(x, set1(-87.0f));
+    x = min(x, set1(88.0f));
+    const vf magic = set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf n = _mm512_sub_ps(_mm512_fmadd_ps(x, set1(1.44269504088896341f), magic), magic);
+    vf r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    vf p = set1(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, set1(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, set1(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, set1(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, set1(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, set1(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, set1(1.0f)));
+    // 2^n from the exponent bits: n + 127 sits in the low mantissa bits of n + magic + 127.
+    const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(n, set1(12582912.0f + 127.0f))),
+                                       _mm512_set1_epi32(0x4B400000));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, e, 23)));
+  }
 };
 #endif
 
@@ -123,6 +165,44 @@ struct Avx2Isa {
         best_i = ix[l];
       }
     return best_i;
+  }
+
+  // ---- attention helpers ----
+  static CQ_ALWAYS_INLINE vf gather(const float* base, vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
+  static CQ_ALWAYS_INLINE vi load_u8(const std::uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static CQ_ALWAYS_INLINE vi load_u16(const std::uint8_t* p) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static CQ_ALWAYS_INLINE vi load_u32(const std::uint32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static CQ_ALWAYS_INLINE vf load(const half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static CQ_ALWAYS_INLINE vf load(const bfloat16* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static CQ_ALWAYS_INLINE vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf exp(vf x) {
+    x = _mm256_max_ps(x, set1(-87.0f));
+    x = _mm256_min_ps(x, set1(88.0f));
+    const vf magic = set1(12582912.0f);
+    const vf n = _mm256_sub_ps(_mm256_fmadd_ps(x, set1(1.44269504088896341f), magic), magic);
+    vf r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    vf p = set1(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, set1(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, set1(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, set1(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, set1(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, set1(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
+    const __m256i e = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(n, set1(12582912.0f + 127.0f))),
+                                       _mm256_set1_epi32(0x4B400000));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
   }
 };
 #endif

@@ -1,0 +1,89 @@
+#pragma once
+/// The attention primitives of the scalar reference backend (inherited by backend::Scalar):
+/// obvious loops, the oracle the SIMD versions are tested against.
+///
+/// Conventions shared by every backend:
+///   - a score table ("LUT") has one row of `lut_stride` floats per key group;
+///     lut[g * lut_stride + j] = scale * (q_g . key_centroid[g][j]);
+///   - a value histogram has one row of `hist_stride` floats per value group;
+///   - code ranges start at a multiple of block_tokens (32) and may end anywhere.
+
+#include "cq/codebook.hpp"
+#include "cq/element.hpp"
+#include "cq/packed_codes.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace cq::backend {
+
+struct ScalarAttentionOps {
+  /// lut[g * stride + j] = scale * sum_c q[g * C + c] * centroid[g][j][c]; stride >= num_centroids.
+  static void score_lut(const CodebookView& cb, const float* q, float scale, float* lut, std::size_t stride) {
+    for (std::size_t g = 0; g < cb.groups; ++g)
+      for (std::size_t j = 0; j < cb.num_centroids(); ++j) {
+        const float* c = cb.centroids + (g * cb.num_centroids() + j) * cb.channels;
+        float s = 0.0f;
+        for (std::size_t k = 0; k < cb.channels; ++k) s += q[g * cb.channels + k] * c[k];
+        lut[g * stride + j] = scale * s;
+      }
+  }
+
+  /// scores[i] = sum_g lut[g * stride + code(first + i, g)] for i < n.
+  static void score_codes(const float* lut, std::size_t stride, ConstPackedCodesView codes, std::size_t first,
+                          std::size_t n, float* scores) {
+    for (std::size_t i = 0; i < n; ++i) {
+      float s = 0.0f;
+      for (std::size_t g = 0; g < codes.groups; ++g) s += lut[g * stride + codes.get(first + i, g)];
+      scores[i] = s;
+    }
+  }
+
+  /// hist[g * stride + code(first + i, g)] += p[i] for i < n.
+  static void add_histogram(ConstPackedCodesView codes, std::size_t first, std::size_t n, const float* p, float* hist,
+                            std::size_t stride) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t g = 0; g < codes.groups; ++g) hist[g * stride + codes.get(first + i, g)] += p[i];
+  }
+
+  /// out[g * C + c] += sum_j hist[g * stride + j] * centroid[g][j][c].
+  static void combine_centroids(const CodebookView& cb, const float* hist, std::size_t stride, float* out) {
+    for (std::size_t g = 0; g < cb.groups; ++g)
+      for (std::size_t j = 0; j < cb.num_centroids(); ++j) {
+        const float w = hist[g * stride + j];
+        const float* c = cb.centroids + (g * cb.num_centroids() + j) * cb.channels;
+        for (std::size_t k = 0; k < cb.channels; ++k) out[g * cb.channels + k] += w * c[k];
+      }
+  }
+
+  static float max_of(const float* x, std::size_t n) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (std::size_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+  }
+  /// x[i] = exp(x[i] - shift); returns the sum.
+  static float exp_sum(float* x, std::size_t n, float shift) {
+    float s = 0.0f;
+    for (std::size_t i = 0; i < n; ++i) s += x[i] = std::exp(x[i] - shift);
+    return s;
+  }
+  static void scale(float* x, std::size_t n, float a) {
+    for (std::size_t i = 0; i < n; ++i) x[i] *= a;
+  }
+
+  /// sum_i a[i] * b[i] with b of any element type.
+  template <element_type T>
+  static float dot(const float* a, const T* b, std::size_t n) {
+    float s = 0.0f;
+    for (std::size_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
+    return s;
+  }
+  /// y[i] += a * x[i].
+  template <element_type T>
+  static void axpy(float a, const T* x, float* y, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
+  }
+};
+
+}  // namespace cq::backend

@@ -1,0 +1,236 @@
+#pragma once
+/// The attention primitives of the SIMD backend (inherited by backend::Simd<Isa>), written once
+/// over the ISA traits. Same contracts as backend/scalar_attention.hpp.
+///
+/// Score scan: per 32-token block and key group, the codes are widened to 32-bit lanes and the
+/// group's table row is gathered (8-bit, 16-bit and generic widths). With AVX-512 and 4-bit codes
+/// a whole table row is 16 floats — one register — so the lookup is an in-register permute
+/// (vpermps), the float analogue of faiss's PQ fast-scan. Value histograms are scalar
+/// read-modify-writes ordered token-major so consecutive updates hit different groups.
+
+#include "cq/backend/scalar_attention.hpp"
+#include "cq/codebook.hpp"
+#include "cq/detail/bit_packing.hpp"
+#include "cq/detail/simd_isa.hpp"
+#include "cq/element.hpp"
+#include "cq/packed_codes.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace cq::backend {
+
+template <class Isa>
+struct SimdAttentionOps {
+  using vf = typename Isa::vf;
+  using vi = typename Isa::vi;
+  static constexpr int W = Isa::width;
+  static constexpr std::size_t B = block_tokens;  // 32
+  static constexpr int per_block = static_cast<int>(B) / W;
+
+  static void score_lut(const CodebookView& cb, const float* q, float scale, float* lut, std::size_t stride) {
+    const std::size_t P = cb.padded_centroids, C = cb.channels;
+    for (std::size_t g = 0; g < cb.groups; ++g) {
+      const float* tr = cb.transposed + g * C * P;
+      float* out = lut + g * stride;
+      std::size_t j = 0;
+      for (; j + 4 * W <= P; j += 4 * W) {
+        vf a0 = Isa::zero(), a1 = Isa::zero(), a2 = Isa::zero(), a3 = Isa::zero();
+        for (std::size_t c = 0; c < C; ++c) {
+          const vf qc = Isa::set1(scale * q[g * C + c]);
+          const float* col = tr + c * P + j;
+          a0 = Isa::fmadd(qc, Isa::load(col), a0);
+          a1 = Isa::fmadd(qc, Isa::load(col + W), a1);
+          a2 = Isa::fmadd(qc, Isa::load(col + 2 * W), a2);
+          a3 = Isa::fmadd(qc, Isa::load(col + 3 * W), a3);
+        }
+        Isa::store(out + j, a0);
+        Isa::store(out + j + W, a1);
+        Isa::store(out + j + 2 * W, a2);
+        Isa::store(out + j + 3 * W, a3);
+      }
+      for (; j < P; j += W) {  // P is a multiple of 16 >= W
+        vf a = Isa::zero();
+        for (std::size_t c = 0; c < C; ++c) a = Isa::fmadd(Isa::set1(scale * q[g * C + c]), Isa::load(tr + c * P + j), a);
+        Isa::store(out + j, a);
+      }
+    }
+  }
+
+  static void score_codes(const float* lut, std::size_t stride, ConstPackedCodesView codes, std::size_t first,
+                          std::size_t n, float* scores) {
+    CQ_ASSERT(first % B == 0);
+    alignas(64) float tmp[B];
+    for (std::size_t done = 0; done < n; done += B) {
+      const std::size_t block = (first + done) / B;
+      const std::size_t take = std::min(B, n - done);
+      float* dst = take == B ? scores + done : tmp;
+      score_block(lut, stride, codes, block, dst);
+      if (take < B) std::copy_n(tmp, take, scores + done);
+    }
+  }
+
+  /// Scores of all 32 tokens of one block (codes past the end of the sequence are zero, i.e.
+  /// valid; their scores are discarded by the caller).
+  static void score_block(const float* lut, std::size_t stride, const ConstPackedCodesView& codes, std::size_t block,
+                          float* out) {
+    vf acc[per_block];
+    for (auto& a : acc) a = Isa::zero();
+    const int bits = codes.bits;
+#if CQ_HAVE_AVX512
+    if constexpr (W == 16) {
+      if (bits == 4) {  // in-register tables: one 16-float row per group
+        vf even = Isa::zero(), odd = Isa::zero();
+        const __m512i low4 = _mm512_set1_epi32(0xF);
+        for (std::size_t g = 0; g < codes.groups; ++g) {
+          const vf row = Isa::load(lut + g * stride);
+          const vi bytes = Isa::load_u8(codes.chunk(block, g));  // byte i: tokens 2i (low), 2i+1 (high)
+          even = Isa::add(even, _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_and_si512(bytes, low4), row));
+          odd = Isa::add(odd, _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), row));
+        }
+        const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        Isa::store(out, _mm512_permutex2var_ps(even, lo_idx, odd));
+        Isa::store(out + 16, _mm512_permutex2var_ps(even, hi_idx, odd));
+        return;
+      }
+    }
+#endif
+    if (bits == 8) {
+      for (std::size_t g = 0; g < codes.groups; ++g) {
+        const std::uint8_t* chunk = codes.chunk(block, g);
+        const float* row = lut + g * stride;
+        for (int k = 0; k < per_block; ++k) acc[k] = Isa::add(acc[k], Isa::gather(row, Isa::load_u8(chunk + k * W)));
+      }
+    } else if (bits == 16) {
+      for (std::size_t g = 0; g < codes.groups; ++g) {
+        const std::uint8_t* chunk = codes.chunk(block, g);
+        const float* row = lut + g * stride;
+        for (int k = 0; k < per_block; ++k)
+          acc[k] = Isa::add(acc[k], Isa::gather(row, Isa::load_u16(chunk + 2 * k * W)));
+      }
+    } else {
+      alignas(64) std::uint32_t idx[B];
+      for (std::size_t g = 0; g < codes.groups; ++g) {
+        detail::unpack_chunk(codes.chunk(block, g), bits, idx);
+        const float* row = lut + g * stride;
+        for (int k = 0; k < per_block; ++k) acc[k] = Isa::add(acc[k], Isa::gather(row, Isa::load_u32(idx + k * W)));
+      }
+    }
+    for (int k = 0; k < per_block; ++k) Isa::store(out + k * W, acc[k]);
+  }
+
+  static void add_histogram(ConstPackedCodesView codes, std::size_t first, std::size_t n, const float* p, float* hist,
+                            std::size_t stride) {
+    CQ_ASSERT(first % B == 0);
+    const std::size_t G = codes.groups;
+    for (std::size_t done = 0; done < n; done += B) {
+      const std::size_t block = (first + done) / B;
+      const std::size_t take = std::min(B, n - done);
+      const float* w = p + done;
+      if (codes.bits == 8) {
+        // Token-major, group-minor: consecutive updates hit different rows, so they never wait on
+        // each other through store forwarding.
+        const std::uint8_t* base = codes.chunk(block, 0);
+        for (std::size_t t = 0; t < take; ++t) {
+          const float wt = w[t];
+          for (std::size_t g = 0; g < G; ++g) hist[g * stride + base[g * B + t]] += wt;
+        }
+        continue;
+      }
+      // Other widths: unpack up to 64 groups at a time, then the same token-major loop.
+      alignas(64) std::uint32_t idx[64][B];
+      for (std::size_t g0 = 0; g0 < G; g0 += 64) {
+        const std::size_t gn = std::min<std::size_t>(64, G - g0);
+        for (std::size_t g = 0; g < gn; ++g) detail::unpack_chunk(codes.chunk(block, g0 + g), codes.bits, idx[g]);
+        float* h = hist + g0 * stride;
+        for (std::size_t t = 0; t < take; ++t) {
+          const float wt = w[t];
+          for (std::size_t g = 0; g < gn; ++g) h[g * stride + idx[g][t]] += wt;
+        }
+      }
+    }
+  }
+
+  static void combine_centroids(const CodebookView& cb, const float* hist, std::size_t stride, float* out) {
+    const std::size_t P = cb.padded_centroids, C = cb.channels;
+    for (std::size_t g = 0; g < cb.groups; ++g) {
+      const float* h = hist + g * stride;
+      for (std::size_t c = 0; c < C; ++c) {
+        const float* col = cb.transposed + (g * C + c) * P;
+        vf a0 = Isa::zero(), a1 = Isa::zero();
+        std::size_t j = 0;
+        for (; j + 2 * W <= P; j += 2 * W) {
+          a0 = Isa::fmadd(Isa::load(h + j), Isa::load(col + j), a0);
+          a1 = Isa::fmadd(Isa::load(h + j + W), Isa::load(col + j + W), a1);
+        }
+        for (; j < P; j += W) a0 = Isa::fmadd(Isa::load(h + j), Isa::load(col + j), a0);
+        out[g * C + c] += Isa::reduce_add(Isa::add(a0, a1));
+      }
+    }
+  }
+
+  static float max_of(const float* x, std::size_t n) {
+    std::size_t i = 0;
+    float m = -std::numeric_limits<float>::infinity();
+    if (n >= static_cast<std::size_t>(W)) {
+      vf v = Isa::load(x);
+      for (i = W; i + W <= n; i += W) v = Isa::max(v, Isa::load(x + i));
+      m = Isa::reduce_max(v);
+    }
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+  }
+
+  static float exp_sum(float* x, std::size_t n, float shift) {
+    const vf neg = Isa::set1(-shift);
+    vf acc = Isa::zero();
+    std::size_t i = 0;
+    for (; i + W <= n; i += W) {
+      const vf e = Isa::exp(Isa::add(Isa::load(x + i), neg));
+      Isa::store(x + i, e);
+      acc = Isa::add(acc, e);
+    }
+    float total = Isa::reduce_add(acc);
+    if (i < n) {  // the tail through the same polynomial, so every element is computed alike
+      alignas(64) float tail[W];
+      for (int k = 0; k < W; ++k) tail[k] = i + k < n ? x[i + k] : shift - 1000.0f;
+      const vf e = Isa::exp(Isa::add(Isa::load(tail), neg));
+      Isa::store(tail, e);
+      for (std::size_t k = 0; i + k < n; ++k) total += x[i + k] = tail[k];
+    }
+    return total;
+  }
+
+  static void scale(float* x, std::size_t n, float a) {
+    const vf va = Isa::set1(a);
+    std::size_t i = 0;
+    for (; i + W <= n; i += W) Isa::store(x + i, Isa::mul(Isa::load(x + i), va));
+    for (; i < n; ++i) x[i] *= a;
+  }
+
+  template <element_type T>
+  static float dot(const float* a, const T* b, std::size_t n) {
+    vf s0 = Isa::zero(), s1 = Isa::zero();
+    std::size_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      s0 = Isa::fmadd(Isa::load(a + i), Isa::load(b + i), s0);
+      s1 = Isa::fmadd(Isa::load(a + i + W), Isa::load(b + i + W), s1);
+    }
+    for (; i + W <= n; i += W) s0 = Isa::fmadd(Isa::load(a + i), Isa::load(b + i), s0);
+    float s = Isa::reduce_add(Isa::add(s0, s1));
+    for (; i < n; ++i) s += a[i] * to_float(b[i]);
+    return s;
+  }
+
+  template <element_type T>
+  static void axpy(float a, const T* x, float* y, std::size_t n) {
+    const vf va = Isa::set1(a);
+    std::size_t i = 0;
+    for (; i + W <= n; i += W) Isa::store(y + i, Isa::fmadd(va, Isa::load(x + i), Isa::load(y + i)));
+    for (; i < n; ++i) y[i] += a * to_float(x[i]);
+  }
+};
+
+}  // namespace cq::backend

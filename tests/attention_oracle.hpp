@@ -1,0 +1,85 @@
+#pragma once
+// The obvious attention, in double: materialise every visible key and value (sinks, decoded codes
+// through the scalar backend, window), rotate pre-RoPE keys with exact sincos, softmax, weighted
+// sum. The oracle every attention path is tested against.
+
+#include "test_util.hpp"
+
+#include <cmath>
+#include <vector>
+
+namespace cq::test {
+
+template <element_type T>
+std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos,
+                                  float scale) {
+  const std::size_t D = kv.head_dim, S = std::min(kv.sinks, pos + 1);
+  const std::size_t visible = pos + 1;
+  const std::size_t win_lo = std::min(visible, std::max(kv.sinks, visible > kv.window ? visible - kv.window : 0));
+  std::vector<std::vector<float>> keys, values;
+  std::vector<float> k(D), v(D);
+  for (std::size_t p = 0; p < visible; ++p) {
+    if (p < S) {
+      for (std::size_t i = 0; i < D; ++i) k[i] = to_float(kv.sink_keys(p, i)), v[i] = to_float(kv.sink_values(p, i));
+    } else if (p >= win_lo) {
+      for (std::size_t i = 0; i < D; ++i)
+        k[i] = to_float(kv.recent_keys(p - kv.recent_first, i)), v[i] = to_float(kv.recent_values(p - kv.recent_first, i));
+    } else {
+      backend::Scalar::decode(kv.key_codebook, kv.key_codes, p - kv.sinks, MatrixView<float>(k.data(), 1, D));
+      backend::Scalar::decode(kv.value_codebook, kv.value_codes, p - kv.sinks, MatrixView<float>(v.data(), 1, D));
+    }
+    if (kv.rope) rope_rotate(*kv.rope, D, p, k.data());
+    keys.push_back(k);
+    values.push_back(v);
+  }
+  std::vector<double> out(heads * D, 0.0);
+  for (std::size_t h = 0; h < heads; ++h) {
+    std::vector<double> s(visible);
+    double m = -1e300;
+    for (std::size_t p = 0; p < visible; ++p) {
+      double d = 0.0;
+      for (std::size_t i = 0; i < D; ++i) d += double(q[h * D + i]) * keys[p][i];
+      s[p] = d * scale;
+      m = std::max(m, s[p]);
+    }
+    double sum = 0.0;
+    for (auto& x : s) sum += x = std::exp(x - m);
+    for (std::size_t p = 0; p < visible; ++p)
+      for (std::size_t i = 0; i < D; ++i) out[h * D + i] += s[p] / sum * values[p][i];
+  }
+  return out;
+}
+
+/// ||a - b|| / ||b||.
+inline double relative_error(const float* a, const std::vector<double>& b) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+/// A cache of `tokens` random tokens with random codebooks, for attention tests.
+template <element_type T, class Backend = backend::Native>
+KVCache<T, Backend> random_cache(const KVCacheConfig& cfg, std::size_t tokens, std::uint64_t seed) {
+  KVCache<T, Backend> cache(cfg);
+  for (std::size_t l = 0; l < cfg.layers; ++l) {
+    const LayerSpec& s = cfg.layer_spec(l);
+    for (std::size_t h = 0; h < cfg.kv_heads; ++h)
+      cache.set_codebooks(l, h, random_codebook(cfg.head_dim, s.key.channels, s.key.bits, seed + 100 * l + 2 * h),
+                          random_codebook(cfg.head_dim, s.value.channels, s.value.bits, seed + 100 * l + 2 * h + 1));
+    const std::size_t width = cfg.kv_heads * cfg.head_dim;
+    const auto k = convert<T>(random_normal(tokens * width, seed + 7 + l));
+    const auto v = convert<T>(random_normal(tokens * width, seed + 8 + l));
+    // Append in uneven chunks, so window flushes happen at every phase.
+    for (std::size_t t = 0; t < tokens;) {
+      const std::size_t take = std::min<std::size_t>(tokens - t, 1 + (t * 7 + seed) % 41);
+      cache.append(l, ConstMatrixView<T>(k.data() + t * width, take, width), ConstMatrixView<T>(v.data() + t * width, take, width));
+      t += take;
+    }
+  }
+  return cache;
+}
+
+}  // namespace cq::test
