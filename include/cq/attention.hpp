@@ -52,8 +52,10 @@ struct KVHeadView {
 
 /// How attend_head computes the coded part.
 enum class AttentionMethod : unsigned char {
-  fused,       // tables over key codes, histograms over value codes
-  dequantize,  // decode coded keys and values to float, then dense attention (baseline, oracle)
+  fused,            // key score tables; the backend's preferred value path (below)
+  fused_histogram,  // key score tables; per-group histograms over value codes, one product at the end
+  fused_centroids,  // key score tables; weighted value centroids accumulated per token
+  dequantize,       // decode coded keys and values to float, then dense attention (baseline)
 };
 
 namespace detail {
@@ -120,7 +122,12 @@ class HeadAttention {
              kv.recent_first, ", ", kv.recent_first + kv.recent_keys.rows, ")");
     CQ_CHECK(kv.key_codebook.dim() == D && kv.value_codebook.dim() == D, "attend: codebooks of dim ",
              kv.key_codebook.dim(), " / ", kv.value_codebook.dim(), " for head_dim ", D);
-    hist_ = method == AttentionMethod::fused && coded_ >= kv.value_codebook.num_centroids();
+    // Value path: histograms pay off once there are more coded tokens than bins to clear and
+    // combine; backend::Simd prefers the direct centroid accumulation on CPUs (measured).
+    fused_ = method != AttentionMethod::dequantize;
+    hist_ = method == AttentionMethod::fused_histogram ||
+            (method == AttentionMethod::fused && Backend::prefers_value_histogram(kv.value_codebook) &&
+             coded_ >= kv.value_codebook.num_centroids());
     layout_.head_dim = D;
     layout_.hist_stride = kv.value_codebook.padded_centroids;
     layout_.hist_len = hist_ ? kv.value_codebook.groups * layout_.hist_stride : 0;
@@ -214,14 +221,15 @@ class HeadAttention {
     const std::size_t D = kv_.head_dim;
     const CodebookView& kcb = kv_.key_codebook;
     AttentionScratch& sc = attention_scratch();
-    const bool use_lut = method_ == AttentionMethod::fused && kv_.rope == nullptr;
+    const bool use_lut = fused_ && kv_.rope == nullptr;
     const std::size_t lut_stride = kcb.padded_centroids;
     if (use_lut) {
       sc.lut.resize(std::max(sc.lut.size(), heads_ * kcb.groups * lut_stride));
       for (std::size_t h = 0; h < heads_; ++h)
         Backend::score_lut(kcb, q_ + h * D, scale_, sc.lut.data() + h * kcb.groups * lut_stride, lut_stride);
     }
-    const bool need_rows = !use_lut || !hist_;  // decoded key and/or value rows per superblock
+    const bool decode_values = !fused_;
+    const bool need_rows = !use_lut || decode_values;  // decoded key and/or value rows per superblock
     sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
     if (need_rows) sc.rows.resize(std::max(sc.rows.size(), 2 * superblock * D));
     std::unique_ptr<RopeStepper> stepper;
@@ -232,7 +240,7 @@ class HeadAttention {
       float* krows = sc.rows.data();
       float* vrows = sc.rows.data() + superblock * D;
       if (!use_lut) Backend::decode(kcb, kv_.key_codes, t0, MatrixView<float>(krows, n, D));
-      if (!hist_) Backend::decode(kv_.value_codebook, kv_.value_codes, t0, MatrixView<float>(vrows, n, D));
+      if (decode_values) Backend::decode(kv_.value_codebook, kv_.value_codes, t0, MatrixView<float>(vrows, n, D));
       if (!use_lut && kv_.rope) rotate_rows(krows, n, *stepper);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
@@ -246,6 +254,8 @@ class HeadAttention {
         st[h].sum += Backend::exp_sum(s, n, st[h].ref);
         if (hist_) {
           Backend::add_histogram(kv_.value_codes, t0, n, s, st[h].hist, layout_.hist_stride);
+        } else if (fused_) {
+          Backend::accumulate_centroids(kv_.value_codebook, kv_.value_codes, t0, n, s, st[h].acc);
         } else {
           for (std::size_t i = 0; i < n; ++i) Backend::axpy(s[i], vrows + i * D, st[h].acc, D);
         }
@@ -282,7 +292,7 @@ class HeadAttention {
   float scale_;
   AttentionMethod method_;
   std::size_t win_lo_ = 0, coded_ = 0;
-  bool hist_ = false;
+  bool fused_ = true, hist_ = false;
   StateLayout layout_{};
 };
 

@@ -47,6 +47,21 @@ struct ScalarAttentionOps {
       for (std::size_t g = 0; g < codes.groups; ++g) hist[g * stride + codes.get(first + i, g)] += p[i];
   }
 
+  /// acc[g * C + c] += sum_i p[i] * centroid[g][code(first + i, g)][c]: values straight from the
+  /// value centroids, without a histogram.
+  static void accumulate_centroids(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                                   const float* p, float* acc) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t g = 0; g < cb.groups; ++g) {
+        const float* c = cb.centroids + (g * cb.num_centroids() + codes.get(first + i, g)) * cb.channels;
+        for (std::size_t k = 0; k < cb.channels; ++k) acc[g * cb.channels + k] += p[i] * c[k];
+      }
+  }
+
+  /// Whether a fused kernel should accumulate values through histograms (else straight from the
+  /// centroids). The reference takes the histogram, the method the design specifies.
+  static bool prefers_value_histogram(const CodebookView&) { return true; }
+
   /// out[g * C + c] += sum_j hist[g * stride + j] * centroid[g][j][c].
   static void combine_centroids(const CodebookView& cb, const float* hist, std::size_t stride, float* out) {
     for (std::size_t g = 0; g < cb.groups; ++g)

@@ -16,10 +16,32 @@
 #include "cq/packed_codes.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 
 namespace cq::backend {
+
+/// C floats as one GCC/Clang vector. (Spelled as explicit specialisations: GCC drops
+/// `vector_size` on an alias whose size depends on a template parameter.)
+template <int C>
+struct FloatVec;
+template <>
+struct FloatVec<2> {
+  typedef float type __attribute__((vector_size(8)));
+};
+template <>
+struct FloatVec<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct FloatVec<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct FloatVec<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
 
 template <class Isa>
 struct SimdAttentionOps {
@@ -150,6 +172,83 @@ struct SimdAttentionOps {
           for (std::size_t g = 0; g < gn; ++g) h[g * stride + idx[g][t]] += wt;
         }
       }
+    }
+  }
+
+  /// Values straight from the centroids: for each 32-token block, `gc` groups at a time keep their
+  /// C-wide accumulators in registers while the block's tokens stream through, so every token
+  /// costs one C-float load and one fused multiply-add per group, with no memory round trip.
+  static void accumulate_centroids(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                                   const float* p, float* acc) {
+    switch (cb.channels) {
+      case 1: return accumulate_fixed<1>(cb, codes, first, n, p, acc);
+      case 2: return accumulate_fixed<2>(cb, codes, first, n, p, acc);
+      case 4: return accumulate_fixed<4>(cb, codes, first, n, p, acc);
+      case 8: return accumulate_fixed<8>(cb, codes, first, n, p, acc);
+      case 16: return accumulate_fixed<16>(cb, codes, first, n, p, acc);
+      default: return ScalarAttentionOps::accumulate_centroids(cb, codes, first, n, p, acc);
+    }
+  }
+
+  /// Measured on AVX-512 (bench/RESULTS.md): the register-resident centroid accumulation beats
+  /// scalar histogram updates for every group width, so the histogram is never preferred here.
+  static bool prefers_value_histogram(const CodebookView&) { return false; }
+
+  template <int C>
+  static void accumulate_fixed(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
+                               const float* p, float* acc) {
+    CQ_ASSERT(first % B == 0);
+    constexpr int gc = 8;  // groups per pass: 8 accumulators in flight hide the FMA latency
+    const std::size_t G = cb.groups, K = cb.num_centroids();
+    alignas(64) std::uint32_t idx[gc][B];
+    for (std::size_t done = 0; done < n; done += B) {
+      const std::size_t block = (first + done) / B;
+      const std::size_t take = std::min(B, n - done);
+      const float* w = p + done;
+      std::size_t g0 = 0;
+      // Codes become element offsets ((k * K + code) * C) up front, so the token loop's address
+      // is one scaled index: load offset, load C floats, multiply-add.
+      auto offsets = [&](int k, std::size_t g) {
+        detail::unpack_chunk(codes.chunk(block, g), codes.bits, idx[k]);
+        const std::uint32_t base = static_cast<std::uint32_t>(std::size_t(k) * K);
+        for (std::size_t t = 0; t < B; ++t) idx[k][t] = (idx[k][t] + base) * C;
+      };
+      for (; g0 + gc <= G; g0 += gc) {
+        for (int k = 0; k < gc; ++k) offsets(k, g0 + k);
+        accumulate_pass<C, gc>(cb.centroids + g0 * K * C, idx, w, take, acc + g0 * C);
+      }
+      for (; g0 < G; ++g0) {
+        offsets(0, g0);
+        accumulate_pass<C, 1>(cb.centroids + g0 * K * C, idx, w, take, acc + g0 * C);
+      }
+    }
+  }
+
+  // NG groups (consecutive, from `cents`) over `take` tokens; off[k][t] is the element offset of
+  // token t's centroid of group k from `cents`. Accumulators stay in registers.
+  template <int C, int NG>
+  static CQ_ALWAYS_INLINE void accumulate_pass(const float* cents, const std::uint32_t (*off)[B], const float* w,
+                                               std::size_t take, float* acc) {
+    if constexpr (C == 1) {
+      float a[NG];
+      for (int k = 0; k < NG; ++k) a[k] = acc[k];
+      for (std::size_t t = 0; t < take; ++t)
+        for (int k = 0; k < NG; ++k) a[k] += w[t] * cents[off[k][t]];
+      for (int k = 0; k < NG; ++k) acc[k] = a[k];
+    } else {
+      using V = typename FloatVec<C>::type;
+      static_assert(sizeof(V) == C * sizeof(float), "cq: FloatVec must be C floats wide");
+      V a[NG];
+      for (int k = 0; k < NG; ++k) std::memcpy(&a[k], acc + k * C, sizeof(V));
+      for (std::size_t t = 0; t < take; ++t) {
+        const V wt = V{} + w[t];
+        for (int k = 0; k < NG; ++k) {
+          V c;
+          std::memcpy(&c, cents + off[k][t], sizeof(V));
+          a[k] += wt * c;
+        }
+      }
+      for (int k = 0; k < NG; ++k) std::memcpy(acc + k * C, &a[k], sizeof(V));
     }
   }
 
