@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -57,10 +58,15 @@ class SerialExecutor final : public Executor {
 
 /// A fixed pool of worker threads; the calling thread works too, so ThreadPool(2) uses the caller
 /// and one worker. parallel_for calls from several threads at once are serialised.
+///
+/// Idle workers spin for a short while (`spin` microseconds, default 200) before sleeping, and the
+/// caller spins while waiting for them: attention calls are tens of microseconds long and come
+/// back to back, so a futex wake-up per call would cost as much as the work itself.
 class ThreadPool final : public Executor {
  public:
   /// threads == 0 means std::thread::hardware_concurrency().
-  explicit ThreadPool(std::size_t threads = 0) {
+  explicit ThreadPool(std::size_t threads = 0, std::chrono::microseconds spin = std::chrono::microseconds(200))
+      : spin_(spin) {
     if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
     for (std::size_t i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
@@ -70,6 +76,7 @@ class ThreadPool final : public Executor {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& w : workers_) w.join();
@@ -88,13 +95,21 @@ class ThreadPool final : public Executor {
     {
       std::lock_guard lock(mu_);
       job_ = &job;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     run(job);
-    std::unique_lock lock(mu_);
-    done_.wait(lock, [&] { return job.finished == job.n && job.active_workers == 0; });
-    job_ = nullptr;
+    {
+      std::lock_guard lock(mu_);
+      job_ = nullptr;  // no worker joins from here on; those that joined are counted in `active`
+    }
+    auto finished = [&] {
+      return job.done.load(std::memory_order_acquire) == job.n && job.active.load(std::memory_order_acquire) == 0;
+    };
+    if (!spin_until(finished)) {
+      std::unique_lock lock(mu_);
+      done_.wait(lock, finished);
+    }
     if (job.error) std::rethrow_exception(job.error);
   }
 
@@ -104,55 +119,77 @@ class ThreadPool final : public Executor {
     FunctionRef<void(std::size_t)> fn;
     std::size_t n;
     std::atomic<std::size_t> next{0};
-    std::size_t finished = 0;        // guarded by mu_
-    std::size_t active_workers = 0;  // guarded by mu_
-    std::exception_ptr error;        // guarded by mu_
+    std::atomic<std::size_t> done{0};
+    std::atomic<std::size_t> active{0};  // workers inside run()
+    std::exception_ptr error;            // guarded by mu_
   };
 
+  template <class Pred>
+  bool spin_until(Pred pred) const {
+    const auto deadline = std::chrono::steady_clock::now() + spin_;
+    for (unsigned i = 0;; ++i) {
+      if (pred()) return true;
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) return false;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+
   void run(Job& job) {
-    std::size_t local_done = 0;
     std::exception_ptr err;
-    for (std::size_t i; (i = job.next.fetch_add(1)) < job.n;) {
+    std::size_t mine = 0;
+    for (std::size_t i; (i = job.next.fetch_add(1, std::memory_order_relaxed)) < job.n;) {
       try {
         job.fn(i);
       } catch (...) {
         if (!err) err = std::current_exception();
       }
-      ++local_done;
+      ++mine;
     }
-    std::lock_guard lock(mu_);
-    job.finished += local_done;
-    if (err && !job.error) job.error = err;
+    if (err) {
+      std::lock_guard lock(mu_);
+      if (!job.error) job.error = err;
+    }
+    job.done.fetch_add(mine, std::memory_order_acq_rel);
   }
 
   void worker_loop() {
+    // Generation 0 is the pool's state at construction, before any job or stop: starting from
+    // there (not from whatever the counter holds when this thread first runs) means a worker that
+    // starts late still sees every later job and the stop.
     std::uint64_t seen = 0;
     for (;;) {
+      if (!spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; })) {
+        std::unique_lock lock(mu_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      }
       Job* job;
       {
-        std::unique_lock lock(mu_);
-        wake_.wait(lock, [&] { return stop_ || (job_ != nullptr && generation_ != seen); });
+        std::lock_guard lock(mu_);
         if (stop_) return;
-        seen = generation_;
+        seen = generation_.load(std::memory_order_acquire);
         job = job_;
-        ++job->active_workers;
+        if (job == nullptr) continue;  // that job has already been handed out and closed
+        job->active.fetch_add(1, std::memory_order_acq_rel);
       }
       run(*job);
       {
-        std::lock_guard lock(mu_);
-        --job->active_workers;
+        std::lock_guard lock(mu_);  // pairs with the caller's condition-variable wait
+        job->active.fetch_sub(1, std::memory_order_acq_rel);
       }
       done_.notify_all();
     }
   }
 
+  std::chrono::microseconds spin_;
   std::vector<std::thread> workers_;
   std::mutex submit_mu_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable done_;
   Job* job_ = nullptr;
-  std::uint64_t generation_ = 0;
+  std::atomic<std::uint64_t> generation_{0};
   bool stop_ = false;
 };
 
