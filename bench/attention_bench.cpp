@@ -2,7 +2,8 @@
 //   dense/fp32, dense/f16  full-precision caches through the same kernel's dense path
 //                          (vectorised dot products and axpys, fp16 converted in registers)
 //   dequant/<cfg>          decode each 512-token superblock of codes to float, then dense
-//   fused/<cfg>            score tables over key codes + value histograms (the CQ kernel)
+//   fused/<cfg>            score tables over key codes + value centroids (the CQ kernel);
+//                          8c8b-prerope: keys coded before RoPE, decoded and rotated in the kernel
 // on 1 and 2 threads (2 threads split the token range and merge, flash-decoding style).
 // Window 32, no sinks. Counters: bytes of cache per token, tokens per second.
 //
@@ -25,8 +26,9 @@ struct Config {
   const char* name;
   std::size_t C;
   int bits;
+  bool pre_rope = false;  // keys coded before RoPE, rotated inside the kernel
 };
-constexpr Config configs[] = {{"2c8b", 2, 8}, {"4c8b", 4, 8}, {"8c8b", 8, 8}, {"2c4b", 2, 4}};
+constexpr Config configs[] = {{"2c8b", 2, 8}, {"4c8b", 4, 8}, {"8c8b", 8, 8}, {"2c4b", 2, 4}, {"8c8b-prerope", 8, 8, true}};
 
 // K and V rows of a context: synthetic KV-like data, different seeds for K and V.
 const std::vector<float>& rows(std::size_t n, bool values) {
@@ -54,6 +56,7 @@ const KVCache<float>& coded_cache(std::size_t n, const Config& cfg) {
     kc.spec = {{cfg.C, cfg.bits}, {cfg.C, cfg.bits}};
     kc.window = 32;
     kc.max_rollback = 0;
+    kc.pre_rope_keys = cfg.pre_rope;
     c = std::make_unique<KVCache<float>>(kc);
     c->set_codebooks(0, 0, fitted(cfg.C, cfg.bits, false), fitted(cfg.C, cfg.bits, true));
     c->append(0, ConstMatrixView<float>(rows(n, false).data(), n, D), ConstMatrixView<float>(rows(n, true).data(), n, D));

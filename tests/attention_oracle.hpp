@@ -1,7 +1,7 @@
 #pragma once
 // The obvious attention, in double: materialise every visible key and value (sinks, decoded codes
-// through the scalar backend, window), rotate pre-RoPE keys with exact sincos, softmax, weighted
-// sum. The oracle every attention path is tested against.
+// through the scalar backend, window), rotate pre-RoPE coded keys with exact sincos, softmax,
+// weighted sum. The oracle every attention path is tested against.
 
 #include "test_util.hpp"
 
@@ -27,8 +27,8 @@ std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::
     } else {
       backend::Scalar::decode(kv.key_codebook, kv.key_codes, p - kv.sinks, MatrixView<float>(k.data(), 1, D));
       backend::Scalar::decode(kv.value_codebook, kv.value_codes, p - kv.sinks, MatrixView<float>(v.data(), 1, D));
+      if (kv.rope) rope_rotate(*kv.rope, D, p, k.data());  // coded keys are pre-RoPE; full-precision rows come rotated
     }
-    if (kv.rope) rope_rotate(*kv.rope, D, p, k.data());
     keys.push_back(k);
     values.push_back(v);
   }

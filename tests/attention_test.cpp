@@ -126,3 +126,42 @@ TEST_CASE("scores far apart in magnitude stay accurate (the lazy reference maxim
   attend_head(view, q.data(), 1, 1999, 1.0f, out.data());
   CHECK(test::relative_error(out.data(), test::oracle_attend(view, q.data(), 1, 1999, 1.0f)) < 1e-5);
 }
+
+TEST_CASE("pre-RoPE KVCache: attention equals dense attention over keys rotated from what was appended") {
+  // Independent of the cache's rotated copies: every key comes from read_token (as appended,
+  // before RoPE, decoded where coded) and is rotated here with the reference rope_rotate.
+  for (RopeStyle style : {RopeStyle::rotate_half, RopeStyle::interleaved}) {
+    KVCacheConfig cfg;
+    cfg.head_dim = 64;
+    cfg.kv_heads = 1;
+    cfg.spec = {{4, 8}, {4, 8}};
+    cfg.window = 16;
+    cfg.sinks = 3;
+    cfg.pre_rope_keys = true;
+    cfg.rope = {500.0f, style};
+    const auto cache = test::random_cache<float>(cfg, 300, 51);
+    const auto q = test::random_normal(2 * 64, 52);
+    std::vector<float> out(2 * 64);
+    cache.attend(0, ConstMatrixView<float>(q.data(), 1, 128), MatrixView<float>(out.data(), 1, 128));
+    std::vector<double> ref(2 * 64, 0.0);
+    for (std::size_t h = 0; h < 2; ++h) {
+      std::vector<double> s(300);
+      std::vector<std::vector<float>> vals(300, std::vector<float>(64));
+      double m = -1e300;
+      for (std::size_t p = 0; p < 300; ++p) {
+        std::vector<float> k(64);
+        cache.read_token(0, 0, p, k.data(), vals[p].data());
+        rope_rotate(cfg.rope, 64, p, k.data());
+        double d = 0;
+        for (std::size_t i = 0; i < 64; ++i) d += double(q[h * 64 + i]) * k[i];
+        s[p] = d / 8.0;
+        m = std::max(m, s[p]);
+      }
+      double z = 0;
+      for (auto& x : s) z += x = std::exp(x - m);
+      for (std::size_t p = 0; p < 300; ++p)
+        for (std::size_t i = 0; i < 64; ++i) ref[h * 64 + i] += s[p] / z * vals[p][i];
+    }
+    CHECK(test::relative_error(out.data(), ref) < 1e-5);
+  }
+}

@@ -13,9 +13,10 @@
 /// accumulators are rescaled only when a score exceeds the reference by more than 16, so almost
 /// never), and long code ranges can be split across threads and merged (flash-decoding).
 ///
-/// Keys may be stored before RoPE (KVHeadView::rope set): then coded keys are decoded and rotated
+/// Coded keys may be stored before RoPE (KVHeadView::rope set): then they are decoded and rotated
 /// to their positions inside the kernel (no table; the quality/speed trade-off is measured in
-/// bench/RESULTS.md). Post-RoPE keys use the table as is.
+/// bench/RESULTS.md). Post-RoPE coded keys use the table as is. Full-precision keys (sinks,
+/// window) are always given rotated.
 
 #include "cq/backend/native.hpp"
 #include "cq/codebook.hpp"
@@ -42,12 +43,13 @@ struct KVHeadView {
   std::size_t head_dim = 0;
   CodebookView key_codebook, value_codebook;
   ConstPackedCodesView key_codes, value_codes;  // code index i is position sinks + i
-  ConstMatrixView<T> sink_keys, sink_values;    // positions [0, sink_keys.rows)
-  ConstMatrixView<T> recent_keys, recent_values;  // positions [recent_first, recent_first + rows)
+  ConstMatrixView<T> sink_keys, sink_values;    // positions [0, sink_keys.rows); keys after RoPE
+  ConstMatrixView<T> recent_keys, recent_values;  // positions [recent_first, recent_first + rows); keys after RoPE
   std::size_t recent_first = 0;
   std::size_t sinks = 0;   // S
   std::size_t window = 0;  // W
-  const RopeConfig* rope = nullptr;  // non-null: keys are stored before RoPE
+  const RopeConfig* rope = nullptr;        // non-null: coded keys are stored before RoPE...
+  const double* rope_inv_freq = nullptr;   // ...with these head_dim / 2 inverse frequencies
 };
 
 /// How attend_head computes the coded part.
@@ -73,7 +75,7 @@ struct SoftmaxState {
 };
 
 struct AttentionScratch {
-  AlignedBuffer<float> lut, scores, rows, qrot, parts;
+  AlignedBuffer<float> lut, scores, rows, parts;
   std::vector<SoftmaxState> states;
 };
 inline AttentionScratch& attention_scratch() {
@@ -180,14 +182,6 @@ class HeadAttention {
   }
 
  private:
-  // A pre-RoPE key row of a full-precision token as float, rotated to its position.
-  const float* rotated_key(const T* k, std::size_t position, float* buf) const {
-    const std::size_t D = kv_.head_dim;
-    for (std::size_t i = 0; i < D; ++i) buf[i] = to_float(k[i]);
-    rope_rotate(*kv_.rope, D, position, buf);
-    return buf;
-  }
-
   void run_dense(SoftmaxState* st) const {
     const std::size_t D = kv_.head_dim;
     const std::size_t visible = pos_ + 1;
@@ -197,20 +191,12 @@ class HeadAttention {
     if (n == 0) return;
     AttentionScratch& sc = attention_scratch();
     sc.scores.resize(std::max(sc.scores.size(), n));
-    sc.qrot.resize(std::max(sc.qrot.size(), D));
     for (std::size_t h = 0; h < heads_; ++h) {
       const float* q = q_ + h * D;
       float* s = sc.scores.data();
       auto key = [&](std::size_t j) { return j < S ? kv_.sink_keys.row(j) : kv_.recent_keys.row(win_lo_ + (j - S) - kv_.recent_first); };
       auto value = [&](std::size_t j) { return j < S ? kv_.sink_values.row(j) : kv_.recent_values.row(win_lo_ + (j - S) - kv_.recent_first); };
-      for (std::size_t j = 0; j < n; ++j) {
-        if (kv_.rope) {
-          const std::size_t position = j < S ? j : win_lo_ + (j - S);
-          s[j] = scale_ * Backend::template dot<float>(q, rotated_key(key(j), position, sc.qrot.data()), D);
-        } else {
-          s[j] = scale_ * Backend::dot(q, key(j), D);  // fp16 / bf16 rows converted in registers
-        }
-      }
+      for (std::size_t j = 0; j < n; ++j) s[j] = scale_ * Backend::dot(q, key(j), D);  // fp16/bf16 converted in registers
       raise_reference<Backend>(st[h], Backend::max_of(s, n), D, layout_.hist_len);
       st[h].sum += Backend::exp_sum(s, n, st[h].ref);
       for (std::size_t j = 0; j < n; ++j) Backend::axpy(s[j], value(j), st[h].acc, D);
@@ -233,7 +219,10 @@ class HeadAttention {
     sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
     if (need_rows) sc.rows.resize(std::max(sc.rows.size(), 2 * superblock * D));
     std::unique_ptr<RopeStepper> stepper;
-    if (!use_lut && kv_.rope) stepper = std::make_unique<RopeStepper>(*kv_.rope, D, kv_.sinks + c0);
+    if (!use_lut && kv_.rope) {
+      CQ_CHECK(kv_.rope_inv_freq != nullptr, "attend: pre-RoPE keys need rope_inv_freq in the view");
+      stepper = std::make_unique<RopeStepper>(kv_.rope_inv_freq, D, kv_.sinks + c0);
+    }
 
     for (std::size_t t0 = c0; t0 < c1; t0 += superblock) {
       const std::size_t n = std::min(superblock, c1 - t0);

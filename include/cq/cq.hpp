@@ -25,3 +25,5 @@
 #include "cq/rope.hpp"
 #include "cq/attention.hpp"
 #include "cq/kv_cache.hpp"
+#include "cq/io/npy.hpp"
+#include "cq/io/kv_codebooks.hpp"

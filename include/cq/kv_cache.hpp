@@ -8,6 +8,8 @@
 ///   - every later token as key and value codes (encoded when appended);
 ///   - the most recent tokens in full precision: the window of W tokens attention reads exactly,
 ///     plus `max_rollback` more so truncate() can roll back without losing precision.
+/// With pre_rope_keys, keys are coded before RoPE and rotated inside attention; full-precision key
+/// rows are also kept rotated (computed once at append), so attention never re-rotates them.
 /// A query at position p reads sinks, codes for [S, p + 1 - W) and full precision for the rest, so
 /// a chunked prefill computes exactly what token-by-token decoding would.
 ///
@@ -85,6 +87,7 @@ class KVCache {
              " layer specs for ", cfg_.layers, " layers");
     CQ_CHECK(!cfg_.pre_rope_keys || cfg_.head_dim % 2 == 0, "KVCache: pre-RoPE keys need an even head_dim, got ",
              cfg_.head_dim);
+    if (cfg_.pre_rope_keys) inv_freq_ = rope_inv_freq(cfg_.rope, cfg_.head_dim);
     layers_.resize(cfg_.layers);
     for (std::size_t l = 0; l < cfg_.layers; ++l) {
       const LayerSpec& s = cfg_.layer_spec(l);
@@ -156,6 +159,7 @@ class KVCache {
       const ConstMatrixView<T> kh = keys.middle_cols(h * D, D), vh = values.middle_cols(h * D, D);
       append_rows(hd.sink_k, kh.middle_rows(0, into_sinks));
       append_rows(hd.sink_v, vh.middle_rows(0, into_sinks));
+      if (cfg_.pre_rope_keys) append_rotated(hd.sink_kr, kh.middle_rows(0, into_sinks), L.size);
       if (coded == 0) continue;
       const ConstMatrixView<T> kc = kh.middle_rows(into_sinks, coded), vc = vh.middle_rows(into_sinks, coded);
       const std::size_t first = hd.key_codes.size();
@@ -165,6 +169,7 @@ class KVCache {
       encode_rows<Backend>(L.value_cb[h].view(), vc, hd.value_codes.view(), first);
       append_rows(hd.recent_k, kc);
       append_rows(hd.recent_v, vc);
+      if (cfg_.pre_rope_keys) append_rotated(hd.recent_kr, kc, L.size + into_sinks);
       trim_recent(hd, coded);
     }
     L.size += m;
@@ -222,16 +227,19 @@ class KVCache {
         const std::size_t S = cfg_.sinks, D = cfg_.head_dim;
         hd.sink_k.resize(std::min(tokens, S) * D);
         hd.sink_v.resize(std::min(tokens, S) * D);
+        if (cfg_.pre_rope_keys) hd.sink_kr.resize(std::min(tokens, S) * D);
         const std::size_t coded = tokens > S ? tokens - S : 0;
         hd.key_codes.truncate(std::min(coded, hd.key_codes.size()));
         hd.value_codes.truncate(std::min(coded, hd.value_codes.size()));
         if (tokens <= hd.recent_first) {
           hd.recent_k.clear();
           hd.recent_v.clear();
+          hd.recent_kr.clear();
           hd.recent_first = std::max(tokens, S);
         } else {
           hd.recent_k.resize((tokens - hd.recent_first) * D);
           hd.recent_v.resize((tokens - hd.recent_first) * D);
+          if (cfg_.pre_rope_keys) hd.recent_kr.resize((tokens - hd.recent_first) * D);
         }
       }
       L.size = std::min(L.size, tokens);
@@ -240,7 +248,8 @@ class KVCache {
   void clear() { truncate(0); }
 
   /// The key and value of one cached token as attention sees it now (full precision inside the
-  /// sinks and the current window, decoded from codes elsewhere), as floats.
+  /// sinks and the current window, decoded from codes elsewhere), as floats. Keys are as appended
+  /// (before RoPE when pre_rope_keys).
   void read_token(std::size_t layer, std::size_t head, std::size_t position, float* key, float* value) const {
     const Layer& L = layer_at(layer, "read_token");
     CQ_CHECK(head < cfg_.kv_heads && position < L.size, "read_token: (head ", head, ", position ", position,
@@ -267,8 +276,8 @@ class KVCache {
       for (std::size_t h = 0; h < cfg_.kv_heads; ++h) {
         const Head& hd = L.heads[h];
         m.codes += hd.key_codes.size_bytes() + hd.value_codes.size_bytes();
-        m.window += (hd.recent_k.size() + hd.recent_v.size()) * sizeof(T);
-        m.sinks += (hd.sink_k.size() + hd.sink_v.size()) * sizeof(T);
+        m.window += (hd.recent_k.size() + hd.recent_v.size() + hd.recent_kr.size()) * sizeof(T);
+        m.sinks += (hd.sink_k.size() + hd.sink_v.size() + hd.sink_kr.size()) * sizeof(T);
         m.codebooks += L.key_cb[h].size_bytes() + L.value_cb[h].size_bytes();
       }
     }
@@ -286,14 +295,17 @@ class KVCache {
     v.value_codebook = L.value_cb[head].view();
     v.key_codes = hd.key_codes.view();
     v.value_codes = hd.value_codes.view();
-    v.sink_keys = ConstMatrixView<T>(hd.sink_k.data(), hd.sink_k.size() / D, D);
+    const auto& sk = cfg_.pre_rope_keys ? hd.sink_kr : hd.sink_k;
+    const auto& rk = cfg_.pre_rope_keys ? hd.recent_kr : hd.recent_k;
+    v.sink_keys = ConstMatrixView<T>(sk.data(), sk.size() / D, D);
     v.sink_values = ConstMatrixView<T>(hd.sink_v.data(), hd.sink_v.size() / D, D);
-    v.recent_keys = ConstMatrixView<T>(hd.recent_k.data(), hd.recent_k.size() / D, D);
+    v.recent_keys = ConstMatrixView<T>(rk.data(), rk.size() / D, D);
     v.recent_values = ConstMatrixView<T>(hd.recent_v.data(), hd.recent_v.size() / D, D);
     v.recent_first = hd.recent_first;
     v.sinks = cfg_.sinks;
     v.window = cfg_.window;
     v.rope = cfg_.pre_rope_keys ? &cfg_.rope : nullptr;
+    v.rope_inv_freq = cfg_.pre_rope_keys ? inv_freq_.data() : nullptr;
     return v;
   }
 
@@ -302,6 +314,7 @@ class KVCache {
     PackedCodes key_codes, value_codes;               // positions [S, size)
     detail::AlignedBuffer<T> sink_k, sink_v;          // (min(size, S), D)
     detail::AlignedBuffer<T> recent_k, recent_v;      // (rows, D), row r is position recent_first + r
+    detail::AlignedBuffer<T> sink_kr, recent_kr;      // pre_rope_keys only: the same keys after RoPE
     std::size_t recent_first = 0;
   };
   struct Layer {
@@ -326,6 +339,17 @@ class KVCache {
     buf.resize(old + rows.rows * D);
     for (std::size_t r = 0; r < rows.rows; ++r) std::memcpy(buf.data() + old + r * D, rows.row(r), D * sizeof(T));
   }
+  /// Appends keys rotated to positions first, first + 1, ... (pre-RoPE caches' attention copy).
+  void append_rotated(detail::AlignedBuffer<T>& buf, ConstMatrixView<T> rows, std::size_t first) const {
+    const std::size_t D = cfg_.head_dim, old = buf.size();
+    buf.resize(old + rows.rows * D);
+    std::vector<float> tmp(D);
+    for (std::size_t r = 0; r < rows.rows; ++r) {
+      for (std::size_t i = 0; i < D; ++i) tmp[i] = to_float(rows(r, i));
+      rope_rotate(cfg_.rope, inv_freq_.data(), D, first + r, tmp.data());
+      for (std::size_t i = 0; i < D; ++i) buf[old + r * D + i] = from_float<T>(tmp[i]);
+    }
+  }
   /// Keeps the full-precision rows a query or a rollback can need: window + max_rollback, and all
   /// of the latest append (its queries' windows reach back into it). Drops older rows in bulk.
   void trim_recent(Head& hd, std::size_t appended) const {
@@ -338,10 +362,15 @@ class KVCache {
     std::memmove(hd.recent_v.data(), hd.recent_v.data() + drop * D, keep * D * sizeof(T));
     hd.recent_k.resize(keep * D);
     hd.recent_v.resize(keep * D);
+    if (cfg_.pre_rope_keys) {
+      std::memmove(hd.recent_kr.data(), hd.recent_kr.data() + drop * D, keep * D * sizeof(T));
+      hd.recent_kr.resize(keep * D);
+    }
     hd.recent_first += drop;
   }
 
   KVCacheConfig cfg_;
+  std::vector<double> inv_freq_;  // RoPE inverse frequencies (pre_rope_keys)
   std::vector<Layer> layers_;
 };
 

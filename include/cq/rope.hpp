@@ -41,9 +41,9 @@ inline std::vector<double> rope_inv_freq(const RopeConfig& rope, std::size_t dim
   return f;
 }
 
-/// Rotates x (dim floats) in place to position `pos`; the obvious reference (exact sincos).
-inline void rope_rotate(const RopeConfig& rope, std::size_t dim, std::size_t pos, float* x) {
-  const std::vector<double> f = rope_inv_freq(rope, dim);
+/// Rotates x (dim floats) in place to position `pos` with exact sincos; `f` holds the dim / 2
+/// inverse frequencies (rope_inv_freq).
+inline void rope_rotate(const RopeConfig& rope, const double* f, std::size_t dim, std::size_t pos, float* x) {
   for (std::size_t i = 0; i < dim / 2; ++i) {
     std::size_t a, b;
     rope_pair(rope.style, dim, i, a, b);
@@ -55,20 +55,26 @@ inline void rope_rotate(const RopeConfig& rope, std::size_t dim, std::size_t pos
   }
 }
 
+/// Rotates x (dim floats) in place to position `pos`; the obvious reference.
+inline void rope_rotate(const RopeConfig& rope, std::size_t dim, std::size_t pos, float* x) {
+  const std::vector<double> f = rope_inv_freq(rope, dim);
+  rope_rotate(rope, f.data(), dim, pos, x);
+}
+
 /// cos/sin of pos * f_i for consecutive positions without a sincos per token: exact at the first
 /// position, then advanced by complex multiplication in double (drift ~1e-16 per step, so ~1e-11
 /// after 10^5 positions — far below float resolution).
 class RopeStepper {
  public:
-  RopeStepper(const RopeConfig& rope, std::size_t dim, std::size_t first_pos)
-      : inv_freq_(rope_inv_freq(rope, dim)), c_(dim / 2), s_(dim / 2), step_c_(dim / 2), step_s_(dim / 2),
-        cf_(dim / 2), sf_(dim / 2) {
+  /// `inv_freq`: the dim / 2 inverse frequencies (rope_inv_freq).
+  RopeStepper(const double* inv_freq, std::size_t dim, std::size_t first_pos)
+      : c_(dim / 2), s_(dim / 2), step_c_(dim / 2), step_s_(dim / 2), cf_(dim / 2), sf_(dim / 2) {
     for (std::size_t i = 0; i < c_.size(); ++i) {
-      const double a = double(first_pos) * inv_freq_[i];
+      const double a = double(first_pos) * inv_freq[i];
       c_[i] = std::cos(a);
       s_[i] = std::sin(a);
-      step_c_[i] = std::cos(inv_freq_[i]);
-      step_s_[i] = std::sin(inv_freq_[i]);
+      step_c_[i] = std::cos(inv_freq[i]);
+      step_s_[i] = std::sin(inv_freq[i]);
     }
     refresh_float();
   }
@@ -92,7 +98,7 @@ class RopeStepper {
       sf_[i] = static_cast<float>(s_[i]);
     }
   }
-  std::vector<double> inv_freq_, c_, s_, step_c_, step_s_;
+  std::vector<double> c_, s_, step_c_, step_s_;
   std::vector<float> cf_, sf_;
 };
 
