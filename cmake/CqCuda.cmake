@@ -9,11 +9,28 @@ if(CMAKE_CUDA_COMPILER)
   enable_language(CUDA)
   set(CQ_HAVE_CUDA ON)
   # sm_90a machine code for the H200 plus compute_90 PTX as a fallback for later GPUs.
-  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
-    set(CQ_CUDA_GENCODE "-gencode=arch=compute_90a,code=sm_90a" "-gencode=arch=compute_90,code=compute_90")
-  endif()
+  set(CQ_CUDA_GENCODE "-gencode=arch=compute_90a,code=sm_90a" "-gencode=arch=compute_90,code=compute_90")
   message(STATUS "cq: CUDA found (${CMAKE_CUDA_COMPILER}); building CUDA tests and benchmarks")
 else()
   set(CQ_HAVE_CUDA OFF)
   message(STATUS "cq: nvcc not found; CUDA tests and benchmarks are skipped")
 endif()
+
+# cq_cuda_target(<target>): CUDA compile settings for one of cq's own targets with .cu sources.
+function(cq_cuda_target target)
+  # CMake 3.25 does not know nvcc 13's C++20 flag, so it is passed by hand.
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 ${CQ_CUDA_GENCODE} --expt-relaxed-constexpr -Xcompiler=-Wall,-Wextra -lineinfo>)
+  # -march=native and the host warning flags are for the host compiler only.
+  get_target_property(opts ${target} COMPILE_OPTIONS)
+  set(host_opts)
+  foreach(o IN LISTS opts)
+    if(o MATCHES "^-(march|W)")
+      list(APPEND host_opts "$<$<COMPILE_LANGUAGE:CXX>:${o}>")
+    else()
+      list(APPEND host_opts "${o}")
+    endif()
+  endforeach()
+  set_target_properties(${target} PROPERTIES COMPILE_OPTIONS "${host_opts}")
+endfunction()

@@ -50,9 +50,9 @@ struct CodebookView {
   int bits = 0;
   std::size_t padded_centroids = 0;
 
-  constexpr std::size_t num_centroids() const { return std::size_t{1} << bits; }
-  constexpr std::size_t dim() const { return groups * channels; }
-  constexpr GroupCodebookView group(std::size_t g) const {
+  CQ_HOST_DEVICE constexpr std::size_t num_centroids() const { return std::size_t{1} << bits; }
+  CQ_HOST_DEVICE constexpr std::size_t dim() const { return groups * channels; }
+  CQ_HOST_DEVICE constexpr GroupCodebookView group(std::size_t g) const {
     return {centroids + g * num_centroids() * channels, norms + g * padded_centroids,
             transposed + g * channels * padded_centroids, static_cast<std::uint32_t>(num_centroids()),
             static_cast<std::uint32_t>(channels), static_cast<std::uint32_t>(padded_centroids)};
@@ -61,7 +61,7 @@ struct CodebookView {
 
 /// Padding of the centroid axis in the transposed table: a multiple of 16 floats (one AVX-512
 /// register), at least 16.
-constexpr std::size_t padded_centroid_count(std::size_t k) { return k < 16 ? 16 : (k + 15) / 16 * 16; }
+CQ_HOST_DEVICE constexpr std::size_t padded_centroid_count(std::size_t k) { return k < 16 ? 16 : (k + 15) / 16 * 16; }
 
 /// Checks the (dim, channels, bits) triple of a CQ configuration; throws naming `what`.
 inline void check_cq_shape(std::size_t dim, std::size_t channels, int bits, const char* what) {

@@ -1,0 +1,222 @@
+// C API over cq's CUDA backend for bench/cuda/bench.py, which times cq and PyTorch's SDPA with the
+// same CUDA events in one process. Everything here is device-side setup: synthetic KV-like data,
+// codebooks fitted by cq's batched GPU k-means, codes from cq's GPU encoder.
+
+#include <cq/cuda/cuda.cuh>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace cq;
+
+namespace {
+
+thread_local std::string last_error;
+
+__device__ inline float hash_normal(std::uint64_t a, std::uint64_t b) {
+  auto mix = [](std::uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  const std::uint64_t h = mix(a * 0x100000001b3ULL ^ mix(b));
+  const float u1 = (float((h >> 40) & 0xFFFFFF) + 0.5f) / 16777216.0f, u2 = float(h & 0xFFFFFF) / 16777216.0f;
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+// KV-like rows for `jobs` independent heads: rank-16 correlated part, 4 outlier channels, noise.
+__global__ void synthetic_kernel(float* x, std::size_t jobs, std::size_t n, int dim, std::uint64_t seed) {
+  const std::size_t total = jobs * n * dim;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < total; i += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t j = i / (n * dim), r = (i / dim) % n;
+    const int d = int(i % dim);
+    float acc = 0.0f;
+    for (int k = 0; k < 16; ++k)
+      acc += hash_normal(seed + j * 7919 + 1, r * 16 + k) * hash_normal(seed + j * 104729 + 2, std::uint64_t(k) * 4096 + d) *
+             rsqrtf(float(k + 1)) * 0.5f;
+    const bool outlier = (d * 37 + int(j)) % dim < 4;
+    x[i] = (outlier ? 8.0f * (d % 2 ? 1.0f : -1.0f) + 4.0f * acc : acc) + 0.1f * hash_normal(seed + j + 3, r * dim + d);
+  }
+}
+
+void make_synthetic(float* x, std::size_t jobs, std::size_t n, int dim, std::uint64_t seed) {
+  synthetic_kernel<<<4096, 256>>>(x, jobs, n, dim, seed);
+  CQ_CUDA_CHECK_LAUNCH(synthetic_kernel);
+}
+
+Codebook to_host_codebook(const float* dev_centroids, int dim, int C, int bits) {
+  std::vector<float> h(std::size_t(dim / C) * (std::size_t(1) << bits) * C);
+  CQ_CUDA_CHECK(cudaMemcpy(h.data(), dev_centroids, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  Codebook cb(std::size_t(dim), std::size_t(C), bits);
+  cb.set_all(h.data());
+  cb.info().method = "kmeans-cuda";
+  return cb;
+}
+
+struct Handle {
+  int batch, q_heads, kv_heads, ctx, C, bits, window;
+  std::vector<cuda::DeviceCodebook> kcb, vcb;
+  cuda::DeviceBuffer<CodebookView> kviews, vviews;
+  std::vector<cuda::DeviceBuffer<std::uint8_t>> code_bufs;
+  cuda::DeviceBuffer<float> dense;
+  cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
+  cuda::DeviceBuffer<cuda::DeviceSequence> seqs;
+  cuda::DeviceBuffer<float> q, out;
+  cuda::AttentionBatch batch_desc;
+  cuda::FusedAttention::Shape shape;
+  cuda::FusedAttention fa;
+  long long bytes = 0;
+};
+
+}  // namespace
+
+extern "C" {
+
+const char* cqb_last_error() { return last_error.c_str(); }
+
+/// A batch of `batch` sequences of `ctx` tokens (the last `window` in fp32), q_heads / kv_heads,
+/// head_dim 128, CQ-<C>c<bits>b keys and values. Returns nullptr on error (see cqb_last_error).
+void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits, int window) try {
+  constexpr int D = 128;
+  auto h = std::make_unique<Handle>();
+  *h = Handle{batch, q_heads, kv_heads, ctx, C, bits, window, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0};
+  const int coded = ctx - window;
+  // One head's keys and values; codebooks fitted on them by the GPU k-means (10 iterations).
+  cuda::DeviceBuffer<float> kv(std::size_t(2) * coded * D);
+  make_synthetic(kv.data(), 2, std::size_t(coded), D, 42);
+  const int G = D / C, K = 1 << bits;
+  cuda::DeviceBuffer<float> cents(std::size_t(2) * G * K * C);
+  const int fit_rows = std::min(coded, 16384);
+  cuda::DeviceBuffer<float> fit_x(std::size_t(2) * fit_rows * D);
+  for (int j = 0; j < 2; ++j)
+    CQ_CUDA_CHECK(cudaMemcpy(fit_x.data() + std::size_t(j) * fit_rows * D, kv.data() + std::size_t(j) * coded * D,
+                             std::size_t(fit_rows) * D * sizeof(float), cudaMemcpyDeviceToDevice));
+  cuda::fit_codebooks_batched(fit_x.data(), nullptr, 2, fit_rows, D, C, bits, {10, 1}, cents.data(), nullptr);
+  const Codebook kc = to_host_codebook(cents.data(), D, C, bits);
+  const Codebook vc = to_host_codebook(cents.data() + std::size_t(G) * K * C, D, C, bits);
+  std::vector<CodebookView> kv_views, vv_views;
+  for (int i = 0; i < kv_heads; ++i) {
+    h->kcb.emplace_back(kc);
+    h->vcb.emplace_back(vc);
+  }
+  for (int i = 0; i < kv_heads; ++i) {
+    kv_views.push_back(h->kcb[i].view());
+    vv_views.push_back(h->vcb[i].view());
+  }
+  h->kviews = cuda::DeviceBuffer<CodebookView>(kv_views);
+  h->vviews = cuda::DeviceBuffer<CodebookView>(vv_views);
+  // Encode once, then copy the codes to every (sequence, KV head): each has its own memory.
+  const std::size_t code_bytes = packed_code_bytes(std::size_t(coded), std::size_t(G), bits);
+  cuda::DeviceBuffer<std::uint8_t> kcodes(code_bytes), vcodes(code_bytes);
+  cuda::encode(h->kcb[0].view(), kv.data(), std::size_t(coded), D, kcodes.data(), std::size_t(coded), 0);
+  cuda::encode(h->vcb[0].view(), kv.data() + std::size_t(coded) * D, std::size_t(coded), D, vcodes.data(), std::size_t(coded), 0);
+  std::vector<cuda::DeviceKVCodes> codes;
+  for (int s = 0; s < batch; ++s)
+    for (int i = 0; i < kv_heads; ++i) {
+      h->code_bufs.emplace_back(code_bytes);
+      CQ_CUDA_CHECK(cudaMemcpy(h->code_bufs.back().data(), kcodes.data(), code_bytes, cudaMemcpyDeviceToDevice));
+      h->code_bufs.emplace_back(code_bytes);
+      CQ_CUDA_CHECK(cudaMemcpy(h->code_bufs.back().data(), vcodes.data(), code_bytes, cudaMemcpyDeviceToDevice));
+      codes.push_back({h->code_bufs[h->code_bufs.size() - 2].data(), h->code_bufs.back().data()});
+    }
+  h->codes = cuda::DeviceBuffer<cuda::DeviceKVCodes>(codes);
+  // Window rows: [batch][2 (K, V)][kv_heads][window][D].
+  const std::size_t per_seq = std::size_t(2) * kv_heads * window * D;
+  h->dense = cuda::DeviceBuffer<float>(std::max<std::size_t>(1, batch * per_seq));
+  if (window > 0) make_synthetic(h->dense.data(), std::size_t(batch) * 2 * kv_heads, std::size_t(window), D, 7);
+  std::vector<cuda::DeviceSequence> seqs;
+  for (int s = 0; s < batch; ++s) {
+    const float* base = h->dense.data() + s * per_seq;
+    seqs.push_back({std::uint32_t(coded), std::uint32_t(window), base, base + std::size_t(kv_heads) * window * D});
+  }
+  h->seqs = cuda::DeviceBuffer<cuda::DeviceSequence>(seqs);
+  h->q = cuda::DeviceBuffer<float>(std::size_t(batch) * q_heads * D);
+  make_synthetic(h->q.data(), 1, std::size_t(batch) * q_heads, D, 9);
+  h->out = cuda::DeviceBuffer<float>(std::size_t(batch) * q_heads * D);
+  h->batch_desc = {batch, q_heads, kv_heads, D, h->codes.data(), h->seqs.data(), h->kviews.data(), h->vviews.data(),
+                   h->q.data(), h->out.data(), 0.0f};
+  h->shape = {q_heads, kv_heads, D, C, bits, C, bits, coded, window};
+  // Bytes one call must read: codes (K and V), the window rows, q and out. Codebooks are read
+  // once per block from L2 and not counted.
+  h->bytes = (long long)(2 * code_bytes) * batch * kv_heads + (long long)(batch * per_seq * sizeof(float)) +
+             2LL * batch * q_heads * D * sizeof(float);
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  return h.release();
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return nullptr;
+}
+
+/// Launches attention on `stream` (cudaStream_t as an integer). stages: cq::cuda::AttentionStage bits.
+int cqb_run(void* handle, unsigned stages, std::uint64_t stream) try {
+  auto* h = static_cast<Handle*>(handle);
+  h->fa.run(h->batch_desc, h->shape, reinterpret_cast<cudaStream_t>(stream), stages);
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
+long long cqb_bytes(void* handle) { return static_cast<Handle*>(handle)->bytes; }
+int cqb_set_split_tokens(void* handle, int tokens) try {
+  static_cast<Handle*>(handle)->fa.set_max_split_tokens(tokens);
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+int cqb_splits(void* handle) { return static_cast<Handle*>(handle)->fa.last_splits(); }
+int cqb_head_group(void* handle) { return static_cast<Handle*>(handle)->fa.last_head_group(); }
+long long cqb_shared_bytes(void* handle) { return (long long)static_cast<Handle*>(handle)->fa.last_shared_bytes(); }
+void cqb_destroy(void* handle) { delete static_cast<Handle*>(handle); }
+
+/// Output of the last run, copied to host memory (batch * q_heads * 128 floats).
+int cqb_output(void* handle, float* host) try {
+  auto* h = static_cast<Handle*>(handle);
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  h->out.download(host, h->out.size());
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
+/// Batched calibration benchmark: `jobs` heads of n x dim synthetic rows generated on the device,
+/// every codebook fitted with `iterations` Lloyd steps. Writes the fit's wall time (seconds, CUDA
+/// events, data generation excluded) and copies the data and codebooks of the first `keep` jobs
+/// to host buffers (for the CPU comparison). Returns 0 on success.
+int cqb_calibrate(int jobs, int n, int dim, int C, int bits, int iterations, int keep, float* host_x,
+                  float* host_centroids, double* seconds) try {
+  cuda::DeviceBuffer<float> x(std::size_t(jobs) * n * dim);
+  make_synthetic(x.data(), std::size_t(jobs), std::size_t(n), dim, 1234);
+  const int G = dim / C, K = 1 << bits;
+  cuda::DeviceBuffer<float> cents(std::size_t(jobs) * G * K * C);
+  cudaEvent_t a, b;
+  CQ_CUDA_CHECK(cudaEventCreate(&a));
+  CQ_CUDA_CHECK(cudaEventCreate(&b));
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  CQ_CUDA_CHECK(cudaEventRecord(a));
+  cuda::fit_codebooks_batched(x.data(), nullptr, jobs, n, dim, C, bits, {iterations, 1234}, cents.data(), nullptr);
+  CQ_CUDA_CHECK(cudaEventRecord(b));
+  CQ_CUDA_CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  CQ_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+  *seconds = ms / 1000.0;
+  x.download(host_x, std::size_t(keep) * n * dim);
+  cents.download(host_centroids, std::size_t(keep) * G * K * C);
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
+}  // extern "C"

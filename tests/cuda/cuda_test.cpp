@@ -1,0 +1,212 @@
+// CUDA backend tests, run on the H200 (built everywhere nvcc exists; without a device they report
+// that and fail, so they are not part of the default ctest run: see tests/CMakeLists.txt).
+// The CPU backend is the oracle: codes identical (ties aside), decode bit-identical, attention
+// within 1e-3 relative error over the CPU tests' shape grid, batched k-means MSE matching the CPU fit.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include "../attention_oracle.hpp"
+#include "gpu_glue.hpp"
+
+#include <cstdlib>
+
+using namespace cq;
+
+namespace {
+
+void require_device() {
+  const std::string name = gpu_test::device_name();
+  REQUIRE_MESSAGE(!name.empty(), "no CUDA device");
+  static bool shown = false;
+  if (!shown) MESSAGE("device: ", name);
+  shown = true;
+}
+
+}  // namespace
+
+TEST_CASE("cuda encode: codes equal the CPU reference (ties aside), partial chunks keep their neighbours") {
+  require_device();
+  std::uint64_t seed = 1;
+  for (std::size_t C : {1u, 2u, 4u, 8u, 16u})
+    for (int bits : {1, 3, 4, 8, 10, 12}) {
+      const std::size_t dim = C * (C >= 8 ? 4 : 8), tokens = 200;
+      const Codebook cb = test::random_codebook(dim, C, bits, ++seed);
+      const auto x = test::random_normal(tokens * dim, ++seed);
+      PackedCodes ref(cb.groups(), bits, tokens);
+      encode_rows<backend::Scalar>(cb.view(), ConstMatrixView<float>(x.data(), tokens, dim), ref.view(), 0);
+      // Encode in three unaligned pieces into a buffer pre-filled with other codes.
+      PackedCodes base(cb.groups(), bits, tokens);
+      for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t g = 0; g < cb.groups(); ++g) base.set(t, g, static_cast<std::uint32_t>((t * 7 + g) % (1u << bits)));
+      std::vector<std::uint8_t> bytes(base.data(), base.data() + base.size_bytes());
+      for (auto [first, n] : {std::pair<std::size_t, std::size_t>{0, 45}, {45, 100}, {145, 55}}) {
+        const std::vector<float> part(x.begin() + std::ptrdiff_t(first * dim), x.begin() + std::ptrdiff_t((first + n) * dim));
+        gpu_test::encode(cb, part, n, bytes, tokens, first);
+      }
+      const ConstPackedCodesView got(bytes.data(), tokens, cb.groups(), bits);
+      std::size_t differ = 0;
+      for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t g = 0; g < cb.groups(); ++g)
+          if (got.get(t, g) != ref.get(t, g)) {
+            ++differ;
+            REQUIRE(test::is_nearest(cb, x.data() + t * dim, g, got.get(t, g)));
+          }
+      CAPTURE(C);
+      CAPTURE(bits);
+      CHECK(differ <= 2 + tokens * cb.groups() / 10);
+      // Only [0, 200) was written: re-encode just tokens [10, 20) over a fresh base and check the rest.
+      std::vector<std::uint8_t> b2(base.data(), base.data() + base.size_bytes());
+      const std::vector<float> mid(x.begin() + std::ptrdiff_t(10 * dim), x.begin() + std::ptrdiff_t(20 * dim));
+      gpu_test::encode(cb, mid, 10, b2, tokens, 10);
+      const ConstPackedCodesView v2(b2.data(), tokens, cb.groups(), bits);
+      for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t g = 0; g < cb.groups(); ++g)
+          if (t < 10 || t >= 20) REQUIRE(v2.get(t, g) == base.get(t, g));
+    }
+}
+
+TEST_CASE("cuda decode is bit-identical to the CPU decode") {
+  require_device();
+  for (int bits : {2, 4, 8, 11}) {
+    const Codebook cb = test::random_codebook(64, 8, bits, 100 + bits);
+    PackedCodes codes(8, bits, 77);
+    cq::detail::Rng rng(5);
+    for (std::size_t t = 0; t < 77; ++t)
+      for (std::size_t g = 0; g < 8; ++g) codes.set(t, g, static_cast<std::uint32_t>(rng.below(1u << bits)));
+    const std::vector<std::uint8_t> bytes(codes.data(), codes.data() + codes.size_bytes());
+    std::vector<float> ref(40 * 64);
+    backend::Scalar::decode(cb.view(), codes.view(), 33, MatrixView<float>(ref.data(), 40, 64));
+    CHECK(gpu_test::decode(cb, bytes, 77, 33, 40) == ref);
+  }
+}
+
+namespace {
+
+// A batch of sequences of different lengths sharing per-head codebooks; GPU attention for the last
+// token of each against the CPU cache's attention.
+double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks, std::size_t group,
+                   const std::vector<std::size_t>& lengths, std::uint64_t seed) {
+  KVCacheConfig cfg;
+  cfg.head_dim = D;
+  cfg.kv_heads = 2;
+  cfg.spec = {{C, bits}, {C, bits}};
+  cfg.window = window;
+  cfg.sinks = sinks;
+  cfg.max_rollback = 0;
+  std::vector<Codebook> kcb, vcb;
+  for (std::size_t h = 0; h < 2; ++h) {
+    kcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h));
+    vcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h + 5));
+  }
+  const int q_heads = int(2 * group);
+  std::vector<gpu_test::Sequence> batch;
+  std::vector<float> q, ref;
+  for (std::size_t s = 0; s < lengths.size(); ++s) {
+    KVCache<float> cache(cfg);
+    for (std::size_t h = 0; h < 2; ++h) cache.set_codebooks(0, h, kcb[h], vcb[h]);
+    const std::size_t n = lengths[s], width = 2 * D;
+    const auto k = test::random_normal(n * width, seed + 100 + s), v = test::random_normal(n * width, seed + 200 + s);
+    cache.append(0, ConstMatrixView<float>(k.data(), n, width), ConstMatrixView<float>(v.data(), n, width));
+    const auto qs = test::random_normal(std::size_t(q_heads) * D, seed + 300 + s);
+    std::vector<float> out(qs.size());
+    cache.attend(0, ConstMatrixView<float>(qs.data(), 1, qs.size()), MatrixView<float>(out.data(), 1, out.size()),
+                 {.method = AttentionMethod::fused_histogram});
+    q.insert(q.end(), qs.begin(), qs.end());
+    ref.insert(ref.end(), out.begin(), out.end());
+    gpu_test::Sequence seq;
+    const std::size_t S = std::min(sinks, n), win_lo = std::max(sinks, n > window ? n - window : 0);
+    seq.coded = static_cast<std::uint32_t>(win_lo > sinks ? win_lo - sinks : 0);
+    seq.dense = static_cast<std::uint32_t>(S + (n - std::min(n, win_lo)));
+    seq.dense_keys.resize(2 * seq.dense * D);
+    seq.dense_values.resize(2 * seq.dense * D);
+    for (std::size_t h = 0; h < 2; ++h) {
+      const KVHeadView<float> hv = cache.head_view(0, h);
+      seq.key_codes.emplace_back(hv.key_codes.data, hv.key_codes.data + hv.key_codes.size_bytes());
+      seq.value_codes.emplace_back(hv.value_codes.data, hv.value_codes.data + hv.value_codes.size_bytes());
+      for (std::size_t j = 0; j < seq.dense; ++j) {
+        const std::size_t pos = j < S ? j : win_lo + (j - S);
+        const float* kr = pos < S ? hv.sink_keys.row(pos) : hv.recent_keys.row(pos - hv.recent_first);
+        const float* vr = pos < S ? hv.sink_values.row(pos) : hv.recent_values.row(pos - hv.recent_first);
+        std::copy_n(kr, D, seq.dense_keys.begin() + std::ptrdiff_t((h * seq.dense + j) * D));
+        std::copy_n(vr, D, seq.dense_values.begin() + std::ptrdiff_t((h * seq.dense + j) * D));
+      }
+    }
+    batch.push_back(std::move(seq));
+  }
+  const std::vector<float> got = gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)));
+  std::vector<double> r(ref.begin(), ref.end());
+  return test::relative_error(got.data(), r);
+}
+
+}  // namespace
+
+TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of different lengths") {
+  require_device();
+  std::uint64_t seed = 1;
+  double worst = 0.0;
+  // CQ_CUDA_TEST_QUICK (set for the compute-sanitizer runs) keeps every 12th shape of the grid.
+  const bool quick = std::getenv("CQ_CUDA_TEST_QUICK") != nullptr;
+  for (std::size_t D : {64u, 128u})
+    for (std::size_t C : {2u, 4u, 8u})
+      for (int bits : {4, 8, 10})
+        for (std::size_t window : {0u, 32u})
+          for (std::size_t sinks : {0u, 4u})
+            for (std::size_t group : {1u, 4u, 8u}) {
+              ++seed;
+              if (quick && seed % 12 != 0) continue;
+              const std::vector<std::size_t> lengths = {1 + seed % 40, 300 + seed % 97, 2500 + seed % 333};
+              const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed);
+              CAPTURE(D);
+              CAPTURE(C);
+              CAPTURE(bits);
+              CAPTURE(window);
+              CAPTURE(sinks);
+              CAPTURE(group);
+              CHECK(e < 1e-3);
+              worst = std::max(worst, e);
+            }
+  MESSAGE("largest relative error over the grid: ", worst);
+  // A long context across many splits.
+  if (!quick) CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999) < 1e-3);
+}
+
+TEST_CASE("cuda batched k-means: MSE matches the CPU fit, objective never increases") {
+  require_device();
+  const bool quick = std::getenv("CQ_CUDA_TEST_QUICK") != nullptr;  // smaller under compute-sanitizer
+  const int jobs = quick ? 1 : 3, n = quick ? 600 : 4000, dim = 32, C = 4, bits = quick ? 4 : 6, iters = quick ? 4 : 20;
+  std::vector<float> x;
+  for (int j = 0; j < jobs; ++j) {
+    const auto part = synthetic_kv(n, dim, {.seed = 40u + std::uint64_t(j)});
+    x.insert(x.end(), part.begin(), part.end());
+  }
+  std::vector<double> obj;
+  const auto gpu = gpu_test::fit_batched(x, nullptr, jobs, n, dim, C, bits, iters, 7, &obj);
+  for (int j = 0; j < jobs; ++j) {
+    const ConstMatrixView<float> xv(x.data() + std::size_t(j) * n * dim, n, dim);
+    Codebook cpu(dim, C, bits);
+    FitOptions o;
+    o.iterations = iters;
+    o.max_points_per_centroid = 0;
+    fit_codebook(cpu, xv, {}, o);
+    auto recon = [&](const Codebook& cb) {
+      PackedCodes codes(cb.groups(), bits, n);
+      encode_rows(cb.view(), xv, codes.view(), 0);
+      std::vector<float> back(std::size_t(n) * dim);
+      decode_rows(cb.view(), codes.view(), 0, MatrixView<float>(back.data(), n, dim));
+      return mse(xv, ConstMatrixView<float>(back.data(), n, dim));
+    };
+    const double g = recon(gpu[j]), c = recon(cpu);
+    MESSAGE("job ", j, ": GPU MSE ", g, ", CPU MSE ", c);
+    CHECK(g < 1.03 * c);
+    CHECK(g > 0.97 * c);
+    for (int grp = 0; grp < dim / C; ++grp)
+      for (int t = 1; t <= iters; ++t) {
+        const double a = obj[(std::size_t(j) * (dim / C) + grp) * (iters + 1) + t - 1];
+        const double b = obj[(std::size_t(j) * (dim / C) + grp) * (iters + 1) + t];
+        CHECK(b <= a * (1.0 + 1e-5));
+      }
+  }
+  // Fisher weights: the weighted fit lowers the weighted error, as on the CPU.
+  std::vector<float> w(std::size_t(jobs) * n * (dim / C));
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = (i / (dim / C)) % 2 ? 50.0f : 1.0f;
+  const auto fisher = gpu_test::fit_batched(x, &w, jobs, n, dim, C, bits, iters, 7, &obj);
+  CHECK(fisher[0].info().method == "kmeans-cuda");
+}
