@@ -76,43 +76,48 @@ using ConstPackedCodesView = BasicPackedCodesView<const std::uint8_t>;
 
 namespace detail {
 
-/// Writes the codes of group g for tokens [first, first + n) (codes[i * code_stride] is token
-/// first + i). Whole aligned chunks go through pack_chunk; partial ones code by code.
-inline void store_group_codes(const PackedCodesView& v, std::size_t g, std::size_t first, std::size_t n,
-                              const std::uint32_t* codes, std::size_t code_stride = 1) {
+/// Walks tokens [first, first + n) chunk by chunk: f(i, token, take, whole) for each run of `take`
+/// tokens inside one 32-token block, starting at offset i of the range; `whole` when the run is
+/// the entire block (the fast pack/unpack paths apply).
+template <class F>
+void for_each_chunk_run(std::size_t first, std::size_t n, F&& f) {
   std::size_t i = 0;
-  std::uint32_t tmp[chunk_codes];
   while (i < n) {
     const std::size_t t = first + i;
     const std::size_t in_block = t % block_tokens;
     const std::size_t take = std::min(n - i, block_tokens - in_block);
-    if (in_block == 0 && take == block_tokens) {
+    f(i, t, take, in_block == 0 && take == block_tokens);
+    i += take;
+  }
+}
+
+/// Writes the codes of group g for tokens [first, first + n) (codes[i * code_stride] is token
+/// first + i).
+inline void store_group_codes(const PackedCodesView& v, std::size_t g, std::size_t first, std::size_t n,
+                              const std::uint32_t* codes, std::size_t code_stride = 1) {
+  for_each_chunk_run(first, n, [&](std::size_t i, std::size_t t, std::size_t take, bool whole) {
+    if (whole) {
+      std::uint32_t tmp[chunk_codes];
       for (std::size_t k = 0; k < block_tokens; ++k) tmp[k] = codes[(i + k) * code_stride];
       pack_chunk(tmp, v.bits, v.chunk(t / block_tokens, g));
     } else {
       for (std::size_t k = 0; k < take; ++k) v.set(t + k, g, codes[(i + k) * code_stride]);
     }
-    i += take;
-  }
+  });
 }
 
 /// Reads the codes of group g for tokens [first, first + n) into codes[i * code_stride].
 inline void load_group_codes(const ConstPackedCodesView& v, std::size_t g, std::size_t first, std::size_t n,
                              std::uint32_t* codes, std::size_t code_stride = 1) {
-  std::size_t i = 0;
-  std::uint32_t tmp[chunk_codes];
-  while (i < n) {
-    const std::size_t t = first + i;
-    const std::size_t in_block = t % block_tokens;
-    const std::size_t take = std::min(n - i, block_tokens - in_block);
-    if (in_block == 0 && take == block_tokens) {
+  for_each_chunk_run(first, n, [&](std::size_t i, std::size_t t, std::size_t take, bool whole) {
+    if (whole) {
+      std::uint32_t tmp[chunk_codes];
       unpack_chunk(v.chunk(t / block_tokens, g), v.bits, tmp);
       for (std::size_t k = 0; k < block_tokens; ++k) codes[(i + k) * code_stride] = tmp[k];
     } else {
       for (std::size_t k = 0; k < take; ++k) codes[(i + k) * code_stride] = v.get(t + k, g);
     }
-    i += take;
-  }
+  });
 }
 
 }  // namespace detail
@@ -184,6 +189,7 @@ class PackedCodes {
   /// Appends n tokens whose codes are given row-major: codes[t * groups + g]. Every code is checked
   /// against 2^bits before anything is written, so a bad code leaves the container unchanged.
   void append(const std::uint32_t* codes, std::size_t n) {
+    if (n == 0) return;  // (codes may be null then)
     const std::uint32_t limit = 1u << bits_;
     for (std::size_t i = 0; i < n * groups_; ++i)
       CQ_CHECK(codes[i] < limit, "PackedCodes::append: code ", codes[i], " at token ", i / groups_,
@@ -197,6 +203,7 @@ class PackedCodes {
   void unpack(std::size_t first, std::size_t n, std::uint32_t* codes) const {
     CQ_CHECK(first + n <= tokens_ && first + n >= first, "PackedCodes::unpack: tokens [", first, ", ",
              first + n, ") exceed size ", tokens_);
+    if (n == 0) return;
     for (std::size_t g = 0; g < groups_; ++g)
       detail::load_group_codes(view(), g, first, n, codes + g, groups_);
   }

@@ -156,18 +156,14 @@ void encode_rows(const CodebookView& cb, ConstMatrixView<T> x, PackedCodesView o
   CQ_CHECK(first + x.rows <= out.tokens, "encode: rows [", first, ", ", first + x.rows,
            ") do not fit in codes of ", out.tokens, " tokens");
   check_view(x, "encode: x");
-  std::uint32_t codes[block_tokens];
-  std::size_t r = 0;
-  while (r < x.rows) {
-    const std::size_t t = first + r;
-    const std::size_t take = std::min(x.rows - r, block_tokens - t % block_tokens);
+  detail::for_each_chunk_run(first, x.rows, [&](std::size_t r, std::size_t t, std::size_t take, bool) {
+    std::uint32_t codes[block_tokens];
     const ConstMatrixView<T> rows = x.middle_rows(r, take);
     for (std::size_t g = 0; g < cb.groups; ++g) {
       Backend::assign(cb.group(g), rows.middle_cols(g * cb.channels, cb.channels), codes);
       detail::store_group_codes(out, g, t, take, codes);
     }
-    r += take;
-  }
+  });
 }
 
 /// Decodes tokens [first, first + out.rows) of `codes` into out (rows, dim).

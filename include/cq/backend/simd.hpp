@@ -123,20 +123,15 @@ struct Simd : SimdAttentionOps<Isa> {
   template <element_type T>
   static void decode(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, MatrixView<T> out) {
     const std::size_t C = cb.channels;
-    std::uint32_t tmp[block_tokens];
-    std::size_t r = 0;
-    while (r < out.rows) {
-      const std::size_t t = first + r;
-      const std::size_t in_block = t % block_tokens;
-      const std::size_t take = std::min(out.rows - r, block_tokens - in_block);
+    cq::detail::for_each_chunk_run(first, out.rows, [&](std::size_t r, std::size_t t, std::size_t take, bool) {
+      std::uint32_t tmp[block_tokens];
       for (std::size_t g = 0; g < cb.groups; ++g) {
         detail::load_group_codes(codes, g, t, take, tmp);
         const float* base = cb.centroids + g * cb.num_centroids() * C;
         for (std::size_t k = 0; k < take; ++k)
           detail_simd::put_centroid(base + tmp[k] * C, C, out.row(r + k) + g * C);
       }
-      r += take;
-    }
+    });
   }
 };
 

@@ -17,6 +17,7 @@
 #include "cq/codebook.hpp"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
+#include "cq/cuda/nearest.cuh"
 
 #include <cuda_runtime.h>
 
@@ -158,17 +159,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
       float xv[C];
 #pragma unroll
       for (int j = 0; j < C; ++j) xv[j] = X[std::size_t(i) * dim + j];
-      float best = FLT_MAX;
-      int bk = 0;
-      for (int k = 0; k < K; ++k) {
-        float d = norm[k];
-#pragma unroll
-        for (int j = 0; j < C; ++j) d = fmaf(-2.0f * xv[j], cen[k * C + j], d);
-        if (d < best) {
-          best = d;
-          bk = k;
-        }
-      }
+      const int bk = int(nearest_centroid<C>(xv, cen, norm, unsigned(K)));
       float exact = 0.0f;
 #pragma unroll
       for (int j = 0; j < C; ++j) {

@@ -9,6 +9,7 @@
 
 #include "cq/codebook.hpp"
 #include "cq/cuda/error.cuh"
+#include "cq/cuda/nearest.cuh"
 #include "cq/packed_codes.hpp"
 #include "cq/views.hpp"
 
@@ -48,16 +49,7 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
     const float* row = x + (token - first) * stride + std::size_t(g) * C;
 #pragma unroll
     for (int c = 0; c < C; ++c) xv[c] = row[c];
-    float best = FLT_MAX;
-    for (unsigned k = 0; k < K; ++k) {
-      float d = norms[k];
-#pragma unroll
-      for (int c = 0; c < C; ++c) d = fmaf(-2.0f * xv[c], cents[k * C + c], d);
-      if (d < best) {
-        best = d;
-        code = k;
-      }
-    }
+    code = nearest_centroid<C>(xv, cents, norms, K);
   }
   // Pack: lane w < bits builds 32-bit word w of the chunk from the codes that overlap it.
   const unsigned bits = static_cast<unsigned>(cb.bits);
