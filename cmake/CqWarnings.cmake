@@ -1,8 +1,10 @@
 # Compile settings for cq's own executables (tests, benchmarks, examples, tools). Consumers of the
 # header-only cq::cq target get none of these.
 
-# cq_target_defaults(<target> [NO_NATIVE]): warnings as the project requires them, and
-# -march=native unless the target pins its own instruction set.
+set(CQ_SANITIZE "" CACHE STRING "Sanitizers for cq's own targets, e.g. address,undefined or thread (clang or gcc)")
+
+# cq_target_defaults(<target> [NO_NATIVE]): warnings as the project requires them, -march=native
+# unless the target pins its own instruction set, and the sanitizers of CQ_SANITIZE.
 function(cq_target_defaults target)
   cmake_parse_arguments(ARG "NO_NATIVE" "" "" ${ARGN})
   target_link_libraries(${target} PRIVATE cq::cq)
@@ -10,6 +12,10 @@ function(cq_target_defaults target)
     target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wshadow -Wno-psabi)
     if(CQ_NATIVE_ARCH AND NOT ARG_NO_NATIVE)
       target_compile_options(${target} PRIVATE -march=native)
+    endif()
+    if(CQ_SANITIZE)
+      target_compile_options(${target} PRIVATE -fsanitize=${CQ_SANITIZE} -fno-sanitize-recover=all -fno-omit-frame-pointer)
+      target_link_options(${target} PRIVATE -fsanitize=${CQ_SANITIZE})
     endif()
   endif()
 endfunction()

@@ -268,3 +268,26 @@ TEST_CASE("KVCache rejects bad input with a message, unchanged") {
   CQ_CHECK_THROWS_CONTAINING(cache.attend(0, ConstMatrixView<float>(q.data(), 1, 128), MatrixView<float>(out.data(), 1, 64)),
                              "out is 1 x 64, q is 1 x 128");
 }
+
+TEST_CASE("ThreadPool: every index runs once, exceptions reach the caller, pools come and go") {
+  for (std::size_t threads : {1u, 2u, 3u, 5u}) {
+    ThreadPool pool(threads);
+    CHECK(pool.concurrency() == threads);
+    for (std::size_t n : {0u, 1u, 7u, 1000u}) {
+      std::vector<std::atomic<int>> hits(n);
+      pool.parallel_for(n, [&](std::size_t i) { hits[i]++; });
+      for (auto& h : hits) REQUIRE(h == 1);
+    }
+    CHECK_THROWS_WITH(pool.parallel_for(50, [](std::size_t i) {
+      if (i == 17) throw std::runtime_error("item 17");
+    }),
+                      "item 17");
+    std::atomic<int> after{0};
+    pool.parallel_for(10, [&](std::size_t) { after++; });  // still usable after an exception
+    CHECK(after == 10);
+  }
+  for (int i = 0; i < 200; ++i) {  // idle pools created and destroyed (a late-start hang once)
+    ThreadPool pool(3);
+    if (i % 2) pool.parallel_for(3, [](std::size_t) {});
+  }
+}

@@ -1,15 +1,39 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: installs the Debian packages it needs,
-# builds every target (library tests, benchmarks, examples, tools; CUDA code too when nvcc is
-# present) in Release with assertions kept on in the tests, and runs ctest.
+# then runs three passes:
+#   1. every target (library tests, benchmarks built but not run, examples, tools; the CUDA tests
+#      and benchmark are compiled when nvcc is present) in Release with assertions kept on in the
+#      tests; ctest runs all tests, including the comparison with faiss and the toy transformer's
+#      quality check;
+#   2. the same tests again built with clang under AddressSanitizer + UndefinedBehaviorSanitizer,
+#      plus the libFuzzer targets fuzzing each parser for CQ_FUZZ_SECONDS (20) seconds;
+#   3. the threaded tests under ThreadSanitizer.
+# Any sanitizer report fails the run.
 #
-#   tests/run.sh [build-dir]        (default: build/)
+#   tests/run.sh [build-dir]        (default: build/; the sanitizer builds go beside it)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${1:-$root/build}"
 jobs="$(nproc)"
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leaks=1 TSAN_OPTIONS=halt_on_error=1
 
 "$root/cmake/install-deps.sh"
+
+echo "== 1/3 Release build and tests"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release
 cmake --build "$build" -j"$jobs"
 ctest --test-dir "$build" --output-on-failure -j"$jobs"
+
+echo "== 2/3 AddressSanitizer + UndefinedBehaviorSanitizer (clang), with the fuzzers"
+CXX=clang++ cmake -S "$root" -B "$build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCQ_SANITIZE=address,undefined \
+  -DCQ_ENABLE_CUDA=OFF -DCQ_BUILD_BENCH=OFF -DCQ_BUILD_FUZZERS=ON
+cmake --build "$build-asan" -j"$jobs"
+ctest --test-dir "$build-asan" --output-on-failure -j"$jobs"
+
+echo "== 3/3 ThreadSanitizer (clang): thread pool, concurrent attention, parallel fits, cq-calibrate"
+CXX=clang++ cmake -S "$root" -B "$build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCQ_SANITIZE=thread \
+  -DCQ_ENABLE_CUDA=OFF -DCQ_BUILD_BENCH=OFF -DCQ_BUILD_EXAMPLES=OFF
+cmake --build "$build-tsan" -j"$jobs" --target cq_tests cq_calibrate_tests
+"$build-tsan/tests/cq_tests" -tc="*concurrent*,*thread*,*splitting*,*reproducible*,*ThreadPool*"
+"$build-tsan/tools/cq_calibrate_tests"
+echo "all passes clean"

@@ -226,8 +226,8 @@ class HeadAttention {
 
     for (std::size_t t0 = c0; t0 < c1; t0 += superblock) {
       const std::size_t n = std::min(superblock, c1 - t0);
-      float* krows = sc.rows.data();
-      float* vrows = sc.rows.data() + superblock * D;
+      float* krows = need_rows ? sc.rows.data() : nullptr;  // (no scratch rows unless decoding)
+      float* vrows = need_rows ? sc.rows.data() + superblock * D : nullptr;
       if (!use_lut) Backend::decode(kcb, kv_.key_codes, t0, MatrixView<float>(krows, n, D));
       if (decode_values) Backend::decode(kv_.value_codebook, kv_.value_codes, t0, MatrixView<float>(vrows, n, D));
       if (!use_lut && kv_.rope) rotate_rows(krows, n, *stepper);

@@ -209,9 +209,12 @@ class KVCache {
     }
   }
 
-  /// Rolls every layer back to `tokens` tokens (speculative decoding). Possible when the window of
-  /// the new last token is still held in full precision: at most max_rollback tokens back from
-  /// the shortest layer (any amount when only sinks remain). Otherwise throws, unchanged.
+  /// Rolls every layer back to `tokens` tokens (speculative decoding). Always possible when it
+  /// removes at most max_rollback tokens and no more than the last append added (append a draft,
+  /// truncate its rejected part): every append keeps window + max_rollback + (its tokens) rows in
+  /// full precision. Deeper rollbacks succeed while that history still reaches the new window
+  /// (consecutive rollbacks share it; appends replenish it), and always when only sinks remain;
+  /// otherwise truncate throws and the cache is unchanged.
   void truncate(std::size_t tokens) {
     for (std::size_t l = 0; l < cfg_.layers; ++l) {
       const Layer& L = layers_[l];
