@@ -63,6 +63,7 @@ TEST_CASE("safetensors: writer output reads back with every dtype") {
   CHECK(r.read_floats("h") == f);  // all exactly representable in fp16
   CHECK(r.get("f").shape == std::vector<std::uint64_t>{2, 3});
   CHECK(r.get("empty").numel() == 0);
+  CHECK(r.read_floats("empty").empty());  // regression: memcpy of zero bytes from null (found by fuzzing)
   CQ_CHECK_THROWS_CONTAINING(r.read_floats("i"), "dtype I32, expected a float type");
   CQ_CHECK_THROWS_CONTAINING(r.get("nope"), "no tensor named 'nope'");
   CQ_CHECK_THROWS_CONTAINING(w.add_f32("f", {1}, f.data()), "added twice");
@@ -129,6 +130,22 @@ TEST_CASE("codebook files: several named codebooks and file-wide metadata") {
   CHECK(back.entries[1].first == "layer.0.v");
   CHECK(*back.find("layer.0.k") == set.entries[0].second);
   CHECK(back.metadata.at("model") == "toy");
+}
+
+TEST_CASE("fuzzer findings stay fixed") {
+  // cq_fuzz_safetensors, 2026-11-29: a codebook file whose tensor list holds an empty F32 tensor
+  // made read_floats call memcpy with null pointers (undefined even for zero bytes).
+  io::SafetensorsWriter w;
+  w.set_metadata("format", "cq-codebooks");
+  w.set_metadata("names", "codebook");
+  w.add("codebook.centroids", DType::f32, {0, 256, 8}, nullptr, 0);
+  w.add("other", DType::f32, {0}, nullptr, 0);
+  auto r = io::SafetensorsReader::from_memory(w.bytes());
+  for (const auto& t : r.tensors()) CHECK(r.read_floats(t).empty());
+  CHECK_THROWS_AS(io::load_codebooks(r), Error);  // metadata missing: refused, no UB on the way
+  Codebook empty;
+  empty.set_all(nullptr);  // an empty codebook copies nothing
+  CHECK(empty.size() == 0);
 }
 
 TEST_CASE("codebook files: truncated, lying or inconsistent files throw") {

@@ -115,7 +115,7 @@ class Codebook {
     for (std::size_t i = 0; i < centroids_.size(); ++i)
       CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_all: centroid value ", centroids[i],
                " at flat index ", i, " is not finite");
-    std::memcpy(centroids_.data(), centroids, centroids_.size() * sizeof(float));
+    if (!centroids_.empty()) std::memcpy(centroids_.data(), centroids, centroids_.size() * sizeof(float));
     refresh();
   }
 

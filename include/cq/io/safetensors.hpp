@@ -130,7 +130,9 @@ class SafetensorsReader {
     const std::size_t n = static_cast<std::size_t>(t.numel());
     std::vector<float> out(n);
     switch (t.dtype) {
-      case DType::f32: std::memcpy(out.data(), raw.data(), n * 4); break;
+      case DType::f32:
+        if (n) std::memcpy(out.data(), raw.data(), n * 4);  // (both pointers may be null when empty)
+        break;
       case DType::f64:
         for (std::size_t i = 0; i < n; ++i) {
           double d;
