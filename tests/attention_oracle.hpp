@@ -50,6 +50,19 @@ std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::
   return out;
 }
 
+/// The attention tests' shape grid: head_dim 64/128, C 2/4/8, bits 4/8/10, window 0/32, sinks
+/// 0/4, GQA group 1/4/8 — f(D, C, bits, window, sinks, group, seed) for each, seeds 2, 3, ...
+template <class F>
+void for_each_attention_shape(F&& f) {
+  std::uint64_t seed = 1;
+  for (std::size_t D : {64u, 128u})
+    for (std::size_t C : {2u, 4u, 8u})
+      for (int bits : {4, 8, 10})
+        for (std::size_t window : {0u, 32u})
+          for (std::size_t sinks : {0u, 4u})
+            for (std::size_t group : {1u, 4u, 8u}) f(D, C, bits, window, sinks, group, ++seed);
+}
+
 /// ||a - b|| / ||b||.
 inline double relative_error(const float* a, const std::vector<double>& b) {
   double num = 0.0, den = 0.0;

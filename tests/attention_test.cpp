@@ -61,18 +61,12 @@ TEST_CASE("fused attention on codes matches the oracle over the shape grid") {
   // multiples of any block (32-token chunks, 512-token superblocks) and straddle the switch from
   // direct value accumulation to histograms (at 2^Bits coded tokens).
   const std::size_t lengths[] = {1, 37, 300, 1100, 77, 545};
-  std::uint64_t seed = 1;
-  for (std::size_t D : {64u, 128u})
-    for (std::size_t C : {2u, 4u, 8u})
-      for (int bits : {4, 8, 10})
-        for (std::size_t window : {0u, 32u})
-          for (std::size_t sinks : {0u, 4u})
-            for (std::size_t group : {1u, 4u, 8u}) {
-              ++seed;
-              const std::size_t tokens = lengths[seed % 6];
-              if (D == 128 && tokens > 600 && bits == 10 && group == 8) continue;  // keep the grid fast
-              check_shape<float>({D, C, bits, window, sinks, group, tokens}, seed);
-            }
+  test::for_each_attention_shape([&](std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
+                                     std::size_t group, std::uint64_t seed) {
+    const std::size_t tokens = lengths[seed % 6];
+    if (D == 128 && tokens > 600 && bits == 10 && group == 8) return;  // keep the grid fast
+    check_shape<float>({D, C, bits, window, sinks, group, tokens}, seed);
+  });
 }
 
 TEST_CASE("attention over fp16 and bf16 caches matches the oracle") {

@@ -140,29 +140,23 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
 
 TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of different lengths") {
   require_device();
-  std::uint64_t seed = 1;
   double worst = 0.0;
   // CQ_CUDA_TEST_QUICK (set for the compute-sanitizer runs) keeps every 12th shape of the grid.
   const bool quick = std::getenv("CQ_CUDA_TEST_QUICK") != nullptr;
-  for (std::size_t D : {64u, 128u})
-    for (std::size_t C : {2u, 4u, 8u})
-      for (int bits : {4, 8, 10})
-        for (std::size_t window : {0u, 32u})
-          for (std::size_t sinks : {0u, 4u})
-            for (std::size_t group : {1u, 4u, 8u}) {
-              ++seed;
-              if (quick && seed % 12 != 0) continue;
-              const std::vector<std::size_t> lengths = {1 + seed % 40, 300 + seed % 97, 2500 + seed % 333};
-              const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed);
-              CAPTURE(D);
-              CAPTURE(C);
-              CAPTURE(bits);
-              CAPTURE(window);
-              CAPTURE(sinks);
-              CAPTURE(group);
-              CHECK(e < 1e-3);
-              worst = std::max(worst, e);
-            }
+  test::for_each_attention_shape([&](std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
+                                     std::size_t group, std::uint64_t seed) {
+    if (quick && seed % 12 != 0) return;
+    const std::vector<std::size_t> lengths = {1 + seed % 40, 300 + seed % 97, 2500 + seed % 333};
+    const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed);
+    CAPTURE(D);
+    CAPTURE(C);
+    CAPTURE(bits);
+    CAPTURE(window);
+    CAPTURE(sinks);
+    CAPTURE(group);
+    CHECK(e < 1e-3);
+    worst = std::max(worst, e);
+  });
   MESSAGE("largest relative error over the grid: ", worst);
   // A long context across many splits.
   if (!quick) CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999) < 1e-3);

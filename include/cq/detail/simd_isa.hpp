@@ -95,26 +95,16 @@ struct Avx512Isa {
     const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16));
   }
-  /// exp(x) to ~1 ulp for x in [-87, 88] (inputs below give ~0, above +inf-free saturation).
-  static CQ_ALWAYS_INLINE vf exp(vf x) {
-    x = max(x, set1(-87.0f));
-    x = min(x, set1(88.0f));
-    const vf magic = set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    const vf n = _mm512_sub_ps(_mm512_fmadd_ps(x, set1(1.44269504088896341f), magic), magic);
-    vf r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    vf p = set1(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, set1(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, set1(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, set1(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, set1(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, set1(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, set1(1.0f)));
-    // 2^n from the exponent bits: n + 127 sits in the low mantissa bits of n + magic + 127.
+  static CQ_ALWAYS_INLINE vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+  /// 2^n for integral n in [-126, 127], from the exponent bits (n + 127 sits in the low mantissa
+  /// bits of n + 1.5 * 2^23 + 127).
+  static CQ_ALWAYS_INLINE vf pow2i(vf n) {
     const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(n, set1(12582912.0f + 127.0f))),
                                        _mm512_set1_epi32(0x4B400000));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, e, 23)));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, e, 23));
   }
+  static CQ_ALWAYS_INLINE vf exp(vf x);
 };
 #endif
 
@@ -186,25 +176,43 @@ struct Avx2Isa {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
   static CQ_ALWAYS_INLINE vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
-  static CQ_ALWAYS_INLINE vf exp(vf x) {
-    x = _mm256_max_ps(x, set1(-87.0f));
-    x = _mm256_min_ps(x, set1(88.0f));
-    const vf magic = set1(12582912.0f);
-    const vf n = _mm256_sub_ps(_mm256_fmadd_ps(x, set1(1.44269504088896341f), magic), magic);
-    vf r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    vf p = set1(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, set1(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, set1(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, set1(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, set1(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, set1(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, set1(1.0f)));
+  static CQ_ALWAYS_INLINE vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+  static CQ_ALWAYS_INLINE vf pow2i(vf n) {
     const __m256i e = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(n, set1(12582912.0f + 127.0f))),
                                        _mm256_set1_epi32(0x4B400000));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
+  static CQ_ALWAYS_INLINE vf exp(vf x);
 };
+#endif
+
+/// exp(x) to ~1 ulp for x in [-87, 88] (clamped there), written once over the ISA traits: round
+/// x / ln 2 to n with the 1.5 * 2^23 trick, a degree-6 polynomial on the remainder (Cephes expf),
+/// times 2^n.
+template <class Isa>
+CQ_ALWAYS_INLINE typename Isa::vf simd_exp(typename Isa::vf x) {
+  x = Isa::max(x, Isa::set1(-87.0f));
+  x = Isa::min(x, Isa::set1(88.0f));
+  const auto magic = Isa::set1(12582912.0f);
+  const auto n = Isa::sub(Isa::fmadd(x, Isa::set1(1.44269504088896341f), magic), magic);
+  auto r = Isa::fnmadd(n, Isa::set1(0.693359375f), x);
+  r = Isa::fnmadd(n, Isa::set1(-2.12194440e-4f), r);
+  auto p = Isa::set1(1.9875691500e-4f);
+  p = Isa::fmadd(p, r, Isa::set1(1.3981999507e-3f));
+  p = Isa::fmadd(p, r, Isa::set1(8.3334519073e-3f));
+  p = Isa::fmadd(p, r, Isa::set1(4.1665795894e-2f));
+  p = Isa::fmadd(p, r, Isa::set1(1.6666665459e-1f));
+  p = Isa::fmadd(p, r, Isa::set1(5.0000001201e-1f));
+  p = Isa::fmadd(p, Isa::mul(r, r), Isa::add(r, Isa::set1(1.0f)));
+  return Isa::mul(p, Isa::pow2i(n));
+}
+
+#if CQ_HAVE_AVX512
+CQ_ALWAYS_INLINE Avx512Isa::vf Avx512Isa::exp(vf x) { return simd_exp<Avx512Isa>(x); }
+#endif
+#if CQ_HAVE_AVX2
+CQ_ALWAYS_INLINE Avx2Isa::vf Avx2Isa::exp(vf x) { return simd_exp<Avx2Isa>(x); }
 #endif
 
 }  // namespace cq::detail
