@@ -28,7 +28,8 @@ def load(path):
     lib.cqb_run.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint64]
     lib.cqb_bytes.restype = ctypes.c_longlong
     lib.cqb_bytes.argtypes = [ctypes.c_void_p]
-    for f in ("cqb_splits", "cqb_head_group"):
+    lib.cqb_set_kernel.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    for f in ("cqb_splits", "cqb_head_group", "cqb_kernel"):
         getattr(lib, f).argtypes = [ctypes.c_void_p]
     lib.cqb_shared_bytes.restype = ctypes.c_longlong
     lib.cqb_shared_bytes.argtypes = [ctypes.c_void_p]
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--split-tokens", type=int, default=0, help="cq's longest split (0: its default)")
     ap.add_argument("--sweep-splits", action="store_true", help="time B=16 MHA 32K at several split lengths")
+    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: byte-code kernel")
     a = ap.parse_args()
     lib = load(a.lib)
     dev = torch.cuda.get_device_properties(0)
@@ -106,38 +108,48 @@ def main():
             h = lib.cqb_create(B, hq, hkv, ctx, C, bits, 32)
             if h and a.split_tokens:
                 lib.cqb_set_split_tokens(h, a.split_tokens)
+            if h and a.kernel:
+                lib.cqb_set_kernel(h, a.kernel)
             if not h:
                 print(f"| {B} | {hq}/{hkv} | {ctx} | | {C}c{bits}b | error: {lib.cqb_last_error().decode()} |", flush=True)
                 continue
-            ms = median_ms(lambda: lib.cqb_run(h, 15, stream), a.reps)
+            ms = median_ms(lambda: lib.cqb_run(h, 31, stream), a.reps)
             nbytes = lib.cqb_bytes(h)
             gbs = nbytes / (ms / 1e3) / 1e9
             roof = nbytes / bw * 1e3
             row = dict(B=B, q_heads=hq, kv_heads=hkv, ctx=ctx, config=f"{C}c{bits}b", sdpa_ms=sdpa_ms, cq_ms=ms,
                        bytes=nbytes, gbs=gbs, roofline_ms=roof, splits=lib.cqb_splits(h), head_group=lib.cqb_head_group(h),
-                       shared_bytes=lib.cqb_shared_bytes(h))
+                       shared_bytes=lib.cqb_shared_bytes(h), kernel=["auto", "general", "byte-codes"][lib.cqb_kernel(h)])
             results["rows"].append(row)
             sp = f"{sdpa_ms / ms:.1f}x" if sdpa_ms else "—"
             sd = f"{sdpa_ms:.3f}" if sdpa_ms else "(no memory)"
             print(f"| {B} | {hq}/{hkv} | {ctx // 1024}K | {sd} | {C}c{bits}b | {ms:.3f} | {sp} | {gbs:.0f} | "
                   f"{100 * roof / ms:.0f}% | {row['splits']} |", flush=True)
+            if (B, hq, hkv, ctx) == (16, 32, 32, 32768) and row["kernel"] == "byte-codes":
+                # The general kernel (bank-conflicted shared tables) on the same shape, for comparison.
+                lib.cqb_set_kernel(h, 1)
+                gms = median_ms(lambda: lib.cqb_run(h, 31, stream), a.reps)
+                row["general_kernel_ms"] = gms
+                print(f"  general kernel on the same shape: {gms:.3f} ms ({sdpa_ms / gms:.1f}x SDPA)", flush=True)
+                lib.cqb_set_kernel(h, a.kernel)
             if a.sweep_splits and (B, hq, hkv, ctx) == (16, 32, 32, 32768):
                 for t in (1024, 2048, 4096, 8192, 16384):
                     lib.cqb_set_split_tokens(h, t)
-                    print(f"  split tokens {t}: {median_ms(lambda: lib.cqb_run(h, 15, stream), a.reps):.3f} ms "
+                    print(f"  split tokens {t}: {median_ms(lambda: lib.cqb_run(h, 31, stream), a.reps):.3f} ms "
                           f"({lib.cqb_splits(h)} splits)", flush=True)
-                lib.cqb_set_split_tokens(h, a.split_tokens or min(16384, 4096 * max(1, 16 // C)))
+                lib.cqb_set_split_tokens(h, a.split_tokens or 0)
             if (B, hq, hkv, ctx, C) == (16, 32, 32, 32768, 8):
-                # Time split by leaving stages out: 8 = window only, 9 = + score tables,
-                # 11 = + code scan, 15 = + value histograms (everything).
-                t = {s: median_ms(lambda: lib.cqb_run(h, s, stream), a.reps) for s in (8, 9, 11, 15)}
+                # Time split by leaving stages out (cq::cuda::AttentionStage): 8 = window and the
+                # loop's skeleton, 24 = + histogram x codebook product, 25 = + score tables,
+                # 27 = + key scan, 31 = + value histograms (everything).
+                t = {s: median_ms(lambda: lib.cqb_run(h, s, stream), a.reps) for s in (8, 24, 25, 27, 31)}
                 results["split"] = t
             lib.cqb_destroy(h)
     if results["split"]:
         t = results["split"]
-        print(f"\ntime split, B=16 MHA 32K CQ-8c8b: window+softmax+combine+merge {t[8]:.3f} ms, "
-              f"score tables {t[9] - t[8]:.3f} ms, code scan {t[11] - t[9]:.3f} ms, value histograms {t[15] - t[11]:.3f} ms, "
-              f"total {t[15]:.3f} ms", flush=True)
+        print(f"\ntime split, B=16 MHA 32K CQ-8c8b: window+softmax+loop skeleton {t[8]:.3f} ms, "
+              f"histogram x codebook {t[24] - t[8]:.3f} ms, score tables {t[25] - t[24]:.3f} ms, "
+              f"key scan {t[27] - t[25]:.3f} ms, value histograms {t[31] - t[27]:.3f} ms, total {t[31]:.3f} ms", flush=True)
 
     if not a.no_calibration:
         # LLaMA-7B-sized: 32 layers x (K, V) x 32 heads = 2048 jobs of 32768 x 128, CQ-8c8b, 100 iterations.

@@ -170,6 +170,15 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
   last_error = e.what();
   return 1;
 }
+/// 0: automatic, 1: the general kernel, 2: the byte-code kernel (FusedAttention::Kernel).
+int cqb_set_kernel(void* handle, int kernel) try {
+  static_cast<Handle*>(handle)->fa.set_kernel(static_cast<cuda::FusedAttention::Kernel>(kernel));
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+int cqb_kernel(void* handle) { return int(static_cast<Handle*>(handle)->fa.last_kernel()); }
 int cqb_splits(void* handle) { return static_cast<Handle*>(handle)->fa.last_splits(); }
 int cqb_head_group(void* handle) { return static_cast<Handle*>(handle)->fa.last_head_group(); }
 long long cqb_shared_bytes(void* handle) { return (long long)static_cast<Handle*>(handle)->fa.last_shared_bytes(); }

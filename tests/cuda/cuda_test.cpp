@@ -83,7 +83,8 @@ namespace {
 // A batch of sequences of different lengths sharing per-head codebooks; GPU attention for the last
 // token of each against the CPU cache's attention.
 double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks, std::size_t group,
-                   const std::vector<std::size_t>& lengths, std::uint64_t seed) {
+                   const std::vector<std::size_t>& lengths, std::uint64_t seed,
+                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic) {
   KVCacheConfig cfg;
   cfg.head_dim = D;
   cfg.kv_heads = 2;
@@ -131,7 +132,8 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
     }
     batch.push_back(std::move(seq));
   }
-  const std::vector<float> got = gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)));
+  const std::vector<float> got =
+      gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)), kernel);
   std::vector<double> r(ref.begin(), ref.end());
   return test::relative_error(got.data(), r);
 }
@@ -147,19 +149,53 @@ TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of 
                                      std::size_t group, std::uint64_t seed) {
     if (quick && seed % 12 != 0) return;
     const std::vector<std::size_t> lengths = {1 + seed % 40, 300 + seed % 97, 2500 + seed % 333};
-    const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed);
-    CAPTURE(D);
-    CAPTURE(C);
-    CAPTURE(bits);
-    CAPTURE(window);
-    CAPTURE(sinks);
-    CAPTURE(group);
-    CHECK(e < 1e-3);
-    worst = std::max(worst, e);
+    // Every shape through the general kernel; 8-bit shapes with 16/32/64 groups also through the
+    // byte-code kernel.
+    const bool bytes = bits == 8 && (D / C == 16 || D / C == 32 || D / C == 64);
+    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
+      if (kernel == gpu_test::Kernel::byte_codes && !bytes) continue;
+      const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed, kernel);
+      CAPTURE(D);
+      CAPTURE(C);
+      CAPTURE(bits);
+      CAPTURE(window);
+      CAPTURE(sinks);
+      CAPTURE(group);
+      CAPTURE(int(kernel));
+      CHECK(e < 1e-3);
+      worst = std::max(worst, e);
+    }
   });
   MESSAGE("largest relative error over the grid: ", worst);
-  // A long context across many splits.
-  if (!quick) CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999) < 1e-3);
+  // A long context across many splits, both kernels.
+  if (!quick) {
+    CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::general) < 1e-3);
+    CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::byte_codes) < 1e-3);
+    CHECK(batch_error(128, 2, 8, 0, 0, 1, {70000}, 998, gpu_test::Kernel::byte_codes) < 1e-3);
+  }
+}
+
+TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point histograms without overflow") {
+  // Every token has the same key and value codes, so every weight is exactly 1 and one histogram
+  // entry per group collects all of them: the worst case of the fixed-point accumulation. The
+  // output must be the value centroid of code 0, exactly up to rounding.
+  require_device();
+  for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes})
+    for (std::size_t C : {8u, 4u}) {
+      const std::size_t D = 128, n = 40000;
+      const Codebook kcb = test::random_codebook(D, C, 8, 1), vcb = test::random_codebook(D, C, 8, 2);
+      gpu_test::Sequence seq;
+      seq.coded = std::uint32_t(n);
+      seq.key_codes.assign(1, std::vector<std::uint8_t>(packed_code_bytes(n, D / C, 8), 0));
+      seq.value_codes = seq.key_codes;
+      const auto q = test::random_normal(D, 3);
+      const std::vector<float> got = gpu_test::attention({kcb}, {vcb}, {seq}, q, 1, int(D), 0.0f, kernel);
+      for (std::size_t d = 0; d < D; ++d) {
+        CAPTURE(d);
+        CAPTURE(int(kernel));
+        CHECK(got[d] == doctest::Approx(vcb.centroid(d / C, 0, d % C)).epsilon(1e-5));
+      }
+    }
 }
 
 TEST_CASE("cuda batched k-means: MSE matches the CPU fit, objective never increases") {

@@ -35,7 +35,7 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
 
 std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
                              const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, int* splits_used) {
+                             float scale, Kernel kernel, int* splits_used) {
   const int kv_heads = static_cast<int>(key_cb.size());
   std::vector<cuda::DeviceCodebook> dk, dv;
   std::vector<CodebookView> kviews, vviews;
@@ -81,6 +81,9 @@ std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vec
   b.out = dout.data();
   b.scale = scale;
   cuda::FusedAttention fa;
+  fa.set_kernel(kernel == Kernel::general      ? cuda::FusedAttention::Kernel::general
+                : kernel == Kernel::byte_codes ? cuda::FusedAttention::Kernel::byte_codes
+                                               : cuda::FusedAttention::Kernel::automatic);
   fa.run(b, {q_heads, kv_heads, head_dim, int(key_cb[0].channels()), key_cb[0].bits(), int(value_cb[0].channels()),
              value_cb[0].bits(), max_coded, max_dense});
   if (splits_used) *splits_used = fa.last_splits();

@@ -28,10 +28,12 @@ struct Sequence {
   std::uint32_t dense = 0;
   std::vector<float> dense_keys, dense_values;  // [kv_head][dense][head_dim]
 };
+/// Which kernel FusedAttention runs (cq::cuda::FusedAttention::Kernel, without CUDA headers).
+enum class Kernel { automatic, general, byte_codes };
 /// Fused attention for a batch; q is [batch][q_heads][head_dim]. Returns the output likewise.
 std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
                              const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, int* splits_used = nullptr);
+                             float scale, Kernel kernel = Kernel::automatic, int* splits_used = nullptr);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

@@ -1,7 +1,11 @@
 #pragma once
 /// Fused decode attention on CQ codes for a batch of sequences (one query token each), on the GPU.
 ///
-/// A first kernel computes every (sequence, query head)'s score tables
+/// Two kernels serve it. 8-bit codes with 16, 32 or 64 groups (CQ-2c8b, 4c8b, 8c8b at D = 128)
+/// take the byte-code kernel (attention_byte_codes.cuh: lane-private tables, 2-3x faster). Every
+/// other configuration takes the general kernel described here.
+///
+/// General kernel: a first kernel computes every (sequence, query head)'s score tables
 /// LUT[g][j] = scale * q_g . centroid_K[g][j] (from the transposed codebook, coalesced) into
 /// global memory. The main kernel's grid is (token splits, KV heads x head groups, sequences),
 /// 256 threads per block; a block serves HG query heads of one KV head over one split (at most
@@ -20,10 +24,15 @@
 ///      (sequence, head) (a product per split block read the whole value codebook each time).
 /// `stages` switches steps off for timing experiments (the results are then meaningless); the
 /// differences locate the time (bench/cuda/NOTES.md).
+///
+/// Both kernels are tested against the CPU cache over the same shape grid (tests/cuda).
 
 #include "cq/codebook.hpp"
+#include "cq/cuda/attention_byte_codes.cuh"
+#include "cq/cuda/attention_types.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
+#include "cq/cuda/warp.cuh"
 #include "cq/detail/bit_packing.hpp"
 
 #include <cuda_runtime.h>
@@ -33,48 +42,16 @@
 #include <cstdint>
 #include <vector>
 
-namespace cq::cuda {
-
-/// One (sequence, KV head)'s codes: `coded` tokens (positions sinks .. sinks + coded - 1) in the
-/// packed layout, keys and values.
-struct DeviceKVCodes {
-  const std::uint8_t* key_codes = nullptr;
-  const std::uint8_t* value_codes = nullptr;
-};
-
-/// One sequence: how many coded tokens, and its full-precision tokens (sinks and window, keys
-/// after RoPE) as [kv_heads][dense][head_dim] floats.
-struct DeviceSequence {
-  std::uint32_t coded = 0;
-  std::uint32_t dense = 0;
-  const float* dense_keys = nullptr;
-  const float* dense_values = nullptr;
-};
-
-/// Everything one launch reads (device pointers) and its shape.
-struct AttentionBatch {
-  int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
-  const DeviceKVCodes* codes = nullptr;     // [batch][kv_heads]
-  const DeviceSequence* sequences = nullptr;  // [batch]
-  const CodebookView* key_codebooks = nullptr;    // [kv_heads], device pointers inside
-  const CodebookView* value_codebooks = nullptr;  // [kv_heads]
-  const float* q = nullptr;                 // [batch][q_heads][head_dim]
-  float* out = nullptr;                     // [batch][q_heads][head_dim]
-  float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
-};
-
-enum AttentionStage : unsigned { stage_lut = 1, stage_scan = 2, stage_hist = 4, stage_dense = 8, stage_all = 15 };
-
-namespace detail {
+namespace cq::cuda::detail {
 
 constexpr int attn_threads = 256;
 constexpr int attn_warps = attn_threads / 32;
 /// Fixed-point scale of the histograms: a split of n tokens sums at most n weights <= 1, so the
-/// scale is the largest power of two with n x scale <= 2^32 (2^20 for 4096 tokens).
+/// scale is the largest power of two with n x scale < 2^32 (2^19 for 4096 tokens).
 inline float hist_unit_for(int split_tokens) {
   int log2n = 0;
   while ((1 << log2n) < split_tokens) ++log2n;
-  return float(1ull << (32 - log2n));
+  return float(1ull << (31 - log2n));
 }
 
 /// Shared-memory layout of a block (in 4-byte words). Tables (score tables, u32 histograms) are
@@ -93,14 +70,6 @@ struct AttnLayout {
   }
 };
 
-__device__ inline float warp_max(float v) {
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-  return v;
-}
-__device__ inline float warp_sum(float v) {
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-  return v;
-}
 
 /// Score tables of every (sequence, query head): lut[b][hq][g][j] = scale * q_g . centroid_K[g][j].
 __global__ void lut_kernel(AttentionBatch p, int gk, int kk, float* __restrict__ lut) {
@@ -116,6 +85,49 @@ __global__ void lut_kernel(AttentionBatch p, int gk, int kk, float* __restrict__
     float s = 0.0f;
     for (int c = 0; c < C; ++c) s = fmaf(q[g * C + c], tcol[std::size_t(c) * kcb.padded_centroids], s);
     lut[std::size_t(bh) * gk * kk + e] = scale * s;
+  }
+}
+
+/// The same tables code-major, lut[b][hq][j][g], for 256 codes (the byte-code kernel's order).
+/// A block per (KV head, 4 groups, 4 of its (sequence, query head) items): the 4 groups'
+/// transposed centroids are staged in shared memory, then a thread per code computes the items'
+/// entries and writes 4 consecutive groups at once (16 bytes).
+__global__ void lut_code_major_kernel(AttentionBatch p, int gk, float* __restrict__ lut) {
+  extern __shared__ float cent[];  // [4][C][256]
+  const int kvh = blockIdx.y, g0 = blockIdx.x * 4, j = threadIdx.x, D = p.head_dim;
+  const CodebookView kcb = p.key_codebooks[kvh];
+  const int C = int(kcb.channels), group = p.q_heads / p.kv_heads;
+  const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
+  // 4C rows of 256: each thread loads its (up to 16) values first, then stores them, so the L2
+  // round trips overlap instead of queueing one after another.
+  const float* src = kcb.transposed + std::size_t(g0) * C * kcb.padded_centroids;
+  for (int r0 = 0; r0 < 4 * C; r0 += 16) {
+    float v[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r)
+      if (r0 + r < 4 * C) v[r] = __ldg(src + std::size_t(r0 + r) * kcb.padded_centroids + j);
+#pragma unroll
+    for (int r = 0; r < 16; ++r)
+      if (r0 + r < 4 * C) cent[(r0 + r) * 256 + j] = v[r];
+  }
+  __syncthreads();
+  const int items = p.batch * group, first = blockIdx.z * 4;
+  float s[4][4] = {};
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    if (first + it >= items) break;
+    const int item = first + it, bh = (item / group) * p.q_heads + kvh * group + item % group;
+    const float* __restrict__ q = p.q + std::size_t(bh) * D + std::size_t(g0) * C;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      for (int c = 0; c < C; ++c) s[it][k] = fmaf(__ldg(q + k * C + c), cent[(k * C + c) * 256 + j], s[it][k]);
+  }
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    if (first + it >= items) break;
+    const int item = first + it, bh = (item / group) * p.q_heads + kvh * group + item % group;
+    *reinterpret_cast<float4*>(lut + (std::size_t(bh) * 256 + j) * gk + g0) =
+        make_float4(scale * s[it][0], scale * s[it][1], scale * s[it][2], scale * s[it][3]);
   }
 }
 
@@ -358,9 +370,7 @@ __global__ void merge_kernel(AttentionBatch p, int splits, int gv, int kv, float
   const CodebookView vcb = p.value_codebooks[hq / (p.q_heads / p.kv_heads)];
   const int Cv = int(vcb.channels);
   const float* src = partial + std::size_t(bh) * splits * (2 + D);
-  float m = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (src[s * (2 + D) + 1] > 0.0f) m = fmaxf(m, src[s * (2 + D)]);
+  const float m = largest_split_reference(src, splits, D);
   const int hsize = gv * kv;
   for (int i = threadIdx.x; i < hsize; i += blockDim.x) {
     float h = 0.0f;
@@ -374,13 +384,7 @@ __global__ void merge_kernel(AttentionBatch p, int splits, int gv, int kv, float
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float* ps = src + s * (2 + D);
-      if (ps[1] <= 0.0f) continue;
-      const float f = __expf(ps[0] - m);
-      num += f * ps[2 + d];
-      den += f * ps[1];
-    }
+    merge_splits(src, splits, D, d, m, num, den);
     const int g = d / Cv, c = d % Cv;
     const float* hrow = hist + g * kv;
     const float* tcol = vcb.transposed + (std::size_t(g) * Cv + c) * vcb.padded_centroids;
@@ -389,7 +393,9 @@ __global__ void merge_kernel(AttentionBatch p, int splits, int gv, int kv, float
   }
 }
 
-}  // namespace detail
+}  // namespace cq::cuda::detail
+
+namespace cq::cuda {
 
 /// Plans and runs fused attention for one batch. Holds the scratch for partial results; reuse one
 /// object across calls (it grows as needed). Not thread-safe; one per stream.
@@ -403,9 +409,16 @@ class FusedAttention {
     int max_dense;  // most full-precision tokens of any sequence
   };
 
+  /// Which kernel runs: the byte-code kernel (8-bit codes, lane-private tables; see
+  /// attention_byte_codes.cuh) where it applies, else the general one; or one of them forced
+  /// (forcing the byte-code kernel on a shape it does not serve throws).
+  enum class Kernel { automatic, general, byte_codes };
+
+  /// Runs attention for `batch` on `stream`. Code pointers must be 4-byte aligned (16-byte
+  /// aligned ones, as cudaMalloc returns, take the byte-code kernel's wide loads).
   void run(const AttentionBatch& batch, const Shape& s, cudaStream_t stream = nullptr, unsigned stages = stage_all) {
-    CQ_CHECK(s.q_heads % s.kv_heads == 0, "cuda attention: q_heads ", s.q_heads, " is not a multiple of kv_heads ",
-             s.kv_heads);
+    CQ_CHECK(s.q_heads > 0 && s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, "cuda attention: q_heads ", s.q_heads,
+             " is not a positive multiple of kv_heads ", s.kv_heads);
     CQ_CHECK(s.head_dim % s.key_channels == 0 && s.head_dim % s.value_channels == 0, "cuda attention: head_dim ",
              s.head_dim, " is not a multiple of C");
     CQ_CHECK(s.key_bits >= 1 && s.key_bits <= 16 && s.value_bits >= 1 && s.value_bits <= 16,
@@ -415,8 +428,25 @@ class FusedAttention {
       CQ_CUDA_CHECK(cudaGetDevice(&device));
       CQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
       CQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
+      CQ_CUDA_CHECK(cudaDeviceGetAttribute(&reserved_smem_, cudaDevAttrReservedSharedMemoryPerBlock, device));
       props_ready_ = true;
     }
+    const bool bytes_ok = byte_codes_apply(s);
+    CQ_CHECK(kernel_ != Kernel::byte_codes || bytes_ok, "cuda attention: the byte-code kernel needs 8-bit key and value ",
+             "codes with 16, 32 or 64 groups, head_dim <= 256 and the shared memory; got ", s.key_bits, "/",
+             s.value_bits, " bits, ", s.head_dim / s.key_channels, "/", s.head_dim / s.value_channels, " groups");
+    if (kernel_ != Kernel::general && bytes_ok)
+      run_byte_codes(batch, s, stream, stages);
+    else
+      run_general(batch, s, stream, stages);
+  }
+
+  /// Forces a kernel (benchmarks, tests); Kernel::automatic by default.
+  void set_kernel(Kernel k) { kernel_ = k; }
+  Kernel last_kernel() const { return last_kernel_; }
+
+ private:
+  void run_general(const AttentionBatch& batch, const Shape& s, cudaStream_t stream, unsigned stages) {
     const int group = s.q_heads / s.kv_heads;
     detail::AttnLayout L{};
     L.D = s.head_dim;
@@ -507,14 +537,149 @@ class FusedAttention {
     last_splits_ = splits;
     last_hg_ = L.hg;
     last_smem_ = bytes();
+    last_kernel_ = Kernel::general;
   }
 
-  /// Longest split in tokens (a tuning knob; power of two, 512..16384; default by histogram size).
-  /// Longer splits mean fewer partial histograms to write and merge, larger shared score buffers
-  /// (fewer blocks per SM). Scores of a split stay in shared memory.
+  /// Shared memory of the byte-code kernel and where its parts go. With aligned planes
+  /// (ByteConfig) the planes must start at a 64 KiB-aligned shared-window address, and dynamic
+  /// shared memory starts right after the driver's reserved bytes, so the planes go `tables_at`
+  /// bytes in and the small buffers fill the gap before them when they fit; otherwise the planes
+  /// come first and the small buffers follow them.
+  template <int GK, int GV>
+  detail::ByteLayout byte_layout(const Shape& s, std::size_t* bytes) const {
+    detail::ByteLayout L{};
+    L.D = s.head_dim;
+    L.dense_cap = s.max_dense;
+    L.tables_at = detail::ByteConfig<GK, GV>::aligned_planes
+                      ? (detail::plane_bytes - reserved_smem_ % detail::plane_bytes) % detail::plane_bytes
+                      : 0;
+    const int small = detail::byte_small_words<GK, GV>(s.max_dense, s.head_dim) * 4;
+    const int tables_end = L.tables_at + detail::byte_planes<GK, GV>() * detail::plane_bytes;
+    L.small_at = small <= L.tables_at ? 0 : tables_end;
+    *bytes = std::size_t(std::max(tables_end, L.small_at + small));
+    return L;
+  }
+  template <int GK, int GV>
+  std::size_t byte_shared_bytes(const Shape& s) const {
+    std::size_t bytes = 0;
+    byte_layout<GK, GV>(s, &bytes);
+    return bytes;
+  }
+  /// Calls f.template operator()<GK, GV>() for the shape's group counts; false if not 16/32/64.
+  template <class F>
+  static bool with_byte_groups(const Shape& s, F&& f) {
+    const int gk = s.head_dim / s.key_channels, gv = s.head_dim / s.value_channels;
+    auto inner = [&]<int GK>() {
+      switch (gv) {
+        case 16: f.template operator()<GK, 16>(); return true;
+        case 32: f.template operator()<GK, 32>(); return true;
+        case 64: f.template operator()<GK, 64>(); return true;
+        default: return false;
+      }
+    };
+    switch (gk) {
+      case 16: return inner.template operator()<16>();
+      case 32: return inner.template operator()<32>();
+      case 64: return inner.template operator()<64>();
+      default: return false;
+    }
+  }
+  bool byte_codes_apply(const Shape& s) const {
+    if (s.head_dim > 256) return false;
+    if (s.key_bits != 8 || s.value_bits != 8) return false;
+    std::size_t need = 0;
+    const bool groups_ok = with_byte_groups(s, [&]<int GK, int GV>() { need = byte_shared_bytes<GK, GV>(s); });
+    return groups_ok && need <= std::size_t(smem_max_);
+  }
+
+  void run_byte_codes(const AttentionBatch& batch, const Shape& s, cudaStream_t stream, unsigned stages) {
+    with_byte_groups(s, [&]<int GK, int GV>() { launch_byte_codes<GK, GV>(batch, s, stream, stages); });
+  }
+
+  template <int GK, int GV>
+  void launch_byte_codes(const AttentionBatch& batch, const Shape& s, cudaStream_t stream, unsigned stages) {
+    auto* kernel = detail::byte_attention_kernel<GK, GV>;
+    std::size_t smem = 0;
+    detail::ByteLayout L = byte_layout<GK, GV>(s, &smem);
+    const int key = (GK / 16) * 8 + GV / 16;
+    if (byte_configured_[key] < smem) {
+      CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+      CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      byte_configured_[key] = smem;
+    }
+    int per_sm = 0;
+    constexpr int threads = detail::ByteConfig<GK, GV>::threads;
+    CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    CQ_CHECK(per_sm > 0, "cuda attention: the byte-code kernel does not fit a multiprocessor (", smem, " bytes)");
+    const int group = s.q_heads / s.kv_heads;
+    CQ_CHECK(std::size_t(batch.batch) * s.kv_heads <= 65535, "cuda attention: batch x kv_heads ",
+             std::size_t(batch.batch) * s.kv_heads, " exceeds 65535");
+    // Splits: at most 8192 tokens per histogram entry (fixed point keeps 2^-18 of the largest
+    // weight), at least 512 tokens each; among those, the count that minimises waves x split
+    // length (a wave is every multiprocessor's resident blocks).
+    const int subsets = detail::ByteLanes<GV>::subsets;
+    const long long blocks32 = std::max(1, (s.max_coded + 31) / 32);
+    const long long items = (long long)batch.batch * s.q_heads, resident = (long long)per_sm * sms_;
+    long long lo = (s.max_coded + 8192LL * subsets - 1) / (8192LL * subsets), hi;
+    if (max_split_tokens_) {
+      lo = std::max(lo, (s.max_coded + max_split_tokens_ - 1LL) / max_split_tokens_);
+      hi = lo;
+    } else {
+      hi = std::max(lo, std::min(lo * 32, blocks32 / 16));
+    }
+    lo = std::max(1LL, lo);
+    hi = std::max(lo, hi);
+    // A split also costs its table fill and its histogram x codebook product (L2 reads of the
+    // tables and the value codebook), counted as half as many 32-token blocks of codes.
+    const long long overhead = (256LL * GV * s.value_channels * 4 + detail::ByteLanes<GK>::slots * 32768LL) /
+                               (2LL * 32 * (GK + GV));
+    long long splits = lo, best = -1;
+    for (long long sp = lo; sp <= hi; ++sp) {
+      const long long cost = (items * sp + resident - 1) / resident * ((blocks32 + sp - 1) / sp + overhead);
+      if (best < 0 || cost < best) best = cost, splits = sp;
+    }
+    L.split_tokens = int((blocks32 + splits - 1) / splits * 32);
+    splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
+    CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
+    L.unit = detail::hist_unit_for(L.split_tokens / subsets);
+    const std::size_t need = std::size_t(items) * splits * (2 + s.head_dim);
+    if (partial_.size() < need) partial_ = DeviceBuffer<float>(need);
+    const std::size_t lut_need = std::size_t(items) * GK * 256;
+    if (luts_.size() < lut_need) luts_ = DeviceBuffer<float>(lut_need);
+    if (s.max_coded > 0 && (stages & stage_lut)) {
+      const std::size_t stage = std::size_t(4) * s.key_channels * 256 * sizeof(float);
+      if (lut_configured_ < stage) {
+        CQ_CUDA_CHECK(cudaFuncSetAttribute(detail::lut_code_major_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(stage)));
+        lut_configured_ = stage;
+      }
+      const unsigned item_blocks = unsigned((batch.batch * group + 3) / 4);
+      CQ_CHECK(item_blocks <= 65535, "cuda attention: batch x query heads per KV head ", batch.batch * group,
+               " exceeds 262140");
+      detail::lut_code_major_kernel<<<dim3(unsigned(GK / 4), unsigned(s.kv_heads), item_blocks), 256, stage, stream>>>(
+          batch, GK, luts_.data());
+      CQ_CUDA_CHECK_LAUNCH(lut_code_major_kernel);
+    }
+    kernel<<<dim3(unsigned(group), unsigned(splits), unsigned(batch.batch * s.kv_heads)), threads, smem, stream>>>(
+        batch, L, luts_.data(), partial_.data(), stages);
+    CQ_CUDA_CHECK_LAUNCH(byte_attention_kernel);
+    detail::combine_kernel<<<unsigned(items), 128, 0, stream>>>(batch, int(splits), partial_.data());
+    CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+    last_splits_ = int(splits);
+    last_hg_ = 1;
+    last_smem_ = smem;
+    last_kernel_ = Kernel::byte_codes;
+  }
+
+ public:
+
+  /// Longest split in tokens (a tuning knob; power of two, 512..16384; 0 restores the default,
+  /// chosen by histogram size for the general kernel and by waves of blocks for the byte-code
+  /// kernel). In the general kernel longer splits mean fewer partial histograms to write and
+  /// merge, and larger shared score buffers (fewer blocks per SM).
   void set_max_split_tokens(int t) {
-    CQ_CHECK(t >= 512 && t <= 16384 && (t & (t - 1)) == 0, "cuda attention: max split tokens ", t,
-             " must be a power of two in 512..16384");
+    CQ_CHECK(t == 0 || (t >= 512 && t <= 16384 && (t & (t - 1)) == 0), "cuda attention: max split tokens ", t,
+             " must be 0 (the default) or a power of two in 512..16384");
     max_split_tokens_ = t;
   }
   int last_splits() const { return last_splits_; }
@@ -528,10 +693,13 @@ class FusedAttention {
   int max_split_tokens_ = 0;  // 0: by the histogram size
   std::size_t merge_configured_ = 0;
   bool props_ready_ = false;
-  int smem_max_ = 0, sms_ = 0;
+  int smem_max_ = 0, sms_ = 0, reserved_smem_ = 0;
   std::size_t configured_[32] = {};
   int last_splits_ = 0, last_hg_ = 0;
   std::size_t last_smem_ = 0;
+  Kernel kernel_ = Kernel::automatic, last_kernel_ = Kernel::automatic;
+  std::size_t byte_configured_[64] = {};
+  std::size_t lut_configured_ = 0;
 };
 
 }  // namespace cq::cuda

@@ -1,0 +1,51 @@
+#pragma once
+/// What a fused-attention launch reads: device pointers to the batch's codes, full-precision
+/// tokens, codebooks and queries, and the output.
+
+#include "cq/codebook.hpp"
+
+#include <cstdint>
+
+namespace cq::cuda {
+
+/// One (sequence, KV head)'s codes: `coded` tokens (positions sinks .. sinks + coded - 1) in the
+/// packed layout, keys and values.
+struct DeviceKVCodes {
+  const std::uint8_t* key_codes = nullptr;
+  const std::uint8_t* value_codes = nullptr;
+};
+
+/// One sequence: how many coded tokens, and its full-precision tokens (sinks and window, keys
+/// after RoPE) as [kv_heads][dense][head_dim] floats.
+struct DeviceSequence {
+  std::uint32_t coded = 0;
+  std::uint32_t dense = 0;
+  const float* dense_keys = nullptr;
+  const float* dense_values = nullptr;
+};
+
+/// Everything one launch reads (device pointers) and its shape.
+struct AttentionBatch {
+  int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  const DeviceKVCodes* codes = nullptr;     // [batch][kv_heads]
+  const DeviceSequence* sequences = nullptr;  // [batch]
+  const CodebookView* key_codebooks = nullptr;    // [kv_heads], device pointers inside
+  const CodebookView* value_codebooks = nullptr;  // [kv_heads]
+  const float* q = nullptr;                 // [batch][q_heads][head_dim]
+  float* out = nullptr;                     // [batch][q_heads][head_dim]
+  float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
+};
+
+/// Steps of a fused-attention launch, for timing experiments (FusedAttention::run's `stages`; the
+/// results are meaningless unless all are on): score tables, key scan, value histograms,
+/// full-precision tokens, and the byte-code kernel's histogram x codebook product.
+enum AttentionStage : unsigned {
+  stage_lut = 1,
+  stage_scan = 2,
+  stage_hist = 4,
+  stage_dense = 8,
+  stage_product = 16,
+  stage_all = 31
+};
+
+}  // namespace cq::cuda
