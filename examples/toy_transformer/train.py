@@ -257,6 +257,19 @@ def train(args, device, model, train_data, windows, ctx, eval_batch):
     t_log, tok_log = time.time(), 0
     t_est = None
     last_eval_step = 0
+
+    def record_eval(step, suffix=""):
+        """Evaluates held-out loss at `step`, keeping the best weights so far."""
+        nonlocal best, best_step, best_state, last_eval_step
+        h = evaluate(model, windows, device, ctx, eval_batch)
+        last_eval_step = step
+        history.append({"step": step, "heldout_loss": h, "elapsed": time.time() - t0})
+        mark = ""
+        if h < best:
+            best, best_step, mark = h, step, "  (best)"
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        print("step %6d  heldout %.4f%s%s" % (step, h, mark, suffix), flush=True)
+
     while True:
         if planned is not None and step >= planned:
             break
@@ -304,24 +317,11 @@ def train(args, device, model, train_data, windows, ctx, eval_batch):
             t_log, tok_log = now, 0
 
         if step % args.eval_every == 0 and (planned is None or step < planned):
-            h = evaluate(model, windows, device, ctx, eval_batch)
-            last_eval_step = step
-            history.append({"step": step, "heldout_loss": h, "elapsed": time.time() - t0})
-            mark = ""
-            if h < best:
-                best, best_step, mark = h, step, "  (best)"
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            print("step %6d  heldout %.4f%s" % (step, h, mark), flush=True)
+            record_eval(step)
             t_log = time.time()  # keep eval time out of the tokens/s figure
 
     if last_eval_step != step:
-        h = evaluate(model, windows, device, ctx, eval_batch)
-        history.append({"step": step, "heldout_loss": h, "elapsed": time.time() - t0})
-        mark = ""
-        if h < best:
-            best, best_step, mark = h, step, "  (best)"
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        print("step %6d  heldout %.4f%s (final)" % (step, h, mark), flush=True)
+        record_eval(step, " (final)")
     sync(device)
     seconds = time.time() - t0
     return dict(state=best_state, best=best, best_step=best_step, steps=step,
