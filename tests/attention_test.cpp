@@ -84,6 +84,22 @@ TEST_CASE("pre-RoPE keys: coded keys are rotated to their positions inside the k
   }
 }
 
+TEST_CASE("RopeStepper: cos/sin of every position match sincos to float accuracy over 10^5 positions") {
+  // The kernel steps positions in float between double anchors; a drift or an off-by-one at an
+  // anchor would show here long before it moves an attention output past its tolerance.
+  const std::size_t dim = 128, first = 12345, count = 100000;
+  const std::vector<double> f = rope_inv_freq(RopeConfig{10000.0f, RopeStyle::rotate_half}, dim);
+  RopeStepper st(f.data(), dim, first);
+  double worst = 0.0;
+  for (std::size_t p = first; p < first + count; ++p, st.advance())
+    for (std::size_t i = 0; i < dim / 2; ++i) {
+      const double a = double(p) * f[i];
+      worst = std::max({worst, std::abs(st.cos()[i] - std::cos(a)), std::abs(st.sin()[i] - std::sin(a))});
+    }
+  MESSAGE("largest error: ", worst);
+  CHECK(worst < 2e-6);
+}
+
 TEST_CASE("causal prefill: every query of the last chunk sees its own window") {
   check_shape<float>({64, 4, 8, 32, 4, 4, 300}, 21, nullptr, 40);
   check_shape<float>({64, 8, 8, 0, 0, 1, 545}, 22, nullptr, 17);
