@@ -76,6 +76,7 @@ struct SoftmaxState {
 
 struct AttentionScratch {
   AlignedBuffer<float> lut, scores, rows, parts;
+  std::vector<std::uint32_t> codes;
   std::vector<SoftmaxState> states;
 };
 inline AttentionScratch& attention_scratch() {
@@ -208,18 +209,20 @@ class HeadAttention {
     const CodebookView& kcb = kv_.key_codebook;
     AttentionScratch& sc = attention_scratch();
     const bool use_lut = fused_ && kv_.rope == nullptr;
+    const bool rope_fused = fused_ && kv_.rope != nullptr;  // pre-RoPE keys scored token by token
     const std::size_t lut_stride = kcb.padded_centroids;
     if (use_lut) {
       sc.lut.resize(std::max(sc.lut.size(), heads_ * kcb.groups * lut_stride));
       for (std::size_t h = 0; h < heads_; ++h)
         Backend::score_lut(kcb, q_ + h * D, scale_, sc.lut.data() + h * kcb.groups * lut_stride, lut_stride);
     }
+    const bool decode_keys = !use_lut && !rope_fused;  // dequantise-then-attend
     const bool decode_values = !fused_;
-    const bool need_rows = !use_lut || decode_values;  // decoded key and/or value rows per superblock
+    const bool need_rows = decode_keys || decode_values || rope_fused;  // scratch rows (one, for rope_fused)
     sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
     if (need_rows) sc.rows.resize(std::max(sc.rows.size(), 2 * superblock * D));
     std::unique_ptr<RopeStepper> stepper;
-    if (!use_lut && kv_.rope) {
+    if (kv_.rope) {
       CQ_CHECK(kv_.rope_inv_freq != nullptr, "attend: pre-RoPE keys need rope_inv_freq in the view");
       stepper = std::make_unique<RopeStepper>(kv_.rope_inv_freq, D, kv_.sinks + c0);
     }
@@ -228,14 +231,15 @@ class HeadAttention {
       const std::size_t n = std::min(superblock, c1 - t0);
       float* krows = need_rows ? sc.rows.data() : nullptr;  // (no scratch rows unless decoding)
       float* vrows = need_rows ? sc.rows.data() + superblock * D : nullptr;
-      if (!use_lut) Backend::decode(kcb, kv_.key_codes, t0, MatrixView<float>(krows, n, D));
+      if (decode_keys) Backend::decode(kcb, kv_.key_codes, t0, MatrixView<float>(krows, n, D));
       if (decode_values) Backend::decode(kv_.value_codebook, kv_.value_codes, t0, MatrixView<float>(vrows, n, D));
-      if (!use_lut && kv_.rope) rotate_rows(krows, n, *stepper);
+      if (decode_keys && kv_.rope) rotate_rows(krows, n, *stepper);
+      if (rope_fused) rope_scores(t0, n, *stepper, krows, sc);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
         if (use_lut) {
           Backend::score_codes(sc.lut.data() + h * kcb.groups * lut_stride, lut_stride, kv_.key_codes, t0, n, s);
-        } else {
+        } else if (!rope_fused) {
           const float* q = q_ + h * D;
           for (std::size_t i = 0; i < n; ++i) s[i] = scale_ * Backend::template dot<float>(q, krows + i * D, D);
         }
@@ -254,24 +258,53 @@ class HeadAttention {
 
   // Rotates decoded pre-RoPE key rows to their positions (consecutive, from the stepper's).
   void rotate_rows(float* rows, std::size_t n, RopeStepper& stepper) const {
-    const std::size_t D = kv_.head_dim, half_d = D / 2;
-    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
-      float* k = rows + i * D;
-      const float* c = stepper.cos();
-      const float* s = stepper.sin();
-      if (kv_.rope->style == RopeStyle::rotate_half) {
-        for (std::size_t j = 0; j < half_d; ++j) {
-          const float a = k[j], b = k[j + half_d];
-          k[j] = a * c[j] - b * s[j];
-          k[j + half_d] = b * c[j] + a * s[j];
-        }
-      } else {
-        for (std::size_t j = 0; j < half_d; ++j) {
-          const float a = k[2 * j], b = k[2 * j + 1];
-          k[2 * j] = a * c[j] - b * s[j];
-          k[2 * j + 1] = b * c[j] + a * s[j];
-        }
+    for (std::size_t i = 0; i < n; ++i, stepper.advance()) rotate_row(rows + i * kv_.head_dim, stepper);
+  }
+  void rotate_row(float* __restrict k, const RopeStepper& stepper) const {
+    const std::size_t half_d = kv_.head_dim / 2;
+    const float* __restrict c = stepper.cos();
+    const float* __restrict s = stepper.sin();
+    if (kv_.rope->style == RopeStyle::rotate_half) {
+      for (std::size_t j = 0; j < half_d; ++j) {
+        const float a = k[j], b = k[j + half_d];
+        k[j] = a * c[j] - b * s[j];
+        k[j + half_d] = b * c[j] + a * s[j];
       }
+    } else {
+      for (std::size_t j = 0; j < half_d; ++j) {
+        const float a = k[2 * j], b = k[2 * j + 1];
+        k[2 * j] = a * c[j] - b * s[j];
+        k[2 * j + 1] = b * c[j] + a * s[j];
+      }
+    }
+  }
+
+  // Scores of pre-RoPE coded keys for the fused methods, token by token in L1: the key's
+  // centroids are copied into one scratch row, rotated to the token's position and dotted with
+  // each head's query. (Decoding a superblock of rows first, then rotating it in place, made
+  // three passes over 256 KiB of rows through L2.)
+  void rope_scores(std::size_t t0, std::size_t n, RopeStepper& stepper, float* k, AttentionScratch& sc) const {
+    const CodebookView& kcb = kv_.key_codebook;
+    const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
+    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
+    std::uint32_t* codes = sc.codes.data();
+    for (std::size_t g = 0; g < G; ++g) load_group_codes(kv_.key_codes, g, t0, n, codes + g, G);
+    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
+      const std::uint32_t* code = codes + i * G;
+      for (std::size_t g = 0; g < G; ++g) copy_centroid(k + g * C, kcb.centroids + (g * K + code[g]) * C, C);
+      rotate_row(k, stepper);
+      for (std::size_t h = 0; h < heads_; ++h)
+        sc.scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
+    }
+  }
+  // Fixed-size copies for the common group widths (inlined as vector moves; a runtime-size
+  // memcpy of 32 bytes is a library call).
+  static void copy_centroid(float* __restrict dst, const float* __restrict src, std::size_t C) {
+    switch (C) {
+      case 4: std::memcpy(dst, src, 4 * sizeof(float)); break;
+      case 8: std::memcpy(dst, src, 8 * sizeof(float)); break;
+      case 16: std::memcpy(dst, src, 16 * sizeof(float)); break;
+      default: std::copy_n(src, C, dst);
     }
   }
 
