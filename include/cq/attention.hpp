@@ -218,9 +218,10 @@ class HeadAttention {
     }
     const bool decode_keys = !use_lut && !rope_fused;  // dequantise-then-attend
     const bool decode_values = !fused_;
-    const bool need_rows = decode_keys || decode_values || rope_fused;  // scratch rows (one, for rope_fused)
+    // Scratch rows: a superblock of decoded keys and values, or one key row for rope_fused.
+    const std::size_t rows_needed = decode_keys || decode_values ? 2 * superblock * D : rope_fused ? D : 0;
     sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
-    if (need_rows) sc.rows.resize(std::max(sc.rows.size(), 2 * superblock * D));
+    sc.rows.resize(std::max(sc.rows.size(), rows_needed));
     std::unique_ptr<RopeStepper> stepper;
     if (kv_.rope) {
       CQ_CHECK(kv_.rope_inv_freq != nullptr, "attend: pre-RoPE keys need rope_inv_freq in the view");
@@ -229,8 +230,8 @@ class HeadAttention {
 
     for (std::size_t t0 = c0; t0 < c1; t0 += superblock) {
       const std::size_t n = std::min(superblock, c1 - t0);
-      float* krows = need_rows ? sc.rows.data() : nullptr;  // (no scratch rows unless decoding)
-      float* vrows = need_rows ? sc.rows.data() + superblock * D : nullptr;
+      float* krows = rows_needed ? sc.rows.data() : nullptr;  // (no scratch rows unless decoding)
+      float* vrows = decode_values ? sc.rows.data() + superblock * D : nullptr;
       if (decode_keys) Backend::decode(kcb, kv_.key_codes, t0, MatrixView<float>(krows, n, D));
       if (decode_values) Backend::decode(kv_.value_codebook, kv_.value_codes, t0, MatrixView<float>(vrows, n, D));
       if (decode_keys && kv_.rope) rotate_rows(krows, n, *stepper);

@@ -133,6 +133,8 @@ constexpr int plane_bytes = 65536, plane_words = plane_bytes / 4;
 __host__ __device__ constexpr int table_word(int plane, int code, int column) {
   return plane * plane_words + code * 64 + column;
 }
+/// The i-th histogram word, i in [0, slots * 256 * 32): (slot, code, lane) in that order.
+__host__ __device__ constexpr int hist_word(int i) { return table_word(i / (32 * 256), (i / 32) % 256, 32 + i % 32); }
 
 /// Launch shape for GK key and GV value groups. One plane (16 or 32 groups, 64 KiB of tables):
 /// 256 threads, two blocks per multiprocessor, so one block's table fill and final product overlap
@@ -253,8 +255,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
       tab[table_word(i / (32 * 256), (i / 32) % 256, i % 32)] = v[k];
     }
   }
-  for (int i = tid; i < VL::slots * 256 * 32; i += byte_threads)
-    tab[table_word(i / (32 * 256), (i / 32) % 256, 32 + i % 32)] = 0.0f;
+  for (int i = tid; i < VL::slots * 256 * 32; i += byte_threads) tab[hist_word(i)] = 0.0f;
 
   // Full-precision tokens (sinks and window; split 0): a warp per token, four tokens' loads in
   // flight at once. Their maximum starts the running reference.
@@ -303,24 +304,22 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
   // Rounds ahead of the register loads that L2 is asked to fetch.
   constexpr int prefetch_rounds = 2;
   // The scan, compiled for 16-byte and for 4-byte aligned code pointers (block-uniform choice).
+  // Thread 0 asks for a whole round, one bulk request per codes array that the stages read.
+  auto prefetch_round = [&](int r) {
+    if (tid != 0) return;
+    if (scan) prefetch_code_blocks<KL, round_blocks>(kbase, r * round_blocks, nblocks);
+    if (accumulate) prefetch_code_blocks<VL, round_blocks>(vbase, r * round_blocks, nblocks);
+  };
   auto scan_split = [&]<bool Aligned>() {
     uint4 kq[R][KL::chunks], vq[R][VL::chunks];
     if (n > 0) {
       if (scan) load_code_blocks<KL, R, Aligned, true>(kq, kbase, warp * R, nblocks, lane);
       if (accumulate) load_code_blocks<VL, R, Aligned, false>(vq, vbase, warp * R, nblocks, lane);
-      if (tid == 0)
-        for (int ahead = 1; ahead <= prefetch_rounds; ++ahead) {
-          if (scan) prefetch_code_blocks<KL, round_blocks>(kbase, ahead * round_blocks, nblocks);
-          if (accumulate) prefetch_code_blocks<VL, round_blocks>(vbase, ahead * round_blocks, nblocks);
-        }
+      for (int ahead = 1; ahead <= prefetch_rounds; ++ahead) prefetch_round(ahead);
     }
     for (int round = 0; round * round_blocks < nblocks; ++round) {
       const int blk0 = round * round_blocks + warp * R;
-      if (tid == 0) {  // the whole round, one bulk request per codes array
-        const int ahead = (round + prefetch_rounds + 1) * round_blocks;
-        if (scan) prefetch_code_blocks<KL, round_blocks>(kbase, ahead, nblocks);
-        if (accumulate) prefetch_code_blocks<VL, round_blocks>(vbase, ahead, nblocks);
-      }
+      prefetch_round(round + prefetch_rounds + 1);
       // Scores: lookups into the lane's own tables in the permuted token order, then the
       // shuffle reduction.
       float s[R];
@@ -359,7 +358,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
         if (ref > -FLT_MAX) {
           const float f = __expf(ref - M);
           for (int i = tid; i < VL::slots * 256 * 32; i += byte_threads) {
-            unsigned& h = reinterpret_cast<unsigned*>(tab)[table_word(i / (32 * 256), (i / 32) % 256, 32 + i % 32)];
+            unsigned& h = reinterpret_cast<unsigned*>(tab)[hist_word(i)];
             h = __float2uint_rn(float(h) * f);
           }
           wsum *= f;
@@ -459,10 +458,10 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
   for (int d = tid; d < D; d += byte_threads) {
     float o = 0.0f;
     for (int part = 0; part < parts; ++part) o += product[part * D + d];
-    float t = total;
-    for (int j = 0; j < ndense; ++j) t += __expf(dense_score[j] - ref);
     float* dst = partial + (std::size_t(bh) * gridDim.y + split) * (2 + D);
-    if (d == 0) {
+    if (d == 0) {  // the weight sum, with the full-precision tokens' weights
+      float t = total;
+      for (int j = 0; j < ndense; ++j) t += __expf(dense_score[j] - ref);
       dst[0] = t > 0.0f ? ref : -FLT_MAX;
       dst[1] = t;
     }
