@@ -2,7 +2,7 @@
 /// Fused decode attention on CQ codes for a batch of sequences (one query token each), on the GPU.
 ///
 /// Two kernels serve it. 8-bit codes with 16, 32 or 64 groups (CQ-2c8b, 4c8b, 8c8b at D = 128)
-/// take the byte-code kernel (attention_byte_codes.cuh: lane-private tables, 2-3x faster). Every
+/// take the byte-code kernel (attention_byte_codes.cuh: lane-private tables, 2.7-4x faster). Every
 /// other configuration takes the general kernel described here.
 ///
 /// General kernel: a first kernel computes every (sequence, query head)'s score tables
@@ -85,49 +85,6 @@ __global__ void lut_kernel(AttentionBatch p, int gk, int kk, float* __restrict__
     float s = 0.0f;
     for (int c = 0; c < C; ++c) s = fmaf(q[g * C + c], tcol[std::size_t(c) * kcb.padded_centroids], s);
     lut[std::size_t(bh) * gk * kk + e] = scale * s;
-  }
-}
-
-/// The same tables code-major, lut[b][hq][j][g], for 256 codes (the byte-code kernel's order).
-/// A block per (KV head, 4 groups, 4 of its (sequence, query head) items): the 4 groups'
-/// transposed centroids are staged in shared memory, then a thread per code computes the items'
-/// entries and writes 4 consecutive groups at once (16 bytes).
-__global__ void lut_code_major_kernel(AttentionBatch p, int gk, float* __restrict__ lut) {
-  extern __shared__ float cent[];  // [4][C][256]
-  const int kvh = blockIdx.y, g0 = blockIdx.x * 4, j = threadIdx.x, D = p.head_dim;
-  const CodebookView kcb = p.key_codebooks[kvh];
-  const int C = int(kcb.channels), group = p.q_heads / p.kv_heads;
-  const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
-  // 4C rows of 256: each thread loads its (up to 16) values first, then stores them, so the L2
-  // round trips overlap instead of queueing one after another.
-  const float* src = kcb.transposed + std::size_t(g0) * C * kcb.padded_centroids;
-  for (int r0 = 0; r0 < 4 * C; r0 += 16) {
-    float v[16];
-#pragma unroll
-    for (int r = 0; r < 16; ++r)
-      if (r0 + r < 4 * C) v[r] = __ldg(src + std::size_t(r0 + r) * kcb.padded_centroids + j);
-#pragma unroll
-    for (int r = 0; r < 16; ++r)
-      if (r0 + r < 4 * C) cent[(r0 + r) * 256 + j] = v[r];
-  }
-  __syncthreads();
-  const int items = p.batch * group, first = blockIdx.z * 4;
-  float s[4][4] = {};
-#pragma unroll
-  for (int it = 0; it < 4; ++it) {
-    if (first + it >= items) break;
-    const int item = first + it, bh = (item / group) * p.q_heads + kvh * group + item % group;
-    const float* __restrict__ q = p.q + std::size_t(bh) * D + std::size_t(g0) * C;
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      for (int c = 0; c < C; ++c) s[it][k] = fmaf(__ldg(q + k * C + c), cent[(k * C + c) * 256 + j], s[it][k]);
-  }
-#pragma unroll
-  for (int it = 0; it < 4; ++it) {
-    if (first + it >= items) break;
-    const int item = first + it, bh = (item / group) * p.q_heads + kvh * group + item % group;
-    *reinterpret_cast<float4*>(lut + (std::size_t(bh) * 256 + j) * gk + g0) =
-        make_float4(scale * s[it][0], scale * s[it][1], scale * s[it][2], scale * s[it][3]);
   }
 }
 
@@ -433,8 +390,9 @@ class FusedAttention {
     }
     const bool bytes_ok = byte_codes_apply(s);
     CQ_CHECK(kernel_ != Kernel::byte_codes || bytes_ok, "cuda attention: the byte-code kernel needs 8-bit key and value ",
-             "codes with 16, 32 or 64 groups, head_dim <= 256 and the shared memory; got ", s.key_bits, "/",
-             s.value_bits, " bits, ", s.head_dim / s.key_channels, "/", s.head_dim / s.value_channels, " groups");
+             "codes with 16, 32 or 64 groups, head_dim <= 256, the shared memory and 1 KiB of reserved shared ",
+             "memory per block; got ", s.key_bits, "/", s.value_bits, " bits, ", s.head_dim / s.key_channels, "/",
+             s.head_dim / s.value_channels, " groups, ", reserved_smem_, " reserved bytes");
     if (kernel_ != Kernel::general && bytes_ok)
       run_byte_codes(batch, s, stream, stages);
     else
@@ -540,23 +498,14 @@ class FusedAttention {
     last_kernel_ = Kernel::general;
   }
 
-  /// Shared memory of the byte-code kernel and where its parts go. With aligned planes
-  /// (ByteConfig) the planes must start at a 64 KiB-aligned shared-window address, and dynamic
-  /// shared memory starts right after the driver's reserved bytes, so the planes go `tables_at`
-  /// bytes in and the small buffers fill the gap before them when they fit; otherwise the planes
-  /// come first and the small buffers follow them.
+  /// Shared memory of the byte-code kernel: the planes, then the small buffers.
   template <int GK, int GV>
   detail::ByteLayout byte_layout(const Shape& s, std::size_t* bytes) const {
     detail::ByteLayout L{};
     L.D = s.head_dim;
     L.dense_cap = s.max_dense;
-    L.tables_at = detail::ByteConfig<GK, GV>::aligned_planes
-                      ? (detail::plane_bytes - reserved_smem_ % detail::plane_bytes) % detail::plane_bytes
-                      : 0;
-    const int small = detail::byte_small_words<GK, GV>(s.max_dense, s.head_dim) * 4;
-    const int tables_end = L.tables_at + detail::byte_planes<GK, GV>() * detail::plane_bytes;
-    L.small_at = small <= L.tables_at ? 0 : tables_end;
-    *bytes = std::size_t(std::max(tables_end, L.small_at + small));
+    L.small_at = detail::byte_planes<GK, GV>() * detail::plane_bytes;
+    *bytes = std::size_t(L.small_at) + std::size_t(detail::byte_small_words<GK, GV>(s.max_dense, s.head_dim)) * 4;
     return L;
   }
   template <int GK, int GV>
@@ -587,6 +536,8 @@ class FusedAttention {
   bool byte_codes_apply(const Shape& s) const {
     if (s.head_dim > 256) return false;
     if (s.key_bits != 8 || s.value_bits != 8) return false;
+    // Its table addresses carry the start of dynamic shared memory as an immediate.
+    if (reserved_smem_ != detail::byte_shared_base) return false;
     std::size_t need = 0;
     const bool groups_ok = with_byte_groups(s, [&]<int GK, int GV>() { need = byte_shared_bytes<GK, GV>(s); });
     return groups_ok && need <= std::size_t(smem_max_);
@@ -629,10 +580,9 @@ class FusedAttention {
     }
     lo = std::max(1LL, lo);
     hi = std::max(lo, hi);
-    // A split also costs its table fill and its histogram x codebook product (L2 reads of the
-    // tables and the value codebook), counted as half as many 32-token blocks of codes.
-    const long long overhead = (256LL * GV * s.value_channels * 4 + detail::ByteLanes<GK>::slots * 32768LL) /
-                               (2LL * 32 * (GK + GV));
+    // A split also costs its score tables and its histogram x codebook product (L2 reads of the
+    // key and value codebooks), counted as half as many 32-token blocks of codes.
+    const long long overhead = 256LL * 4 * (GK * s.key_channels + GV * s.value_channels) / (2LL * 32 * (GK + GV));
     long long splits = lo, best = -1;
     for (long long sp = lo; sp <= hi; ++sp) {
       const long long cost = (items * sp + resident - 1) / resident * ((blocks32 + sp - 1) / sp + overhead);
@@ -644,27 +594,13 @@ class FusedAttention {
     L.unit = detail::hist_unit_for(L.split_tokens / subsets);
     const std::size_t need = std::size_t(items) * splits * (2 + s.head_dim);
     if (partial_.size() < need) partial_ = DeviceBuffer<float>(need);
-    const std::size_t lut_need = std::size_t(items) * GK * 256;
-    if (luts_.size() < lut_need) luts_ = DeviceBuffer<float>(lut_need);
-    if (s.max_coded > 0 && (stages & stage_lut)) {
-      const std::size_t stage = std::size_t(4) * s.key_channels * 256 * sizeof(float);
-      if (lut_configured_ < stage) {
-        CQ_CUDA_CHECK(cudaFuncSetAttribute(detail::lut_code_major_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(stage)));
-        lut_configured_ = stage;
-      }
-      const unsigned item_blocks = unsigned((batch.batch * group + 3) / 4);
-      CQ_CHECK(item_blocks <= 65535, "cuda attention: batch x query heads per KV head ", batch.batch * group,
-               " exceeds 262140");
-      detail::lut_code_major_kernel<<<dim3(unsigned(GK / 4), unsigned(s.kv_heads), item_blocks), 256, stage, stream>>>(
-          batch, GK, luts_.data());
-      CQ_CUDA_CHECK_LAUNCH(lut_code_major_kernel);
-    }
     kernel<<<dim3(unsigned(group), unsigned(splits), unsigned(batch.batch * s.kv_heads)), threads, smem, stream>>>(
-        batch, L, luts_.data(), partial_.data(), stages);
+        batch, L, partial_.data(), stages);
     CQ_CUDA_CHECK_LAUNCH(byte_attention_kernel);
-    detail::combine_kernel<<<unsigned(items), 128, 0, stream>>>(batch, int(splits), partial_.data());
-    CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+    if (splits > 1) {  // one split writes the output itself
+      detail::combine_kernel<<<unsigned(items), 128, 0, stream>>>(batch, int(splits), partial_.data());
+      CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+    }
     last_splits_ = int(splits);
     last_hg_ = 1;
     last_smem_ = smem;
@@ -699,7 +635,6 @@ class FusedAttention {
   std::size_t last_smem_ = 0;
   Kernel kernel_ = Kernel::automatic, last_kernel_ = Kernel::automatic;
   std::size_t byte_configured_[64] = {};
-  std::size_t lut_configured_ = 0;
 };
 
 }  // namespace cq::cuda

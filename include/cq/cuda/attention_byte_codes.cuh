@@ -6,36 +6,39 @@
 /// a score-table lookup for the key code and a histogram update for the value code. With one
 /// table per group shared by the warp, 32 lanes hitting random entries collide on ~3.5 of the 32
 /// banks on average, and those wavefronts, not DRAM, bounded the general kernel (NOTES.md v4).
-/// Here each lane owns a fixed set of groups (its "slots") and keeps its own copy of their tables
-/// in *its own bank*. Every lookup and every histogram atomic of a warp is then one wavefront. The
-/// price is a cross-lane reduction of partial scores (warp shuffles: the lanes of a token each
-/// hold some of its groups) and, for 16 groups, two copies of each table (two lanes share a group,
-/// each for half the tokens).
+/// Here each lane owns two groups (its "slots") for a subset of the tokens and keeps its own copy
+/// of their tables in *its own bank*. Every lookup and every histogram atomic of a warp is then one
+/// wavefront. The price is a cross-lane reduction of partial scores (warp shuffles: the G / 2
+/// lanes of a token subset each hold two of its groups) and 64 / G copies of each table.
 ///
-/// Instruction count is what is left to engineer against, so:
+/// Shared-memory operations per token (lookups, atomics, shuffles, weight loads) are what is left
+/// to engineer against (ncu: the L1/shared pipe is the busiest unit), then instructions:
 ///  - Layout: slot i of every lane lives in plane i (64 KiB): 256 rows, one per code, of 64 words
 ///    -- the 32 lanes' score-table entries, then the 32 lanes' histogram entries. An entry's
-///    offset is plane * 64 KiB | code << 8 | lane * 4 (+ 128 for the histogram): one byte permute
-///    (PRMT) of the packed code word builds it. With two planes the planes start at a 64
-///    KiB-aligned shared-window address and that is the whole address; with one plane (where a
-///    64 KiB-aligned start would cost a second block per multiprocessor) one add of the base
-///    follows.
+///    offset from the first plane is plane * 64 KiB | code << 8 | lane * 4 (+ 128 for the
+///    histogram): one byte permute (PRMT) of the packed code word builds it. The planes start the
+///    dynamic shared memory, whose shared-window address is the driver's reserved bytes (1 KiB on
+///    sm_90; the host checks, the kernel traps otherwise): that base and the + 128 ride in the
+///    load's immediate offset, so the permute is the only address instruction per access.
 ///  - Reduction: a lane's partial scores are kept in a lane-dependent token order (position t
 ///    holds token t ^ mask(lane)), which turns every halving step of the reduction into one
-///    shuffle and one add (no selects): the order comes for free from the byte permute's selector
-///    and a few word swaps per block.
+///    shuffle and one add (no selects): the order comes from the byte permute's selector, the
+///    order of a lane's loads and a few word swaps per block.
+///  - Two groups per lane rather than one: half the shuffles of the reduction and half the
+///    weights each value lane reads, for the same lookups (NOTES.md, byte-code kernel v9).
 ///
-/// Work: the grid is (query heads per KV head, splits, sequences x KV heads); ByteConfig sets the
-/// block size (256 threads and two blocks per multiprocessor for one plane of tables, 512 and
-/// one for two). Warps take rounds of R 32-token blocks; a round scores its key codes
-/// (lookups, then the shuffle reduction leaves one token's score per lane), takes the block-wide
-/// maximum, raises the running reference when it grew (rescaling the fixed-point histograms:
-/// rare after the first rounds), turns scores into weights exp(s - ref) <= 1 as u32 fixed point,
-/// and adds them into the value histograms with shared-memory integer atomics (float atomics are
-/// compare-and-swap loops). Codes are loaded as 16-byte chunks into registers, the next round's
-/// while this one computes, and L2 is asked (bulk prefetch) for the rounds after that. At the end
-/// each block multiplies its histograms by the value centroids and writes (reference, weight sum,
-/// partial output); combine_kernel merges the splits (flash-decoding).
+/// Work: the grid is (query heads per KV head, splits, sequences x KV heads), one 512-thread block
+/// per multiprocessor (two planes, 128 KiB). A block first computes its head's score tables
+/// (q . centroid for every group and code, staged code-major, then copied into the lanes'
+/// columns) and zeroes the histograms. Warps take rounds of R 32-token blocks; a round scores its
+/// key codes (lookups, then the shuffle reduction leaves one token's score per lane), takes the
+/// block-wide maximum, raises the running reference -- with headroom -- when a score overtook it
+/// (rescaling the fixed-point histograms), turns scores into weights exp(s - ref) <= 1 as u32
+/// fixed point, and adds them into the value histograms with shared-memory integer atomics (float
+/// atomics are compare-and-swap loops). Codes are loaded into registers, the next round's while
+/// this one computes, after an L2 bulk prefetch of that round. At the end each block multiplies
+/// its histograms by the value centroids; with one split it writes the output, otherwise
+/// (reference, weight sum, partial output) for combine_kernel to merge (flash-decoding).
 
 #include "cq/cuda/attention_types.cuh"
 #include "cq/cuda/warp.cuh"
@@ -48,51 +51,70 @@
 namespace cq::cuda::detail {
 
 /// How a warp's 32 lanes share a 32-token block of G groups of 8-bit codes (G = 16, 32 or 64).
-/// The block is G x 32 bytes, group-major: group g's codes for tokens 16h .. 16h + 15 are the
-/// 16-byte chunk 2g + h. Lane l has subset l % subsets of the tokens and the groups
-/// l / subsets + (32 / subsets) i for i < slots; its chunk loads are contiguous across the warp.
+/// The block is G x 32 bytes, group-major: group g's 32 codes are bytes 32 g .. 32 g + 31. Lane l
+/// takes token subset s = l % subsets (`tokens` tokens) of two groups ("slots"), j and j + G / 2
+/// with j = l / subsets. That is as many lookups per lane as one group for all 32 tokens, but a
+/// token's groups are spread over G / 2 lanes instead of G: half the shuffle reduction, half the
+/// weights each lane must fetch. The tables of the two slots fill two planes.
 template <int G>
 struct ByteLanes {
   static_assert(G == 16 || G == 32 || G == 64, "8-bit fast path: 16, 32 or 64 groups");
-  static constexpr int subsets = G == 16 ? 2 : 1;  // lanes per group (token halves)
-  static constexpr int tokens = 32 / subsets;      // tokens per lane and block
-  static constexpr int slots = G * subsets / 32;   // groups per lane
-  static constexpr int chunks = G / 16;            // 16-byte loads per lane and block
+  static constexpr int groups = G;
+  static constexpr int slots = 2;                   // groups per lane
+  static constexpr int subsets = 64 / G;            // token subsets: 4, 2, 1
+  static constexpr int span = G / 2;                // lanes per token subset (= groups per slot)
+  static constexpr int tokens = 32 / subsets;       // tokens per lane, block and slot: 8, 16, 32
+  static constexpr int words = tokens / 4;          // code words per lane, block and slot: 2, 4, 8
+  static constexpr int unit = words < 4 ? words : 4;  // words per vector load (8 or 16 bytes)
+  static constexpr int units = words / unit;        // loads per lane, block and slot: 1, 1, 2
+  static_assert(tokens == span, "the transposing reduction pairs span lanes with span partial scores");
 
-  /// Which 16-byte chunk of the block is the lane's q-th load, natural token order (values).
-  __device__ static int chunk(int lane, int q) { return subsets == 2 ? lane : 2 * lane + 64 * (q / 2) + q % 2; }
-  /// The same for keys, whose lanes with mask bit 4 set (one subset of 32 tokens) take their two
-  /// 16-token chunks swapped: the first step of the permuted token order.
-  __device__ static int key_chunk(int lane, int q) {
-    return subsets == 2 ? lane : 2 * lane + 64 * (q / 2) + ((q % 2) ^ ((lane >> 4) & 1));
-  }
+  __device__ static int subset(int lane) { return lane % subsets; }
   /// The lane's mask of the permuted token order: position t of its partial scores holds token
   /// t ^ mask, so that the lanes a halving step pairs hold each other's half in the same place.
-  __device__ static unsigned token_mask(int lane) { return subsets == 2 ? unsigned(lane >> 1) & 15u : unsigned(lane); }
+  __device__ static unsigned token_mask(int lane) { return unsigned(lane / subsets); }
   /// The token of the block whose whole score lane `lane` holds after the reduction.
-  __device__ static int scored_token(int lane) { return (lane % subsets) * tokens + int(token_mask(lane)); }
+  __device__ static int scored_token(int lane) { return subset(lane) * tokens + int(token_mask(lane)); }
   /// The first token of `lane`'s subset (value lanes, natural order).
-  __device__ static int first_token(int lane) { return (lane % subsets) * tokens; }
-  /// Slot and lane of group g's table for token subset s.
-  __host__ __device__ static int slot_of(int g) { return g / (32 / subsets); }
-  __host__ __device__ static int lane_of(int g, int s) { return (g % (32 / subsets)) * subsets + s; }
+  __device__ static int first_token(int lane) { return subset(lane) * tokens; }
+  /// Group of (lane, slot); slot and lane of group g's table for token subset s.
+  __host__ __device__ static int group_of(int lane, int slot) { return lane / subsets + span * slot; }
+  __host__ __device__ static int slot_of(int g) { return g / span; }
+  __host__ __device__ static int lane_of(int g, int s) { return (g % span) * subsets + s; }
+  /// Byte offset in a block of the lane's load u of slot i. Keys take their loads in the permuted
+  /// order (the token mask's bits above those a load's words cover); inside a load the permute is
+  /// done on registers (permute_unit) and, for the lowest two bits, by the byte selectors.
+  __device__ static int load_offset(int lane, int i, int u, bool keys) {
+    const int uu = keys ? u ^ int((token_mask(lane) >> 2) / unit) : u;
+    return 32 * group_of(lane, i) + tokens * subset(lane) + 4 * unit * uu;
+  }
 };
 
-/// Word w (0..3) of a 16-byte chunk.
-__device__ inline unsigned chunk_word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
-
-/// Swaps the chunk's words by `wm` (word index k -> k ^ wm): the middle step of the permuted
-/// token order (token bits 2-3).
-__device__ inline uint4 permute_words(uint4 v, unsigned wm) {
-  if (wm & 2u) v = make_uint4(v.z, v.w, v.x, v.y);
-  if (wm & 1u) v = make_uint4(v.y, v.x, v.w, v.z);
-  return v;
+/// Permutes a load's words by `wm` (word k -> k ^ wm): the token mask's bits 2 .. that a load
+/// covers.
+template <int Unit>
+__device__ inline void permute_unit(unsigned (&w)[Unit], unsigned wm) {
+  if constexpr (Unit == 4) {
+    if (wm & 2u) {
+      const unsigned a = w[0], b = w[1];
+      w[0] = w[2], w[1] = w[3], w[2] = a, w[3] = b;
+    }
+  }
+  if constexpr (Unit >= 2) {
+    if (wm & 1u) {
+#pragma unroll
+      for (int k = 0; k < Unit; k += 2) {
+        const unsigned a = w[k];
+        w[k] = w[k + 1], w[k + 1] = a;
+      }
+    }
+  }
 }
 
-/// Rounds of 32-token blocks per warp: enough 16-byte loads in flight per lane (up to 8) to cover
-/// DRAM latency, without spilling registers.
-CQ_HOST_DEVICE constexpr int byte_round_blocks(int key_chunks, int value_chunks) {
-  const int r = 8 / (key_chunks + value_chunks);
+/// Rounds of 32-token blocks per warp: 32 registers of codes in flight per lane (keys and values;
+/// enough to cover DRAM latency with the L2 prefetch, without spilling).
+CQ_HOST_DEVICE constexpr int byte_round_blocks(int key_words, int value_words) {
+  const int r = 32 / (2 * key_words + 2 * value_words);
   return r >= 4 ? 4 : r >= 2 ? 2 : 1;
 }
 
@@ -112,14 +134,22 @@ __device__ inline float reduce_partial_scores(float (&p)[N]) {
   return p[0];
 }
 
-/// Shared-memory load and atomic add at a 32-bit shared-window address.
+/// Where dynamic shared memory starts in the shared window: after the driver's reserved bytes
+/// (cudaDevAttrReservedSharedMemoryPerBlock; 1 KiB on sm_90). byte_attention_kernel's planes start
+/// there and its table addresses carry this base as an immediate offset (no add per access).
+constexpr int byte_shared_base = 1024;
+
+/// Shared-memory load and atomic add at shared-window address `addr + Imm` (Imm folds into the
+/// instruction).
+template <int Imm>
 __device__ inline float shared_load(unsigned addr) {
   float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(v) : "r"(addr), "n"(Imm));
   return v;
 }
+template <int Imm>
 __device__ inline void shared_add(unsigned addr, unsigned v) {
-  asm volatile("red.shared.add.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+  asm volatile("red.shared.add.u32 [%0+%2], %1;" ::"r"(addr), "r"(v), "n"(Imm) : "memory");
 }
 
 /// Planes of lane-private tables (64 KiB each) for GK key and GV value groups.
@@ -133,97 +163,304 @@ constexpr int plane_bytes = 65536, plane_words = plane_bytes / 4;
 __host__ __device__ constexpr int table_word(int plane, int code, int column) {
   return plane * plane_words + code * 64 + column;
 }
-/// The i-th histogram word, i in [0, slots * 256 * 32): (slot, code, lane) in that order.
-__host__ __device__ constexpr int hist_word(int i) { return table_word(i / (32 * 256), (i / 32) % 256, 32 + i % 32); }
+/// Calls f(uint4&) on this thread's share of the histogram words (columns 32-63 of every row of
+/// the lanes' slots), four at a time: eight threads per row, rows Threads / 8 apart, so every
+/// address is this thread's base plus an immediate.
+template <class VL, int Threads, class F>
+__device__ inline void for_each_hist_quad(float* tab, int tid, F&& f) {
+  constexpr int rows = Threads / 8, passes = 256 / rows;
+  uint4* h = reinterpret_cast<uint4*>(tab + table_word(0, tid / 8, 32 + 4 * (tid % 8)));
+#pragma unroll
+  for (int slot = 0; slot < VL::slots; ++slot)
+#pragma unroll
+    for (int k = 0; k < passes; ++k) f(h[table_word(slot, rows * k, 0) / 4]);
+}
 
-/// Launch shape for GK key and GV value groups. One plane (16 or 32 groups, 64 KiB of tables):
-/// 256 threads, two blocks per multiprocessor, so one block's table fill and final product overlap
-/// the other's scan; the planes' base is then added to each table address. Two planes (64
-/// groups): one 512-thread block per multiprocessor, and the planes start at a 64 KiB-aligned
-/// shared-window address, so the byte permute alone builds each address (see the top).
+/// Row of Cv floats; Vec: 16-byte (Cv % 4 == 0) or 8-byte (Cv == 2) aligned rows, vector loads.
+template <int Cv, bool Vec>
+__device__ inline void load_row(float (&v)[Cv], const float* __restrict__ src) {
+  if constexpr (Vec && Cv % 4 == 0) {
+#pragma unroll
+    for (int c = 0; c < Cv; c += 4) {
+      const float4 x = __ldg(reinterpret_cast<const float4*>(src + c));
+      v[c] = x.x, v[c + 1] = x.y, v[c + 2] = x.z, v[c + 3] = x.w;
+    }
+  } else if constexpr (Vec && Cv == 2) {
+    const float2 x = __ldg(reinterpret_cast<const float2*>(src));
+    v[0] = x.x, v[1] = x.y;
+  } else {
+#pragma unroll
+    for (int c = 0; c < Cv; ++c) v[c] = __ldg(src + c);
+  }
+}
+
+/// Calls f.template operator()<C, Vec>() for centroid rows of C floats (1, 2, 4, 8 or 16) at
+/// `cent`; Vec when every row starts 16-byte (C = 2: 8-byte) aligned, for vector loads.
+template <class F>
+__device__ inline void with_centroid_rows(int C, const float* cent, F&& f) {
+  auto go = [&]<int Cc>() {
+    if constexpr (Cc == 1)
+      f.template operator()<1, false>();
+    else if ((reinterpret_cast<std::uintptr_t>(cent) & (Cc == 2 ? 7u : 15u)) == 0)
+      f.template operator()<Cc, true>();
+    else
+      f.template operator()<Cc, false>();
+  };
+  switch (C) {
+    case 1: go.template operator()<1>(); break;
+    case 2: go.template operator()<2>(); break;
+    case 4: go.template operator()<4>(); break;
+    case 8: go.template operator()<8>(); break;
+    default: go.template operator()<16>(); break;
+  }
+}
+
+/// This head's score tables, code-major: stage[code * (G + 1) + g] = scale * q_g . centroid(g,
+/// code) (the row padded by one word: the stores of consecutive codes hit different banks).
+/// Thread t takes code t % 256 of groups t / 256, t / 256 + Threads / 256, ...: whole centroid
+/// rows, coalesced, loads issued in batches before their products (one L2 round trip per 64
+/// floats); q comes from shared memory (its loads would otherwise be hoisted with the rows').
+template <int G, int C, int Threads, bool Vec>
+__device__ inline void compute_score_table(float* stage, const float* q, const float* __restrict__ cent,
+                                           float scale, int tid) {
+  constexpr int step = Threads / 256, per_thread = G / step;
+  constexpr int batch = per_thread * C <= 64 ? per_thread : (64 / C > 0 ? 64 / C : 1);  // rows per round trip
+  const int code = tid % 256, g0 = tid / 256;
+#pragma unroll
+  for (int k0 = 0; k0 < per_thread; k0 += batch) {
+    float row[batch][C];
+#pragma unroll
+    for (int k = 0; k < batch; ++k)
+      load_row<C, Vec>(row[k], cent + (std::size_t(g0 + step * (k0 + k)) * 256 + code) * C);
+#pragma unroll
+    for (int k = 0; k < batch; ++k) {
+      const int g = g0 + step * (k0 + k);
+      float dot = 0.0f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) dot = fmaf(q[g * C + c], row[k][c], dot);
+      stage[code * (G + 1) + g] = scale * dot;
+    }
+  }
+}
+
+/// Copies the staged score tables into the lanes' columns: thread (row r, lane l) copies rows r,
+/// r + Threads / 32, ... of lane l's groups (conflict-free on both sides).
+template <class KL, int Threads>
+__device__ inline void fill_score_tables(float* tab, const float* stage, int tid) {
+  constexpr int rows = Threads / 32, passes = 256 / rows, stride = KL::groups + 1;
+  const int lane = tid % 32, row = tid / 32;
+  const float* s = stage + row * stride + lane / KL::subsets;
+  float* t = tab + table_word(0, row, lane);
+#pragma unroll
+  for (int k = 0; k < KL::slots * passes; ++k)
+    t[table_word(k / passes, rows * (k % passes), 0)] = s[rows * (k % passes) * stride + KL::span * (k / passes)];
+}
+
+/// out[g * Cv + c] = inv_unit * sum over codes of histogram(g, code) x centroid(g, code)[c], the
+/// value groups' share of the attention output. Threads / G consecutive threads share a group,
+/// each taking every (Threads / G)-th code (whole centroid rows: coalesced, vector loads when
+/// aligned), then sum over shuffles; loads go out in batches.
+template <class VL, int Cv, int Threads, bool Vec>
+__device__ inline void hist_product(const float* tab, const float* __restrict__ cent, float inv_unit, float* out,
+                                   int tid) {
+  constexpr int per_group = Threads / VL::groups, codes = 256 / per_group;
+  // Codes per batch of loads: a power of two dividing `codes`, with batch x (Cv + 1) <= 48 registers.
+  constexpr int batch = [] {
+    int b = 1;
+    while (2 * b <= codes && 2 * b * (Cv + 1) <= 48) b *= 2;
+    return b;
+  }();
+  static_assert(per_group >= 1 && 32 % per_group == 0 && codes % batch == 0, "hist_product: shape");
+  const int g = tid / per_group, sub = tid % per_group;
+  const unsigned* hist = reinterpret_cast<const unsigned*>(tab) + table_word(VL::slot_of(g), sub, 32);
+  const float* c0 = cent + (std::size_t(g) * 256 + sub) * Cv;
+  float acc[Cv];
+#pragma unroll
+  for (int c = 0; c < Cv; ++c) acc[c] = 0.0f;
+#pragma unroll
+  for (int k0 = 0; k0 < codes; k0 += batch) {
+    float cv[batch][Cv], hv[batch];
+#pragma unroll
+    for (int k = 0; k < batch; ++k) load_row<Cv, Vec>(cv[k], c0 + (k0 + k) * per_group * Cv);
+#pragma unroll
+    for (int k = 0; k < batch; ++k) {
+      hv[k] = 0.0f;
+#pragma unroll
+      for (int s = 0; s < VL::subsets; ++s)
+        hv[k] += float(hist[table_word(0, (k0 + k) * per_group, VL::lane_of(g, s))]);
+    }
+#pragma unroll
+    for (int k = 0; k < batch; ++k)
+#pragma unroll
+      for (int c = 0; c < Cv; ++c) acc[c] = fmaf(hv[k], cv[k][c], acc[c]);
+  }
+#pragma unroll
+  for (int o = per_group / 2; o > 0; o /= 2)
+#pragma unroll
+    for (int c = 0; c < Cv; ++c) acc[c] += __shfl_xor_sync(0xFFFFFFFFu, acc[c], o);
+  if (sub == 0)
+#pragma unroll
+    for (int c = 0; c < Cv; ++c) out[g * Cv + c] = acc[c] * inv_unit;
+}
+
+/// A shared-memory barrier object (mbarrier, sm_80+) for split arrive / wait: `count` arrivals
+/// complete a phase; waiting names the phase by its parity.
+__device__ inline void mbarrier_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(unsigned(__cvta_generic_to_shared(bar))), "r"(count)
+               : "memory");
+}
+__device__ inline void mbarrier_arrive(unsigned long long* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared.b64 state, [%0];\n}" ::"r"(
+                   unsigned(__cvta_generic_to_shared(bar)))
+               : "memory");
+}
+__device__ inline void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+    asm volatile(
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+#else
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+#endif
+        : "=r"(done)
+        : "r"(unsigned(__cvta_generic_to_shared(bar))), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+/// e^x with the hardware exp2 (flush-to-zero: e^-huge is 0, no range fix-up branches).
+__device__ inline float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
+/// How far above the round's largest score the running reference is set when it must rise: the
+/// largest weight becomes e^-headroom (2 bits of the fixed point), and the histograms are
+/// rescaled (a pass over all of them) only when a score overtakes the reference, not each time
+/// the maximum creeps up.
+constexpr float byte_headroom = 1.3862944f;  // ln 4
+
+/// Launch shape for GK key and GV value groups: two planes of tables (128 KiB), one 512-thread
+/// block per multiprocessor.
 template <int GK, int GV>
 struct ByteConfig {
   static constexpr int planes = byte_planes<GK, GV>();
-  static constexpr int threads = planes == 1 ? 256 : 512;
+  static constexpr int threads = 512;
   static constexpr int warps = threads / 32;
-  static constexpr bool aligned_planes = planes > 1;
-  static constexpr int round = byte_round_blocks(ByteLanes<GK>::chunks, ByteLanes<GV>::chunks);
+  static constexpr int round = byte_round_blocks(ByteLanes<GK>::words, ByteLanes<GV>::words);
 };
 
-/// Shape and plan of a launch of byte_attention_kernel. Shared memory (bytes from the start of
-/// the dynamic allocation): the planes at `tables_at` (chosen by the host so that they start at a
-/// 64 KiB-aligned shared-window address), the small buffers at `small_at`.
+/// Shape and plan of a launch of byte_attention_kernel. Shared memory: the planes first (at
+/// shared-window address byte_shared_base), then the small buffers at byte `small_at` of the
+/// dynamic allocation.
 struct ByteLayout {
   int D, dense_cap, split_tokens;
-  int tables_at, small_at;
+  int small_at;
   float unit;  // fixed-point scale of the histograms: 2^31 / (most tokens one entry can collect)
 };
 
-/// Words of byte_attention_kernel<GK, GV>'s small buffers: per-warp weights, reductions, the
-/// full-precision tokens' scores and the final product's partial sums.
+/// Words of byte_attention_kernel<GK, GV>'s small buffers: the round barrier, per-warp weights of
+/// two rounds, reductions, the
+/// full-precision tokens' scores, their values' partial sums, the codes' share of the output and
+/// the staged score tables and q.
 template <int GK, int GV>
 CQ_HOST_DEVICE constexpr int byte_small_words(int dense_cap, int D) {
   using Cfg = ByteConfig<GK, GV>;
-  return Cfg::warps * Cfg::round * 32 + 4 * Cfg::warps + dense_cap + Cfg::threads / D * D;
+  return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + dense_cap + Cfg::threads / D * D + D + 256 * (GK + 1) + D;
 }
 
 
-/// Loads the lane's chunks of `R` consecutive blocks starting at `blk`; blocks past the end load
-/// the last block again (their tokens are masked), so no branch. Code pointers not 16-byte
-/// aligned take 4-byte loads.
-template <class Lanes, int R, bool Aligned, bool Keys>
-__device__ inline void load_code_blocks(uint4 (&dst)[R][Lanes::chunks], const std::uint8_t* base, int blk, int nblocks,
-                                        int lane) {
-  constexpr int block_bytes = 32 * 16 * Lanes::chunks;  // G x 32 bytes
+/// The lane's load offsets within a block (bytes), keys or values: [slot][load].
+template <class Lanes, bool Keys>
+__device__ inline void load_offsets(int (&off)[Lanes::slots][Lanes::units], int lane) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const std::uint8_t* b = base + std::size_t(min(blk + r, nblocks - 1)) * block_bytes;
+  for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
-    for (int q = 0; q < Lanes::chunks; ++q) {
-      const std::uint8_t* src = b + 16 * (Keys ? Lanes::key_chunk(lane, q) : Lanes::chunk(lane, q));
-      if constexpr (Aligned) {
-        dst[r][q] = __ldg(reinterpret_cast<const uint4*>(src));
-      } else {
-        const auto* w = reinterpret_cast<const std::uint32_t*>(src);
-        dst[r][q] = make_uint4(__ldg(w), __ldg(w + 1), __ldg(w + 2), __ldg(w + 3));
+    for (int u = 0; u < Lanes::units; ++u) off[i][u] = Lanes::load_offset(lane, i, u, Keys);
+}
+
+/// Unit (2 or 4) words from src; code pointers not 16-byte aligned take 4-byte loads.
+template <int Unit, bool Aligned>
+__device__ inline void load_unit(unsigned* dst, const std::uint8_t* src) {
+  if constexpr (Aligned && Unit == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+  } else if constexpr (Aligned && Unit == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+    dst[0] = v.x, dst[1] = v.y;
+  } else {
+#pragma unroll
+    for (int k = 0; k < Unit; ++k) dst[k] = __ldg(reinterpret_cast<const std::uint32_t*>(src) + k);
+  }
+}
+
+/// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at `blk`. A
+/// round inside the split needs one address per load (the blocks are immediate offsets from it);
+/// at the split's end, blocks past it load the last block again (their tokens are masked).
+template <class Lanes, int R, bool Aligned>
+__device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::words], const std::uint8_t* base,
+                                        const int (&off)[Lanes::slots][Lanes::units], int blk, int nblocks) {
+  constexpr int block_bytes = 32 * Lanes::groups;
+  if (blk + R <= nblocks) {
+    const std::uint8_t* b = base + std::size_t(blk) * block_bytes;
+#pragma unroll
+    for (int i = 0; i < Lanes::slots; ++i)
+#pragma unroll
+      for (int u = 0; u < Lanes::units; ++u) {
+        const std::uint8_t* c = b + off[i][u];
+#pragma unroll
+        for (int r = 0; r < R; ++r) load_unit<Lanes::unit, Aligned>(&dst[r][i][u * Lanes::unit], c + r * block_bytes);
       }
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const std::uint8_t* b = base + std::size_t(min(blk + r, nblocks - 1)) * block_bytes;
+#pragma unroll
+      for (int i = 0; i < Lanes::slots; ++i)
+#pragma unroll
+        for (int u = 0; u < Lanes::units; ++u)
+          load_unit<Lanes::unit, Aligned>(&dst[r][i][u * Lanes::unit], b + off[i][u]);
     }
   }
 }
 
 /// Asks L2 to fetch `R` consecutive code blocks (G x 32 bytes each) starting at block `blk`, without
-/// registers (a bulk prefetch, sm_90): the register loads of later rounds then hit L2, so fewer
-/// DRAM round trips are exposed than the registers alone could cover.
+/// registers (a bulk prefetch, sm_90): the next round's register loads then find their blocks in
+/// L2 or on their way, so fewer DRAM round trips are exposed than the registers alone could cover.
 template <class Lanes, int R>
 __device__ inline void prefetch_code_blocks(const std::uint8_t* base, int blk, int nblocks) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int count = min(R, nblocks - blk);
   if (count <= 0) return;
-  const std::uint8_t* p = base + std::size_t(blk) * (32 * 16 * Lanes::chunks);
+  const std::uint8_t* p = base + std::size_t(blk) * (32 * Lanes::groups);
   if ((reinterpret_cast<std::uintptr_t>(p) & 15u) != 0) return;
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(count * 32 * 16 * Lanes::chunks))
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(count * 32 * Lanes::groups))
                : "memory");
 #endif
 }
 
 template <int GK, int GV>
-__global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<GK, GV>::threads)
-    byte_attention_kernel(AttentionBatch p, ByteLayout L, const float* __restrict__ luts, float* __restrict__ partial,
-                          unsigned stages) {
+__global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
+    byte_attention_kernel(AttentionBatch p, ByteLayout L, float* __restrict__ partial, unsigned stages) {
   using KL = ByteLanes<GK>;
   using VL = ByteLanes<GV>;
   using Cfg = ByteConfig<GK, GV>;
   constexpr int R = Cfg::round, byte_threads = Cfg::threads, byte_warps = Cfg::warps;
   constexpr int round_blocks = byte_warps * R;
   extern __shared__ __align__(16) unsigned char byte_smem[];
-  float* tab = reinterpret_cast<float*>(byte_smem + L.tables_at);  // the planes (layout at the top)
-  unsigned* wbuf = reinterpret_cast<unsigned*>(byte_smem + L.small_at);  // [warps][R * 32]
-  float* red = reinterpret_cast<float*>(wbuf + byte_warps * R * 32);  // [4][warps]
+  float* tab = reinterpret_cast<float*>(byte_smem);  // the planes (layout at the top)
+  auto* round_barrier = reinterpret_cast<unsigned long long*>(byte_smem + L.small_at);  // 16 bytes
+  unsigned* wbuf = reinterpret_cast<unsigned*>(byte_smem + L.small_at + 16);         // [warps][2][R * 32]
+  float* red = reinterpret_cast<float*>(wbuf + byte_warps * 2 * R * 32);            // [4][warps]
   float* dense_score = red + 4 * byte_warps;                          // [dense_cap]
   float* product = dense_score + L.dense_cap;                         // [threads / D][D]
-  const unsigned tables = unsigned(__cvta_generic_to_shared(tab));
-  if (Cfg::aligned_planes && tables % plane_bytes != 0) __trap();  // the host's placement assumption broke
-  const unsigned tbase = Cfg::aligned_planes ? 0u : tables;
+  float* code_part = product + byte_threads / L.D * L.D;              // [D]
+  float* stage = code_part + L.D;                                     // [256][GK + 1]
+  float* q_shared = stage + 256 * (GK + 1);                           // [D]
+  // The table addresses' immediate offset assumes this (the host checks the reserved size).
+  if (unsigned(__cvta_generic_to_shared(tab)) != unsigned(byte_shared_base)) __trap();
 
   const int group = p.q_heads / p.kv_heads;
   const int split = blockIdx.y, b = blockIdx.z / p.kv_heads, kvh = blockIdx.z % p.kv_heads;
@@ -237,25 +474,18 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const float* q = p.q + std::size_t(bh) * D;
 
-  // Tables: this head's score tables (lut_code_major_kernel wrote them code-major: [code][group])
-  // into the lanes' columns; histograms zeroed.
-  if (n > 0 && (stages & stage_lut)) {
-    // All of a thread's loads are issued before its stores: one L2 round trip, not one per entry.
-    const float* src = luts + std::size_t(bh) * 256 * GK;
-    constexpr int per_thread = KL::slots * 256 * 32 / byte_threads;  // 16 .. 64
-    float v[per_thread];
-#pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const int i = tid + k * byte_threads, l = i % 32, j = (i / 32) % 256, slot = i / (32 * 256);
-      v[k] = __ldg(src + j * GK + l / KL::subsets + (32 / KL::subsets) * slot);
-    }
-#pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const int i = tid + k * byte_threads;
-      tab[table_word(i / (32 * 256), (i / 32) % 256, i % 32)] = v[k];
-    }
+  for_each_hist_quad<VL, byte_threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
+  for (int d = tid; d < D; d += byte_threads) q_shared[d] = q[d];
+  if (tid == 0) mbarrier_init(round_barrier, byte_warps);
+  __syncthreads();
+  // This head's score tables (staged; copied into the lanes' columns after the next barrier).
+  const bool tables = n > 0 && (stages & stage_lut);
+  if (tables) {
+    const float* cent = p.key_codebooks[kvh].centroids;
+    with_centroid_rows(D / GK, cent, [&]<int C, bool Vec>() {
+      compute_score_table<GK, C, byte_threads, Vec>(stage, q_shared, cent, scale, tid);
+    });
   }
-  for (int i = tid; i < VL::slots * 256 * 32; i += byte_threads) tab[hist_word(i)] = 0.0f;
 
   // Full-precision tokens (sinks and window; split 0): a warp per token, four tokens' loads in
   // flight at once. Their maximum starts the running reference.
@@ -283,6 +513,8 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
   }
   if (lane == 0) red[2 * byte_warps + warp] = dmax;
   __syncthreads();
+  if (tables) fill_score_tables<KL, byte_threads>(tab, stage, tid);
+  __syncthreads();
   float ref = -FLT_MAX;
   for (int w = 0; w < byte_warps; ++w) ref = fmaxf(ref, red[2 * byte_warps + w]);
 
@@ -291,18 +523,20 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
   const bool aligned = ((reinterpret_cast<std::uintptr_t>(codes.key_codes) |
                          reinterpret_cast<std::uintptr_t>(codes.value_codes)) & 15u) == 0;
   const bool scan = stages & stage_scan, accumulate = stages & stage_hist;
+  int koff[KL::slots][KL::units], voff[VL::slots][VL::units];
+  load_offsets<KL, true>(koff, lane);
+  load_offsets<VL, false>(voff, lane);
   // Per-lane constants of the addressing: the byte permute keeps bytes 0, 2, 3 of `base` (plane
-  // base | column * 4) and puts the code in byte 1. Key selectors carry the token permutation's
-  // low two bits; its bits 2-3 are word swaps.
-  const unsigned kmask = KL::token_mask(lane), kwords = (kmask >> 2) & 3u;
+  // offset | column * 4) and puts the code in byte 1. Key selectors carry the token permutation's
+  // low two bits; the bits above are word swaps inside a load (kwords) and the loads' order.
+  const unsigned kmask = KL::token_mask(lane), kwords = (kmask >> 2) % unsigned(KL::unit);
   unsigned ksel[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) ksel[k] = 0x7604u | ((unsigned(k) ^ (kmask & 3u)) << 4);
-  const unsigned kcol = (Cfg::aligned_planes ? tables : 0u) + unsigned(lane) * 4, vcol = kcol + 128;
-  float wsum = 0.0f;  // this lane's fixed-point weights, as float
-  unsigned* my_weights = wbuf + warp * R * 32;
-  // Rounds ahead of the register loads that L2 is asked to fetch.
-  constexpr int prefetch_rounds = 2;
+  const unsigned col = unsigned(lane) * 4;
+  // This lane's fixed-point weights: at most one token per block, each <= unit, so < 2^28.
+  unsigned wsum = 0;
+  unsigned* my_weights = wbuf + warp * 2 * R * 32;  // two rounds' weights
   // The scan, compiled for 16-byte and for 4-byte aligned code pointers (block-uniform choice).
   // Thread 0 asks for a whole round, one bulk request per codes array that the stages read.
   auto prefetch_round = [&](int r) {
@@ -311,98 +545,121 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
     if (accumulate) prefetch_code_blocks<VL, round_blocks>(vbase, r * round_blocks, nblocks);
   };
   auto scan_split = [&]<bool Aligned>() {
-    uint4 kq[R][KL::chunks], vq[R][VL::chunks];
+    unsigned kq[R][KL::slots][KL::words], vq[R][VL::slots][VL::words];
     if (n > 0) {
-      if (scan) load_code_blocks<KL, R, Aligned, true>(kq, kbase, warp * R, nblocks, lane);
-      if (accumulate) load_code_blocks<VL, R, Aligned, false>(vq, vbase, warp * R, nblocks, lane);
-      for (int ahead = 1; ahead <= prefetch_rounds; ++ahead) prefetch_round(ahead);
+      if (scan) load_code_blocks<KL, R, Aligned>(kq, kbase, koff, warp * R, nblocks);
+      if (accumulate) load_code_blocks<VL, R, Aligned>(vq, vbase, voff, warp * R, nblocks);
     }
-    for (int round = 0; round * round_blocks < nblocks; ++round) {
-      const int blk0 = round * round_blocks + warp * R;
-      prefetch_round(round + prefetch_rounds + 1);
-      // Scores: lookups into the lane's own tables in the permuted token order, then the
-      // shuffle reduction.
-      float s[R];
+    // A round's value histograms: its weights (in `weights`) x its value codes (in vq), then vq
+    // gets the codes of the blocks from `next` on.
+    auto accumulate_round = [&](const unsigned* weights, int next, bool reload) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float part[KL::tokens];
+        unsigned u[VL::tokens];
+        const uint4* w4 = reinterpret_cast<const uint4*>(weights + r * 32 + VL::first_token(lane));
 #pragma unroll
-        for (int i = 0; i < KL::slots; ++i) {
-          const unsigned plane = kcol + unsigned(i) * plane_bytes;
+        for (int t = 0; t < VL::tokens / 4; ++t) {
+          const uint4 v = w4[t];
+          u[4 * t] = v.x;
+          u[4 * t + 1] = v.y;
+          u[4 * t + 2] = v.z;
+          u[4 * t + 3] = v.w;
+        }
+        // Unconditional: skipping zero weights costs a divergent branch per token, more than
+        // the atomic it saves.
 #pragma unroll
-          for (int c = 0; c < KL::tokens / 16; ++c) {  // 16-token chunks of slot i
-            const uint4 v = permute_words(kq[r][KL::subsets == 2 ? 0 : 2 * i + c], kwords);
+        for (int i = 0; i < VL::slots; ++i) {
+          const unsigned plane = col + unsigned(i) * plane_bytes;
 #pragma unroll
-            for (int t = 0; t < 16; ++t) {
-              const float e = scan ? shared_load(tbase + __byte_perm(chunk_word(v, t / 4), plane, ksel[t % 4])) : 0.0f;
-              part[16 * c + t] = i == 0 ? e : part[16 * c + t] + e;
+          for (int t = 0; t < VL::tokens; ++t)
+            shared_add<byte_shared_base + 128>(__byte_perm(vq[r][i][t / 4], plane, 0x7604u | unsigned(t % 4) << 4), u[t]);
+        }
+      }
+      if (reload) load_code_blocks<VL, R, Aligned>(vq, vbase, voff, next, nblocks);
+      __syncwarp();  // the weights buffer is rewritten two rounds on
+    };
+    const int rounds = (nblocks + round_blocks - 1) / round_blocks;
+    for (int round = 0; round < rounds; ++round) {
+      const int blk0 = round * round_blocks + warp * R;
+      // L2 fetches the next round's blocks while this one computes; the register loads for them
+      // go out after this round's lookups. (Measured: prefetching two rounds further ahead was
+      // 6% slower -- the prefetches crowd L2.)
+      prefetch_round(round + 1);
+      // Scores: lookups into the lane's own tables in the permuted token order, then the
+      // shuffle reduction. (The stage switch is per round, so the lookups carry no predicate.)
+      float s[R];
+      if (scan) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float part[KL::tokens];
+#pragma unroll
+          for (int i = 0; i < KL::slots; ++i) {
+            const unsigned plane = col + unsigned(i) * plane_bytes;
+#pragma unroll
+            for (int u = 0; u < KL::units; ++u) {
+              unsigned w[KL::unit];
+#pragma unroll
+              for (int x = 0; x < KL::unit; ++x) w[x] = kq[r][i][u * KL::unit + x];
+              permute_unit(w, kwords);
+#pragma unroll
+              for (int t = 0; t < 4 * KL::unit; ++t) {
+                const float e = shared_load<byte_shared_base>(__byte_perm(w[t / 4], plane, ksel[t % 4]));
+                const int at = 4 * KL::unit * u + t;
+                part[at] = i == 0 ? e : part[at] + e;
+              }
             }
           }
+          const float total = reduce_partial_scores(part);
+          s[r] = (blk0 + r) * 32 + KL::scored_token(lane) < n ? total : -FLT_MAX;
         }
-        const float total = reduce_partial_scores(part);
-        const int token = (blk0 + r) * 32 + KL::scored_token(lane);
-        s[r] = token < n ? total : -FLT_MAX;
+        load_code_blocks<KL, R, Aligned>(kq, kbase, koff, blk0 + round_blocks, nblocks);
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = (blk0 + r) * 32 + KL::scored_token(lane) < n ? 0.0f : -FLT_MAX;
       }
-      if (scan) load_code_blocks<KL, R, Aligned, true>(kq, kbase, blk0 + round_blocks, nblocks, lane);
-      // Block maximum of the round; raise the reference (and rescale what is accumulated) if needed.
+      // Block maximum of the round, over a split barrier: a warp posts its maximum, adds the
+      // previous round's weights into the histograms while the others catch up, then waits.
       float m = s[0];
 #pragma unroll
       for (int r = 1; r < R; ++r) m = fmaxf(m, s[r]);
       m = warp_max(m);
       float* round_red = red + (round & 1) * byte_warps;
-      if (lane == 0) round_red[warp] = m;
-      __syncthreads();
+      if (lane == 0) {
+        round_red[warp] = m;
+        mbarrier_arrive(round_barrier);
+      }
+      if (accumulate && round > 0) accumulate_round(my_weights + ((round - 1) & 1) * R * 32, blk0, true);
+      mbarrier_wait(round_barrier, unsigned(round) & 1u);
       float M = -FLT_MAX;
       for (int w = 0; w < byte_warps; ++w) M = fmaxf(M, round_red[w]);
+      // Raise the reference (and rescale what is accumulated) if a score overtook it.
       if (M > ref) {  // block-uniform
+        const float raised = M + byte_headroom;
         if (ref > -FLT_MAX) {
-          const float f = __expf(ref - M);
-          for (int i = tid; i < VL::slots * 256 * 32; i += byte_threads) {
-            unsigned& h = reinterpret_cast<unsigned*>(tab)[hist_word(i)];
-            h = __float2uint_rn(float(h) * f);
-          }
-          wsum *= f;
+          __syncthreads();  // every warp's additions of the previous round are in
+          const float f = __expf(ref - raised);
+          for_each_hist_quad<VL, byte_threads>(tab, tid, [f](uint4& h) {
+            const uint4 v = h;
+            h = make_uint4(__float2uint_rn(float(v.x) * f), __float2uint_rn(float(v.y) * f),
+                           __float2uint_rn(float(v.z) * f), __float2uint_rn(float(v.w) * f));
+          });
+          wsum = __float2uint_rn(float(wsum) * f);
           __syncthreads();
         }
-        ref = M;
+        ref = raised;
       }
-      // Weights as fixed point, published per warp in token order for the value lanes.
+      // Weights as fixed point (masked tokens: e^-huge = 0), published per warp in token order
+      // for the value lanes (added next round, or after the loop).
+      unsigned* weights = my_weights + (round & 1) * R * 32;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const unsigned u = s[r] > -FLT_MAX ? __float2uint_rn(__expf(s[r] - ref) * L.unit) : 0u;
-        wsum += float(u);
-        my_weights[r * 32 + KL::scored_token(lane)] = u;
+        const unsigned u = __float2uint_rn(exp_ftz(s[r] - ref) * L.unit);
+        wsum += u;
+        weights[r * 32 + KL::scored_token(lane)] = u;
       }
       __syncwarp();
-      if (accumulate) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          unsigned u[VL::tokens];
-          const uint4* w4 = reinterpret_cast<const uint4*>(my_weights + r * 32 + VL::first_token(lane));
-#pragma unroll
-          for (int t = 0; t < VL::tokens / 4; ++t) {
-            const uint4 v = w4[t];
-            u[4 * t] = v.x;
-            u[4 * t + 1] = v.y;
-            u[4 * t + 2] = v.z;
-            u[4 * t + 3] = v.w;
-          }
-          // Unconditional: skipping zero weights costs a divergent branch per token, more than
-          // the atomic it saves.
-#pragma unroll
-          for (int i = 0; i < VL::slots; ++i) {
-            const unsigned plane = vcol + unsigned(i) * plane_bytes;
-#pragma unroll
-            for (int t = 0; t < VL::tokens; ++t) {
-              const uint4& v = vq[r][VL::subsets == 2 ? 0 : 2 * i + t / 16];
-              shared_add(tbase + __byte_perm(chunk_word(v, (t % 16) / 4), plane, 0x7604u | unsigned(t % 4) << 4), u[t]);
-            }
-          }
-        }
-        load_code_blocks<VL, R, Aligned, false>(vq, vbase, blk0 + round_blocks, nblocks, lane);
-      }
-      __syncwarp();  // my_weights is rewritten next round
     }
+    if (accumulate && rounds > 0) accumulate_round(my_weights + ((rounds - 1) & 1) * R * 32, 0, false);
   };
   if (aligned)
     scan_split.template operator()<true>();
@@ -410,39 +667,27 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
     scan_split.template operator()<false>();
 
   // Weight sum, then out = (histograms x value centroids + full-precision part) / unit-scaled.
-  wsum = warp_sum(wsum);
-  if (lane == 0) red[3 * byte_warps + warp] = wsum;
+  const float lane_weights = warp_sum(float(wsum));
+  if (lane == 0) red[3 * byte_warps + warp] = lane_weights;
   __syncthreads();
   float total = 0.0f;
   for (int w = 0; w < byte_warps; ++w) total += red[3 * byte_warps + w];
   total *= 1.0f / L.unit;
   const CodebookView vcb = p.value_codebooks[kvh];
-  const int Cv = int(vcb.channels), parts = byte_threads / D;
+  const bool codes_part = n > 0 && (stages & stage_product);
+  if (codes_part) {
+    const float inv = 1.0f / L.unit;
+    const float* cent = vcb.centroids;
+    with_centroid_rows(D / GV, cent, [&]<int Cv, bool Vec>() {
+      hist_product<VL, Cv, byte_threads, Vec>(tab, cent, inv, code_part, tid);
+    });
+  }
+  // The full-precision tokens: thread (part, d) takes tokens part, part + parts, ...; loads in
+  // batches of 8, ahead of use.
+  const int parts = byte_threads / D;
   for (int e = tid; e < parts * D; e += byte_threads) {
-    const int part = e / D, d = e % D, g = d / Cv, c = d % Cv;
-    const int slot = VL::slot_of(g);
-    const float* cent = vcb.centroids + std::size_t(g) * 256 * Cv + c;
+    const int part = e / D, d = e % D;
     float acc = 0.0f;
-    // Codes part, part + parts, ...: 32 centroid loads issued before their products (one L2
-    // round trip per 32 codes, not per code).
-    if (n > 0 && (stages & stage_product))
-      for (int k0 = 0; k0 < 256 / parts; k0 += 32) {
-        float cv[32], hv[32];
-#pragma unroll
-        for (int k = 0; k < 32; ++k) cv[k] = __ldg(cent + std::size_t(part + parts * (k0 + k)) * Cv);
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          hv[k] = 0.0f;
-#pragma unroll
-          for (int sub = 0; sub < VL::subsets; ++sub)
-            hv[k] += float(reinterpret_cast<const unsigned*>(
-                tab)[table_word(slot, part + parts * (k0 + k), 32 + VL::lane_of(g, sub))]);
-        }
-#pragma unroll
-        for (int k = 0; k < 32; ++k) acc = fmaf(hv[k], cv[k], acc);
-      }
-    acc *= 1.0f / L.unit;
-    // The full-precision tokens part, part + parts, ...: loads in batches of 8, ahead of use.
     const float* dv = seq.dense_values + std::size_t(kvh) * seq.dense * D + d;
     for (int j0 = part; j0 < ndense; j0 += 8 * parts) {
       float vv[8];
@@ -454,16 +699,20 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 512 / ByteConfig<
     }
     product[e] = acc;
   }
+  // The weight sum, with the full-precision tokens' weights.
+  for (int j = 0; j < ndense; ++j) total += __expf(dense_score[j] - ref);
   __syncthreads();
   for (int d = tid; d < D; d += byte_threads) {
-    float o = 0.0f;
+    float o = codes_part ? code_part[d] : 0.0f;
     for (int part = 0; part < parts; ++part) o += product[part * D + d];
+    if (gridDim.y == 1) {  // one split: the block's result is the output (no combine_kernel)
+      p.out[std::size_t(bh) * D + d] = total > 0.0f ? o / total : 0.0f;
+      continue;
+    }
     float* dst = partial + (std::size_t(bh) * gridDim.y + split) * (2 + D);
-    if (d == 0) {  // the weight sum, with the full-precision tokens' weights
-      float t = total;
-      for (int j = 0; j < ndense; ++j) t += __expf(dense_score[j] - ref);
-      dst[0] = t > 0.0f ? ref : -FLT_MAX;
-      dst[1] = t;
+    if (d == 0) {
+      dst[0] = total > 0.0f ? ref : -FLT_MAX;
+      dst[1] = total;
     }
     dst[2 + d] = o;
   }
