@@ -84,7 +84,7 @@ namespace {
 // token of each against the CPU cache's attention.
 double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks, std::size_t group,
                    const std::vector<std::size_t>& lengths, std::uint64_t seed,
-                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic) {
+                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic, bool misaligned = false) {
   KVCacheConfig cfg;
   cfg.head_dim = D;
   cfg.kv_heads = 2;
@@ -133,7 +133,7 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
     batch.push_back(std::move(seq));
   }
   const std::vector<float> got =
-      gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)), kernel);
+      gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)), kernel, nullptr, misaligned);
   std::vector<double> r(ref.begin(), ref.end());
   return test::relative_error(got.data(), r);
 }
@@ -173,6 +173,19 @@ TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of 
     CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::byte_codes) < 1e-3);
     CHECK(batch_error(128, 2, 8, 0, 0, 1, {70000}, 998, gpu_test::Kernel::byte_codes) < 1e-3);
   }
+}
+
+TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte alignment match the CPU") {
+  // Engines may hand over codes and codebooks at any 4-byte-aligned address; the kernels then take
+  // their 4-byte-load paths (codes) and scalar centroid rows (tables and product).
+  require_device();
+  for (const auto& [D, C] : {std::pair<std::size_t, std::size_t>{128, 8}, {128, 4}, {128, 2}, {64, 1}})
+    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
+      CAPTURE(D);
+      CAPTURE(C);
+      CAPTURE(int(kernel));
+      CHECK(batch_error(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}, 77 + C, kernel, true) < 1e-3);
+    }
 }
 
 TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point histograms without overflow") {

@@ -35,7 +35,7 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
 
 std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
                              const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, Kernel kernel, int* splits_used) {
+                             float scale, Kernel kernel, int* splits_used, bool misaligned) {
   const int kv_heads = static_cast<int>(key_cb.size());
   std::vector<cuda::DeviceCodebook> dk, dv;
   std::vector<CodebookView> kviews, vviews;
@@ -47,6 +47,21 @@ std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vec
     kviews.push_back(dk[h].view());
     vviews.push_back(dv[h].view());
   }
+  // Misaligned: centroid tables one float, code buffers 4 bytes past the allocation's start.
+  std::vector<cuda::DeviceBuffer<float>> shifted_centroids;
+  if (misaligned)
+    for (int h = 0; h < kv_heads; ++h)
+      for (const auto& [cb, view] : {std::pair{&key_cb[h], &kviews[h]}, std::pair{&value_cb[h], &vviews[h]}}) {
+        shifted_centroids.emplace_back(cb->size() + 1);
+        shifted_centroids.back().upload(cb->data(), cb->size(), nullptr, 1);
+        view->centroids = shifted_centroids.back().data() + 1;
+      }
+  const std::size_t shift = misaligned ? 4 : 0;
+  auto device_codes = [&](const std::vector<std::uint8_t>& host) {
+    cuda::DeviceBuffer<std::uint8_t> d(host.size() + shift);
+    d.upload(host.data(), host.size(), nullptr, shift);
+    return d;
+  };
   std::vector<cuda::DeviceBuffer<std::uint8_t>> code_bufs;
   std::vector<cuda::DeviceBuffer<float>> dense_bufs;
   std::vector<cuda::DeviceKVCodes> codes;
@@ -54,9 +69,9 @@ std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vec
   int max_coded = 0, max_dense = 0;
   for (const Sequence& s : batch) {
     for (int h = 0; h < kv_heads; ++h) {
-      code_bufs.emplace_back(s.key_codes[h]);
-      code_bufs.emplace_back(s.value_codes[h]);
-      codes.push_back({code_bufs[code_bufs.size() - 2].data(), code_bufs.back().data()});
+      code_bufs.push_back(device_codes(s.key_codes[h]));
+      code_bufs.push_back(device_codes(s.value_codes[h]));
+      codes.push_back({code_bufs[code_bufs.size() - 2].data() + shift, code_bufs.back().data() + shift});
     }
     dense_bufs.emplace_back(s.dense_keys);
     dense_bufs.emplace_back(s.dense_values);

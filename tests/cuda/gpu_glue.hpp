@@ -31,9 +31,12 @@ struct Sequence {
 /// Which kernel FusedAttention runs (cq::cuda::FusedAttention::Kernel, without CUDA headers).
 enum class Kernel { automatic, general, byte_codes };
 /// Fused attention for a batch; q is [batch][q_heads][head_dim]. Returns the output likewise.
+/// `misaligned` places every code buffer 4 bytes and every centroid table one float past a
+/// 16-byte boundary (the kernels' narrow-load paths).
 std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
                              const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, Kernel kernel = Kernel::automatic, int* splits_used = nullptr);
+                             float scale, Kernel kernel = Kernel::automatic, int* splits_used = nullptr,
+                             bool misaligned = false);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

@@ -90,8 +90,8 @@ struct ByteLanes {
   }
 };
 
-/// Permutes a load's words by `wm` (word k -> k ^ wm): the token mask's bits 2 .. that a load
-/// covers.
+/// Permutes a load's words by `wm` (word k -> k ^ wm): the bits of the token mask, from bit 2 up,
+/// that fall inside one load.
 template <int Unit>
 __device__ inline void permute_unit(unsigned (&w)[Unit], unsigned wm) {
   if constexpr (Unit == 4) {
@@ -121,7 +121,7 @@ CQ_HOST_DEVICE constexpr int byte_round_blocks(int key_words, int value_words) {
 /// Sums N partial scores per lane (in the permuted token order) over the lanes that differ in
 /// lane bits 5 - log2(N) .. 4: each halving step keeps positions [0, M) and adds the partner's
 /// positions [M, 2M), which hold the same tokens. Each lane ends with one token's total, token
-/// scored_token(lane). N = 16 or 32: 15 or 31 shuffle-and-add pairs per 32 tokens.
+/// scored_token(lane). N = 8, 16 or 32: 7, 15 or 31 shuffle-and-add pairs per 32 tokens.
 template <int M, int Off, int N>
 __device__ inline void halve_partial_scores(float (&p)[N]) {
 #pragma unroll
