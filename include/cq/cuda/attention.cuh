@@ -504,7 +504,7 @@ class FusedAttention {
     detail::ByteLayout L{};
     L.D = s.head_dim;
     L.dense_cap = s.max_dense;
-    L.small_at = detail::byte_planes<GK, GV>() * detail::plane_bytes;
+    L.small_at = detail::ByteConfig<GK, GV>::planes * detail::plane_bytes;
     *bytes = std::size_t(L.small_at) + std::size_t(detail::byte_small_words<GK, GV>(s.max_dense, s.head_dim)) * 4;
     return L;
   }

@@ -152,11 +152,7 @@ __device__ inline void shared_add(unsigned addr, unsigned v) {
   asm volatile("red.shared.add.u32 [%0+%2], %1;" ::"r"(addr), "r"(v), "n"(Imm) : "memory");
 }
 
-/// Planes of lane-private tables (64 KiB each) for GK key and GV value groups.
-template <int GK, int GV>
-CQ_HOST_DEVICE constexpr int byte_planes() {
-  return ByteLanes<GK>::slots > ByteLanes<GV>::slots ? ByteLanes<GK>::slots : ByteLanes<GV>::slots;
-}
+/// A plane of lane-private tables: 64 KiB (layout at the top).
 constexpr int plane_bytes = 65536, plane_words = plane_bytes / 4;
 /// Word index, from the first plane, of (plane, code, column); columns 0-31 are the lanes' score
 /// table entries, 32-63 their histogram entries.
@@ -346,7 +342,8 @@ constexpr float byte_headroom = 1.3862944f;  // ln 4
 /// block per multiprocessor.
 template <int GK, int GV>
 struct ByteConfig {
-  static constexpr int planes = byte_planes<GK, GV>();
+  static_assert(ByteLanes<GK>::slots == ByteLanes<GV>::slots, "key and value slots share the planes");
+  static constexpr int planes = ByteLanes<GK>::slots;
   static constexpr int threads = 512;
   static constexpr int warps = threads / 32;
   static constexpr int round = byte_round_blocks(ByteLanes<GK>::words, ByteLanes<GV>::words);
