@@ -21,6 +21,7 @@
 #include "cq/backend/native.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/centroid_copy.hpp"
 #include "cq/element.hpp"
 #include "cq/error.hpp"
 #include "cq/executor.hpp"
@@ -292,20 +293,10 @@ class HeadAttention {
     for (std::size_t g = 0; g < G; ++g) load_group_codes(kv_.key_codes, g, t0, n, codes + g, G);
     for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
       const std::uint32_t* code = codes + i * G;
-      for (std::size_t g = 0; g < G; ++g) copy_centroid(k + g * C, kcb.centroids + (g * K + code[g]) * C, C);
+      for (std::size_t g = 0; g < G; ++g) cq::detail::put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
       rotate_row(k, stepper);
       for (std::size_t h = 0; h < heads_; ++h)
         sc.scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
-    }
-  }
-  // Fixed-size copies for the common group widths (inlined as vector moves; a runtime-size
-  // memcpy of 32 bytes is a library call).
-  static void copy_centroid(float* __restrict dst, const float* __restrict src, std::size_t C) {
-    switch (C) {
-      case 4: std::memcpy(dst, src, 4 * sizeof(float)); break;
-      case 8: std::memcpy(dst, src, 8 * sizeof(float)); break;
-      case 16: std::memcpy(dst, src, 16 * sizeof(float)); break;
-      default: std::copy_n(src, C, dst);
     }
   }
 

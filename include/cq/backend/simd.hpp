@@ -10,6 +10,7 @@
 #include "cq/backend/scalar.hpp"
 #include "cq/backend/simd_attention.hpp"
 #include "cq/codebook.hpp"
+#include "cq/detail/centroid_copy.hpp"
 #include "cq/detail/simd_isa.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
@@ -68,23 +69,6 @@ void assign_all(const GroupCodebookView& cb, ConstMatrixView<T> pts, std::uint32
   for (; i < pts.rows; ++i) assign_points<Isa, NR, 1>(cb, pts, i, codes);
 }
 
-/// Copies `C` floats of a centroid into an output row, converting to T. Fixed-size copies for the
-/// common group widths so the compiler emits one or two vector moves.
-template <element_type T>
-CQ_ALWAYS_INLINE void put_centroid(const float* CQ_RESTRICT c, std::size_t C, T* CQ_RESTRICT out) {
-  if constexpr (std::is_same_v<T, float>) {
-    switch (C) {
-      case 2: std::memcpy(out, c, 2 * sizeof(float)); return;
-      case 4: std::memcpy(out, c, 4 * sizeof(float)); return;
-      case 8: std::memcpy(out, c, 8 * sizeof(float)); return;
-      case 16: std::memcpy(out, c, 16 * sizeof(float)); return;
-      default: std::memcpy(out, c, C * sizeof(float)); return;
-    }
-  } else {
-    for (std::size_t j = 0; j < C; ++j) out[j] = from_float<T>(c[j]);
-  }
-}
-
 }  // namespace detail_simd
 
 template <class Isa>
@@ -129,7 +113,7 @@ struct Simd : SimdAttentionOps<Isa> {
         detail::load_group_codes(codes, g, t, take, tmp);
         const float* base = cb.centroids + g * cb.num_centroids() * C;
         for (std::size_t k = 0; k < take; ++k)
-          detail_simd::put_centroid(base + tmp[k] * C, C, out.row(r + k) + g * C);
+          cq::detail::put_centroid(base + tmp[k] * C, C, out.row(r + k) + g * C);
       }
     });
   }
