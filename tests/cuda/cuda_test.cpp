@@ -188,6 +188,59 @@ TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte al
     }
 }
 
+TEST_CASE("cuda fused attention: a dominant full-precision sink leaves the coded tokens' small weights accurate") {
+  // One full-precision sink and 40000 coded tokens that all carry code 0 (keys and values). The
+  // query is a multiple of the sink's key such that every coded token scores 13.4 below the sink:
+  // each weighs e^-13.4 = 1.5e-6 of it (under half the fixed-point step of histograms taken
+  // relative to the sink, 2^-18), together 6% of the output. Reference in double. A batch of 8
+  // such sequences with 32 query heads (one KV head) keeps the splits long, as in serving; the
+  // sink's split holds half the coded tokens or more.
+  require_device();
+  for (std::size_t C : {8u, 4u, 2u})
+    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
+      const std::size_t D = 128, n = 40000;
+      const Codebook kcb = test::random_codebook(D, C, 8, 11), vcb = test::random_codebook(D, C, 8, 12);
+      gpu_test::Sequence seq;
+      seq.coded = std::uint32_t(n);
+      seq.dense = 1;
+      seq.key_codes.assign(1, std::vector<std::uint8_t>(packed_code_bytes(n, D / C, 8), 0));
+      seq.value_codes = seq.key_codes;
+      seq.dense_keys = test::random_normal(D, 13);
+      seq.dense_values = test::random_normal(D, 14);
+      const double scale = 1.0 / std::sqrt(double(D));
+      double sink_dot = 0.0, coded_dot = 0.0;  // k . k and k . centroid(code 0)
+      for (std::size_t d = 0; d < D; ++d) {
+        sink_dot += double(seq.dense_keys[d]) * seq.dense_keys[d];
+        coded_dot += double(seq.dense_keys[d]) * kcb.centroid(d / C, 0, d % C);
+      }
+      REQUIRE(sink_dot > coded_dot);
+      const double lambda = 13.4 / (scale * (sink_dot - coded_dot));
+      std::vector<float> q(D);
+      for (std::size_t d = 0; d < D; ++d) q[d] = float(lambda * seq.dense_keys[d]);
+      double s_sink = 0.0, s_coded = 0.0;  // the scores of the float query, in double
+      for (std::size_t d = 0; d < D; ++d) {
+        s_sink += scale * double(q[d]) * seq.dense_keys[d];
+        s_coded += scale * double(q[d]) * kcb.centroid(d / C, 0, d % C);
+      }
+      const double w = double(n) * std::exp(s_coded - s_sink);  // the coded tokens' total weight
+      std::vector<double> expected(D);
+      for (std::size_t d = 0; d < D; ++d)
+        expected[d] = (seq.dense_values[d] + w * vcb.centroid(d / C, 0, d % C)) / (1.0 + w);
+      constexpr int batch = 8, q_heads = 32;
+      std::vector<float> qs;
+      std::vector<double> all_expected;
+      for (int i = 0; i < batch * q_heads; ++i) {
+        qs.insert(qs.end(), q.begin(), q.end());
+        all_expected.insert(all_expected.end(), expected.begin(), expected.end());
+      }
+      const std::vector<float> got = gpu_test::attention({kcb}, {vcb}, std::vector<gpu_test::Sequence>(batch, seq), qs,
+                                                         q_heads, int(D), float(scale), kernel);
+      CAPTURE(C);
+      CAPTURE(int(kernel));
+      CHECK(test::relative_error(got.data(), all_expected) < 1e-3);
+    }
+}
+
 TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point histograms without overflow") {
   // Every token has the same key and value codes, so every weight is exactly 1 and one histogram
   // entry per group collects all of them: the worst case of the fixed-point accumulation. The

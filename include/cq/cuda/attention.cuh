@@ -46,6 +46,8 @@ namespace cq::cuda::detail {
 
 constexpr int attn_threads = 256;
 constexpr int attn_warps = attn_threads / 32;
+/// How far below a full-precision token the general kernel's reference may stay (see pass 1).
+constexpr float dense_reach = 60.0f;
 /// Fixed-point scale of the histograms: a split of n tokens sums at most n weights <= 1, so the
 /// scale is the largest power of two with n x scale < 2^32 (2^19 for 4096 tokens).
 inline float hist_unit_for(int split_tokens) {
@@ -222,10 +224,13 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionBatch 
         s = scale * warp_sum(s);
       }
       if (lane == 0) score[h * L.score_stride() + L.split_tokens + j] = s;
-      lmax[h] = fmaxf(lmax[h], s);
+      // A full-precision token raises the reference only to within dense_reach of itself: the
+      // coded tokens' fixed-point weights stay relative to their own maximum (a dominant sink
+      // would round them all to zero), and the dense weights, in float, stay below e^dense_reach.
+      lmax[h] = fmaxf(lmax[h], s - dense_reach);
     }
   }
-  // Block maximum per head: the reference the weights are taken against (all weights <= 1).
+  // Block maximum per head: the reference the weights are taken against (coded weights <= 1).
 #pragma unroll
   for (int h = 0; h < HG; ++h) {
     const float m = warp_max(lmax[h]);
@@ -544,15 +549,20 @@ class FusedAttention {
   }
 
   void run_byte_codes(const AttentionBatch& batch, const Shape& s, cudaStream_t stream, unsigned stages) {
-    with_byte_groups(s, [&]<int GK, int GV>() { launch_byte_codes<GK, GV>(batch, s, stream, stages); });
+    with_byte_groups(s, [&]<int GK, int GV>() {
+      // 2-channel value groups at D = 128: value rows summed in registers (no histograms).
+      if constexpr (GV == 64)
+        if (s.value_channels == 2) return launch_byte_codes<GK, GV, true>(batch, s, stream, stages);
+      launch_byte_codes<GK, GV, false>(batch, s, stream, stages);
+    });
   }
 
-  template <int GK, int GV>
+  template <int GK, int GV, bool Rows>
   void launch_byte_codes(const AttentionBatch& batch, const Shape& s, cudaStream_t stream, unsigned stages) {
-    auto* kernel = detail::byte_attention_kernel<GK, GV>;
+    auto* kernel = detail::byte_attention_kernel<GK, GV, Rows>;
     std::size_t smem = 0;
     detail::ByteLayout L = byte_layout<GK, GV>(s, &smem);
-    const int key = (GK / 16) * 8 + GV / 16;
+    const int key = (GK / 16) * 8 + GV / 16 + (Rows ? 64 : 0);
     if (byte_configured_[key] < smem) {
       CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
       CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -565,13 +575,15 @@ class FusedAttention {
     const int group = s.q_heads / s.kv_heads;
     CQ_CHECK(std::size_t(batch.batch) * s.kv_heads <= 65535, "cuda attention: batch x kv_heads ",
              std::size_t(batch.batch) * s.kv_heads, " exceeds 65535");
-    // Splits: at most 8192 tokens per histogram entry (fixed point keeps 2^-18 of the largest
-    // weight), at least 512 tokens each; among those, the count that minimises waves x split
+    // Splits: with histograms at most 16384 tokens per entry (fixed point keeps 2^-17 of the
+    // running reference; 8192 cost 4c8b a second split, 0.42 -> 0.37 ms; value rows sum floats,
+    // no limit), at least 512 tokens each; among those, the count that minimises waves x split
     // length (a wave is every multiprocessor's resident blocks).
     const int subsets = detail::ByteLanes<GV>::subsets;
     const long long blocks32 = std::max(1, (s.max_coded + 31) / 32);
     const long long items = (long long)batch.batch * s.q_heads, resident = (long long)per_sm * sms_;
-    long long lo = (s.max_coded + 8192LL * subsets - 1) / (8192LL * subsets), hi;
+    constexpr long long entry_tokens = 16384;
+    long long lo = Rows ? 1 : (s.max_coded + entry_tokens * subsets - 1) / (entry_tokens * subsets), hi;
     if (max_split_tokens_) {
       lo = std::max(lo, (s.max_coded + max_split_tokens_ - 1LL) / max_split_tokens_);
       hi = lo;
@@ -591,7 +603,7 @@ class FusedAttention {
     L.split_tokens = int((blocks32 + splits - 1) / splits * 32);
     splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
     CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
-    L.unit = detail::hist_unit_for(L.split_tokens / subsets);
+    L.unit = Rows ? 1.0f : detail::hist_unit_for(L.split_tokens / subsets);
     const std::size_t need = std::size_t(items) * splits * (2 + s.head_dim);
     if (partial_.size() < need) partial_ = DeviceBuffer<float>(need);
     kernel<<<dim3(unsigned(group), unsigned(splits), unsigned(batch.batch * s.kv_heads)), threads, smem, stream>>>(
@@ -634,7 +646,7 @@ class FusedAttention {
   int last_splits_ = 0, last_hg_ = 0;
   std::size_t last_smem_ = 0;
   Kernel kernel_ = Kernel::automatic, last_kernel_ = Kernel::automatic;
-  std::size_t byte_configured_[64] = {};
+  std::size_t byte_configured_[128] = {};
 };
 
 }  // namespace cq::cuda

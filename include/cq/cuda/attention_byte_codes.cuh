@@ -39,14 +39,27 @@
 /// this one computes, after an L2 bulk prefetch of that round. At the end each block multiplies
 /// its histograms by the value centroids; with one split it writes the output, otherwise
 /// (reference, weight sum, partial output) for combine_kernel to merge (flash-decoding).
+///
+/// Value-rows mode (template flag Rows; 2-channel value groups at D = 128, i.e. CQ-2c8b values):
+/// the lanes' histogram columns hold the value centroids instead (a half pair per word), and the
+/// value lanes sum weight x centroid in registers, in float. A lookup is one wavefront where an
+/// atomic was two; there is no fixed point, so no limit on tokens per split (one split instead of
+/// four at 32K), no histogram zeroing, rescale pass or product (measured 0.86 -> 0.69 ms). The
+/// half rounding's mean per channel is added back at the end (stage_value_rows).
+///
+/// The coded tokens' running reference starts at their own maximum; the full-precision tokens
+/// (sinks, window) meet them in float at the end, so a dominant sink cannot push the coded
+/// weights below the fixed point's resolution.
 
 #include "cq/cuda/attention_types.cuh"
 #include "cq/cuda/warp.cuh"
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 namespace cq::cuda::detail {
 
@@ -148,6 +161,12 @@ __device__ inline float shared_load(unsigned addr) {
   return v;
 }
 template <int Imm>
+__device__ inline unsigned shared_load_u32(unsigned addr) {
+  unsigned v;
+  asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(addr), "n"(Imm));
+  return v;
+}
+template <int Imm>
 __device__ inline void shared_add(unsigned addr, unsigned v) {
   asm volatile("red.shared.add.u32 [%0+%2], %1;" ::"r"(addr), "r"(v), "n"(Imm) : "memory");
 }
@@ -239,17 +258,72 @@ __device__ inline void compute_score_table(float* stage, const float* q, const f
   }
 }
 
-/// Copies the staged score tables into the lanes' columns: thread (row r, lane l) copies rows r,
+/// Copies staged per-(code, group) words (stage[code * (groups + 1) + g]) into the lanes' columns
+/// from `column0` on (0: score tables, 32: value rows): thread (row r, lane l) copies rows r,
 /// r + Threads / 32, ... of lane l's groups (conflict-free on both sides).
-template <class KL, int Threads>
-__device__ inline void fill_score_tables(float* tab, const float* stage, int tid) {
-  constexpr int rows = Threads / 32, passes = 256 / rows, stride = KL::groups + 1;
+template <class Lanes, int Threads, int Column0>
+__device__ inline void fill_columns(float* tab, const float* stage, int tid) {
+  constexpr int rows = Threads / 32, passes = 256 / rows, stride = Lanes::groups + 1;
   const int lane = tid % 32, row = tid / 32;
-  const float* s = stage + row * stride + lane / KL::subsets;
-  float* t = tab + table_word(0, row, lane);
+  const unsigned* s = reinterpret_cast<const unsigned*>(stage) + row * stride + lane / Lanes::subsets;
+  unsigned* t = reinterpret_cast<unsigned*>(tab) + table_word(0, row, Column0 + lane);
 #pragma unroll
-  for (int k = 0; k < KL::slots * passes; ++k)
-    t[table_word(k / passes, rows * (k % passes), 0)] = s[rows * (k % passes) * stride + KL::span * (k / passes)];
+  for (int k = 0; k < Lanes::slots * passes; ++k)
+    t[table_word(k / passes, rows * (k % passes), 0)] = s[rows * (k % passes) * stride + Lanes::span * (k / passes)];
+}
+
+/// Value-rows mode stores a 2-channel centroid in one word, a half pair. Half precision alone
+/// was not enough: its rounding error is the same for every token of a code, so in near-uniform
+/// attention over many tokens -- whose output is close to the codebook mean -- the mean rounding
+/// error of the codes showed (1.6e-3 relative error at 70000 tokens). The block adds it back: per
+/// (group, channel), mean = (1/256) sum over codes of (centroid - half(centroid)), times the weight
+/// sum. What is left is the deviation of each code's error from that mean, weighted by how far
+/// the attention is from uniform over the codes (I2F-free 16-bit fixed point was as precise but
+/// cost 12% in time: two more instructions per lookup).
+///
+/// stage[code * (G + 1) + g] = centroid(g, code) as a half pair. Thread t takes code t % 256 of
+/// groups t / 256, t / 256 + Threads / 256, ... (coalesced 8-byte rows, all loads issued first).
+template <int G, int Threads, bool Vec>
+__device__ inline void stage_value_rows(float* stage, const float* __restrict__ cent, int tid) {
+  constexpr int step = Threads / 256, per_thread = G / step;
+  const int code = tid % 256, g0 = tid / 256;
+  float row[per_thread][2];
+#pragma unroll
+  for (int k = 0; k < per_thread; ++k) load_row<2, Vec>(row[k], cent + (std::size_t(g0 + step * k) * 256 + code) * 2);
+  unsigned* st = reinterpret_cast<unsigned*>(stage);
+#pragma unroll
+  for (int k = 0; k < per_thread; ++k) {
+    const __half2 h = __floats2half2_rn(row[k][0], row[k][1]);
+    st[code * (G + 1) + g0 + step * k] = *reinterpret_cast<const unsigned*>(&h);
+  }
+}
+/// mean[g * 2 + c] = (1/256) sum over codes of (centroid - half(centroid)), channel c of group g:
+/// warp w takes groups w, w + warps, ..., lane l codes l, l + 32, ... (coalesced; all loads issued
+/// before the sums: one L2 round trip).
+template <int G, int Threads, bool Vec>
+__device__ inline void value_rounding_mean(float* mean, const float* __restrict__ cent, int tid) {
+  constexpr int warps = Threads / 32, per_warp = G / warps;
+  static_assert(G % warps == 0, "value_rounding_mean: groups per warp");
+  const int warp = tid / 32, lane = tid % 32;
+  float row[per_warp][8][2];
+#pragma unroll
+  for (int j = 0; j < per_warp; ++j)
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      load_row<2, Vec>(row[j][k], cent + (std::size_t(warp + warps * j) * 256 + lane + 32 * k) * 2);
+#pragma unroll
+  for (int j = 0; j < per_warp; ++j) {
+    float e0 = 0.0f, e1 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      e0 += row[j][k][0] - __half2float(__float2half_rn(row[j][k][0]));
+      e1 += row[j][k][1] - __half2float(__float2half_rn(row[j][k][1]));
+    }
+    e0 = warp_sum(e0);
+    e1 = warp_sum(e1);
+    const int g = warp + warps * j;
+    if (lane == 0) mean[g * 2] = e0 * (1.0f / 256), mean[g * 2 + 1] = e1 * (1.0f / 256);
+  }
 }
 
 /// out[g * Cv + c] = inv_unit * sum over codes of histogram(g, code) x centroid(g, code)[c], the
@@ -310,17 +384,21 @@ __device__ inline void mbarrier_arrive(unsigned long long* bar) {
                    unsigned(__cvta_generic_to_shared(bar)))
                : "memory");
 }
+/// Waits for the phase of parity `parity`. On sm_90 try_wait suspends the thread until the phase
+/// completes or `wait_ns` pass; a long limit keeps waiting warps from spinning on the issue slots
+/// (measured: 4c8b 0.434 -> 0.419 ms; the default limit spun ~22 times per wait at 2c8b).
 __device__ inline void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+  constexpr unsigned wait_ns = 100000;
   unsigned done = 0;
   do {
     asm volatile(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2, %3;\n selp.u32 %0, 1, 0, p;\n}"
 #else
         "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
 #endif
         : "=r"(done)
-        : "r"(unsigned(__cvta_generic_to_shared(bar))), "r"(parity)
+        : "r"(unsigned(__cvta_generic_to_shared(bar))), "r"(parity), "r"(wait_ns)
         : "memory");
   } while (!done);
 }
@@ -339,9 +417,11 @@ __device__ inline float exp_ftz(float x) {
 constexpr float byte_headroom = 1.3862944f;  // ln 4
 
 /// Launch shape for GK key and GV value groups: two planes of tables (128 KiB), one 512-thread
-/// block per multiprocessor.
+/// block per multiprocessor. Staged tables (score tables, value rows) take stage_groups + 1 words
+/// per code.
 template <int GK, int GV>
 struct ByteConfig {
+  static constexpr int stage_groups = GK > GV ? GK : GV;
   static_assert(ByteLanes<GK>::slots == ByteLanes<GV>::slots, "key and value slots share the planes");
   static constexpr int planes = ByteLanes<GK>::slots;
   static constexpr int threads = 512;
@@ -365,7 +445,8 @@ struct ByteLayout {
 template <int GK, int GV>
 CQ_HOST_DEVICE constexpr int byte_small_words(int dense_cap, int D) {
   using Cfg = ByteConfig<GK, GV>;
-  return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + dense_cap + Cfg::threads / D * D + D + 256 * (GK + 1) + D;
+  return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + dense_cap + Cfg::threads / D * D + D +
+         256 * (Cfg::stage_groups + 1) + 2 * D;
 }
 
 
@@ -438,9 +519,10 @@ __device__ inline void prefetch_code_blocks(const std::uint8_t* base, int blk, i
 #endif
 }
 
-template <int GK, int GV>
+template <int GK, int GV, bool Rows>
 __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     byte_attention_kernel(AttentionBatch p, ByteLayout L, float* __restrict__ partial, unsigned stages) {
+  static_assert(!Rows || GV == 64, "value-rows mode: 2-channel value groups at D = 128");
   using KL = ByteLanes<GK>;
   using VL = ByteLanes<GV>;
   using Cfg = ByteConfig<GK, GV>;
@@ -454,8 +536,9 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   float* dense_score = red + 4 * byte_warps;                          // [dense_cap]
   float* product = dense_score + L.dense_cap;                         // [threads / D][D]
   float* code_part = product + byte_threads / L.D * L.D;              // [D]
-  float* stage = code_part + L.D;                                     // [256][GK + 1]
-  float* q_shared = stage + 256 * (GK + 1);                           // [D]
+  float* stage = code_part + L.D;                                     // [256][stage_groups + 1]
+  float* q_shared = stage + 256 * (Cfg::stage_groups + 1);            // [D]
+  float* vmean = q_shared + L.D;                                      // [D] value-rows mode
   // The table addresses' immediate offset assumes this (the host checks the reserved size).
   if (unsigned(__cvta_generic_to_shared(tab)) != unsigned(byte_shared_base)) __trap();
 
@@ -467,11 +550,18 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   const DeviceKVCodes codes = p.codes[b * p.kv_heads + kvh];
   const int c0 = split * L.split_tokens;
   const int n = max(0, min(int(seq.coded), c0 + L.split_tokens) - c0), nblocks = (n + 31) / 32;
-  const int ndense = split == 0 ? int(seq.dense) : 0;
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const float* q = p.q + std::size_t(bh) * D;
+  const int ndense = split == 0 ? int(seq.dense) : 0;
+  const std::uint8_t* kbase = codes.key_codes + std::size_t(c0 / 32) * GK * 32;
+  const std::uint8_t* vbase = codes.value_codes + std::size_t(c0 / 32) * GV * 32;
+  // The first round's codes head for L2 while the block builds its tables (measured: 2c8b -2%).
+  if (tid == 0 && n > 0) {
+    if (stages & stage_scan) prefetch_code_blocks<KL, byte_warps * R>(kbase, 0, nblocks);
+    if (stages & stage_hist) prefetch_code_blocks<VL, byte_warps * R>(vbase, 0, nblocks);
+  }
 
-  for_each_hist_quad<VL, byte_threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
+  if constexpr (!Rows) for_each_hist_quad<VL, byte_threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
   for (int d = tid; d < D; d += byte_threads) q_shared[d] = q[d];
   if (tid == 0) mbarrier_init(round_barrier, byte_warps);
   __syncthreads();
@@ -491,7 +581,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (stages & stage_dense)
       for (int d = lane; d < D; d += 32) {
-        const float qd = q[d];
+        const float qd = q_shared[d];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int j = j0 + k * byte_warps;
@@ -510,16 +600,35 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   }
   if (lane == 0) red[2 * byte_warps + warp] = dmax;
   __syncthreads();
-  if (tables) fill_score_tables<KL, byte_threads>(tab, stage, tid);
+  if (tables) fill_columns<KL, byte_threads, 0>(tab, stage, tid);
   __syncthreads();
-  float ref = -FLT_MAX;
-  for (int w = 0; w < byte_warps; ++w) ref = fmaxf(ref, red[2 * byte_warps + w]);
+  // Value-rows mode: the value centroids, as half pairs, into the lanes' columns 32-63 (staged
+  // like the score tables, through the same buffer).
+  const bool accumulate = stages & stage_hist;
+  if constexpr (Rows) {
+    if (n > 0 && accumulate) {
+      const float* vcent = p.value_codebooks[kvh].centroids;
+      if ((reinterpret_cast<std::uintptr_t>(vcent) & 7u) == 0) {
+        stage_value_rows<GV, byte_threads, true>(stage, vcent, tid);
+        value_rounding_mean<GV, byte_threads, true>(vmean, vcent, tid);
+      } else {
+        stage_value_rows<GV, byte_threads, false>(stage, vcent, tid);
+        value_rounding_mean<GV, byte_threads, false>(vmean, vcent, tid);
+      }
+      __syncthreads();
+      fill_columns<VL, byte_threads, 32>(tab, stage, tid);
+      __syncthreads();
+    }
+  }
+  // The coded tokens' running reference starts at their own first maximum, not the full-precision
+  // tokens' (the two parts meet in float at the end): a dominant sink would otherwise push every
+  // coded weight below the fixed point's resolution (2^-17 of the reference).
+  float dense_max = -FLT_MAX, ref = -FLT_MAX;
+  for (int w = 0; w < byte_warps; ++w) dense_max = fmaxf(dense_max, red[2 * byte_warps + w]);
 
-  const std::uint8_t* kbase = codes.key_codes + std::size_t(c0 / 32) * GK * 32;
-  const std::uint8_t* vbase = codes.value_codes + std::size_t(c0 / 32) * GV * 32;
   const bool aligned = ((reinterpret_cast<std::uintptr_t>(codes.key_codes) |
                          reinterpret_cast<std::uintptr_t>(codes.value_codes)) & 15u) == 0;
-  const bool scan = stages & stage_scan, accumulate = stages & stage_hist;
+  const bool scan = stages & stage_scan;
   int koff[KL::slots][KL::units], voff[VL::slots][VL::units];
   load_offsets<KL, true>(koff, lane);
   load_offsets<VL, false>(voff, lane);
@@ -531,8 +640,11 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
 #pragma unroll
   for (int k = 0; k < 4; ++k) ksel[k] = 0x7604u | ((unsigned(k) ^ (kmask & 3u)) << 4);
   const unsigned col = unsigned(lane) * 4;
-  // This lane's fixed-point weights: at most one token per block, each <= unit, so < 2^28.
-  unsigned wsum = 0;
+  // This lane's weights: at most one token per block, each <= unit (fixed point: < 2^28).
+  using Weight = std::conditional_t<Rows, float, unsigned>;
+  Weight wsum = 0;
+  // Value-rows mode: the lane's share of the output, channels 2 g and 2 g + 1 of its slots' groups.
+  float acc[VL::slots][2] = {};
   unsigned* my_weights = wbuf + warp * 2 * R * 32;  // two rounds' weights
   // The scan, compiled for 16-byte and for 4-byte aligned code pointers (block-uniform choice).
   // Thread 0 asks for a whole round, one bulk request per codes array that the stages read.
@@ -568,8 +680,18 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
         for (int i = 0; i < VL::slots; ++i) {
           const unsigned plane = col + unsigned(i) * plane_bytes;
 #pragma unroll
-          for (int t = 0; t < VL::tokens; ++t)
-            shared_add<byte_shared_base + 128>(__byte_perm(vq[r][i][t / 4], plane, 0x7604u | unsigned(t % 4) << 4), u[t]);
+          for (int t = 0; t < VL::tokens; ++t) {
+            const unsigned at = __byte_perm(vq[r][i][t / 4], plane, 0x7604u | unsigned(t % 4) << 4);
+            if constexpr (Rows) {  // weight x centroid pair, in float
+              const unsigned x = shared_load_u32<byte_shared_base + 128>(at);
+              const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&x));
+              const float w = __uint_as_float(u[t]);
+              acc[i][0] = fmaf(w, c.x, acc[i][0]);
+              acc[i][1] = fmaf(w, c.y, acc[i][1]);
+            } else {
+              shared_add<byte_shared_base + 128>(at, u[t]);
+            }
+          }
         }
       }
       if (reload) load_code_blocks<VL, R, Aligned>(vq, vbase, voff, next, nblocks);
@@ -620,19 +742,26 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
 #pragma unroll
       for (int r = 1; r < R; ++r) m = fmaxf(m, s[r]);
       m = warp_max(m);
-      float* round_red = red + (round & 1) * byte_warps;
+      // The maxima are posted and read with shared-memory atomics: the mbarrier phases order a
+      // buffer's reuse two rounds on, but compute-sanitizer's racecheck does not follow them.
+      unsigned* round_red = reinterpret_cast<unsigned*>(red) + (round & 1) * byte_warps;
       if (lane == 0) {
-        round_red[warp] = m;
+        atomicExch(round_red + warp, __float_as_uint(m));
         mbarrier_arrive(round_barrier);
       }
       if (accumulate && round > 0) accumulate_round(my_weights + ((round - 1) & 1) * R * 32, blk0, true);
       mbarrier_wait(round_barrier, unsigned(round) & 1u);
-      float M = -FLT_MAX;
-      for (int w = 0; w < byte_warps; ++w) M = fmaxf(M, round_red[w]);
+      // Lane l reads warp l's maximum (l < warps), the warp reduces.
+      const float M = warp_max(__uint_as_float(atomicOr(round_red + lane % byte_warps, 0u)));
       // Raise the reference (and rescale what is accumulated) if a score overtook it.
       if (M > ref) {  // block-uniform
         const float raised = M + byte_headroom;
-        if (ref > -FLT_MAX) {
+        if (Rows && ref > -FLT_MAX) {  // the lane's own sums (the previous round's are in)
+          const float f = __expf(ref - raised);
+#pragma unroll
+          for (int i = 0; i < VL::slots; ++i) acc[i][0] *= f, acc[i][1] *= f;
+          wsum *= f;
+        } else if (ref > -FLT_MAX) {
           __syncthreads();  // every warp's additions of the previous round are in
           const float f = __expf(ref - raised);
           for_each_hist_quad<VL, byte_threads>(tab, tid, [f](uint4& h) {
@@ -640,7 +769,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
             h = make_uint4(__float2uint_rn(float(v.x) * f), __float2uint_rn(float(v.y) * f),
                            __float2uint_rn(float(v.z) * f), __float2uint_rn(float(v.w) * f));
           });
-          wsum = __float2uint_rn(float(wsum) * f);
+          wsum = Weight(__float2uint_rn(float(wsum) * f));
           __syncthreads();
         }
         ref = raised;
@@ -650,9 +779,15 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
       unsigned* weights = my_weights + (round & 1) * R * 32;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const unsigned u = __float2uint_rn(exp_ftz(s[r] - ref) * L.unit);
-        wsum += u;
-        weights[r * 32 + KL::scored_token(lane)] = u;
+        const float e = exp_ftz(s[r] - ref);
+        if constexpr (Rows) {
+          wsum += e;
+          weights[r * 32 + KL::scored_token(lane)] = __float_as_uint(e);
+        } else {
+          const unsigned u = __float2uint_rn(e * L.unit);
+          wsum += u;
+          weights[r * 32 + KL::scored_token(lane)] = u;
+        }
       }
       __syncwarp();
     }
@@ -666,13 +801,33 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   // Weight sum, then out = (histograms x value centroids + full-precision part) / unit-scaled.
   const float lane_weights = warp_sum(float(wsum));
   if (lane == 0) red[3 * byte_warps + warp] = lane_weights;
+  // Value-rows mode: the lanes' sums go to the (now idle) stage, [warp][slot][lane][2].
+  if constexpr (Rows) {
+#pragma unroll
+    for (int i = 0; i < VL::slots; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) stage[((warp * VL::slots + i) * 32 + lane) * 2 + c] = acc[i][c];  // 4-byte aligned
+  }
   __syncthreads();
-  float total = 0.0f;
-  for (int w = 0; w < byte_warps; ++w) total += red[3 * byte_warps + w];
-  total *= 1.0f / L.unit;
+  // The block's reference m: the larger of the coded tokens' and the full-precision tokens'.
+  const float m = fmaxf(ref, dense_max);
+  const float coded_factor = ref > -FLT_MAX ? __expf(ref - m) : 0.0f;
+  float coded_weights = 0.0f;
+  for (int w = 0; w < byte_warps; ++w) coded_weights += red[3 * byte_warps + w];
+  coded_weights *= 1.0f / L.unit;
+  float total = coded_weights * coded_factor;
   const CodebookView vcb = p.value_codebooks[kvh];
   const bool codes_part = n > 0 && (stages & stage_product);
-  if (codes_part) {
+  if (Rows && codes_part) {  // output channel d: the sums of every warp and token subset
+    for (int d = tid; d < D; d += byte_threads) {
+      const int g = d / 2, i = VL::slot_of(g);
+      float o = 0.0f;
+      for (int w = 0; w < byte_warps; ++w)
+#pragma unroll
+        for (int sub = 0; sub < VL::subsets; ++sub) o += stage[((w * VL::slots + i) * 32 + VL::lane_of(g, sub)) * 2 + d % 2];
+      code_part[d] = o + (accumulate ? coded_weights * vmean[d] : 0.0f);  // + the half rounding's mean
+    }
+  } else if (codes_part) {
     const float inv = 1.0f / L.unit;
     const float* cent = vcb.centroids;
     with_centroid_rows(D / GV, cent, [&]<int Cv, bool Vec>() {
@@ -692,15 +847,15 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
       for (int k = 0; k < 8; ++k) vv[k] = j0 + k * parts < ndense ? __ldg(dv + std::size_t(j0 + k * parts) * D) : 0.0f;
 #pragma unroll
       for (int k = 0; k < 8; ++k)
-        if (j0 + k * parts < ndense) acc = fmaf(__expf(dense_score[j0 + k * parts] - ref), vv[k], acc);
+        if (j0 + k * parts < ndense) acc = fmaf(__expf(dense_score[j0 + k * parts] - m), vv[k], acc);
     }
     product[e] = acc;
   }
   // The weight sum, with the full-precision tokens' weights.
-  for (int j = 0; j < ndense; ++j) total += __expf(dense_score[j] - ref);
+  for (int j = 0; j < ndense; ++j) total += __expf(dense_score[j] - m);
   __syncthreads();
   for (int d = tid; d < D; d += byte_threads) {
-    float o = codes_part ? code_part[d] : 0.0f;
+    float o = codes_part ? code_part[d] * coded_factor : 0.0f;
     for (int part = 0; part < parts; ++part) o += product[part * D + d];
     if (gridDim.y == 1) {  // one split: the block's result is the output (no combine_kernel)
       p.out[std::size_t(bh) * D + d] = total > 0.0f ? o / total : 0.0f;
@@ -708,7 +863,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     }
     float* dst = partial + (std::size_t(bh) * gridDim.y + split) * (2 + D);
     if (d == 0) {
-      dst[0] = total > 0.0f ? ref : -FLT_MAX;
+      dst[0] = total > 0.0f ? m : -FLT_MAX;
       dst[1] = total;
     }
     dst[2 + d] = o;
