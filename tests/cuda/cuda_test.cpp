@@ -171,7 +171,11 @@ TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of 
   if (!quick) {
     CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::general) < 1e-3);
     CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::byte_codes) < 1e-3);
-    CHECK(batch_error(128, 2, 8, 0, 0, 1, {70000}, 998, gpu_test::Kernel::byte_codes) < 1e-3);
+    // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
+    // where the value-rows mode's half precision shows first.
+    const double e = batch_error(128, 2, 8, 0, 0, 1, {70000}, 998, gpu_test::Kernel::byte_codes);
+    MESSAGE("70000 tokens, 2c8b, byte-code kernel: relative error ", e);
+    CHECK(e < 1e-3);
   }
 }
 

@@ -563,15 +563,19 @@ class FusedAttention {
     std::size_t smem = 0;
     detail::ByteLayout L = byte_layout<GK, GV>(s, &smem);
     const int key = (GK / 16) * 8 + GV / 16 + (Rows ? 64 : 0);
-    if (byte_configured_[key] < smem) {
+    constexpr int threads = detail::ByteConfig<GK, GV>::threads;
+    // Attributes and occupancy are asked once per (kernel, shared size): host time per decode
+    // step counts when the GPU would otherwise wait for the launch.
+    if (byte_configured_[key] != smem) {
       CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
       CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      int blocks = 0;
+      CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+      CQ_CHECK(blocks > 0, "cuda attention: the byte-code kernel does not fit a multiprocessor (", smem, " bytes)");
       byte_configured_[key] = smem;
+      byte_per_sm_[key] = blocks;
     }
-    int per_sm = 0;
-    constexpr int threads = detail::ByteConfig<GK, GV>::threads;
-    CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    CQ_CHECK(per_sm > 0, "cuda attention: the byte-code kernel does not fit a multiprocessor (", smem, " bytes)");
+    const int per_sm = byte_per_sm_[key];
     const int group = s.q_heads / s.kv_heads;
     CQ_CHECK(std::size_t(batch.batch) * s.kv_heads <= 65535, "cuda attention: batch x kv_heads ",
              std::size_t(batch.batch) * s.kv_heads, " exceeds 65535");
@@ -646,7 +650,8 @@ class FusedAttention {
   int last_splits_ = 0, last_hg_ = 0;
   std::size_t last_smem_ = 0;
   Kernel kernel_ = Kernel::automatic, last_kernel_ = Kernel::automatic;
-  std::size_t byte_configured_[128] = {};
+  std::size_t byte_configured_[128] = {};  // dynamic shared size set, per byte-code kernel
+  int byte_per_sm_[128] = {};               // its resident blocks per multiprocessor at that size
 };
 
 }  // namespace cq::cuda

@@ -41,11 +41,17 @@
 /// (reference, weight sum, partial output) for combine_kernel to merge (flash-decoding).
 ///
 /// Value-rows mode (template flag Rows; 2-channel value groups at D = 128, i.e. CQ-2c8b values):
-/// the lanes' histogram columns hold the value centroids instead (a half pair per word), and the
-/// value lanes sum weight x centroid in registers, in float. A lookup is one wavefront where an
-/// atomic was two; there is no fixed point, so no limit on tokens per split (one split instead of
-/// four at 32K), no histogram zeroing, rescale pass or product (measured 0.86 -> 0.69 ms). The
-/// half rounding's mean per channel is added back at the end (stage_value_rows).
+/// the lanes' histogram columns hold the value centroids instead (a half pair per word, scaled per
+/// group by a power of two), and the value lanes sum weight x centroid in registers: runs of four
+/// tokens in half precision (HFMA2), then float. A lookup is one wavefront where an atomic was
+/// two; there is no fixed point, so no limit on tokens per split (one split instead of four at
+/// 32K), no histogram zeroing, rescale pass or product (measured 0.86 -> 0.69 ms). Each warp
+/// keeps its own running reference, so rounds need no block barrier (0.69 -> 0.65 ms); the warps'
+/// sums meet at the end. The half rounding's mean per channel is added back then
+/// (stage_value_rows).
+///
+/// Histogram mode raises its block-wide reference only when a score overtakes it; a vote finds
+/// out, so the maximum's shuffle reductions run only in those rounds.
 ///
 /// The coded tokens' running reference starts at their own maximum; the full-precision tokens
 /// (sinks, window) meet them in float at the end, so a dominant sink cannot push the coded
@@ -272,38 +278,26 @@ __device__ inline void fill_columns(float* tab, const float* stage, int tid) {
     t[table_word(k / passes, rows * (k % passes), 0)] = s[rows * (k % passes) * stride + Lanes::span * (k / passes)];
 }
 
-/// Value-rows mode stores a 2-channel centroid in one word, a half pair. Half precision alone
-/// was not enough: its rounding error is the same for every token of a code, so in near-uniform
-/// attention over many tokens -- whose output is close to the codebook mean -- the mean rounding
-/// error of the codes showed (1.6e-3 relative error at 70000 tokens). The block adds it back: per
-/// (group, channel), mean = (1/256) sum over codes of (centroid - half(centroid)), times the weight
-/// sum. What is left is the deviation of each code's error from that mean, weighted by how far
-/// the attention is from uniform over the codes (I2F-free 16-bit fixed point was as precise but
-/// cost 12% in time: two more instructions per lookup).
+/// Value-rows mode stores a 2-channel centroid in one word, a half pair, scaled per group by a
+/// power of two that puts the group's largest magnitude in [0.5, 1): any float codebook fits half
+/// range and precision, and the value lanes' short half-precision sums stay below 4 (they are
+/// multiplied back by 2^e at the end). Half rounding alone was not precise enough: its error is
+/// the same for every token of a code, so in near-uniform attention over many tokens -- whose
+/// output is close to the codebook mean -- the mean rounding error of the codes showed (1.6e-3
+/// relative error at 70000 tokens). The block adds it back: per (group, channel),
+/// mean = (1/256) sum over codes of (centroid - half(centroid)), times the weight sum. What is left
+/// is the deviation of each code's error from that mean, weighted by how far the attention is from
+/// uniform over the codes (I2F-free 16-bit fixed point was as precise but cost 12% in time).
 ///
-/// stage[code * (G + 1) + g] = centroid(g, code) as a half pair. Thread t takes code t % 256 of
-/// groups t / 256, t / 256 + Threads / 256, ... (coalesced 8-byte rows, all loads issued first).
+/// One pass over the codebook: warp w takes groups w, w + warps, ..., lane l codes l, l + 32, ...
+/// (coalesced 8-byte rows, all loads issued first: one L2 round trip). It writes
+/// stage[code * (G + 1) + g] (the scaled half pair; consecutive codes hit consecutive banks),
+/// mean[2 g + c] and unscale[g] = 2^e.
 template <int G, int Threads, bool Vec>
-__device__ inline void stage_value_rows(float* stage, const float* __restrict__ cent, int tid) {
-  constexpr int step = Threads / 256, per_thread = G / step;
-  const int code = tid % 256, g0 = tid / 256;
-  float row[per_thread][2];
-#pragma unroll
-  for (int k = 0; k < per_thread; ++k) load_row<2, Vec>(row[k], cent + (std::size_t(g0 + step * k) * 256 + code) * 2);
-  unsigned* st = reinterpret_cast<unsigned*>(stage);
-#pragma unroll
-  for (int k = 0; k < per_thread; ++k) {
-    const __half2 h = __floats2half2_rn(row[k][0], row[k][1]);
-    st[code * (G + 1) + g0 + step * k] = *reinterpret_cast<const unsigned*>(&h);
-  }
-}
-/// mean[g * 2 + c] = (1/256) sum over codes of (centroid - half(centroid)), channel c of group g:
-/// warp w takes groups w, w + warps, ..., lane l codes l, l + 32, ... (coalesced; all loads issued
-/// before the sums: one L2 round trip).
-template <int G, int Threads, bool Vec>
-__device__ inline void value_rounding_mean(float* mean, const float* __restrict__ cent, int tid) {
+__device__ inline void stage_value_rows(float* stage, float* mean, float* unscale, const float* __restrict__ cent,
+                                        int tid) {
   constexpr int warps = Threads / 32, per_warp = G / warps;
-  static_assert(G % warps == 0, "value_rounding_mean: groups per warp");
+  static_assert(G % warps == 0, "stage_value_rows: groups per warp");
   const int warp = tid / 32, lane = tid % 32;
   float row[per_warp][8][2];
 #pragma unroll
@@ -311,18 +305,28 @@ __device__ inline void value_rounding_mean(float* mean, const float* __restrict_
 #pragma unroll
     for (int k = 0; k < 8; ++k)
       load_row<2, Vec>(row[j][k], cent + (std::size_t(warp + warps * j) * 256 + lane + 32 * k) * 2);
+  unsigned* st = reinterpret_cast<unsigned*>(stage);
 #pragma unroll
   for (int j = 0; j < per_warp; ++j) {
+    const int g = warp + warps * j;
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fmaxf(fabsf(row[j][k][0]), fabsf(row[j][k][1])));
+    amax = warp_max(amax);
+    // 2^e > amax >= 2^(e-1); the scale 2^-e and its inverse are exact (e clamped to float range).
+    const int e = amax > 0.0f ? min(max(((__float_as_int(amax) >> 23) & 255) - 126, -125), 126) : 0;
+    const float down = __int_as_float((127 - e) << 23), up = __int_as_float((127 + e) << 23);
     float e0 = 0.0f, e1 = 0.0f;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      e0 += row[j][k][0] - __half2float(__float2half_rn(row[j][k][0]));
-      e1 += row[j][k][1] - __half2float(__float2half_rn(row[j][k][1]));
+      const __half2 h = __floats2half2_rn(row[j][k][0] * down, row[j][k][1] * down);
+      st[(lane + 32 * k) * (G + 1) + g] = *reinterpret_cast<const unsigned*>(&h);
+      e0 += row[j][k][0] - __low2float(h) * up;
+      e1 += row[j][k][1] - __high2float(h) * up;
     }
     e0 = warp_sum(e0);
     e1 = warp_sum(e1);
-    const int g = warp + warps * j;
-    if (lane == 0) mean[g * 2] = e0 * (1.0f / 256), mean[g * 2 + 1] = e1 * (1.0f / 256);
+    if (lane == 0) mean[g * 2] = e0 * (1.0f / 256), mean[g * 2 + 1] = e1 * (1.0f / 256), unscale[g] = up;
   }
 }
 
@@ -334,10 +338,11 @@ template <class VL, int Cv, int Threads, bool Vec>
 __device__ inline void hist_product(const float* tab, const float* __restrict__ cent, float inv_unit, float* out,
                                    int tid) {
   constexpr int per_group = Threads / VL::groups, codes = 256 / per_group;
-  // Codes per batch of loads: a power of two dividing `codes`, with batch x (Cv + 1) <= 48 registers.
+  // Codes per batch of loads: a power of two dividing `codes`, with batch x (Cv + 1) <= 80
+  // registers (the scan's registers are free by now): one L2 round trip at 8c8b and 4c8b.
   constexpr int batch = [] {
     int b = 1;
-    while (2 * b <= codes && 2 * b * (Cv + 1) <= 48) b *= 2;
+    while (2 * b <= codes && 2 * b * (Cv + 1) <= 80) b *= 2;
     return b;
   }();
   static_assert(per_group >= 1 && 32 % per_group == 0 && codes % batch == 0, "hist_product: shape");
@@ -446,7 +451,7 @@ template <int GK, int GV>
 CQ_HOST_DEVICE constexpr int byte_small_words(int dense_cap, int D) {
   using Cfg = ByteConfig<GK, GV>;
   return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + dense_cap + Cfg::threads / D * D + D +
-         256 * (Cfg::stage_groups + 1) + 2 * D;
+         256 * (Cfg::stage_groups + 1) + 3 * D;
 }
 
 
@@ -519,6 +524,15 @@ __device__ inline void prefetch_code_blocks(const std::uint8_t* base, int blk, i
 #endif
 }
 
+/// Value-rows mode multiplies weights by centroids in half precision (HFMA2: both channels of a
+/// group in one instruction, where float took two conversions and two FMAs) over runs of this
+/// many tokens, each run's sum then added in float. Short runs keep the half sums' rounding small:
+/// with scaled centroids (|c| < 1) and weights <= 1 a run's sum is below 4, its rounding below
+/// 2^-10 absolute. Measured at 2c8b: 0.662 -> 0.647 ms; runs of 8 or 16 were no faster, and the
+/// largest error over the test grid went from 2.1e-4 to 3.8e-4 (70000 near-uniform tokens:
+/// 9.52e-4 -> 9.69e-4, where the centroids' own half rounding dominates).
+constexpr int byte_rows_run = 4;
+
 template <int GK, int GV, bool Rows>
 __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     byte_attention_kernel(AttentionBatch p, ByteLayout L, float* __restrict__ partial, unsigned stages) {
@@ -539,6 +553,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   float* stage = code_part + L.D;                                     // [256][stage_groups + 1]
   float* q_shared = stage + 256 * (Cfg::stage_groups + 1);            // [D]
   float* vmean = q_shared + L.D;                                      // [D] value-rows mode
+  float* vunscale = vmean + L.D;                                      // [D / 2] value-rows mode
   // The table addresses' immediate offset assumes this (the host checks the reserved size).
   if (unsigned(__cvta_generic_to_shared(tab)) != unsigned(byte_shared_base)) __trap();
 
@@ -561,33 +576,56 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     if (stages & stage_hist) prefetch_code_blocks<VL, byte_warps * R>(vbase, 0, nblocks);
   }
 
+  // Full-precision tokens (sinks and window; split 0). Their key and value rows come from DRAM
+  // while the rest of the GPU streams codes (latency of microseconds), so the loads go out
+  // together: thread (part, d) takes value channel d of tokens part, part + parts, ... (issued
+  // first, kept in registers until the scores are known); a warp takes four tokens' keys, a lane
+  // 4 consecutive channels of each (D is a multiple of 16 here; 16-byte loads when the rows are
+  // aligned). (Measured: the window's separate round trips cost 13 us per launch, 6% of 8c8b;
+  // issuing the keys before q's barrier too was no faster and spilled.)
+  const int parts = byte_threads / D, vpart = tid / D, vd = tid % D;
+  constexpr int vchunk = 8;  // value rows per thread and load batch
+  const float* dense_v = seq.dense_values + std::size_t(kvh) * seq.dense * D + vd;
+  float vfirst[vchunk];
+#pragma unroll
+  for (int k = 0; k < vchunk; ++k) {
+    const int j = vpart + k * parts;
+    vfirst[k] = vpart < parts && j < ndense ? __ldg(dense_v + std::size_t(j) * D) : 0.0f;
+  }
+  const bool dense_vec = (reinterpret_cast<std::uintptr_t>(seq.dense_keys) & 15u) == 0;
+  const bool dense_scores = stages & stage_dense;
+  auto load_dense_keys = [&](float4 (&kr)[4][2], int j0) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // D <= 256: at most two 4-channel pieces per lane
+        const int j = j0 + k * byte_warps, d = 4 * (lane + 32 * h);
+        const float* row = seq.dense_keys + (std::size_t(kvh) * seq.dense + j) * D + d;
+        kr[k][h] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (dense_scores && j < ndense && d < D)
+          kr[k][h] = dense_vec ? __ldg(reinterpret_cast<const float4*>(row))
+                               : make_float4(__ldg(row), __ldg(row + 1), __ldg(row + 2), __ldg(row + 3));
+      }
+  };
+
   if constexpr (!Rows) for_each_hist_quad<VL, byte_threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
   for (int d = tid; d < D; d += byte_threads) q_shared[d] = q[d];
   if (tid == 0) mbarrier_init(round_barrier, byte_warps);
   __syncthreads();
-  // This head's score tables (staged; copied into the lanes' columns after the next barrier).
-  const bool tables = n > 0 && (stages & stage_lut);
-  if (tables) {
-    const float* cent = p.key_codebooks[kvh].centroids;
-    with_centroid_rows(D / GK, cent, [&]<int C, bool Vec>() {
-      compute_score_table<GK, C, byte_threads, Vec>(stage, q_shared, cent, scale, tid);
-    });
-  }
-
-  // Full-precision tokens (sinks and window; split 0): a warp per token, four tokens' loads in
-  // flight at once. Their maximum starts the running reference.
   float dmax = -FLT_MAX;
   for (int j0 = warp; j0 < ndense; j0 += 4 * byte_warps) {
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (stages & stage_dense)
-      for (int d = lane; d < D; d += 32) {
-        const float qd = q_shared[d];
+    float4 kr[4][2];
+    load_dense_keys(kr, j0);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int j = j0 + k * byte_warps;
-          if (j < ndense) s[k] = fmaf(qd, __ldg(seq.dense_keys + (std::size_t(kvh) * seq.dense + j) * D + d), s[k]);
-        }
-      }
+    for (int h = 0; h < 2; ++h) {
+      const int d = 4 * (lane + 32 * h);
+      if (d >= D) continue;
+      const float q0 = q_shared[d], q1 = q_shared[d + 1], q2 = q_shared[d + 2], q3 = q_shared[d + 3];
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        s[k] = fmaf(q0, kr[k][h].x, fmaf(q1, kr[k][h].y, fmaf(q2, kr[k][h].z, fmaf(q3, kr[k][h].w, s[k]))));
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int j = j0 + k * byte_warps;
@@ -599,7 +637,37 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     }
   }
   if (lane == 0) red[2 * byte_warps + warp] = dmax;
+  // This head's score tables (staged; copied into the lanes' columns after the next barrier).
+  const bool tables = n > 0 && (stages & stage_lut);
+  if (tables) {
+    const float* cent = p.key_codebooks[kvh].centroids;
+    with_centroid_rows(D / GK, cent, [&]<int C, bool Vec>() {
+      compute_score_table<GK, C, byte_threads, Vec>(stage, q_shared, cent, scale, tid);
+    });
+  }
   __syncthreads();
+  // The full-precision tokens' maximum, and their values weighted relative to it (the coded
+  // tokens keep their own reference; the two meet in float at the end).
+  float dense_max = -FLT_MAX;
+  for (int w = 0; w < byte_warps; ++w) dense_max = fmaxf(dense_max, red[2 * byte_warps + w]);
+  if (vpart < parts) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < vchunk; ++k) {
+      const int j = vpart + k * parts;
+      if (j < ndense) acc = fmaf(__expf(dense_score[j] - dense_max), vfirst[k], acc);
+    }
+    for (int j0 = vpart + vchunk * parts; j0 < ndense; j0 += vchunk * parts) {  // longer windows
+      float vv[vchunk];
+#pragma unroll
+      for (int k = 0; k < vchunk; ++k)
+        vv[k] = j0 + k * parts < ndense ? __ldg(dense_v + std::size_t(j0 + k * parts) * D) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < vchunk; ++k)
+        if (j0 + k * parts < ndense) acc = fmaf(__expf(dense_score[j0 + k * parts] - dense_max), vv[k], acc);
+    }
+    product[tid] = acc;
+  }
   if (tables) fill_columns<KL, byte_threads, 0>(tab, stage, tid);
   __syncthreads();
   // Value-rows mode: the value centroids, as half pairs, into the lanes' columns 32-63 (staged
@@ -609,11 +677,9 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
     if (n > 0 && accumulate) {
       const float* vcent = p.value_codebooks[kvh].centroids;
       if ((reinterpret_cast<std::uintptr_t>(vcent) & 7u) == 0) {
-        stage_value_rows<GV, byte_threads, true>(stage, vcent, tid);
-        value_rounding_mean<GV, byte_threads, true>(vmean, vcent, tid);
+        stage_value_rows<GV, byte_threads, true>(stage, vmean, vunscale, vcent, tid);
       } else {
-        stage_value_rows<GV, byte_threads, false>(stage, vcent, tid);
-        value_rounding_mean<GV, byte_threads, false>(vmean, vcent, tid);
+        stage_value_rows<GV, byte_threads, false>(stage, vmean, vunscale, vcent, tid);
       }
       __syncthreads();
       fill_columns<VL, byte_threads, 32>(tab, stage, tid);
@@ -623,8 +689,7 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
   // The coded tokens' running reference starts at their own first maximum, not the full-precision
   // tokens' (the two parts meet in float at the end): a dominant sink would otherwise push every
   // coded weight below the fixed point's resolution (2^-17 of the reference).
-  float dense_max = -FLT_MAX, ref = -FLT_MAX;
-  for (int w = 0; w < byte_warps; ++w) dense_max = fmaxf(dense_max, red[2 * byte_warps + w]);
+  float ref = -FLT_MAX;
 
   const bool aligned = ((reinterpret_cast<std::uintptr_t>(codes.key_codes) |
                          reinterpret_cast<std::uintptr_t>(codes.value_codes)) & 15u) == 0;
@@ -679,15 +744,20 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
 #pragma unroll
         for (int i = 0; i < VL::slots; ++i) {
           const unsigned plane = col + unsigned(i) * plane_bytes;
+          [[maybe_unused]] __half2 hacc;  // value-rows mode: the current run of byte_rows_run tokens
 #pragma unroll
           for (int t = 0; t < VL::tokens; ++t) {
             const unsigned at = __byte_perm(vq[r][i][t / 4], plane, 0x7604u | unsigned(t % 4) << 4);
-            if constexpr (Rows) {  // weight x centroid pair, in float
+            if constexpr (Rows) {  // weight x centroid pair: half-precision runs, float sums
               const unsigned x = shared_load_u32<byte_shared_base + 128>(at);
-              const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&x));
-              const float w = __uint_as_float(u[t]);
-              acc[i][0] = fmaf(w, c.x, acc[i][0]);
-              acc[i][1] = fmaf(w, c.y, acc[i][1]);
+              const __half2 c = *reinterpret_cast<const __half2*>(&x);
+              const __half2 w2 = *reinterpret_cast<const __half2*>(&u[t]);
+              hacc = t % byte_rows_run == 0 ? __hmul2(w2, c) : __hfma2(w2, c, hacc);
+              if (t % byte_rows_run == byte_rows_run - 1) {
+                const float2 f = __half22float2(hacc);
+                acc[i][0] += f.x;
+                acc[i][1] += f.y;
+              }
             } else {
               shared_add<byte_shared_base + 128>(at, u[t]);
             }
@@ -736,53 +806,69 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
 #pragma unroll
         for (int r = 0; r < R; ++r) s[r] = (blk0 + r) * 32 + KL::scored_token(lane) < n ? 0.0f : -FLT_MAX;
       }
-      // Block maximum of the round, over a split barrier: a warp posts its maximum, adds the
-      // previous round's weights into the histograms while the others catch up, then waits.
       float m = s[0];
 #pragma unroll
       for (int r = 1; r < R; ++r) m = fmaxf(m, s[r]);
-      m = warp_max(m);
-      // The maxima are posted and read with shared-memory atomics: the mbarrier phases order a
-      // buffer's reuse two rounds on, but compute-sanitizer's racecheck does not follow them.
-      unsigned* round_red = reinterpret_cast<unsigned*>(red) + (round & 1) * byte_warps;
-      if (lane == 0) {
-        atomicExch(round_red + warp, __float_as_uint(m));
-        mbarrier_arrive(round_barrier);
-      }
-      if (accumulate && round > 0) accumulate_round(my_weights + ((round - 1) & 1) * R * 32, blk0, true);
-      mbarrier_wait(round_barrier, unsigned(round) & 1u);
-      // Lane l reads warp l's maximum (l < warps), the warp reduces.
-      const float M = warp_max(__uint_as_float(atomicOr(round_red + lane % byte_warps, 0u)));
-      // Raise the reference (and rescale what is accumulated) if a score overtook it.
-      if (M > ref) {  // block-uniform
-        const float raised = M + byte_headroom;
-        if (Rows && ref > -FLT_MAX) {  // the lane's own sums (the previous round's are in)
-          const float f = __expf(ref - raised);
+      // Only scores above the running reference matter (they raise it); after the first rounds
+      // there are none, and a vote replaces the shuffle reductions of the maximum.
+      if constexpr (Rows) {
+        // Value-rows mode: each warp sums its own tokens, relative to its own reference (the
+        // warps' sums meet at the end), so no block barrier.
+        if (__any_sync(0xFFFFFFFFu, m > ref)) {  // warp-uniform
+          const float raised = warp_max(m) + byte_headroom;
+          if (ref > -FLT_MAX) {
+            const float f = __expf(ref - raised);
 #pragma unroll
-          for (int i = 0; i < VL::slots; ++i) acc[i][0] *= f, acc[i][1] *= f;
-          wsum *= f;
-        } else if (ref > -FLT_MAX) {
-          __syncthreads();  // every warp's additions of the previous round are in
-          const float f = __expf(ref - raised);
-          for_each_hist_quad<VL, byte_threads>(tab, tid, [f](uint4& h) {
-            const uint4 v = h;
-            h = make_uint4(__float2uint_rn(float(v.x) * f), __float2uint_rn(float(v.y) * f),
-                           __float2uint_rn(float(v.z) * f), __float2uint_rn(float(v.w) * f));
-          });
-          wsum = Weight(__float2uint_rn(float(wsum) * f));
-          __syncthreads();
+            for (int i = 0; i < VL::slots; ++i) acc[i][0] *= f, acc[i][1] *= f;
+            wsum *= f;
+          }
+          ref = raised;
         }
-        ref = raised;
+      } else {
+        // Block maximum of the round, over a split barrier: a warp posts its maximum if it is
+        // above the reference, adds the previous round's weights into the histograms while the
+        // others catch up, then waits. The maxima are posted and read with shared-memory
+        // atomics: the mbarrier phases order a buffer's reuse two rounds on, but
+        // compute-sanitizer's racecheck does not follow them.
+        const bool over = __any_sync(0xFFFFFFFFu, m > ref);
+        if (over) m = warp_max(m);
+        unsigned* round_red = reinterpret_cast<unsigned*>(red) + (round & 1) * byte_warps;
+        if (lane == 0) {
+          atomicExch(round_red + warp, __float_as_uint(over ? m : -FLT_MAX));
+          mbarrier_arrive(round_barrier);
+        }
+        if (accumulate && round > 0) accumulate_round(my_weights + ((round - 1) & 1) * R * 32, blk0, true);
+        mbarrier_wait(round_barrier, unsigned(round) & 1u);
+        // Lane l reads warp l's posting (l < warps); the warp reduces only if one is above.
+        const float posted = __uint_as_float(atomicOr(round_red + lane % byte_warps, 0u));
+        if (__any_sync(0xFFFFFFFFu, posted > ref)) {  // block-uniform: raise the reference, rescale
+          const float raised = warp_max(posted) + byte_headroom;
+          if (ref > -FLT_MAX) {
+            __syncthreads();  // every warp's additions of the previous round are in
+            const float f = __expf(ref - raised);
+            for_each_hist_quad<VL, byte_threads>(tab, tid, [f](uint4& h) {
+              const uint4 v = h;
+              h = make_uint4(__float2uint_rn(float(v.x) * f), __float2uint_rn(float(v.y) * f),
+                             __float2uint_rn(float(v.z) * f), __float2uint_rn(float(v.w) * f));
+            });
+            wsum = Weight(__float2uint_rn(float(wsum) * f));
+            __syncthreads();
+          }
+          ref = raised;
+        }
       }
-      // Weights as fixed point (masked tokens: e^-huge = 0), published per warp in token order
-      // for the value lanes (added next round, or after the loop).
+      // Weights (masked tokens: e^-huge = 0; fixed point in histogram mode), published per warp
+      // in token order for the value lanes (added next round, or after the loop; value-rows mode:
+      // now).
       unsigned* weights = my_weights + (round & 1) * R * 32;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float e = exp_ftz(s[r] - ref);
+        // (Value-rows mode: a warp without tokens so far has no reference, and s = -FLT_MAX.)
+        const float e = Rows && ref == -FLT_MAX ? 0.0f : exp_ftz(s[r] - ref);
         if constexpr (Rows) {
-          wsum += e;
-          weights[r * 32 + KL::scored_token(lane)] = __float_as_uint(e);
+          const __half2 h = __float2half2_rn(e);  // (e, e): the value lanes' HFMA2 operand
+          wsum += __low2float(h);                  // the weight they use
+          weights[r * 32 + KL::scored_token(lane)] = *reinterpret_cast<const unsigned*>(&h);
         } else {
           const unsigned u = __float2uint_rn(e * L.unit);
           wsum += u;
@@ -790,17 +876,22 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
         }
       }
       __syncwarp();
+      if (Rows && accumulate) accumulate_round(weights, blk0 + round_blocks, true);
     }
-    if (accumulate && rounds > 0) accumulate_round(my_weights + ((rounds - 1) & 1) * R * 32, 0, false);
+    if (!Rows && accumulate && rounds > 0) accumulate_round(my_weights + ((rounds - 1) & 1) * R * 32, 0, false);
   };
   if (aligned)
     scan_split.template operator()<true>();
   else
     scan_split.template operator()<false>();
 
-  // Weight sum, then out = (histograms x value centroids + full-precision part) / unit-scaled.
+  // Weight sums (value-rows mode: and each warp's reference), then out = (codes' part + full-
+  // precision part) / weight sum, each part scaled from its own reference to the larger one.
   const float lane_weights = warp_sum(float(wsum));
-  if (lane == 0) red[3 * byte_warps + warp] = lane_weights;
+  if (lane == 0) {
+    red[3 * byte_warps + warp] = lane_weights;
+    if (Rows) red[warp] = ref;
+  }
   // Value-rows mode: the lanes' sums go to the (now idle) stage, [warp][slot][lane][2].
   if constexpr (Rows) {
 #pragma unroll
@@ -809,23 +900,37 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
       for (int c = 0; c < 2; ++c) stage[((warp * VL::slots + i) * 32 + lane) * 2 + c] = acc[i][c];  // 4-byte aligned
   }
   __syncthreads();
-  // The block's reference m: the larger of the coded tokens' and the full-precision tokens'.
-  const float m = fmaxf(ref, dense_max);
-  const float coded_factor = ref > -FLT_MAX ? __expf(ref - m) : 0.0f;
+  // The coded tokens' reference (value-rows mode: the warps' largest; each warp's sums are scaled
+  // to it by warp_factor), then the block's m, the larger of it and the full-precision tokens'.
+  float coded_ref = ref;
+  if constexpr (Rows) {
+    coded_ref = -FLT_MAX;
+    for (int w = 0; w < byte_warps; ++w) coded_ref = fmaxf(coded_ref, red[w]);
+  }
+  auto warp_factor = [&](int w) { return !Rows ? 1.0f : red[w] > -FLT_MAX ? __expf(red[w] - coded_ref) : 0.0f; };
+  const float m = fmaxf(coded_ref, dense_max);
+  const float coded_factor = coded_ref > -FLT_MAX ? __expf(coded_ref - m) : 0.0f;
+  const float dense_factor = dense_max > -FLT_MAX ? __expf(dense_max - m) : 0.0f;
   float coded_weights = 0.0f;
-  for (int w = 0; w < byte_warps; ++w) coded_weights += red[3 * byte_warps + w];
+  for (int w = 0; w < byte_warps; ++w) coded_weights += red[3 * byte_warps + w] * warp_factor(w);
   coded_weights *= 1.0f / L.unit;
-  float total = coded_weights * coded_factor;
+  float dense_weights = 0.0f;
+  for (int j = 0; j < ndense; ++j) dense_weights += __expf(dense_score[j] - dense_max);
+  const float total = coded_weights * coded_factor + dense_weights * dense_factor;
   const CodebookView vcb = p.value_codebooks[kvh];
   const bool codes_part = n > 0 && (stages & stage_product);
   if (Rows && codes_part) {  // output channel d: the sums of every warp and token subset
     for (int d = tid; d < D; d += byte_threads) {
       const int g = d / 2, i = VL::slot_of(g);
       float o = 0.0f;
-      for (int w = 0; w < byte_warps; ++w)
+      for (int w = 0; w < byte_warps; ++w) {
+        float ow = 0.0f;
 #pragma unroll
-        for (int sub = 0; sub < VL::subsets; ++sub) o += stage[((w * VL::slots + i) * 32 + VL::lane_of(g, sub)) * 2 + d % 2];
-      code_part[d] = o + (accumulate ? coded_weights * vmean[d] : 0.0f);  // + the half rounding's mean
+        for (int sub = 0; sub < VL::subsets; ++sub) ow += stage[((w * VL::slots + i) * 32 + VL::lane_of(g, sub)) * 2 + d % 2];
+        o = fmaf(warp_factor(w), ow, o);
+      }
+      // Back to the codebook's scale, plus the half rounding's mean.
+      code_part[d] = accumulate ? fmaf(o, vunscale[g], coded_weights * vmean[d]) : 0.0f;
     }
   } else if (codes_part) {
     const float inv = 1.0f / L.unit;
@@ -834,29 +939,11 @@ __global__ void __launch_bounds__(ByteConfig<GK, GV>::threads, 1)
       hist_product<VL, Cv, byte_threads, Vec>(tab, cent, inv, code_part, tid);
     });
   }
-  // The full-precision tokens: thread (part, d) takes tokens part, part + parts, ...; loads in
-  // batches of 8, ahead of use.
-  const int parts = byte_threads / D;
-  for (int e = tid; e < parts * D; e += byte_threads) {
-    const int part = e / D, d = e % D;
-    float acc = 0.0f;
-    const float* dv = seq.dense_values + std::size_t(kvh) * seq.dense * D + d;
-    for (int j0 = part; j0 < ndense; j0 += 8 * parts) {
-      float vv[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) vv[k] = j0 + k * parts < ndense ? __ldg(dv + std::size_t(j0 + k * parts) * D) : 0.0f;
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (j0 + k * parts < ndense) acc = fmaf(__expf(dense_score[j0 + k * parts] - m), vv[k], acc);
-    }
-    product[e] = acc;
-  }
-  // The weight sum, with the full-precision tokens' weights.
-  for (int j = 0; j < ndense; ++j) total += __expf(dense_score[j] - m);
   __syncthreads();
   for (int d = tid; d < D; d += byte_threads) {
-    float o = codes_part ? code_part[d] * coded_factor : 0.0f;
-    for (int part = 0; part < parts; ++part) o += product[part * D + d];
+    float dense_part = 0.0f;  // the prologue's weighted full-precision values
+    for (int part = 0; part < parts; ++part) dense_part += product[part * D + d];
+    const float o = (codes_part ? code_part[d] * coded_factor : 0.0f) + dense_part * dense_factor;
     if (gridDim.y == 1) {  // one split: the block's result is the output (no combine_kernel)
       p.out[std::size_t(bh) * D + d] = total > 0.0f ? o / total : 0.0f;
       continue;
