@@ -81,10 +81,12 @@ TEST_CASE("cuda decode is bit-identical to the CPU decode") {
 namespace {
 
 // A batch of sequences of different lengths sharing per-head codebooks; GPU attention for the last
-// token of each against the CPU cache's attention.
+// token of each against the CPU cache's attention. value_scale multiplies the values and their
+// codebooks (the output scales with them; the relative error should not).
 double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks, std::size_t group,
                    const std::vector<std::size_t>& lengths, std::uint64_t seed,
-                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic, bool misaligned = false) {
+                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic, bool misaligned = false,
+                   float value_scale = 1.0f) {
   KVCacheConfig cfg;
   cfg.head_dim = D;
   cfg.kv_heads = 2;
@@ -96,6 +98,11 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
   for (std::size_t h = 0; h < 2; ++h) {
     kcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h));
     vcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h + 5));
+    if (value_scale != 1.0f) {
+      std::vector<float> c(vcb.back().data(), vcb.back().data() + vcb.back().groups() * (std::size_t(1) << bits) * C);
+      for (float& x : c) x *= value_scale;
+      vcb.back().set_all(c.data());
+    }
   }
   const int q_heads = int(2 * group);
   std::vector<gpu_test::Sequence> batch;
@@ -104,7 +111,9 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
     KVCache<float> cache(cfg);
     for (std::size_t h = 0; h < 2; ++h) cache.set_codebooks(0, h, kcb[h], vcb[h]);
     const std::size_t n = lengths[s], width = 2 * D;
-    const auto k = test::random_normal(n * width, seed + 100 + s), v = test::random_normal(n * width, seed + 200 + s);
+    const auto k = test::random_normal(n * width, seed + 100 + s);
+    auto v = test::random_normal(n * width, seed + 200 + s);
+    for (float& x : v) x *= value_scale;
     cache.append(0, ConstMatrixView<float>(k.data(), n, width), ConstMatrixView<float>(v.data(), n, width));
     const auto qs = test::random_normal(std::size_t(q_heads) * D, seed + 300 + s);
     std::vector<float> out(qs.size());
@@ -189,6 +198,20 @@ TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte al
       CAPTURE(C);
       CAPTURE(int(kernel));
       CHECK(batch_error(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}, 77 + C, kernel, true) < 1e-3);
+    }
+}
+
+TEST_CASE("cuda fused attention: value codebooks far outside half precision's range match the CPU") {
+  // The 2c8b value-rows mode keeps centroids as half pairs, scaled per group by a power of two:
+  // values near 1e6 would overflow half (65504) and values near 1e-6 would fall into its
+  // subnormals (steps of 6e-8) without that scale.
+  require_device();
+  for (float value_scale : {1e6f, 1e-6f})
+    for (std::size_t C : {2u, 8u}) {
+      CAPTURE(value_scale);
+      CAPTURE(C);
+      CHECK(batch_error(128, C, 8, 32, 4, 4, {37, 300, 2500}, 55 + C, gpu_test::Kernel::byte_codes, false, value_scale) <
+            1e-3);
     }
 }
 
