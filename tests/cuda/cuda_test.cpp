@@ -99,7 +99,7 @@ double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, s
     kcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h));
     vcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h + 5));
     if (value_scale != 1.0f) {
-      std::vector<float> c(vcb.back().data(), vcb.back().data() + vcb.back().groups() * (std::size_t(1) << bits) * C);
+      std::vector<float> c(vcb.back().data(), vcb.back().data() + vcb.back().size());
       for (float& x : c) x *= value_scale;
       vcb.back().set_all(c.data());
     }
