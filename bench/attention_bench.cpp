@@ -77,8 +77,8 @@ struct DenseHead {
     }
     view.head_dim = D;
     view.key_codebook = view.value_codebook = dummy.view();
-    view.recent_keys = ConstMatrixView<T>(k.data(), n, D);
-    view.recent_values = ConstMatrixView<T>(v.data(), n, D);
+    view.recent_keys = PagedRowsView<T>::contiguous(ConstMatrixView<T>(k.data(), n, D), 0);
+    view.recent_values = PagedRowsView<T>::contiguous(ConstMatrixView<T>(v.data(), n, D), 0);
     view.window = n;
   }
 };
@@ -110,13 +110,11 @@ void BM_Dense(benchmark::State& state) {
       attend_head(h->view, q.data(), 1, n - 1, 0.0883883f, out.data());
     } else {
       std::vector<float> part(2 * D);
-      KVHeadView<T> halves[2] = {h->view, h->view};
-      halves[1].recent_first = 0;
       pool2().parallel_for(2, [&](std::size_t i) {
         KVHeadView<T> v = h->view;
         const std::size_t lo = i * (n / 2), cnt = i ? n - n / 2 : n / 2;
-        v.recent_keys = ConstMatrixView<T>(h->k.data() + lo * D, cnt, D);
-        v.recent_values = ConstMatrixView<T>(h->v.data() + lo * D, cnt, D);
+        v.recent_keys = PagedRowsView<T>::contiguous(ConstMatrixView<T>(h->k.data() + lo * D, cnt, D), 0);
+        v.recent_values = PagedRowsView<T>::contiguous(ConstMatrixView<T>(h->v.data() + lo * D, cnt, D), 0);
         v.window = cnt;
         attend_head(v, q.data(), 1, cnt - 1, 0.0883883f, part.data() + i * D);
       });

@@ -13,22 +13,30 @@ namespace cq::test {
 template <element_type T>
 std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos,
                                   float scale) {
-  const std::size_t D = kv.head_dim, S = std::min(kv.sinks, pos + 1);
-  const std::size_t visible = pos + 1;
-  const std::size_t win_lo = std::min(visible, std::max(kv.sinks, visible > kv.window ? visible - kv.window : 0));
+  const std::size_t D = kv.head_dim, visible = pos + 1;
+  const VisibleTokens vis = visible_tokens(pos, kv.sinks, kv.window);
   std::vector<std::vector<float>> keys, values;
   std::vector<float> k(D), v(D);
   for (std::size_t p = 0; p < visible; ++p) {
-    if (p < S) {
-      for (std::size_t i = 0; i < D; ++i) k[i] = to_float(kv.sink_keys(p, i)), v[i] = to_float(kv.sink_values(p, i));
-    } else if (p >= win_lo) {
-      for (std::size_t i = 0; i < D; ++i)
-        k[i] = to_float(kv.recent_keys(p - kv.recent_first, i)), v[i] = to_float(kv.recent_values(p - kv.recent_first, i));
+    if (p < vis.sink_end || p >= vis.window_begin) {
+      const T* kr = p < vis.sink_end ? kv.sink_keys.at(p) : kv.recent_keys.at(p);
+      const T* vr = p < vis.sink_end ? kv.sink_values.at(p) : kv.recent_values.at(p);
+      for (std::size_t i = 0; i < D; ++i) k[i] = to_float(kr[i]), v[i] = to_float(vr[i]);
     } else {
-      backend::Scalar::decode(kv.key_codebook, kv.key_codes, p - kv.sinks, MatrixView<float>(k.data(), 1, D));
-      backend::Scalar::decode(kv.value_codebook, kv.value_codes, p - kv.sinks, MatrixView<float>(v.data(), 1, D));
-      if (kv.rope) rope_rotate(*kv.rope, D, p, k.data());  // coded keys are pre-RoPE; full-precision rows come rotated
+      for (std::size_t g = 0; g < kv.key_codebook.groups; ++g)
+        for (std::size_t c = 0; c < kv.key_codebook.channels; ++c)
+          k[g * kv.key_codebook.channels + c] = kv.key_codebook.centroids[(g * kv.key_codebook.num_centroids() +
+                                                                           kv.key_codes.get(p - kv.sinks, g)) *
+                                                                              kv.key_codebook.channels +
+                                                                          c];
+      for (std::size_t g = 0; g < kv.value_codebook.groups; ++g)
+        for (std::size_t c = 0; c < kv.value_codebook.channels; ++c)
+          v[g * kv.value_codebook.channels + c] =
+              kv.value_codebook.centroids[(g * kv.value_codebook.num_centroids() + kv.value_codes.get(p - kv.sinks, g)) *
+                                              kv.value_codebook.channels +
+                                          c];
     }
+    if (kv.rope) kv.rope->rotate(k.data(), p + kv.position_offset);  // every key of a pre-RoPE view, exact sincos
     keys.push_back(k);
     values.push_back(v);
   }

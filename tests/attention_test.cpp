@@ -77,7 +77,8 @@ TEST_CASE("attention over fp16 and bf16 caches matches the oracle") {
 
 TEST_CASE("pre-RoPE keys: coded keys are rotated to their positions inside the kernel") {
   for (RopeStyle style : {RopeStyle::rotate_half, RopeStyle::interleaved}) {
-    const RopeConfig rope{10000.0f, style};
+    RopeConfig rope;
+    rope.style = style;
     check_shape<float>({128, 8, 8, 32, 4, 4, 1100}, 11, &rope);
     check_shape<float>({64, 4, 4, 0, 0, 1, 300}, 12, &rope);
     check_shape<half>({64, 2, 8, 32, 0, 8, 545}, 13, &rope);
@@ -88,8 +89,9 @@ TEST_CASE("RopeStepper: cos/sin of every position match sincos to float accuracy
   // The kernel steps positions in float between double anchors; a drift or an off-by-one at an
   // anchor would show here long before it moves an attention output past its tolerance.
   const std::size_t dim = 128, first = 12345, count = 100000;
-  const std::vector<double> f = rope_inv_freq(RopeConfig{10000.0f, RopeStyle::rotate_half}, dim);
-  RopeStepper st(f.data(), dim, first);
+  const Rope rope(RopeConfig{}, dim);
+  const std::vector<double>& f = rope.inv_freq();
+  RopeStepper st(rope, first);
   double worst = 0.0;
   for (std::size_t p = first; p < first + count; ++p, st.advance())
     for (std::size_t i = 0; i < dim / 2; ++i) {
@@ -139,7 +141,7 @@ TEST_CASE("scores far apart in magnitude stay accurate (the lazy reference maxim
 
 TEST_CASE("pre-RoPE KVCache: attention equals dense attention over keys rotated from what was appended") {
   // Independent of the cache's rotated copies: every key comes from read_token (as appended,
-  // before RoPE, decoded where coded) and is rotated here with the reference rope_rotate.
+  // before RoPE, decoded where coded) and is rotated here with the reference Rope::rotate.
   for (RopeStyle style : {RopeStyle::rotate_half, RopeStyle::interleaved}) {
     KVCacheConfig cfg;
     cfg.head_dim = 64;
@@ -148,7 +150,8 @@ TEST_CASE("pre-RoPE KVCache: attention equals dense attention over keys rotated 
     cfg.window = 16;
     cfg.sinks = 3;
     cfg.pre_rope_keys = true;
-    cfg.rope = {500.0f, style};
+    cfg.rope.theta = 500.0;
+    cfg.rope.style = style;
     const auto cache = test::random_cache<float>(cfg, 300, 51);
     const auto q = test::random_normal(2 * 64, 52);
     std::vector<float> out(2 * 64);
@@ -161,7 +164,7 @@ TEST_CASE("pre-RoPE KVCache: attention equals dense attention over keys rotated 
       for (std::size_t p = 0; p < 300; ++p) {
         std::vector<float> k(64);
         cache.read_token(0, 0, p, k.data(), vals[p].data());
-        rope_rotate(cfg.rope, 64, p, k.data());
+        Rope(cfg.rope, 64).rotate(k.data(), p);
         double d = 0;
         for (std::size_t i = 0; i < 64; ++i) d += double(q[h * 64 + i]) * k[i];
         s[p] = d / 8.0;

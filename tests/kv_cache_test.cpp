@@ -191,7 +191,7 @@ TEST_CASE("truncate refuses to roll back past the full-precision history, unchan
     for (std::size_t t = 0; t < 400; ++t)
       cache.append(l, ConstMatrixView<float>(k.data() + t * 64, 1, 64), ConstMatrixView<float>(k.data() + t * 64, 1, 64));
   const auto before = attend_all(cache, 1, 20);
-  CQ_CHECK_THROWS_CONTAINING(cache.truncate(300), "cannot roll layer 0 back to 300 tokens");
+  CQ_CHECK_THROWS_CONTAINING(cache.truncate(300), "cannot roll sequence 0 back to 300 tokens");
   CQ_CHECK_THROWS_CONTAINING(cache.truncate(401), "401 tokens exceed layer 0's 400");
   CHECK(cache.size(0) == 400);
   CHECK(attend_all(cache, 1, 20) == before);
@@ -212,12 +212,20 @@ TEST_CASE("memory accounting by part") {
   cfg.max_rollback = 0;
   auto cache = test::random_cache<float>(cfg, 1000, 21);
   const MemoryUsage m = cache.memory();
-  const std::size_t coded = 1000 - 4;
-  CHECK(m.codes == 2 * (packed_code_bytes(coded, 8, 8) + packed_code_bytes(coded, 16, 8)));
-  CHECK(m.sinks == 2 * 2 * 4 * 64 * sizeof(float));
-  CHECK(m.codebooks == 2 * (64 * 256 + 64 * 256) * sizeof(float));
-  CHECK(m.window >= 2 * 2 * 16 * 64 * sizeof(float));  // at least the window, bounded by the trimming slack
-  CHECK(m.window <= 2 * 2 * 2 * (16 + 41) * 64 * sizeof(float));
+  // Code pages of 256 tokens: per head 8 blocks x (8 key groups + 16 value groups) x 32 bytes.
+  const std::size_t code_page = 2 * 8 * (8 + 16) * 32;
+  CHECK(m.codes_in_use == (1000 - 4 + 255) / 256 * code_page);
+  CHECK(m.codes >= m.codes_in_use);
+  // Full-precision pages of 16 rows: per head 16 key and 16 value rows of 64 floats. One page
+  // holds the 4 sinks; the window (16) and the last append (at most 41 rows) span the others.
+  const std::size_t full_page = 2 * 2 * 16 * 64 * sizeof(float);
+  CHECK(m.full_in_use >= (1 + 1) * full_page);
+  CHECK(m.full_in_use <= (1 + (16 + 41 + 15) / 16 + 1) * full_page);
+  // Codebooks: centroids and their transposed copy, counted once.
+  std::size_t books = 0;
+  for (std::size_t h = 0; h < 2; ++h) books += cache.key_codebook(0, h).allocated_bytes() + cache.value_codebook(0, h).allocated_bytes();
+  CHECK(m.codebooks == books);
+  CHECK(m.codebooks >= 2 * (64 * 256 + 64 * 256) * sizeof(float));
 }
 
 TEST_CASE("concurrent attend calls on one cache equal serial calls") {
@@ -262,7 +270,7 @@ TEST_CASE("KVCache rejects bad input with a message, unchanged") {
   cache.append(0, ConstMatrixView<float>(k.data(), 3, 64), ConstMatrixView<float>(k.data(), 3, 64));
   std::vector<float> q(4 * 128), out(4 * 128);
   CQ_CHECK_THROWS_CONTAINING(cache.attend(0, ConstMatrixView<float>(q.data(), 4, 128), MatrixView<float>(out.data(), 4, 128)),
-                             "4 query rows but layer 0 holds 3 tokens");
+                             "4 query rows but sequence 0 holds 3 tokens in layer 0");
   CQ_CHECK_THROWS_CONTAINING(cache.attend(0, ConstMatrixView<float>(q.data(), 1, 96), MatrixView<float>(out.data(), 1, 96)),
                              "q has 96 columns");
   CQ_CHECK_THROWS_CONTAINING(cache.attend(0, ConstMatrixView<float>(q.data(), 1, 128), MatrixView<float>(out.data(), 1, 64)),

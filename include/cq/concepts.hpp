@@ -1,7 +1,8 @@
 #pragma once
-/// The contract a quantizer backend fulfils. A backend is a type with static member functions
-/// doing the hot work on memory it understands; a type missing one fails here, at compile time,
-/// with this concept's name in the message.
+/// The contracts a CPU backend fulfils: quantizer operations and attention operations. A backend
+/// is a type with static member functions doing the hot work on memory it understands; a type
+/// missing one fails here, at compile time, with the concept's name in the message. One
+/// conformance suite per contract tests every backend against backend::Scalar (tests/conformance).
 
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
@@ -32,5 +33,40 @@ concept quantizer_backend_for =
 template <class B>
 concept quantizer_backend =
     quantizer_backend_for<B, float> && quantizer_backend_for<B, half> && quantizer_backend_for<B, bfloat16>;
+
+/// What every attention backend provides (conventions: backend/scalar_attention.hpp). Code
+/// ranges start at a multiple of 32 tokens.
+///  - `score_lut(cb, q, scale, lut, stride)`: lut[g * stride + j] = scale * q_g . centroid[g][j];
+///  - `score_codes(lut, stride, codes, first, n, scores)`: scores[i] = sum_g lut[g][code(first + i, g)];
+///  - `add_histogram(codes, first, n, p, hist, stride)`: hist[g][code(first + i, g)] += p[i];
+///  - `accumulate_centroids(cb, codes, first, n, p, acc)`: acc += sum_i p[i] * centroid of token i;
+///  - `combine_centroids(cb, hist, stride, out)`: out += sum_j hist[g][j] * centroid[g][j];
+///  - `prefers_value_histogram(cb)`: which value path the fused method takes;
+///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, and `dot` / `axpy`
+///    of float queries with float, fp16 or bf16 rows.
+template <class B, class T>
+concept attention_ops_for =
+    element_type<T> && requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f,
+                                const T* row, std::size_t n, float x) {
+      { B::dot(cq, row, n) } -> std::convertible_to<float>;
+      B::axpy(x, row, f, n);
+    };
+
+template <class B>
+concept attention_backend =
+    attention_ops_for<B, float> && attention_ops_for<B, half> && attention_ops_for<B, bfloat16> &&
+    requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f, std::size_t n, float x,
+             MatrixView<float> out) {
+      B::score_lut(cb, cq, x, f, n);
+      B::score_codes(cq, n, codes, n, n, f);
+      B::add_histogram(codes, n, n, cq, f, n);
+      B::accumulate_centroids(cb, codes, n, n, cq, f);
+      B::combine_centroids(cb, cq, n, f);
+      { B::prefers_value_histogram(cb) } -> std::convertible_to<bool>;
+      { B::max_of(cq, n) } -> std::convertible_to<float>;
+      { B::exp_sum(f, n, x) } -> std::convertible_to<float>;
+      B::scale(f, n, x);
+      B::decode(cb, codes, n, out);
+    };
 
 }  // namespace cq

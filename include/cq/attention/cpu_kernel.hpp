@@ -1,0 +1,276 @@
+#pragma once
+/// The CPU attention kernel for one KV head and the query heads that share it (GQA), at one
+/// query position, over one piece of the coded range (the planner, cpu_plan.hpp, splits long
+/// ranges into pieces that run on different threads and merge).
+///
+/// Scores of coded tokens come from a per-query-head table LUT[g][j] = scale * q_g . centroid_K[g][j]
+/// (G lookups per token instead of D multiplies); softmax weights of coded tokens are either
+/// accumulated into per-group histograms over value codes, turned into an output by one small
+/// (G x 2^Bits x C) product at the end, or multiplied into the value centroids as they stream
+/// (the backend chooses). Full-precision tokens are scored and accumulated densely. Each query
+/// head keeps an online-softmax state (softmax_state.hpp) whose reference maximum is raised
+/// lazily: accumulators are rescaled only when a score exceeds the reference by more than 16, so
+/// almost never. Coded tokens are walked in steps of at most 512 that never cross a page.
+///
+/// Keys stored before RoPE (view.rope set) are decoded and rotated to their positions here: coded
+/// keys token by token in L1 (no table), full-precision rows once per KV head for all its query
+/// heads.
+
+#include "cq/attention/head_view.hpp"
+#include "cq/attention/problem.hpp"
+#include "cq/attention/softmax_state.hpp"
+#include "cq/codebook.hpp"
+#include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/centroid_copy.hpp"
+#include "cq/element.hpp"
+#include "cq/packed_codes.hpp"
+#include "cq/rope.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace cq::detail {
+
+inline constexpr float lazy_max_slack = 16.0f;   // see the top of this file
+inline constexpr std::size_t superblock = 512;   // coded tokens scored per step (multiple of 32)
+
+/// Layout of one query head's accumulators: [acc (head_dim) | hist (value groups x hist_stride)].
+struct StateLayout {
+  std::size_t head_dim, hist_stride, hist_len;
+  std::size_t floats() const { return head_dim + hist_len; }
+};
+
+/// One query head's running state in a piece: its online-softmax state and its accumulators.
+struct HeadState {
+  float* acc;   // (head_dim): sum of weight x value of full-precision and centroid-accumulated tokens
+  float* hist;  // (value groups, hist_stride): summed weights per value code
+  SoftmaxState softmax;
+};
+
+/// Scratch of one piece, reused across calls on a thread. Only HeadAttention::run touches it, and
+/// run never calls an executor, so no other work can run on this thread while it is in use.
+struct PieceScratch {
+  AlignedBuffer<float> lut, scores, rows;
+  std::vector<std::uint32_t> codes;
+};
+inline PieceScratch& piece_scratch() {
+  thread_local PieceScratch s;
+  return s;
+}
+
+template <class Backend>
+void raise_reference(HeadState& st, float block_max, std::size_t acc_len, std::size_t hist_len) {
+  SoftmaxState& sm = st.softmax;
+  const bool empty = sm.ref == -std::numeric_limits<float>::infinity();
+  if (!empty && block_max <= sm.ref + lazy_max_slack) return;
+  if (!empty) {
+    const float f = softmax_exp(sm.ref - block_max);
+    Backend::scale(st.acc, acc_len, f);
+    if (hist_len) Backend::scale(st.hist, hist_len, f);
+    sm.sum *= f;
+  }
+  sm.ref = block_max;
+}
+
+template <element_type T>
+void row_to_float(const T* src, std::size_t n, float* dst) {
+  if constexpr (std::is_same_v<T, float>) std::memcpy(dst, src, n * sizeof(float));
+  else for (std::size_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <class Backend, element_type T>
+class HeadAttention {
+ public:
+  /// `heads` query heads (q: heads x head_dim, contiguous) at position `pos`. The view must have
+  /// passed check_head_view; the positions the query reads are checked here.
+  HeadAttention(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos, float scale,
+                AttentionMethod method)
+      : kv_(kv), q_(q), heads_(heads), scale_(scale), method_(method) {
+    CQ_CHECK(heads >= 1, "attend: at least one query head is needed");
+    vis_ = check_visible(kv, pos, "attend");
+    // Value path: histograms pay off once there are more coded tokens than bins to clear and
+    // combine; backend::Simd prefers the direct centroid accumulation on CPUs (measured).
+    fused_ = method != AttentionMethod::dequantize;
+    hist_ = method == AttentionMethod::fused_histogram ||
+            (method == AttentionMethod::fused && Backend::prefers_value_histogram(kv.value_codebook) &&
+             vis_.coded() >= kv.value_codebook.num_centroids());
+    layout_.head_dim = kv.head_dim;
+    layout_.hist_stride = kv.value_codebook.padded_centroids;
+    layout_.hist_len = hist_ ? kv.value_codebook.groups * layout_.hist_stride : 0;
+  }
+
+  std::size_t coded_tokens() const { return vis_.coded(); }
+  std::size_t heads() const { return heads_; }
+  const StateLayout& layout() const { return layout_; }
+
+  /// Attends over code indices [c0, c1) (c0 % 32 == 0) and, if `full`, over the sink and window
+  /// tokens. `states` holds heads x layout().floats() floats, `st` heads states.
+  void run(std::size_t c0, std::size_t c1, bool full, float* states, HeadState* st) const {
+    const std::size_t D = kv_.head_dim;
+    for (std::size_t h = 0; h < heads_; ++h) {
+      float* base = states + h * layout_.floats();
+      std::fill(base, base + layout_.floats(), 0.0f);
+      st[h] = {base, base + D, SoftmaxState{}};
+    }
+    if (full) run_full(st);
+    if (c1 > c0) run_coded(c0, c1, st);
+  }
+
+  /// Merges `parts` partial states (each heads x floats) into the first one.
+  void merge(float* states, HeadState* st, std::size_t parts) const {
+    const std::size_t n = layout_.floats();
+    for (std::size_t p = 1; p < parts; ++p)
+      for (std::size_t h = 0; h < heads_; ++h) {
+        const HeadState& b = st[p * heads_ + h];
+        const MergeFactors f = merge_into(st[h].softmax, b.softmax);
+        if (b.softmax.empty()) continue;
+        float* x = states + h * n;
+        const float* y = states + (p * heads_ + h) * n;
+        for (std::size_t i = 0; i < n; ++i) x[i] = f.a * x[i] + f.b * y[i];
+      }
+  }
+
+  /// out (heads x head_dim) from merged states.
+  void finish(const HeadState* st, float* out) const {
+    const std::size_t D = kv_.head_dim;
+    for (std::size_t h = 0; h < heads_; ++h) {
+      float* o = out + h * D;
+      std::copy_n(st[h].acc, D, o);
+      if (hist_) Backend::combine_centroids(kv_.value_codebook, st[h].hist, layout_.hist_stride, o);
+      Backend::scale(o, D, st[h].softmax.sum > 0.0f ? 1.0f / st[h].softmax.sum : 0.0f);
+    }
+  }
+
+ private:
+  // Sinks and window: every row scored for every query head (pre-RoPE keys rotated once), then
+  // one softmax step per head.
+  void run_full(HeadState* st) const {
+    const std::size_t D = kv_.head_dim, n = vis_.full();
+    if (n == 0) return;
+    PieceScratch& sc = piece_scratch();
+    sc.scores.resize(std::max(sc.scores.size(), heads_ * n));
+    float* s = sc.scores.data();  // (heads, n)
+    auto value = [&](std::size_t j) {
+      return j < vis_.sink_end ? kv_.sink_values.at(j) : kv_.recent_values.at(vis_.window_begin + (j - vis_.sink_end));
+    };
+    auto score = [&](std::size_t j, const auto* k) {
+      for (std::size_t h = 0; h < heads_; ++h) s[h * n + j] = scale_ * Backend::dot(q_ + h * D, k, D);
+    };
+    if (kv_.rope) {
+      sc.rows.resize(std::max(sc.rows.size(), D));
+      float* k = sc.rows.data();
+      RopeStepper stepper(*kv_.rope, kv_.position_offset);
+      for (std::size_t j = 0; j < vis_.sink_end; ++j, stepper.advance()) {
+        row_to_float(kv_.sink_keys.at(j), D, k);
+        rope_rotate_stepped(*kv_.rope, stepper, k);
+        score(j, k);
+      }
+      stepper.reset(*kv_.rope, kv_.position_offset + vis_.window_begin);
+      for (std::size_t p = vis_.window_begin; p < vis_.window_end; ++p, stepper.advance()) {
+        row_to_float(kv_.recent_keys.at(p), D, k);
+        rope_rotate_stepped(*kv_.rope, stepper, k);
+        score(vis_.sink_end + (p - vis_.window_begin), k);
+      }
+    } else {
+      for (std::size_t j = 0; j < vis_.sink_end; ++j) score(j, kv_.sink_keys.at(j));
+      for (std::size_t p = vis_.window_begin; p < vis_.window_end; ++p)
+        score(vis_.sink_end + (p - vis_.window_begin), kv_.recent_keys.at(p));
+    }
+    for (std::size_t h = 0; h < heads_; ++h) {
+      float* sh = s + h * n;
+      raise_reference<Backend>(st[h], Backend::max_of(sh, n), D, layout_.hist_len);
+      st[h].softmax.sum += Backend::exp_sum(sh, n, st[h].softmax.ref);
+      for (std::size_t j = 0; j < n; ++j) Backend::axpy(sh[j], value(j), st[h].acc, D);  // fp16/bf16 converted in registers
+    }
+  }
+
+  void run_coded(std::size_t c0, std::size_t c1, HeadState* st) const {
+    const std::size_t D = kv_.head_dim;
+    const CodebookView& kcb = kv_.key_codebook;
+    PieceScratch& sc = piece_scratch();
+    const bool use_lut = fused_ && kv_.rope == nullptr;
+    const bool rope_fused = fused_ && kv_.rope != nullptr;  // pre-RoPE keys scored token by token
+    const std::size_t lut_stride = kcb.padded_centroids;
+    if (use_lut) {
+      sc.lut.resize(std::max(sc.lut.size(), heads_ * kcb.groups * lut_stride));
+      for (std::size_t h = 0; h < heads_; ++h)
+        Backend::score_lut(kcb, q_ + h * D, scale_, sc.lut.data() + h * kcb.groups * lut_stride, lut_stride);
+    }
+    const bool decode_keys = !use_lut && !rope_fused;  // dequantise-then-attend
+    const bool decode_values = !fused_;
+    // Scratch rows: a step of decoded keys and values, or one key row for rope_fused.
+    const std::size_t rows_needed = decode_keys || decode_values ? 2 * superblock * D : rope_fused ? D : 0;
+    sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
+    sc.rows.resize(std::max(sc.rows.size(), rows_needed));
+    std::optional<RopeStepper> stepper;
+    if (kv_.rope) stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
+
+    const std::size_t P = kv_.key_codes.page_tokens;
+    for (std::size_t t0 = c0; t0 < c1;) {
+      // One step: at most a superblock, inside one page (P is a multiple of 32, t0 too).
+      const std::size_t page = t0 / P, in_page = t0 % P;
+      const std::size_t n = std::min({superblock, c1 - t0, P - in_page});
+      const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
+      float* krows = rows_needed ? sc.rows.data() : nullptr;
+      float* vrows = decode_values ? sc.rows.data() + superblock * D : nullptr;
+      if (decode_keys) Backend::decode(kcb, kc, in_page, MatrixView<float>(krows, n, D));
+      if (decode_values) Backend::decode(kv_.value_codebook, vc, in_page, MatrixView<float>(vrows, n, D));
+      if (decode_keys && kv_.rope)
+        for (std::size_t i = 0; i < n; ++i, stepper->advance()) rope_rotate_stepped(*kv_.rope, *stepper, krows + i * D);
+      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc);
+      for (std::size_t h = 0; h < heads_; ++h) {
+        float* s = sc.scores.data() + h * superblock;
+        if (use_lut) {
+          Backend::score_codes(sc.lut.data() + h * kcb.groups * lut_stride, lut_stride, kc, in_page, n, s);
+        } else if (!rope_fused) {
+          const float* q = q_ + h * D;
+          for (std::size_t i = 0; i < n; ++i) s[i] = scale_ * Backend::template dot<float>(q, krows + i * D, D);
+        }
+        raise_reference<Backend>(st[h], Backend::max_of(s, n), D, layout_.hist_len);
+        st[h].softmax.sum += Backend::exp_sum(s, n, st[h].softmax.ref);
+        if (hist_) {
+          Backend::add_histogram(vc, in_page, n, s, st[h].hist, layout_.hist_stride);
+        } else if (fused_) {
+          Backend::accumulate_centroids(kv_.value_codebook, vc, in_page, n, s, st[h].acc);
+        } else {
+          for (std::size_t i = 0; i < n; ++i) Backend::axpy(s[i], vrows + i * D, st[h].acc, D);
+        }
+      }
+      t0 += n;
+    }
+  }
+
+  // Scores of pre-RoPE coded keys for the fused methods, token by token in L1: the key's
+  // centroids are copied into one scratch row, rotated to the token's position and dotted with
+  // each head's query. (Decoding a step of rows first, then rotating it in place, made three
+  // passes over 256 KiB of rows through L2.)
+  void rope_scores(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper, float* k,
+                   PieceScratch& sc) const {
+    const CodebookView& kcb = kv_.key_codebook;
+    const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
+    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
+    std::uint32_t* cd = sc.codes.data();
+    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
+    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
+      const std::uint32_t* code = cd + i * G;
+      for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
+      rope_rotate_stepped(*kv_.rope, stepper, k);
+      for (std::size_t h = 0; h < heads_; ++h)
+        sc.scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
+    }
+  }
+
+  const KVHeadView<T>& kv_;
+  const float* q_;
+  std::size_t heads_;
+  float scale_;
+  AttentionMethod method_;
+  VisibleTokens vis_{};
+  bool fused_ = true, hist_ = false;
+  StateLayout layout_{};
+};
+
+}  // namespace cq::detail
