@@ -10,6 +10,18 @@
 #include <limits>
 #include <vector>
 
+// Whether this test binary runs under a sanitizer (whose allocators abort on absurd requests).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CQ_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CQ_TEST_SANITIZED 1
+#endif
+#endif
+#ifndef CQ_TEST_SANITIZED
+#define CQ_TEST_SANITIZED 0
+#endif
+
 namespace cq::test {
 
 /// Checks that `expr` throws cq::Error whose message contains `needle`.

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory_resource>
+#include <new>
 #include <span>
 #include <algorithm>
 #include <utility>
@@ -36,7 +37,11 @@ class PageSet {
                ": the engine's buffer is not ", page_alignment, "-byte aligned");
       data_ = external.data();
     } else {
-      data_ = static_cast<std::byte*>(mem_->allocate(bytes, page_alignment));
+      try {
+        data_ = static_cast<std::byte*>(mem_->allocate(bytes, page_alignment));
+      } catch (const std::bad_alloc&) {
+        cq::detail::fail(what_, ": cannot allocate ", bytes, " bytes for ", pages, " pages");
+      }
       owned_bytes_ = bytes;
     }
     layers_ = layer_bytes.size();
