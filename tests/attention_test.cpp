@@ -2,88 +2,8 @@
 
 using namespace cq;
 
-namespace {
-
-struct Shape {
-  std::size_t D, C;
-  int bits;
-  std::size_t window, sinks, group, tokens;
-};
-
-// Runs every attention path for the last `queries` positions of a random cache and compares each
-// with the double-precision oracle.
-template <element_type T>
-void check_shape(const Shape& s, std::uint64_t seed, const RopeConfig* rope = nullptr, std::size_t queries = 1) {
-  CAPTURE(s.D);
-  CAPTURE(s.C);
-  CAPTURE(s.bits);
-  CAPTURE(s.window);
-  CAPTURE(s.sinks);
-  CAPTURE(s.group);
-  CAPTURE(s.tokens);
-  CAPTURE(rope != nullptr);
-  KVCacheConfig cfg;
-  cfg.head_dim = s.D;
-  cfg.kv_heads = 2;
-  cfg.spec = {{s.C, s.bits}, {s.C, s.bits}};
-  cfg.window = s.window;
-  cfg.sinks = s.sinks;
-  if (rope) {
-    cfg.pre_rope_keys = true;
-    cfg.rope = *rope;
-  }
-  const auto cache = test::random_cache<T>(cfg, s.tokens, seed);
-  const auto q = test::random_normal(s.group * s.D, seed + 99);
-  const float scale = 1.0f / std::sqrt(float(s.D));
-  std::vector<float> out(s.group * s.D);
-  for (std::size_t h = 0; h < cfg.kv_heads; ++h) {
-    const KVHeadView<T> view = cache.head_view(0, h);
-    for (std::size_t pos = s.tokens - std::min(queries, s.tokens); pos < s.tokens; ++pos) {
-      const auto ref = test::oracle_attend(view, q.data(), s.group, pos, scale);
-      for (AttentionMethod m : {AttentionMethod::fused, AttentionMethod::fused_histogram, AttentionMethod::fused_centroids,
-                                AttentionMethod::dequantize}) {
-        CAPTURE(static_cast<int>(m));
-        attend_head<backend::Native>(view, q.data(), s.group, pos, scale, out.data(), m);
-        CHECK(test::relative_error(out.data(), ref) < 1e-5);
-      }
-      for (AttentionMethod m : {AttentionMethod::fused_histogram, AttentionMethod::fused_centroids}) {
-        attend_head<backend::Scalar>(view, q.data(), s.group, pos, scale, out.data(), m);
-        CHECK(test::relative_error(out.data(), ref) < 1e-5);
-      }
-    }
-  }
-}
-
-}  // namespace
-
-TEST_CASE("fused attention on codes matches the oracle over the shape grid") {
-  // D 64/128, C 2/4/8, Bits 4/8/10, window 0/32, sinks 0/4, GQA 1/4/8; lengths that are not
-  // multiples of any block (32-token chunks, 512-token superblocks) and straddle the switch from
-  // direct value accumulation to histograms (at 2^Bits coded tokens).
-  const std::size_t lengths[] = {1, 37, 300, 1100, 77, 545};
-  test::for_each_attention_shape([&](std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
-                                     std::size_t group, std::uint64_t seed) {
-    const std::size_t tokens = lengths[seed % 6];
-    if (D == 128 && tokens > 600 && bits == 10 && group == 8) return;  // keep the grid fast
-    check_shape<float>({D, C, bits, window, sinks, group, tokens}, seed);
-  });
-}
-
-TEST_CASE("attention over fp16 and bf16 caches matches the oracle") {
-  check_shape<half>({128, 8, 8, 32, 4, 4, 700}, 5);
-  check_shape<bfloat16>({64, 4, 4, 0, 0, 1, 300}, 6);
-  check_shape<half>({64, 2, 10, 32, 0, 8, 1100}, 7);
-}
-
-TEST_CASE("pre-RoPE keys: coded keys are rotated to their positions inside the kernel") {
-  for (RopeStyle style : {RopeStyle::rotate_half, RopeStyle::interleaved}) {
-    RopeConfig rope;
-    rope.style = style;
-    check_shape<float>({128, 8, 8, 32, 4, 4, 1100}, 11, &rope);
-    check_shape<float>({64, 4, 4, 0, 0, 1, 300}, 12, &rope);
-    check_shape<half>({64, 2, 8, 32, 0, 8, 545}, 13, &rope);
-  }
-}
+// The shared shape grid, GQA, windows, sinks, several query rows and pre-RoPE keys are the
+// attention conformance suite's (tests/conformance); these are the single-purpose tests.
 
 TEST_CASE("RopeStepper: cos/sin of every position match sincos to float accuracy over 10^5 positions") {
   // The kernel steps positions in float between double anchors; a drift or an off-by-one at an
@@ -100,11 +20,6 @@ TEST_CASE("RopeStepper: cos/sin of every position match sincos to float accuracy
     }
   MESSAGE("largest error: ", worst);
   CHECK(worst < 2e-6);
-}
-
-TEST_CASE("causal prefill: every query of the last chunk sees its own window") {
-  check_shape<float>({64, 4, 8, 32, 4, 4, 300}, 21, nullptr, 40);
-  check_shape<float>({64, 8, 8, 0, 0, 1, 545}, 22, nullptr, 17);
 }
 
 TEST_CASE("splitting a long code range across threads gives the unsplit result") {

@@ -1,7 +1,7 @@
 // Property tests over random shapes and seeds: packing is lossless for every width 1..16 at odd
 // sizes and through unaligned engine-owned views; encode/decode agree with the reference for any
 // C (not only powers of two), element type, row stride and pointer alignment.
-#include "backend_conformance.hpp"
+#include "conformance/quantizer_conformance.hpp"
 
 using namespace cq;
 

@@ -1,23 +1,13 @@
 #pragma once
 // One conformance suite, run against every quantizer backend this translation unit has: codes
 // equal the scalar reference (ties aside: a differing code must be an equally near centroid) and
-// decoded values equal it bit for bit. Included by conformance_test.cpp, which is compiled for
-// several instruction sets.
+// decoded values equal it bit for bit. Included by quantizer_conformance_test.cpp, which is compiled
+// for several instruction sets.
 
-#include "test_util.hpp"
-
-#include <tuple>
+#include "../test_util.hpp"
+#include "backends.hpp"
 
 namespace cq::test {
-
-using conformance_backends = std::tuple<backend::Scalar, backend::Native
-#if CQ_HAVE_AVX2
-                                        , backend::Avx2
-#endif
-#if CQ_HAVE_AVX512
-                                        , backend::Avx512
-#endif
-                                        >;
 
 
 template <class Backend, element_type T>

@@ -1,4 +1,4 @@
-#include "backend_conformance.hpp"
+#include "quantizer_conformance.hpp"
 
 using namespace cq;
 

@@ -1,0 +1,47 @@
+// The attention conformance suite: every CPU backend of this build, every attention method, over
+// the shared cases (attention_cases.hpp), against the double-precision oracle. Compiled for
+// AVX-512, AVX2 and baseline x86-64 builds (tests/CMakeLists.txt); CUDA runs the same cases in
+// tests/cuda.
+
+#include "attention_cases.hpp"
+#include "backends.hpp"
+
+using namespace cq;
+
+namespace {
+
+template <class Backend, element_type T>
+void run_case(const test::AttentionCase& c) {
+  CAPTURE(c.name());
+  CAPTURE(Backend::name);
+  const test::CaseCache<T, Backend> cc = test::build_case<T, Backend>(c);
+  const std::size_t qw = cc.q_heads * c.D, rows = cc.indptr.back();
+  std::vector<float> out(rows * qw);
+  for (AttentionMethod m : {AttentionMethod::fused, AttentionMethod::fused_histogram, AttentionMethod::fused_centroids,
+                            AttentionMethod::dequantize}) {
+    CAPTURE(static_cast<int>(m));
+    std::fill(out.begin(), out.end(), -1.0f);
+    cc.cache->attend(0, cc.seqs, cc.indptr, ConstMatrixView<float>(cc.q.data(), rows, qw), MatrixView<float>(out.data(), rows, qw),
+                     {.method = m});
+    test::check_against_oracle(c, cc, out, 1e-5);
+  }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("attention conformance: every method matches the oracle over the shared cases", Backend, attn_conf) {
+  INFO("instruction set of this build: ", simd_isa_name());
+  // The scalar reference is slow on the large shapes; it runs every third grid shape.
+  for (const test::AttentionCase& c : test::attention_cases(std::is_same_v<Backend, backend::Scalar> ? 3 : 1))
+    run_case<Backend, float>(c);
+}
+TEST_CASE_TEMPLATE_APPLY(attn_conf, test::conformance_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("attention conformance: fp16 and bf16 caches", Backend, attn_conf_16) {
+  run_case<Backend, half>({.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {700, 33}, .seed = 5});
+  run_case<Backend, bfloat16>({.D = 64, .C = 4, .bits = 4, .window = 0, .sinks = 0, .group = 1, .lengths = {300}, .seed = 6});
+  RopeConfig r;
+  run_case<Backend, half>({.D = 64, .C = 2, .bits = 10, .window = 32, .sinks = 0, .group = 8, .lengths = {1100}, .queries = 3,
+                           .rope = r, .seed = 7});
+}
+TEST_CASE_TEMPLATE_APPLY(attn_conf_16, test::conformance_backends);
