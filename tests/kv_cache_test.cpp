@@ -210,6 +210,7 @@ TEST_CASE("memory accounting by part") {
   cfg.window = 16;
   cfg.sinks = 4;
   cfg.max_rollback = 0;
+  cfg.full_page_rows = 16;
   auto cache = test::random_cache<float>(cfg, 1000, 21);
   const MemoryUsage m = cache.memory();
   // Code pages of 256 tokens: per head 8 blocks x (8 key groups + 16 value groups) x 32 bytes.

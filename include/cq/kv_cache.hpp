@@ -28,7 +28,7 @@ struct KVCacheConfig {
   bool pre_rope_keys = false;          // keys arrive (and are coded) before RoPE
   RopeConfig rope;                     // used when pre_rope_keys
   std::size_t page_tokens = 256;       // see PagedCacheOptions
-  std::size_t full_page_rows = 16;
+  std::size_t full_page_rows = 8;
 
   const LayerSpec& layer_spec(std::size_t l) const { return layer_specs.empty() ? spec : layer_specs[l]; }
 };

@@ -24,7 +24,7 @@ namespace cq {
 /// KVCodebooks).
 struct PagedCacheOptions {
   std::size_t page_tokens = 256;     // tokens per code page, a multiple of 32
-  std::size_t full_page_rows = 16;   // rows per full-precision page (sinks, window)
+  std::size_t full_page_rows = 8;    // rows per full-precision page (sinks, window)
   std::size_t window = 32;           // W: most recent tokens attention reads in full precision
   std::size_t sinks = 0;             // S: first tokens kept in full precision
   /// Rollback beyond the last append that truncate() always honours (rolling back the last
