@@ -113,7 +113,7 @@ TEST_CASE("stress: a million appends with window flushes, rollbacks and attentio
         v.resize(cache.size() * D);
         ++rollbacks;
       } catch (const Error& e) {
-        REQUIRE(std::string(e.what()).find("cannot roll layer 0 back") != std::string::npos);
+        REQUIRE(std::string(e.what()).find("cannot roll sequence 0 back") != std::string::npos);
         REQUIRE(cache.size() == size);
         REQUIRE(cache.memory().total() == before.total());
         ++refused;

@@ -17,6 +17,7 @@
 #include "cq/error.hpp"
 #include "cq/executor.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <span>
@@ -43,37 +44,41 @@ template <attention_backend Backend = backend::Native, element_type T>
 void attend_items(std::span<const AttentionItem<T>> items, float scale, AttentionMethod method = AttentionMethod::fused,
                   Executor* exec = nullptr, std::size_t pieces = 0) {
   if (items.empty()) return;
-  std::vector<detail::HeadAttention<Backend, T>> heads;
-  heads.reserve(items.size());
-  std::vector<std::size_t> coded(items.size());
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    const AttentionItem<T>& it = items[i];
-    heads.emplace_back(*it.kv, it.q, it.heads, it.pos, detail::resolve_scale(scale, it.kv->head_dim, "attend"), method);
-    coded[i] = heads.back().coded_tokens();
-  }
+  // One kernel object per item, and per max_group_heads query heads of a larger GQA group.
+  using Kernel = detail::HeadAttention<Backend, T>;
+  std::vector<Kernel> heads;
+  std::vector<float*> outs;
+  for (const AttentionItem<T>& it : items)
+    for (std::size_t h0 = 0; h0 < it.heads; h0 += Kernel::max_group_heads) {
+      const std::size_t n = std::min(Kernel::max_group_heads, it.heads - h0), D = it.kv->head_dim;
+      heads.emplace_back(*it.kv, it.q + h0 * D, n, it.pos, detail::resolve_scale(scale, D, "attend"), method);
+      outs.push_back(it.out + h0 * D);
+    }
+  std::vector<std::size_t> coded(heads.size());
+  for (std::size_t i = 0; i < heads.size(); ++i) coded[i] = heads[i].coded_tokens();
   const detail::AttentionPlan plan =
-      detail::plan_attention(coded.data(), items.size(), exec ? exec->concurrency() : 1, exec ? pieces : 1);
+      detail::plan_attention(coded.data(), heads.size(), exec ? exec->concurrency() : 1, exec ? pieces : 1);
   // Partial states of every unit live in this call's buffers (never in thread-local scratch: an
   // executor may run other work on this thread while it waits).
   std::vector<std::size_t> offset(plan.units() + 1, 0), state_at(plan.units() + 1, 0);
-  for (std::size_t i = 0; i < items.size(); ++i)
+  for (std::size_t i = 0; i < heads.size(); ++i)
     for (std::size_t u = plan.first[i]; u < plan.first[i + 1]; ++u) {
-      offset[u + 1] = offset[u] + heads[i].heads() * heads[i].layout().floats();
+      offset[u + 1] = offset[u] + heads[i].layout().floats();
       state_at[u + 1] = state_at[u] + heads[i].heads();
     }
   std::unique_ptr<float[]> floats(new float[offset.back()]);
   std::vector<detail::HeadState> states(state_at.back());
   std::vector<std::size_t> item_of(plan.units());
-  for (std::size_t i = 0; i < items.size(); ++i)
+  for (std::size_t i = 0; i < heads.size(); ++i)
     for (std::size_t u = plan.first[i]; u < plan.first[i + 1]; ++u) item_of[u] = i;
   parallel_for(exec, plan.units(), [&](std::size_t u) {
     const std::size_t i = item_of[u];
     heads[i].run(plan.begin[u], plan.end[u], u == plan.first[i], floats.get() + offset[u], states.data() + state_at[u]);
   });
-  parallel_for(exec, items.size(), [&](std::size_t i) {
+  parallel_for(exec, heads.size(), [&](std::size_t i) {
     const std::size_t u = plan.first[i];
     heads[i].merge(floats.get() + offset[u], states.data() + state_at[u], plan.pieces(i));
-    heads[i].finish(states.data() + state_at[u], items[i].out);
+    heads[i].finish(states.data() + state_at[u], outs[i]);
   });
 }
 

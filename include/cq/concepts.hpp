@@ -43,7 +43,10 @@ concept quantizer_backend =
 ///  - `combine_centroids(cb, hist, stride, out)`: out += sum_j hist[g][j] * centroid[g][j];
 ///  - `prefers_value_histogram(cb)`: which value path the fused method takes;
 ///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, and `dot` / `axpy`
-///    of float queries with float, fp16 or bf16 rows.
+///    of float queries with float, fp16 or bf16 rows;
+///  - the grouped forms for the query heads of a GQA group, heads innermost: `score_lut_heads`,
+///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `max_lanes`,
+///    `exp_sum_lanes`.
 template <class B, class T>
 concept attention_ops_for =
     element_type<T> && requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f,
@@ -67,6 +70,12 @@ concept attention_backend =
       { B::exp_sum(f, n, x) } -> std::convertible_to<float>;
       B::scale(f, n, x);
       B::decode(cb, codes, n, out);
+      B::score_lut_heads(cb, cq, n, n, x, f);
+      B::score_codes_heads(cq, n, n, codes, n, n, f);
+      B::add_histogram_heads(codes, n, n, cq, n, n, f);
+      B::combine_centroids_heads(cb, cq, n, n, f, n);
+      B::max_lanes(cq, n, n, f);
+      B::exp_sum_lanes(f, n, n, cq, f);
     };
 
 }  // namespace cq

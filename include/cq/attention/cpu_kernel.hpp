@@ -7,7 +7,11 @@
 /// (G lookups per token instead of D multiplies); softmax weights of coded tokens are either
 /// accumulated into per-group histograms over value codes, turned into an output by one small
 /// (G x 2^Bits x C) product at the end, or multiplied into the value centroids as they stream
-/// (the backend chooses). Full-precision tokens are scored and accumulated densely. Each query
+/// (the backend chooses). The query heads of a GQA group are served together ("grouped"): their
+/// tables and histograms keep the heads innermost, so each coded token costs one table row and
+/// one histogram update per group for all of them (backend/simd_group_attention.hpp), and the
+/// work per token does not grow with the group. Full-precision tokens are scored and accumulated
+/// densely. Each query
 /// head keeps an online-softmax state (softmax_state.hpp) whose reference maximum is raised
 /// lazily: accumulators are rescaled only when a score exceeds the reference by more than 16, so
 /// almost never. Coded tokens are walked in steps of at most 512 that never cross a page.
@@ -37,16 +41,21 @@ namespace cq::detail {
 inline constexpr float lazy_max_slack = 16.0f;   // see the top of this file
 inline constexpr std::size_t superblock = 512;   // coded tokens scored per step (multiple of 32)
 
-/// Layout of one query head's accumulators: [acc (head_dim) | hist (value groups x hist_stride)].
+/// Layout of a piece's accumulators: acc (heads, head_dim), then the value histograms: one per
+/// head (heads, value groups, hist_stride), or one for the group with the heads in `lanes` lanes
+/// (value groups, hist_stride, lanes).
 struct StateLayout {
-  std::size_t head_dim, hist_stride, hist_len;
-  std::size_t floats() const { return head_dim + hist_len; }
+  std::size_t heads = 0, head_dim = 0, hist_stride = 0, hist_entries = 0, lanes = 0;  // lanes > 0: grouped
+  std::size_t acc_len() const { return heads * head_dim; }
+  std::size_t hist_len() const { return lanes ? hist_entries * lanes : heads * hist_entries; }
+  std::size_t floats() const { return acc_len() + hist_len(); }
 };
 
 /// One query head's running state in a piece: its online-softmax state and its accumulators.
 struct HeadState {
   float* acc;   // (head_dim): sum of weight x value of full-precision and centroid-accumulated tokens
-  float* hist;  // (value groups, hist_stride): summed weights per value code
+  float* hist;  // value histogram: this head's (value groups, hist_stride), or the group's (lane `lane`)
+  std::size_t lane;
   SoftmaxState softmax;
 };
 
@@ -61,18 +70,30 @@ inline PieceScratch& piece_scratch() {
   return s;
 }
 
+/// Raises a head's reference to `block_max` when it exceeds it by more than the slack, rescaling
+/// the head's accumulators (in a grouped histogram, its lane).
 template <class Backend>
-void raise_reference(HeadState& st, float block_max, std::size_t acc_len, std::size_t hist_len) {
+void raise_reference(HeadState& st, float block_max, const StateLayout& L, bool hist) {
   SoftmaxState& sm = st.softmax;
   const bool empty = sm.ref == -std::numeric_limits<float>::infinity();
   if (!empty && block_max <= sm.ref + lazy_max_slack) return;
   if (!empty) {
     const float f = softmax_exp(sm.ref - block_max);
-    Backend::scale(st.acc, acc_len, f);
-    if (hist_len) Backend::scale(st.hist, hist_len, f);
+    Backend::scale(st.acc, L.head_dim, f);
+    if (hist && L.lanes)
+      for (std::size_t e = 0; e < L.hist_entries; ++e) st.hist[e * L.lanes + st.lane] *= f;
+    else if (hist)
+      Backend::scale(st.hist, L.hist_entries, f);
     sm.sum *= f;
   }
   sm.ref = block_max;
+}
+
+/// Lanes of a grouped state for `heads` query heads (2, 4, 8 or 16).
+inline std::size_t group_lanes(std::size_t heads) {
+  std::size_t L = 2;
+  while (L < heads) L *= 2;
+  return L;
 }
 
 template <element_type T>
@@ -93,58 +114,86 @@ class HeadAttention {
     vis_ = check_visible(kv, pos, "attend");
     // Value path: histograms pay off once there are more coded tokens than bins to clear and
     // combine; backend::Simd prefers the direct centroid accumulation on CPUs (measured).
+    // A GQA group (2..max_group_heads heads) is served grouped unless a method asks otherwise.
+    CQ_CHECK(heads <= max_group_heads, "attend: ", heads, " query heads in one item (at most ", max_group_heads, ")");
     fused_ = method != AttentionMethod::dequantize;
-    hist_ = method == AttentionMethod::fused_histogram ||
+    const bool grouped = heads >= 2 && (method == AttentionMethod::fused || method == AttentionMethod::fused_histogram);
+    hist_ = grouped || method == AttentionMethod::fused_histogram ||
             (method == AttentionMethod::fused && Backend::prefers_value_histogram(kv.value_codebook) &&
              vis_.coded() >= kv.value_codebook.num_centroids());
+    layout_.heads = heads;
     layout_.head_dim = kv.head_dim;
     layout_.hist_stride = kv.value_codebook.padded_centroids;
-    layout_.hist_len = hist_ ? kv.value_codebook.groups * layout_.hist_stride : 0;
+    layout_.hist_entries = hist_ ? kv.value_codebook.groups * layout_.hist_stride : 0;
+    layout_.lanes = grouped ? group_lanes(heads) : 0;
   }
+
+  /// Most query heads one item serves (a larger GQA group is split into items).
+  static constexpr std::size_t max_group_heads = 16;
 
   std::size_t coded_tokens() const { return vis_.coded(); }
   std::size_t heads() const { return heads_; }
   const StateLayout& layout() const { return layout_; }
 
   /// Attends over code indices [c0, c1) (c0 % 32 == 0) and, if `full`, over the sink and window
-  /// tokens. `states` holds heads x layout().floats() floats, `st` heads states.
+  /// tokens. `states` holds layout().floats() floats, `st` heads states.
   void run(std::size_t c0, std::size_t c1, bool full, float* states, HeadState* st) const {
-    const std::size_t D = kv_.head_dim;
-    for (std::size_t h = 0; h < heads_; ++h) {
-      float* base = states + h * layout_.floats();
-      std::fill(base, base + layout_.floats(), 0.0f);
-      st[h] = {base, base + D, SoftmaxState{}};
-    }
+    std::fill(states, states + layout_.floats(), 0.0f);
+    bind(states, st);
     if (full) run_full(st);
-    if (c1 > c0) run_coded(c0, c1, st);
+    if (c1 > c0) {
+      if (layout_.lanes) run_coded_grouped(c0, c1, st);
+      else run_coded(c0, c1, st);
+    }
   }
 
-  /// Merges `parts` partial states (each heads x floats) into the first one.
+  /// Merges `parts` partial states (each layout().floats() floats and heads states, consecutive)
+  /// into the first one.
   void merge(float* states, HeadState* st, std::size_t parts) const {
-    const std::size_t n = layout_.floats();
-    for (std::size_t p = 1; p < parts; ++p)
+    const std::size_t n = layout_.floats(), D = kv_.head_dim, L = layout_.lanes;
+    for (std::size_t p = 1; p < parts; ++p) {
+      const float* y = states + p * n;
+      float fa[max_group_heads], fb[max_group_heads];
       for (std::size_t h = 0; h < heads_; ++h) {
-        const HeadState& b = st[p * heads_ + h];
-        const MergeFactors f = merge_into(st[h].softmax, b.softmax);
-        if (b.softmax.empty()) continue;
-        float* x = states + h * n;
-        const float* y = states + (p * heads_ + h) * n;
-        for (std::size_t i = 0; i < n; ++i) x[i] = f.a * x[i] + f.b * y[i];
+        const MergeFactors f = merge_into(st[h].softmax, st[p * heads_ + h].softmax);
+        fa[h] = f.a, fb[h] = f.b;
+        for (std::size_t i = 0; i < D; ++i) states[h * D + i] = f.a * states[h * D + i] + f.b * y[h * D + i];
+        if (layout_.hist_entries && !L)
+          for (std::size_t i = 0; i < layout_.hist_entries; ++i) {
+            float& x = st[h].hist[i];
+            x = f.a * x + f.b * st[p * heads_ + h].hist[i];
+          }
       }
+      if (L)  // the grouped histogram, lane by lane (lanes past the heads are unused)
+        for (std::size_t e = 0; e < layout_.hist_entries; ++e)
+          for (std::size_t h = 0; h < heads_; ++h) {
+            float& x = states[layout_.acc_len() + e * L + h];
+            x = fa[h] * x + fb[h] * y[layout_.acc_len() + e * L + h];
+          }
+    }
   }
 
   /// out (heads x head_dim) from merged states.
   void finish(const HeadState* st, float* out) const {
     const std::size_t D = kv_.head_dim;
+    for (std::size_t h = 0; h < heads_; ++h) std::copy_n(st[h].acc, D, out + h * D);
+    if (hist_ && layout_.lanes)
+      Backend::combine_centroids_heads(kv_.value_codebook, st[0].hist, layout_.lanes, heads_, out, D);
     for (std::size_t h = 0; h < heads_; ++h) {
       float* o = out + h * D;
-      std::copy_n(st[h].acc, D, o);
-      if (hist_) Backend::combine_centroids(kv_.value_codebook, st[h].hist, layout_.hist_stride, o);
+      if (hist_ && !layout_.lanes) Backend::combine_centroids(kv_.value_codebook, st[h].hist, layout_.hist_stride, o);
       Backend::scale(o, D, st[h].softmax.sum > 0.0f ? 1.0f / st[h].softmax.sum : 0.0f);
     }
   }
 
  private:
+  // Points each head's state at its accumulators in `states`.
+  void bind(float* states, HeadState* st) const {
+    float* hist = states + layout_.acc_len();
+    for (std::size_t h = 0; h < heads_; ++h)
+      st[h] = {states + h * layout_.head_dim, layout_.lanes ? hist : hist + h * layout_.hist_entries, h, SoftmaxState{}};
+  }
+
   // Sinks and window: every row scored for every query head (pre-RoPE keys rotated once), then
   // one softmax step per head.
   void run_full(HeadState* st) const {
@@ -181,7 +230,7 @@ class HeadAttention {
     }
     for (std::size_t h = 0; h < heads_; ++h) {
       float* sh = s + h * n;
-      raise_reference<Backend>(st[h], Backend::max_of(sh, n), D, layout_.hist_len);
+      raise_reference<Backend>(st[h], Backend::max_of(sh, n), layout_, hist_);
       st[h].softmax.sum += Backend::exp_sum(sh, n, st[h].softmax.ref);
       for (std::size_t j = 0; j < n; ++j) Backend::axpy(sh[j], value(j), st[h].acc, D);  // fp16/bf16 converted in registers
     }
@@ -220,7 +269,7 @@ class HeadAttention {
       if (decode_values) Backend::decode(kv_.value_codebook, vc, in_page, MatrixView<float>(vrows, n, D));
       if (decode_keys && kv_.rope)
         for (std::size_t i = 0; i < n; ++i, stepper->advance()) rope_rotate_stepped(*kv_.rope, *stepper, krows + i * D);
-      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc);
+      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc.scores.data(), superblock, 1, sc);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
         if (use_lut) {
@@ -229,7 +278,7 @@ class HeadAttention {
           const float* q = q_ + h * D;
           for (std::size_t i = 0; i < n; ++i) s[i] = scale_ * Backend::template dot<float>(q, krows + i * D, D);
         }
-        raise_reference<Backend>(st[h], Backend::max_of(s, n), D, layout_.hist_len);
+        raise_reference<Backend>(st[h], Backend::max_of(s, n), layout_, hist_);
         st[h].softmax.sum += Backend::exp_sum(s, n, st[h].softmax.ref);
         if (hist_) {
           Backend::add_histogram(vc, in_page, n, s, st[h].hist, layout_.hist_stride);
@@ -243,12 +292,56 @@ class HeadAttention {
     }
   }
 
+  // The coded range for a GQA group, heads in lanes: per step, scores (n, L) from the grouped
+  // table (or pre-RoPE keys rotated once and dotted with every head), one lazy reference per head,
+  // weights, and one histogram update per token and value group for all heads.
+  void run_coded_grouped(std::size_t c0, std::size_t c1, HeadState* st) const {
+    const std::size_t D = kv_.head_dim, L = layout_.lanes;
+    const CodebookView& kcb = kv_.key_codebook;
+    const std::size_t K = kcb.padded_centroids, Kv = layout_.hist_stride;
+    PieceScratch& sc = piece_scratch();
+    sc.scores.resize(std::max(sc.scores.size(), superblock * L));
+    std::optional<RopeStepper> stepper;
+    if (kv_.rope) {
+      stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
+      sc.rows.resize(std::max(sc.rows.size(), D));
+    } else {
+      sc.lut.resize(std::max(sc.lut.size(), kcb.groups * K * L));
+      Backend::score_lut_heads(kcb, q_, heads_, L, scale_, sc.lut.data());
+    }
+    float* s = sc.scores.data();
+    float* hist = st[0].hist;
+    const std::size_t P = kv_.key_codes.page_tokens;
+    for (std::size_t t0 = c0; t0 < c1;) {
+      const std::size_t page = t0 / P, in_page = t0 % P;
+      const std::size_t n = std::min({superblock, c1 - t0, P - in_page});
+      const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
+      if (kv_.rope) {
+        std::fill(s, s + n * L, 0.0f);
+        rope_scores(kc, in_page, n, *stepper, sc.rows.data(), s, 1, L, sc);
+      } else {
+        Backend::score_codes_heads(sc.lut.data(), K, L, kc, in_page, n, s);
+      }
+      float m[max_group_heads], shift[max_group_heads] = {}, sum[max_group_heads] = {};
+      Backend::max_lanes(s, n, L, m);
+      for (std::size_t h = 0; h < heads_; ++h) {
+        raise_reference<Backend>(st[h], m[h], layout_, true);
+        shift[h] = st[h].softmax.ref;
+      }
+      Backend::exp_sum_lanes(s, n, L, shift, sum);
+      for (std::size_t h = 0; h < heads_; ++h) st[h].softmax.sum += sum[h];
+      Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
+      t0 += n;
+    }
+  }
+
   // Scores of pre-RoPE coded keys for the fused methods, token by token in L1: the key's
   // centroids are copied into one scratch row, rotated to the token's position and dotted with
   // each head's query. (Decoding a step of rows first, then rotating it in place, made three
   // passes over 256 KiB of rows through L2.)
+  // Head h's score of token i goes to scores[h * head_stride + i * token_stride].
   void rope_scores(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper, float* k,
-                   PieceScratch& sc) const {
+                   float* scores, std::size_t head_stride, std::size_t token_stride, PieceScratch& sc) const {
     const CodebookView& kcb = kv_.key_codebook;
     const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
     sc.codes.resize(std::max(sc.codes.size(), superblock * G));
@@ -259,7 +352,7 @@ class HeadAttention {
       for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
       rope_rotate_stepped(*kv_.rope, stepper, k);
       for (std::size_t h = 0; h < heads_; ++h)
-        sc.scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
+        scores[h * head_stride + i * token_stride] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
     }
   }
 

@@ -6,12 +6,17 @@
 ///   - a score table ("LUT") has one row of `lut_stride` floats per key group;
 ///     lut[g * lut_stride + j] = scale * (q_g . key_centroid[g][j]);
 ///   - a value histogram has one row of `hist_stride` floats per value group;
-///   - code ranges start at a multiple of block_tokens (32) and may end anywhere.
+///   - code ranges start at a multiple of block_tokens (32) and may end anywhere;
+///   - the grouped operations (`*_heads`) serve the L query heads of a GQA group at once, heads
+///     innermost: a table or histogram entry (g, j) is L floats at ((g * K + j) * L), K = the
+///     padded centroid count; per-token scores and weights are L floats at (i * L). Lanes past
+///     the group's heads hold zeros and are ignored.
 
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -70,6 +75,67 @@ struct ScalarAttentionOps {
         const float* c = cb.centroids + (g * cb.num_centroids() + j) * cb.channels;
         for (std::size_t k = 0; k < cb.channels; ++k) out[g * cb.channels + k] += w * c[k];
       }
+  }
+
+  // ---- grouped (GQA) operations ----
+
+  /// lut[(g * K + j) * L + h] = scale * q_h[g] . centroid[g][j] for h < heads (q: heads x dim).
+  static void score_lut_heads(const CodebookView& cb, const float* q, std::size_t heads, std::size_t L, float scale,
+                              float* lut) {
+    const std::size_t K = cb.padded_centroids;
+    std::fill(lut, lut + cb.groups * K * L, 0.0f);
+    for (std::size_t h = 0; h < heads; ++h)
+      for (std::size_t g = 0; g < cb.groups; ++g)
+        for (std::size_t j = 0; j < cb.num_centroids(); ++j) {
+          const float* c = cb.centroids + (g * cb.num_centroids() + j) * cb.channels;
+          float s = 0.0f;
+          for (std::size_t k = 0; k < cb.channels; ++k) s += q[h * cb.dim() + g * cb.channels + k] * c[k];
+          lut[(g * K + j) * L + h] = scale * s;
+        }
+  }
+
+  /// scores[i * L + h] = sum_g lut[(g * K + code(first + i, g)) * L + h] for i < n.
+  static void score_codes_heads(const float* lut, std::size_t K, std::size_t L, ConstPackedCodesView codes,
+                                std::size_t first, std::size_t n, float* scores) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = 0; h < L; ++h) {
+        float s = 0.0f;
+        for (std::size_t g = 0; g < codes.groups; ++g) s += lut[(g * K + codes.get(first + i, g)) * L + h];
+        scores[i * L + h] = s;
+      }
+  }
+
+  /// hist[(g * K + code(first + i, g)) * L + h] += w[i * L + h] for i < n.
+  static void add_histogram_heads(ConstPackedCodesView codes, std::size_t first, std::size_t n, const float* w,
+                                  std::size_t K, std::size_t L, float* hist) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t g = 0; g < codes.groups; ++g)
+        for (std::size_t h = 0; h < L; ++h) hist[(g * K + codes.get(first + i, g)) * L + h] += w[i * L + h];
+  }
+
+  /// out[h * out_stride + g * C + c] += sum_j hist[(g * K + j) * L + h] * centroid[g][j][c], h < heads.
+  static void combine_centroids_heads(const CodebookView& cb, const float* hist, std::size_t L, std::size_t heads,
+                                      float* out, std::size_t out_stride) {
+    const std::size_t K = cb.padded_centroids;
+    for (std::size_t h = 0; h < heads; ++h)
+      for (std::size_t g = 0; g < cb.groups; ++g)
+        for (std::size_t j = 0; j < cb.num_centroids(); ++j) {
+          const float w = hist[(g * K + j) * L + h];
+          const float* c = cb.centroids + (g * cb.num_centroids() + j) * cb.channels;
+          for (std::size_t k = 0; k < cb.channels; ++k) out[h * out_stride + g * cb.channels + k] += w * c[k];
+        }
+  }
+
+  /// Per lane h < L: m[h] = max over i < n of x[i * L + h].
+  static void max_lanes(const float* x, std::size_t n, std::size_t L, float* m) {
+    for (std::size_t h = 0; h < L; ++h) m[h] = -std::numeric_limits<float>::infinity();
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = 0; h < L; ++h) m[h] = x[i * L + h] > m[h] ? x[i * L + h] : m[h];
+  }
+  /// x[i * L + h] = exp(x[i * L + h] - shift[h]); sum[h] += the new values.
+  static void exp_sum_lanes(float* x, std::size_t n, std::size_t L, const float* shift, float* sum) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = 0; h < L; ++h) sum[h] += x[i * L + h] = std::exp(x[i * L + h] - shift[h]);
   }
 
   static float max_of(const float* x, std::size_t n) {

@@ -9,6 +9,7 @@
 /// read-modify-writes ordered token-major so consecutive updates hit different groups.
 
 #include "cq/backend/scalar_attention.hpp"
+#include "cq/backend/simd_group_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/bit_packing.hpp"
 #include "cq/detail/simd_isa.hpp"
@@ -22,29 +23,8 @@
 
 namespace cq::backend {
 
-/// C floats as one GCC/Clang vector. (Spelled as explicit specialisations: GCC drops
-/// `vector_size` on an alias whose size depends on a template parameter.)
-template <int C>
-struct FloatVec;
-template <>
-struct FloatVec<2> {
-  typedef float type __attribute__((vector_size(8)));
-};
-template <>
-struct FloatVec<4> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct FloatVec<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct FloatVec<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
-
 template <class Isa>
-struct SimdAttentionOps {
+struct SimdAttentionOps : SimdGroupOps<Isa> {
   using vf = typename Isa::vf;
   using vi = typename Isa::vi;
   static constexpr int W = Isa::width;

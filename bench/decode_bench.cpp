@@ -1,0 +1,81 @@
+// One decode step of CPU attention on the paged cache, for side-by-side runs against another
+// engine's kernel (bench/compare_decode.sh alternates processes and takes medians): one sequence
+// of `ctx` tokens, `kv` KV heads with `q` query heads (GQA when q > kv), head_dim 128, CQ-8c8b
+// keys and values, window 32, fp16 full-precision rows, post- or pre-RoPE keys, on `threads`
+// threads (a cq::ThreadPool). Prints the median time of `reps` calls in microseconds.
+//
+//   ./build/bench/cq_decode_bench --q 8 --kv 1 --ctx 32768 --threads 2 [--pre-rope] [--reps 200]
+
+#include <cq/cq.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+using namespace cq;
+
+int main(int argc, char** argv) {
+  std::size_t q_heads = 1, kv_heads = 1, ctx = 32768, threads = 1, reps = 200, C = 8;
+  bool pre_rope = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&] { return std::stoul(i + 1 < argc ? argv[++i] : "0"); };
+    if (a == "--q") q_heads = next();
+    else if (a == "--kv") kv_heads = next();
+    else if (a == "--ctx") ctx = next();
+    else if (a == "--threads") threads = next();
+    else if (a == "--reps") reps = next();
+    else if (a == "--C") C = next();
+    else if (a == "--pre-rope") pre_rope = true;
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  constexpr std::size_t D = 128;
+  // Codebooks fitted on synthetic KV-like rows (their values do not change the work done).
+  const auto train = synthetic_kv(8192, D, {.seed = 3});
+  KVCodebooks cb(1, kv_heads, D, {{{C, 8}, {C, 8}}}, pre_rope ? KeyRope::pre : KeyRope::post);
+  for (std::size_t h = 0; h < kv_heads; ++h) {
+    Codebook k(D, C, 8), v(D, C, 8);
+    FitOptions o;
+    o.iterations = 4;
+    fit_codebook(k, ConstMatrixView<float>(train.data(), 8192, D), {}, o);
+    fit_codebook(v, ConstMatrixView<float>(train.data(), 8192, D), {}, o);
+    cb.set(0, h, std::move(k), std::move(v));
+  }
+  PagedCacheOptions opt;
+  opt.window = 32;
+  opt.pre_rope_keys = pre_rope;
+  PagedKVCache<half> cache(cb, MemoryPlan(cb, opt, sizeof(half)).pool_for(1, ctx, 4096));
+  const SeqId s = cache.add_sequence();
+  const auto rows = synthetic_kv(4096, kv_heads * D, {.seed = 4});
+  std::vector<half> h(rows.size());
+  for (std::size_t i = 0; i < rows.size(); ++i) h[i] = half(rows[i]);
+  for (std::size_t t = 0; t < ctx;) {
+    const std::size_t m = std::min<std::size_t>(4096, ctx - t);
+    cache.append(0, s, ConstMatrixView<half>(h.data(), m, kv_heads * D), ConstMatrixView<half>(h.data(), m, kv_heads * D));
+    t += m;
+  }
+  const auto q = synthetic_kv(1, q_heads * D, {.seed = 5});
+  std::vector<float> out(q_heads * D);
+  ThreadPool pool(threads);
+  AttendOptions ao;
+  ao.executor = threads > 1 ? &pool : nullptr;
+  auto run = [&] {
+    cache.attend(0, s, ConstMatrixView<float>(q.data(), 1, q_heads * D), MatrixView<float>(out.data(), 1, q_heads * D), ao);
+  };
+  for (int i = 0; i < 10; ++i) run();
+  std::vector<double> t(reps);
+  for (auto& x : t) {
+    const auto a = std::chrono::steady_clock::now();
+    run();
+    x = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+  }
+  std::nth_element(t.begin(), t.begin() + std::ptrdiff_t(reps / 2), t.end());
+  std::printf("%.2f\n", t[reps / 2]);
+  return 0;
+}

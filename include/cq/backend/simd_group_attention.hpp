@@ -1,0 +1,270 @@
+#pragma once
+/// The grouped (GQA) attention primitives of the SIMD backend: the L query heads of a GQA group
+/// in the lanes of one vector (L = 2, 4, 8 or 16; GCC/Clang vector types, so one source serves
+/// SSE, AVX2 and AVX-512). Contracts: backend/scalar_attention.hpp.
+///
+/// Why heads in lanes: per coded token the work is then one table row per key group and one
+/// histogram update per value group *for the whole group of heads* — a contiguous L-float load or
+/// read-modify-write — instead of one lookup and one update per head. fp16 attention reads each
+/// KV head once for all its query heads; so does this.
+
+#include "cq/backend/scalar_attention.hpp"
+#include "cq/codebook.hpp"
+#include "cq/detail/bit_packing.hpp"
+#include "cq/detail/simd_isa.hpp"
+#include "cq/packed_codes.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+namespace cq::backend {
+
+/// N floats as one GCC/Clang vector. (Spelled as explicit specialisations: GCC drops
+/// `vector_size` on an alias whose size depends on a template parameter.)
+template <int N>
+struct FloatVec;
+template <>
+struct FloatVec<1> {
+  typedef float type;
+};
+template <>
+struct FloatVec<2> {
+  typedef float type __attribute__((vector_size(8)));
+};
+template <>
+struct FloatVec<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct FloatVec<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct FloatVec<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
+
+namespace detail_group {
+
+template <int N>
+using V = typename FloatVec<N>::type;
+
+template <int N>
+CQ_ALWAYS_INLINE V<N> load(const float* p) {
+  V<N> v;
+  std::memcpy(&v, p, sizeof(V<N>));
+  return v;
+}
+template <int N>
+CQ_ALWAYS_INLINE void store(float* p, V<N> v) {
+  std::memcpy(p, &v, sizeof(V<N>));
+}
+
+/// C lane vectors: on the stack for the usual group widths (C <= 16), on the heap beyond.
+template <int N>
+class LaneRows {
+ public:
+  explicit LaneRows(std::size_t C) {
+    if (C > 16) heap_.reset(new V<N>[C]);
+  }
+  V<N>& operator[](std::size_t c) { return heap_ ? heap_[c] : local_[c]; }
+
+ private:
+  V<N> local_[16];
+  std::unique_ptr<V<N>[]> heap_;
+};
+
+/// Calls f.template operator()<L>() for L in {2, 4, 8, 16}.
+template <class F>
+void with_lanes(std::size_t L, F&& f) {
+  switch (L) {
+    case 2: return f.template operator()<2>();
+    case 4: return f.template operator()<4>();
+    case 8: return f.template operator()<8>();
+    default: return f.template operator()<16>();
+  }
+}
+
+/// The codes of group g for the 32 tokens of `block`, widened (8-bit codes are read in place).
+struct BlockCodes {
+  std::uint32_t unpacked[block_tokens];
+  const std::uint8_t* bytes = nullptr;
+  CQ_ALWAYS_INLINE void load(const ConstPackedCodesView& codes, std::size_t block, std::size_t g) {
+    if (codes.bits == 8) {
+      bytes = codes.chunk(block, g);
+    } else {
+      bytes = nullptr;
+      cq::detail::unpack_chunk(codes.chunk(block, g), codes.bits, unpacked);
+    }
+  }
+  CQ_ALWAYS_INLINE std::uint32_t operator[](std::size_t t) const { return bytes ? bytes[t] : unpacked[t]; }
+};
+
+}  // namespace detail_group
+
+template <class Isa>
+struct SimdGroupOps {
+  static constexpr std::size_t B = block_tokens;
+
+  static void score_lut_heads(const CodebookView& cb, const float* q, std::size_t heads, std::size_t L, float scale,
+                              float* lut) {
+    detail_group::with_lanes(L, [&]<int N>() { lut_lanes<N>(cb, q, heads, scale, lut); });
+  }
+
+  static void score_codes_heads(const float* lut, std::size_t K, std::size_t L, ConstPackedCodesView codes,
+                                std::size_t first, std::size_t n, float* scores) {
+    detail_group::with_lanes(L, [&]<int N>() { score_lanes<N>(lut, K, codes, first, n, scores); });
+  }
+
+  static void add_histogram_heads(ConstPackedCodesView codes, std::size_t first, std::size_t n, const float* w,
+                                  std::size_t K, std::size_t L, float* hist) {
+    detail_group::with_lanes(L, [&]<int N>() { histogram_lanes<N>(codes, first, n, w, K, hist); });
+  }
+
+  static void combine_centroids_heads(const CodebookView& cb, const float* hist, std::size_t L, std::size_t heads,
+                                      float* out, std::size_t out_stride) {
+    detail_group::with_lanes(L, [&]<int N>() { combine_lanes<N>(cb, hist, heads, out, out_stride); });
+  }
+
+  static void max_lanes(const float* x, std::size_t n, std::size_t L, float* m) {
+    detail_group::with_lanes(L, [&]<int N>() {
+      using namespace detail_group;
+      V<N> v = V<N>{} - std::numeric_limits<float>::infinity();
+      for (std::size_t i = 0; i < n; ++i) {
+        const V<N> x_i = load<N>(x + i * N);
+        v = x_i > v ? x_i : v;
+      }
+      store<N>(m, v);
+    });
+  }
+
+  /// Whole vectors of the ISA over the flat (n, L) array, the shift repeating every L lanes.
+  static void exp_sum_lanes(float* x, std::size_t n, std::size_t L, const float* shift, float* sum) {
+    using vf = typename Isa::vf;
+    constexpr std::size_t W = Isa::width;
+    const std::size_t total = n * L, period = L > W ? L / W : 1;  // vectors before the shift repeats
+    alignas(64) float pattern[2 * W];                               // the shift over one or two vectors
+    for (std::size_t k = 0; k < period * W; ++k) pattern[k] = shift[k % L];
+    vf acc[2] = {Isa::zero(), Isa::zero()};
+    std::size_t k = 0;
+    for (; k + W <= total; k += W) {
+      const std::size_t p = (k / W) % period;
+      const vf e = Isa::exp(Isa::sub(Isa::load(x + k), Isa::load(pattern + p * W)));
+      Isa::store(x + k, e);
+      acc[p] = Isa::add(acc[p], e);
+    }
+    alignas(64) float lanes[2 * W];
+    Isa::store(lanes, acc[0]);
+    Isa::store(lanes + W, acc[1]);
+    for (std::size_t j = 0; j < 2 * W; ++j) sum[j % L] += j < period * W ? lanes[j] : 0.0f;
+    for (; k < total; ++k) sum[k % L] += x[k] = std::exp(x[k] - shift[k % L]);  // (n * L < W only)
+  }
+
+ private:
+  // lut (g, j) = scale * (q_h[g] . centroid[g][j]) for every head h in the lanes: the queries
+  // transposed to (dim, N), then C multiply-adds of a lane vector per centroid.
+  template <int N>
+  static void lut_lanes(const CodebookView& cb, const float* q, std::size_t heads, float scale, float* lut) {
+    using namespace detail_group;
+    const std::size_t D = cb.dim(), C = cb.channels, K = cb.padded_centroids, KC = cb.num_centroids();
+    LaneRows<N> qv(C);  // the group's slice of q, transposed: qv[c][h]
+    for (std::size_t g = 0; g < cb.groups; ++g) {
+      for (std::size_t c = 0; c < C; ++c) {
+        alignas(64) float lane[N] = {};
+        for (std::size_t h = 0; h < heads; ++h) lane[h] = scale * q[h * D + g * C + c];
+        qv[c] = load<N>(lane);
+      }
+      const float* cent = cb.centroids + g * KC * C;
+      float* row = lut + g * K * N;
+      for (std::size_t j = 0; j < KC; ++j) {
+        V<N> acc = V<N>{};
+        for (std::size_t c = 0; c < C; ++c) acc += qv[c] * cent[j * C + c];
+        store<N>(row + j * N, acc);
+      }
+      std::fill(row + KC * N, row + K * N, 0.0f);
+    }
+  }
+
+  // Scores of T tokens at a time in registers; per key group, each token adds its code's row.
+  template <int N>
+  static void score_lanes(const float* lut, std::size_t K, ConstPackedCodesView codes, std::size_t first,
+                          std::size_t n, float* scores) {
+    using namespace detail_group;
+    CQ_ASSERT(first % B == 0);
+    constexpr std::size_t T = N <= 8 ? 8 : 4;
+    alignas(64) float tmp[B * N];
+    for (std::size_t done = 0; done < n; done += B) {
+      const std::size_t block = (first + done) / B, take = std::min(B, n - done);
+      float* dst = take == B ? scores + done * N : tmp;
+      for (std::size_t t0 = 0; t0 < B; t0 += T) {
+        V<N> acc[T];
+        for (auto& a : acc) a = V<N>{};
+        for (std::size_t g = 0; g < codes.groups; ++g) {
+          BlockCodes bc;
+          bc.load(codes, block, g);
+          const float* row = lut + g * K * N;
+          for (std::size_t t = 0; t < T; ++t) acc[t] += load<N>(row + std::size_t(bc[t0 + t]) * N);
+        }
+        for (std::size_t t = 0; t < T; ++t) store<N>(dst + (t0 + t) * N, acc[t]);
+      }
+      if (take < B) std::copy_n(tmp, take * N, scores + done * N);
+    }
+  }
+
+  // Token-major, group-minor: consecutive updates hit different entries (no store-forwarding
+  // chains through one entry).
+  template <int N>
+  static void histogram_lanes(ConstPackedCodesView codes, std::size_t first, std::size_t n, const float* w,
+                              std::size_t K, float* hist) {
+    using namespace detail_group;
+    CQ_ASSERT(first % B == 0);
+    const std::size_t G = codes.groups;
+    for (std::size_t done = 0; done < n; done += B) {
+      const std::size_t block = (first + done) / B, take = std::min(B, n - done);
+      if (codes.bits == 8) {
+        const std::uint8_t* base = codes.chunk(block, 0);
+        for (std::size_t t = 0; t < take; ++t) {
+          const V<N> wt = load<N>(w + (done + t) * N);
+          for (std::size_t g = 0; g < G; ++g) {
+            float* e = hist + (g * K + base[g * B + t]) * N;
+            store<N>(e, load<N>(e) + wt);
+          }
+        }
+        continue;
+      }
+      for (std::size_t g = 0; g < G; ++g) {
+        BlockCodes bc;
+        bc.load(codes, block, g);
+        for (std::size_t t = 0; t < take; ++t) {
+          float* e = hist + (g * K + bc[t]) * N;
+          store<N>(e, load<N>(e) + load<N>(w + (done + t) * N));
+        }
+      }
+    }
+  }
+
+  // out[h][g * C + c] += sum_j hist(g, j)[h] * centroid[g][j][c]: per group, C lane vectors.
+  template <int N>
+  static void combine_lanes(const CodebookView& cb, const float* hist, std::size_t heads, float* out,
+                            std::size_t out_stride) {
+    using namespace detail_group;
+    const std::size_t C = cb.channels, K = cb.padded_centroids, KC = cb.num_centroids();
+    LaneRows<N> acc(C);
+    for (std::size_t g = 0; g < cb.groups; ++g) {
+      for (std::size_t c = 0; c < C; ++c) acc[c] = V<N>{};
+      const float* cent = cb.centroids + g * KC * C;
+      const float* h = hist + g * K * N;
+      for (std::size_t j = 0; j < KC; ++j) {
+        const V<N> hv = load<N>(h + j * N);
+        for (std::size_t c = 0; c < C; ++c) acc[c] += hv * cent[j * C + c];
+      }
+      for (std::size_t c = 0; c < C; ++c)
+        for (std::size_t hd = 0; hd < heads; ++hd) out[hd * out_stride + g * C + c] += acc[c][hd];
+    }
+  }
+};
+
+}  // namespace cq::backend
