@@ -45,7 +45,7 @@ concept quantizer_backend =
 ///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, and `dot` / `axpy`
 ///    of float queries with float, fp16 or bf16 rows;
 ///  - the grouped forms for the query heads of a GQA group, heads innermost: `score_lut_heads`,
-///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `max_lanes`,
+///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `score_rows_heads`, `max_lanes`,
 ///    `exp_sum_lanes`.
 template <class B, class T>
 concept attention_ops_for =
@@ -74,6 +74,7 @@ concept attention_backend =
       B::score_codes_heads(cq, n, n, codes, n, n, f);
       B::add_histogram_heads(codes, n, n, cq, n, n, f);
       B::combine_centroids_heads(cb, cq, n, n, f, n);
+      B::score_rows_heads(cq, n, cq, n, n, f);
       B::max_lanes(cq, n, n, f);
       B::exp_sum_lanes(f, n, n, cq, f);
     };

@@ -302,9 +302,16 @@ class HeadAttention {
     PieceScratch& sc = piece_scratch();
     sc.scores.resize(std::max(sc.scores.size(), superblock * L));
     std::optional<RopeStepper> stepper;
+    float* qt = nullptr;
     if (kv_.rope) {
+      // Pre-RoPE keys: decoded and rotated once per token (a step's rows in scratch), then scored
+      // against every head at once; the queries, scaled, transposed to lanes (dim, L).
       stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
-      sc.rows.resize(std::max(sc.rows.size(), D));
+      sc.rows.resize(std::max(sc.rows.size(), block_tokens * D + D * L));
+      qt = sc.rows.data() + block_tokens * D;
+      std::fill(qt, qt + D * L, 0.0f);
+      for (std::size_t h = 0; h < heads_; ++h)
+        for (std::size_t d = 0; d < D; ++d) qt[d * L + h] = scale_ * q_[h * D + d];
     } else {
       sc.lut.resize(std::max(sc.lut.size(), kcb.groups * K * L));
       Backend::score_lut_heads(kcb, q_, heads_, L, scale_, sc.lut.data());
@@ -317,8 +324,12 @@ class HeadAttention {
       const std::size_t n = std::min({superblock, c1 - t0, P - in_page});
       const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
       if (kv_.rope) {
-        std::fill(s, s + n * L, 0.0f);
-        rope_scores(kc, in_page, n, *stepper, sc.rows.data(), s, 1, L, sc);
+        // 32 rows at a time, so the decoded keys stay in L1 between decoding and scoring.
+        for (std::size_t b = 0; b < n; b += block_tokens) {
+          const std::size_t m = std::min(block_tokens, n - b);
+          decode_rotated(kc, in_page + b, m, *stepper, sc.rows.data(), sc);
+          Backend::score_rows_heads(qt, L, sc.rows.data(), m, D, s + b * L);
+        }
       } else {
         Backend::score_codes_heads(sc.lut.data(), K, L, kc, in_page, n, s);
       }
@@ -332,6 +343,21 @@ class HeadAttention {
       for (std::size_t h = 0; h < heads_; ++h) st[h].softmax.sum += sum[h];
       Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
       t0 += n;
+    }
+  }
+
+  // Decodes n pre-RoPE coded keys into rows (n, head_dim) and rotates each to its position.
+  void decode_rotated(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper,
+                      float* rows, PieceScratch& sc) const {
+    const CodebookView& kcb = kv_.key_codebook;
+    const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
+    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
+    std::uint32_t* cd = sc.codes.data();
+    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
+    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
+      float* k = rows + i * D;
+      for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + cd[i * G + g]) * C, C, k + g * C);
+      rope_rotate_stepped(*kv_.rope, stepper, k);
     }
   }
 

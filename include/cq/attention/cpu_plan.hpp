@@ -14,7 +14,7 @@
 
 namespace cq::detail {
 
-inline constexpr std::size_t min_piece_tokens = 4 * superblock;
+inline constexpr std::size_t min_piece_tokens = 2 * superblock;
 
 /// The pieces of every item: item i's pieces are units [first[i], first[i + 1]), unit u covers
 /// code indices [begin[u], end[u]) of its item; each item's first unit also takes its sinks and

@@ -126,6 +126,18 @@ struct ScalarAttentionOps {
         }
   }
 
+  /// scores[i * L + h] = sum_d qt[d * L + h] * rows[i * dim + d] for i < n: decoded (rotated) key
+  /// rows against the group's queries, transposed to (dim, L) lanes.
+  static void score_rows_heads(const float* qt, std::size_t L, const float* rows, std::size_t n, std::size_t dim,
+                               float* scores) {
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = 0; h < L; ++h) {
+        float s = 0.0f;
+        for (std::size_t d = 0; d < dim; ++d) s += qt[d * L + h] * rows[i * dim + d];
+        scores[i * L + h] = s;
+      }
+  }
+
   /// Per lane h < L: m[h] = max over i < n of x[i * L + h].
   static void max_lanes(const float* x, std::size_t n, std::size_t L, float* m) {
     for (std::size_t h = 0; h < L; ++h) m[h] = -std::numeric_limits<float>::infinity();

@@ -129,6 +129,32 @@ struct SimdGroupOps {
     detail_group::with_lanes(L, [&]<int N>() { combine_lanes<N>(cb, hist, heads, out, out_stride); });
   }
 
+  static void score_rows_heads(const float* qt, std::size_t L, const float* rows, std::size_t n, std::size_t dim,
+                               float* scores) {
+    detail_group::with_lanes(L, [&]<int N>() {
+      using namespace detail_group;
+      // Four rows at a time share each query lane vector.
+      std::size_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        V<N> a0{}, a1{}, a2{}, a3{};
+        const float *r0 = rows + i * dim, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim;
+        for (std::size_t d = 0; d < dim; ++d) {
+          const V<N> qv = load<N>(qt + d * N);
+          a0 += qv * r0[d], a1 += qv * r1[d], a2 += qv * r2[d], a3 += qv * r3[d];
+        }
+        store<N>(scores + i * N, a0);
+        store<N>(scores + (i + 1) * N, a1);
+        store<N>(scores + (i + 2) * N, a2);
+        store<N>(scores + (i + 3) * N, a3);
+      }
+      for (; i < n; ++i) {
+        V<N> a{};
+        for (std::size_t d = 0; d < dim; ++d) a += load<N>(qt + d * N) * rows[i * dim + d];
+        store<N>(scores + i * N, a);
+      }
+    });
+  }
+
   static void max_lanes(const float* x, std::size_t n, std::size_t L, float* m) {
     detail_group::with_lanes(L, [&]<int N>() {
       using namespace detail_group;
