@@ -93,3 +93,39 @@ TEST_CASE("pre-RoPE KVCache: attention equals dense attention over keys rotated 
     CHECK(test::relative_error(out.data(), ref) < 1e-5);
   }
 }
+
+TEST_CASE("attend_head trusts nothing it is handed: inconsistent views, positions and options are refused") {
+  // Views an engine builds itself: every part is checked against the others once per call.
+  KVCacheConfig cfg;
+  cfg.head_dim = 64;
+  cfg.spec = {{4, 8}, {4, 8}};
+  cfg.window = 8;
+  const auto cache = test::random_cache<float>(cfg, 300, 61);
+  const KVHeadView<float> good = cache.head_view(0, 0);
+  const auto q = test::random_normal(64, 62);
+  std::vector<float> out(64, 0.0f);
+  attend_head(good, q.data(), 1, 299, 0.0f, out.data());
+  const std::vector<float> before = out;
+
+  const Codebook values16 = test::random_codebook(64, 4, 8, 63);  // 16 groups
+  const Codebook keys4bit = test::random_codebook(64, 4, 4, 64);
+  KVHeadView<float> v = good;
+  v.value_codes.groups = 8;  // codes of 8 groups against a 16-group value codebook
+  CQ_CHECK_THROWS_CONTAINING(attend_head(v, q.data(), 1, 299, 0.0f, out.data()),
+                             "value codes are 8 groups x 8 bits but the value codebook has 16 groups x 8 bits");
+  v = good;
+  v.key_codebook = keys4bit.view();  // 8-bit codes against a 4-bit codebook
+  CQ_CHECK_THROWS_CONTAINING(attend_head(v, q.data(), 1, 299, 0.0f, out.data()),
+                             "key codes are 16 groups x 8 bits but the key codebook has 16 groups x 4 bits");
+  v = good;
+  v.recent_values.rows = 3;  // fewer full-precision value rows than the window reads
+  CQ_CHECK_THROWS_CONTAINING(attend_head(v, q.data(), 1, 299, 0.0f, out.data()), "the window of position 299 is [292, 300) but full-precision rows cover keys [224, 300) and values [224, 227)");
+  v = good;
+  v.value_codebook = test::random_codebook(32, 4, 8, 65).view();
+  CQ_CHECK_THROWS_CONTAINING(attend_head(v, q.data(), 1, 299, 0.0f, out.data()), "value codebook has dim 32");
+  CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, SIZE_MAX, 0.0f, out.data()), "position 18446744073709551615");
+  CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, 300, 0.0f, out.data()), "the window of position 300 is [293, 301)");
+  for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()})
+    CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, 299, bad, out.data()), "is not finite");
+  CHECK(out == before);  // nothing was written by the refused calls
+}
