@@ -64,8 +64,7 @@ Dump load_one(const std::string& spec) {
     d.shape = a.shape;
     CQ_CHECK(d.shape.size() == 4, spec, ": expected a rank-4 array [layer][kv_head][token][head_dim], got rank ",
              d.shape.size());
-    d.data.resize(static_cast<std::size_t>(a.numel()));
-    for (std::size_t i = 0; i < d.data.size(); ++i) d.data[i] = cq::io::npy_float(a, i);
+    d.data = cq::io::npy_floats(a, spec);
     return d;
   }
   auto r = cq::io::SafetensorsReader::open(path);
