@@ -104,7 +104,7 @@ TEST_CASE("codebook files round-trip bit-exactly, with their metadata") {
   CHECK(back.info().method == "kmeans");
   CHECK(back.info().iterations == cb.info().iterations);
   CHECK(back.info().calibration_rows == 600);
-  CHECK(back.info().objective == cb.info().objective);  // %.17g round-trips doubles
+  CHECK(back.info().objective == cb.info().objective);  // written as the shortest text that reads back exactly
   CHECK(back.info().seed == cb.info().seed);
   // It is a plain safetensors file another reader can open.
   auto r = io::SafetensorsReader::open(p);
@@ -126,13 +126,13 @@ TEST_CASE("codebook files round-trip bit-exactly, with their metadata") {
 TEST_CASE("codebook files: several named codebooks and file-wide metadata") {
   io::CodebookSet set;
   set.metadata["model"] = "toy";
-  set.entries.emplace_back("layer.0.k", fitted_codebook(8, 2, 3));
-  set.entries.emplace_back("layer.0.v", fitted_codebook(8, 4, 4));
+  set.add("layer.0.k", fitted_codebook(8, 2, 3));
+  set.add("layer.0.v", fitted_codebook(8, 4, 4));
   const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
-  REQUIRE(back.entries.size() == 2);
-  CHECK(back.entries[1].first == "layer.0.v");
-  CHECK(*back.find("layer.0.k") == set.entries[0].second);
-  CHECK(back.metadata.at("model") == "toy");
+  REQUIRE(back.size() == 2);
+  CHECK(back.entries()[1].first == "layer.0.v");
+  CHECK(*back.find("layer.0.k") == set.entries()[0].second);
+  CHECK(back.metadata == set.metadata);  // the file's own keys (format, names, ...) are not the caller's
 }
 
 TEST_CASE("fuzzer findings stay fixed") {
@@ -154,7 +154,7 @@ TEST_CASE("fuzzer findings stay fixed") {
 TEST_CASE("codebook files: truncated, lying or inconsistent files throw") {
   const Codebook cb = fitted_codebook(16, 4, 5);
   io::CodebookSet set;
-  set.entries.emplace_back("codebook", cb);
+  set.add("codebook", cb);
   const std::vector<std::uint8_t> good = io::codebook_file_bytes(set);
   auto load_bytes = [](std::vector<std::uint8_t> b) {
     auto r = io::SafetensorsReader::from_memory(std::move(b), "cb.st");
@@ -175,8 +175,8 @@ TEST_CASE("codebook files: truncated, lying or inconsistent files throw") {
     return w.bytes();
   };
   CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.bits", "6")), "does not match (groups, centroids, channels) = (4, 64, 4)");
-  CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.bits", "17")), "is not an integer in [0, 16]");
-  CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.channels", "3")), "invalid shape (dim 16, channels 3");
+  CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.bits", "17")), "codebook 'codebook': bits must be in 1..16, got 17");
+  CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.channels", "3")), "dim 16 is not a multiple of channels per group 3");
   CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("codebook.dim", "abc")), "'codebook.dim' = 'abc' is not an integer");
   CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("format", "other")), "not a cq codebook file (format = 'other'");
   CQ_CHECK_THROWS_CONTAINING(load_bytes(patched("names", "codebook,ghost")), "metadata key 'ghost.channels' is missing");
@@ -206,6 +206,13 @@ TEST_CASE("codebook files: truncated, lying or inconsistent files throw") {
 
 namespace {
 
+// 600 rows of synthetic KV data whose channel 3 sits in [-99999, -99993]: fine in F32, beyond fp16.
+std::vector<float> rows_with_a_huge_channel() {
+  auto x = synthetic_kv(600, 16, {.seed = 4});
+  for (std::size_t r = 0; r < 600; ++r) x[r * 16 + 3] = -99999.0f + float(r % 7);
+  return x;
+}
+
 std::vector<std::string> files_in(const fs::path& dir) {
   std::vector<std::string> names;
   for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
@@ -221,6 +228,32 @@ fs::path fresh_dir(const std::string& name) {
 }
 
 }  // namespace
+
+TEST_CASE("codebook files: F16 storage refuses centroids beyond fp16's range instead of writing an unloadable file") {
+  const auto x = rows_with_a_huge_channel();
+  Codebook cb(16, 4, 4);
+  fit_codebook(cb, ConstMatrixView<float>(x.data(), 600, 16), {}, {});
+  const fs::path dir = fresh_dir("f16_range");
+  const fs::path p = dir / "cb.safetensors";
+  // Group 0 holds channel 3: value 3 (centroid 0, channel 3) is about -1e5.
+  CQ_CHECK_THROWS_CONTAINING(io::save_codebook(p, cb, io::CodebookStorage::f16),
+                             "save_codebooks: codebook 'codebook': value 3 = -999");
+  CQ_CHECK_THROWS_CONTAINING(io::save_codebook(p, cb, io::CodebookStorage::f16), "beyond the F16 range");
+  CHECK(files_in(dir).empty());  // nothing written, no temporary left
+  CQ_CHECK_THROWS_CONTAINING(io::stored_codebook(cb, io::CodebookStorage::f16, "k"), "codebook 'k': value 3 = -999");
+  io::save_codebook(p, cb);  // F32 holds it
+  CHECK(io::load_codebook(p) == cb);
+  // In range: what stored_codebook predicts is exactly what a load returns.
+  const Codebook small = fitted_codebook(16, 4, 4);
+  io::save_codebook(p, small, io::CodebookStorage::f16);
+  const Codebook loaded = io::load_codebook(p);
+  CHECK(loaded == io::stored_codebook(small, io::CodebookStorage::f16, "codebook"));
+  CHECK(!(loaded == small));  // rounding happened
+  io::SafetensorsWriter w;
+  const std::vector<float> v{1.0f, 70000.0f};
+  CQ_CHECK_THROWS_CONTAINING(w.add_f16("t", {2}, v.data()), "tensor 't': value 1 = 70000 is beyond the F16 range");
+  fs::remove_all(dir);
+}
 
 TEST_CASE("safetensors writer: refuses what readers refuse, and leaves itself unchanged") {
   io::SafetensorsWriter w;
@@ -252,6 +285,91 @@ TEST_CASE("safetensors writer: refuses a header past the 100 MB readers accept")
   io::SafetensorsWriter w;
   w.set_metadata("big", std::string(io::max_safetensors_header, 'a'));
   CQ_CHECK_THROWS_CONTAINING((void)w.bytes(), "past the 100000000-byte limit readers accept");
+}
+
+TEST_CASE("codebook files: names and metadata the file records itself are refused, not overwritten") {
+  const Codebook cb = fitted_codebook(8, 2, 3);
+  io::CodebookSet set;
+  set.add("a", cb);
+  CQ_CHECK_THROWS_CONTAINING(set.add("a", cb), "codebook 'a' added twice");
+  CQ_CHECK_THROWS_CONTAINING(set.add("a,b", cb), "must be non-empty and contain no comma");
+  CQ_CHECK_THROWS_CONTAINING(set.add("", cb), "must be non-empty");
+  CHECK(set.size() == 1);
+  for (const char* key : {"format", "cq_version", "names", "a.bits", "a.objective", "a.method"}) {
+    CAPTURE(key);
+    io::CodebookSet s = set;
+    s.metadata[key] = "mine";
+    CQ_CHECK_THROWS_CONTAINING(io::codebook_file_bytes(s), "is one the codebook file records itself");
+  }
+  io::CodebookSet empty;  // written with names = "": reads back as an empty set
+  empty.metadata["model"] = "none yet";
+  const auto none = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(empty)));
+  CHECK(none.size() == 0);
+  CHECK(none.metadata == empty.metadata);
+  set.metadata["b.bits"] = "not a codebook of this set";  // an ordinary key
+  set.metadata["a.note"] = "not a field";
+  const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
+  CHECK(back.metadata == set.metadata);
+  // A file listing a codebook twice is refused by name (a writer never makes one).
+  io::SafetensorsWriter w;
+  auto r = io::SafetensorsReader::from_memory(io::codebook_file_bytes(set));
+  for (const auto& [k, v] : r.metadata()) w.set_metadata(k, k == "names" ? "a,a" : v);
+  const auto c = r.read_floats("a.centroids");
+  w.add_f32("a.centroids", r.get("a.centroids").shape, c.data());
+  CQ_CHECK_THROWS_CONTAINING(io::load_codebooks(io::SafetensorsReader::from_memory(w.bytes(), "twice.st")),
+                             "twice.st: the file lists codebook 'a' twice");
+}
+
+TEST_CASE("codebook files: a codebook wider than the old 2^20-channel limit round-trips") {
+  const std::size_t C = (std::size_t{1} << 20) + 1;
+  Codebook cb(C, C, 1);
+  cb.set_all(test::random_normal(cb.size(), 3).data());
+  io::CodebookSet set;
+  set.add("wide", cb);
+  const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
+  CHECK(*back.find("wide") == cb);
+}
+
+TEST_CASE("codebook files: the objective's text reads back bit-exactly, extremes included") {
+  const double values[] = {0.0, -0.0, std::numeric_limits<double>::denorm_min(), std::numeric_limits<double>::min(),
+                           std::numeric_limits<double>::max(), std::numeric_limits<double>::lowest(), 0.1, 1.0 / 3.0,
+                           -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  for (double v : values) {
+    CAPTURE(v);
+    Codebook cb = fitted_codebook(8, 2, 2);
+    cb.info().objective = v;
+    io::CodebookSet set;
+    set.add("c", cb);
+    const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
+    CHECK(std::bit_cast<std::uint64_t>(back.find("c")->info().objective) == std::bit_cast<std::uint64_t>(v));
+  }
+  Codebook cb = fitted_codebook(8, 2, 2);
+  cb.info().objective = std::numeric_limits<double>::quiet_NaN();
+  io::CodebookSet set;
+  set.add("c", cb);
+  CHECK(std::isnan(io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)))
+                       .find("c")->info().objective));
+}
+
+TEST_CASE("KV codebook files: set_kv_layout refuses a layout the set does not fill") {
+  const Codebook cb = fitted_codebook(8, 2, 3), other = fitted_codebook(8, 4, 3);
+  io::CodebookSet set;
+  set.add(io::kv_codebook_name(0, false, 0), cb);
+  set.add(io::kv_codebook_name(0, true, 0), cb);
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 0, 1, 8), "layers (0), kv_heads (1) and head_dim (8) must be >= 1");
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 1, 0, 8), "kv_heads (0)");
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 1, 1, 0), "head_dim (0)");
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 2, 1, 8), "codebook 'layer.1.k.head.0' is missing");
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 1, 1, 16), "'layer.0.k.head.0' has dim 8 but head_dim is 16");
+  CHECK(set.metadata.empty());  // unchanged
+  set.add(io::kv_codebook_name(0, false, 1), other);
+  set.add(io::kv_codebook_name(0, true, 1), cb);
+  CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 1, 2, 8), "'layer.0.k.head.1' is 4c3b but head 0 of layer 0 is 2c3b");
+  io::set_kv_layout(set, 1, 1, 8);  // head 1 is extra: the one-head layout is complete
+  const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
+  KVCache<float> cache(io::kv_cache_config(back));
+  io::load_kv_codebooks(cache, back);
+  CHECK(cache.has_codebooks(0));
 }
 
 TEST_CASE("npy writer: shapes the reader once refused, and sizes that wrap, are handled") {
@@ -457,4 +575,25 @@ TEST_CASE("json: an object of 200000 keys parses, and a duplicate among them is 
   CHECK(v.size() == 200000);
   CHECK(v.keys[199999] == "199999");
   CQ_CHECK_THROWS_CONTAINING(io::json::parse(text + ",\"123456\":1}"), "duplicate key \"123456\" in the object at byte 0");
+}
+
+TEST_CASE("KV codebook files: 80 layers x 64 KV heads (10240 codebooks) load and install" * doctest::timeout(60)) {
+  const std::size_t layers = 80, heads = 64, dim = 2;
+  Codebook cb(dim, 1, 1);
+  const float c[4] = {0.0f, 1.0f, -1.0f, 2.0f};
+  cb.set_all(c);
+  io::CodebookSet set;
+  for (std::size_t l = 0; l < layers; ++l)
+    for (bool value : {false, true})
+      for (std::size_t h = 0; h < heads; ++h) set.add(io::kv_codebook_name(l, value, h), cb);
+  io::set_kv_layout(set, layers, heads, dim);
+  auto r = io::SafetensorsReader::from_memory(io::codebook_file_bytes(set));
+  CHECK(r.tensors().size() == 10240);
+  const io::CodebookSet back = io::load_codebooks(r);
+  CHECK(back.size() == 10240);
+  KVCacheConfig cfg = io::kv_cache_config(back);
+  cfg.window = 1;
+  KVCache<float> cache(cfg);
+  io::load_kv_codebooks(cache, back);
+  CHECK(cache.has_codebooks(79));
 }

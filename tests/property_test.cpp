@@ -200,6 +200,69 @@ TEST_CASE("property: the safetensors writer's files read back as written, and wh
   }
 }
 
+TEST_CASE("property: codebook files (F32 and F16) and KV codebook files load back as the set that was saved") {
+  cq::detail::Rng rng(505);
+  for (int trial = 0; trial < 40; ++trial) {
+    CAPTURE(trial);
+    const auto storage = rng.below(2) ? io::CodebookStorage::f16 : io::CodebookStorage::f32;
+    io::CodebookSet set;
+    for (std::size_t i = rng.below(4); i-- > 0;) {
+      const std::string k = random_utf8(rng, 6);
+      if (k != "format" && k != "cq_version" && k != "names") set.metadata[k] = random_utf8(rng, 10);
+    }
+    // A KV layout filled by the set (or, half the time, ordinary names).
+    const bool kv = rng.below(2);
+    const std::size_t layers = 1 + rng.below(3), heads = 1 + rng.below(3), C = 1 + rng.below(4);
+    const std::size_t dim = C * (1 + rng.below(3));
+    std::vector<std::string> names;
+    for (std::size_t l = 0; l < (kv ? layers : 1); ++l)
+      for (bool value : {false, true}) {
+        const int bits = 1 + static_cast<int>(rng.below(5));
+        for (std::size_t h = 0; h < (kv ? heads : 1 + rng.below(2)); ++h) {
+          std::string name = kv ? io::kv_codebook_name(l, value, h) : random_utf8(rng, 5);
+          if (name.empty() || name.find(',') != std::string::npos || set.find(name)) continue;
+          Codebook cb = test::random_codebook(dim, C, bits, rng.below(1000));
+          cb.info() = FitInfo{random_utf8(rng, 6), random_utf8(rng, 4), random_utf8(rng, 4),
+                              static_cast<std::uint32_t>(rng.below(1u << 31)) * 2u, rng.below(1ull << 62) * 3,
+                              rng.below(1ull << 62) * 4, random_double(rng)};
+          set.add(name, cb);
+          names.push_back(name);
+        }
+      }
+    if (kv) io::set_kv_layout(set, layers, heads, dim);
+    const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set, storage)));
+    CHECK(back.metadata == set.metadata);
+    REQUIRE(back.size() == set.size());
+    for (std::size_t i = 0; i < set.size(); ++i) {
+      const std::string& name = set.entries()[i].first;
+      const Codebook& cb = set.entries()[i].second;
+      CAPTURE(name);
+      CHECK(back.entries()[i].first == name);
+      const Codebook& got = back.entries()[i].second;
+      CHECK(got == io::stored_codebook(cb, storage, name));
+      const FitInfo &a = cb.info(), &b = got.info();
+      CHECK(b.method == (a.method == "none" ? "unknown" : a.method));
+      CHECK(b.init == a.init);
+      CHECK(b.dtype == a.dtype);
+      CHECK(b.iterations == a.iterations);
+      CHECK(b.calibration_rows == a.calibration_rows);
+      CHECK(b.seed == a.seed);
+      CHECK(std::bit_cast<std::uint64_t>(b.objective) == std::bit_cast<std::uint64_t>(a.objective));
+    }
+    if (kv) {
+      KVCacheConfig cfg = io::kv_cache_config(back);
+      cfg.window = 1;
+      KVCache<float> cache(cfg);
+      io::load_kv_codebooks(cache, back);
+      for (std::size_t l = 0; l < layers; ++l) CHECK(cache.has_codebooks(l));
+    }
+    // A key the file records itself is refused rather than silently replaced.
+    io::CodebookSet clash = set;
+    clash.metadata[names.empty() ? "names" : names[rng.below(names.size())] + ".seed"] = "7";
+    CHECK_THROWS_AS(io::codebook_file_bytes(clash, storage), Error);
+  }
+}
+
 TEST_CASE("property: .npy files written as float32 read back bit-exactly, zero-sized axes included") {
   cq::detail::Rng rng(606);
   for (int trial = 0; trial < 200; ++trial) {

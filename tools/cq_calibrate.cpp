@@ -332,9 +332,9 @@ int main(int argc, char** argv) {
     if (!failure.empty()) throw cq::Error(failure);
 
     cq::io::CodebookSet set;
-    cq::io::set_kv_layout(set, L, H, D);
     for (const auto& [k, v] : meta) set.metadata[k] = v;
-    for (Job& j : jobs) set.entries.emplace_back(cq::io::kv_codebook_name(j.layer, j.kind == 1, j.head), j.cb);
+    for (Job& j : jobs) set.add(cq::io::kv_codebook_name(j.layer, j.kind == 1, j.head), j.cb);
+    cq::io::set_kv_layout(set, L, H, D);
     cq::io::save_codebooks(out, set, storage == "f16" ? cq::io::CodebookStorage::f16 : cq::io::CodebookStorage::f32);
 
     std::printf("cq-calibrate: %zu layers x %zu KV heads x %zu tokens x head_dim %zu -> %s\n", L, H, N, D, out.c_str());

@@ -90,7 +90,7 @@ TEST_CASE("cq-calibrate reproduces the library's fit bit-exactly, uniform and Fi
     const Run r = run(args);
     REQUIRE_MESSAGE(r.status == 0, r.err);
     const cq::io::CodebookSet set = cq::io::load_codebooks(out);
-    CHECK(set.entries.size() == L * 2 * H);
+    CHECK(set.size() == L * 2 * H);
     CHECK(set.metadata.at("kv.layers") == "2");
     for (std::size_t l = 0; l < L; ++l)
       for (std::size_t h = 0; h < H; ++h)
@@ -134,9 +134,9 @@ TEST_CASE("cq-calibrate: .npy, safetensors and layer-sharded inputs give identic
   REQUIRE(run("--keys " + st.string() + ":keys --values " + st.string() + ":values" + common + "--out " + b.string()).status == 0);
   REQUIRE(run("--keys " + k0.string() + "," + k1.string() + " --values " + f.v.string() + common + "--out " + c.string()).status == 0);
   const auto sa = cq::io::load_codebooks(a), sb = cq::io::load_codebooks(b), sc = cq::io::load_codebooks(c);
-  for (std::size_t i = 0; i < sa.entries.size(); ++i) {
-    CHECK(sa.entries[i].second == sb.entries[i].second);
-    CHECK(sa.entries[i].second == sc.entries[i].second);
+  for (std::size_t i = 0; i < sa.size(); ++i) {
+    CHECK(sa.entries()[i].second == sb.entries()[i].second);
+    CHECK(sa.entries()[i].second == sc.entries()[i].second);
   }
 }
 

@@ -17,7 +17,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       (void)raw;
     }
     const cq::io::CodebookSet set = cq::io::load_codebooks(r);
-    for (const auto& [name, cb] : set.entries) (void)cb.view();
+    for (const auto& [name, cb] : set.entries()) (void)cb.view();
     try {
       (void)cq::io::kv_cache_config(set);
     } catch (const cq::Error&) {

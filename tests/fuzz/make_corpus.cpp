@@ -35,14 +35,14 @@ int main(int argc, char** argv) {
   o.iterations = 3;
   cq::fit_codebook(cb, cq::ConstMatrixView<float>(x.data(), 300, 16), {}, o);
   cq::io::CodebookSet one;
-  one.entries.emplace_back("codebook", cb);
+  one.add("codebook", cb);
   const auto good = cq::io::codebook_file_bytes(one);
   put(root / "safetensors" / "codebook.safetensors", good);
   put(root / "safetensors" / "codebook_f16.safetensors", cq::io::codebook_file_bytes(one, cq::io::CodebookStorage::f16));
   cq::io::CodebookSet kv;
+  kv.add("layer.0.k.head.0", cb);
+  kv.add("layer.0.v.head.0", cb);
   cq::io::set_kv_layout(kv, 1, 1, 16);
-  kv.entries.emplace_back("layer.0.k.head.0", cb);
-  kv.entries.emplace_back("layer.0.v.head.0", cb);
   put(root / "safetensors" / "kv.safetensors", cq::io::codebook_file_bytes(kv));
   // Broken ones.
   put(root / "safetensors" / "truncated_header.safetensors", std::vector<std::uint8_t>(good.begin(), good.begin() + 40));
