@@ -10,6 +10,7 @@ packages=(
   libfaiss-dev libopenblas0-pthread # the peer cq is compared against
   bible-kjv                         # public-domain text for the toy transformer
   libclang-rt-14-dev                # sanitizer runtimes for the sanitizer test pass
+  libcli11-dev                      # cq-calibrate's command line
 )
 missing=()
 for p in "${packages[@]}"; do

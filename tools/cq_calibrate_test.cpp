@@ -35,19 +35,23 @@ std::vector<float> dump(std::uint64_t seed) {
   return x;
 }
 
-struct Run {
-  int status;
-  std::string err;
-};
-Run run(const std::string& args) {
-  const fs::path err = scratch() / "stderr.txt";
-  const std::string cmd = std::string(CQ_CALIBRATE_PATH) + " " + args + " > " + (scratch() / "stdout.txt").string() +
-                          " 2> " + err.string();
-  const int rc = std::system(cmd.c_str());
-  std::ifstream in(err);
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
   std::stringstream ss;
   ss << in.rdbuf();
-  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, ss.str()};
+  return ss.str();
+}
+
+struct Run {
+  int status;
+  std::string err, out;
+};
+// Runs the tool with stdout and stderr redirected to files (so stderr is not a terminal).
+Run run(const std::string& args) {
+  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
+  const std::string cmd = std::string(CQ_CALIBRATE_PATH) + " " + args + " > " + out.string() + " 2> " + err.string();
+  const int rc = std::system(cmd.c_str());
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(err), slurp(out)};
 }
 
 struct Files {
@@ -90,7 +94,7 @@ TEST_CASE("cq-calibrate reproduces the library's fit bit-exactly, uniform and Fi
     const Run r = run(args);
     REQUIRE_MESSAGE(r.status == 0, r.err);
     const cq::io::CodebookSet set = cq::io::load_codebooks(out);
-    CHECK(set.entries.size() == L * 2 * H);
+    CHECK(set.size() == L * 2 * H);
     CHECK(set.metadata.at("kv.layers") == "2");
     for (std::size_t l = 0; l < L; ++l)
       for (std::size_t h = 0; h < H; ++h)
@@ -134,9 +138,9 @@ TEST_CASE("cq-calibrate: .npy, safetensors and layer-sharded inputs give identic
   REQUIRE(run("--keys " + st.string() + ":keys --values " + st.string() + ":values" + common + "--out " + b.string()).status == 0);
   REQUIRE(run("--keys " + k0.string() + "," + k1.string() + " --values " + f.v.string() + common + "--out " + c.string()).status == 0);
   const auto sa = cq::io::load_codebooks(a), sb = cq::io::load_codebooks(b), sc = cq::io::load_codebooks(c);
-  for (std::size_t i = 0; i < sa.entries.size(); ++i) {
-    CHECK(sa.entries[i].second == sb.entries[i].second);
-    CHECK(sa.entries[i].second == sc.entries[i].second);
+  for (std::size_t i = 0; i < sa.size(); ++i) {
+    CHECK(sa.entries()[i].second == sb.entries()[i].second);
+    CHECK(sa.entries()[i].second == sc.entries()[i].second);
   }
 }
 
@@ -176,15 +180,20 @@ TEST_CASE("cq-calibrate: every error exits non-zero with its message and leaves 
       {"--keys " + (scratch() / "missing.npy").string() + " --values " + f.v.string(), "missing.npy: cannot read file"},
       {"--keys " + (scratch() / "garbage.npy").string() + " --values " + f.v.string(), "garbage.npy: not a .npy file"},
       {"--keys " + f.k.string() + " --values " + short_v.string(), "short_v.npy: shape [2, 2, 299, 16] differs from the keys' [2, 2, 300, 16]"},
-      {"--keys " + nan_k.string() + " --values " + f.v.string(), "nan_k.npy: layer 1 head 0 keys: cq: fit: x(5, 3) = nan is not finite"},
+      {"--keys " + nan_k.string() + " --values " + f.v.string(), "nan_k.npy: layer 1 head 0 keys: fit: x(5, 3) = nan is not finite"},
       {kv + " --key-grads " + short_v.string(), "short_v.npy: gradient shape differs"},
       {kv + " --method fisher --value-grads " + f.gv.string(), "layer 0 keys use the fisher method but no --key-grads were given"},
       {kv + " --config " + bad_cfg.string(), "configures layer 5 but the dumps hold 2 layers"},
       {kv + " --config " + json_err.string(), "syntax.json"},
       {kv + " --channels 5", "dim 16 is not a multiple of channels per group 5"},
       {kv + " --bits 12", "300 calibration tokens are fewer than the 4096 centroids"},
-      {kv + " --bits x", "--bits expects a non-negative integer, got 'x'"},
-      {kv + " --storage f8", "--storage must be f32 or f16"},
+      {kv + " --bits 20", "command line: bits must be in 1..16, got 20"},
+      {kv + " --bits 0", "command line: bits must be in 1..16, got 0"},
+      {kv + " --channels 0", "command line: channels per group must be >= 1, got 0"},
+      {kv + " --meta format=mine", "metadata key 'format' is one the codebook file records itself"},
+      {kv + " --meta kv.layers=9", "--meta: key 'kv.layers' is one cq-calibrate records itself"},
+      {kv + " --meta a=1 --meta a=2", "--meta: key 'a' is given twice"},
+      {kv + " --meta \"$(printf 'bad\\377=1')\"", "metadata key 'bad\xff' is not valid UTF-8"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.args);
@@ -192,9 +201,201 @@ TEST_CASE("cq-calibrate: every error exits non-zero with its message and leaves 
     CHECK(r.status == 1);
     CHECK_MESSAGE(r.err.find(c.message) != std::string::npos, r.err);
     CHECK(r.err.find("cq-calibrate: error: ") == 0);
+    CHECK(r.err.find("cq: ") == std::string::npos);  // cq::Error's prefix, once wrapped, not repeated
     CHECK(!fs::exists(out));
     CHECK(!fs::exists(out.string() + ".tmp"));
   }
   CHECK(run("--keys " + f.k.string()).status == 2);  // usage
   CHECK(!fs::exists(out));
+}
+
+namespace {
+
+// Relative MSE of a codebook file's codebooks on a dump, per (layer, K|V), as the report defines it:
+// sum over heads of the MSE over the sum over heads of the mean square.
+double stored_relative_mse(const cq::io::CodebookSet& set, const std::vector<float>& x, std::size_t l, bool value) {
+  double mse = 0, power = 0;
+  for (std::size_t h = 0; h < H; ++h) {
+    const cq::Codebook& cb = *set.find(cq::io::kv_codebook_name(l, value, h));
+    const cq::ConstMatrixView<float> rows(x.data() + (l * H + h) * N * D, N, D);
+    cq::PackedCodes codes(cb.groups(), cb.bits(), N);
+    cq::encode_rows(cb.view(), rows, codes.view(), 0);
+    std::vector<float> back(N * D);
+    cq::decode_rows(cb.view(), codes.view(), 0, cq::MatrixView<float>(back.data(), N, D));
+    mse += cq::mse(rows, cq::ConstMatrixView<float>(back.data(), N, D));
+    double p = 0;
+    for (std::size_t i = 0; i < N * D; ++i) p += double(rows.data[i]) * rows.data[i];
+    power += p / double(N * D);
+  }
+  return mse / power;
+}
+
+// The relative MSE column of the report's row for (layer, K|V).
+double reported_mse(const std::string& out, std::size_t l, bool value) {
+  const std::string row = "| " + std::to_string(l) + (value ? " | V |" : " | K |");
+  const auto at = out.find(row);
+  REQUIRE(at != std::string::npos);
+  std::istringstream cells(out.substr(at, out.find('\n', at) - at));
+  std::string cell;
+  for (int i = 0; i < 7; ++i) std::getline(cells, cell, '|');  // "", layer, K/V, config, method, bits/ch, MSE
+  return std::stod(cell);
+}
+
+}  // namespace
+
+TEST_CASE("cq-calibrate --storage f16: values beyond fp16 are refused; the MSE reported is the stored codebooks'") {
+  const Files& f = files();
+  const fs::path dir = scratch() / "f16";
+  fs::create_directories(dir);
+  auto huge = f.kd;
+  for (std::size_t r = 0; r < L * H * N; ++r) huge[r * D + 3] = -99999.0f + float(r % 5);
+  const fs::path k = dir / "huge_k.npy", out = dir / "out.safetensors";
+  cq::io::save_npy_f32(k, {L, H, N, D}, huge.data());
+  const std::string args = "--keys " + k.string() + " --values " + f.v.string() + common + "--out " + out.string();
+  Run r = run(args + " --storage f16 --threads 1");  // one thread: the first job is the first to fail
+  CHECK(r.status == 1);
+  CHECK_MESSAGE(r.err.find("huge_k.npy: layer 0 head 0 keys: codebook 'layer.0.k.head.0': value 3 = -999") !=
+                    std::string::npos, r.err);
+  CHECK(r.err.find("beyond the F16 range") != std::string::npos);
+  CHECK(!fs::exists(out));
+  CHECK(std::distance(fs::directory_iterator(dir), fs::directory_iterator()) == 1);  // only the input
+  REQUIRE(run(args).status == 0);  // F32 holds it
+  CHECK(cq::io::load_codebooks(out).size() == L * 2 * H);
+
+  // Tiny activations: fp16 rounding (subnormal there) changes the error, which the report shows.
+  auto tiny = f.kd;
+  for (auto& v : tiny) v *= 1e-8f;
+  const fs::path t = dir / "tiny.npy", o16 = dir / "o16.safetensors", o32 = dir / "o32.safetensors";
+  cq::io::save_npy_f32(t, {L, H, N, D}, tiny.data());
+  const Run r16 = run("--keys " + t.string() + " --values " + t.string() + common + "--storage f16 --out " + o16.string());
+  REQUIRE_MESSAGE(r16.status == 0, r16.err);
+  const Run r32 = run("--keys " + t.string() + " --values " + t.string() + common + "--out " + o32.string());
+  REQUIRE(r32.status == 0);
+  const auto s16 = cq::io::load_codebooks(o16), s32 = cq::io::load_codebooks(o32);
+  for (std::size_t l = 0; l < L; ++l) {
+    CAPTURE(l);
+    const double stored = stored_relative_mse(s16, tiny, l, false);
+    CHECK(std::abs(reported_mse(r16.out, l, false) - stored) <= 0.5e-5 + 1e-9);
+    CHECK(std::abs(reported_mse(r32.out, l, false) - stored_relative_mse(s32, tiny, l, false)) <= 0.5e-5 + 1e-9);
+    CHECK(reported_mse(r16.out, l, false) > reported_mse(r32.out, l, false) + 0.05);  // the rounding shows
+  }
+}
+
+TEST_CASE("cq-calibrate: a safetensors dump beside tensors of other dtypes (an F8_E4M3 scale) is read") {
+  const Files& f = files();
+  const fs::path st = scratch() / "fp8_scale.safetensors", a = scratch() / "fp8_a.safetensors",
+                 b = scratch() / "fp8_b.safetensors";
+  {
+    cq::io::SafetensorsWriter w;
+    w.add_f32("k", {L, H, N, D}, f.kd.data());
+    w.add_f32("v", {L, H, N, D}, f.vd.data());
+    const std::uint8_t scale = 0x38;  // 1.0 in E4M3
+    w.add("k_scale", cq::DType::f8_e4m3, {1}, &scale, 1);
+    w.add("k8", cq::DType::f8_e4m3, {1, 1, 1, 1}, &scale, 1);
+    w.write(st);
+  }
+  const Run r = run("--keys " + st.string() + ":k --values " + st.string() + ":v" + common + "--out " + a.string());
+  REQUIRE_MESSAGE(r.status == 0, r.err);
+  REQUIRE(run("--keys " + f.k.string() + " --values " + f.v.string() + common + "--out " + b.string()).status == 0);
+  const auto sa = cq::io::load_codebooks(a), sb = cq::io::load_codebooks(b);
+  for (std::size_t i = 0; i < sa.size(); ++i) CHECK(sa.entries()[i].second == sb.entries()[i].second);
+  const Run bad = run("--keys " + st.string() + ":k8 --values " + st.string() + ":v" + common + "--out " + a.string());
+  CHECK(bad.status == 1);
+  CHECK_MESSAGE(bad.err.find("tensor 'k8' has dtype F8_E4M3, expected a float type") != std::string::npos, bad.err);
+}
+
+TEST_CASE("cq-calibrate: the command line follows CLI conventions") {
+  const Files& f = files();
+  const fs::path out = scratch() / "cli.safetensors";
+  const std::string kv = "--keys " + f.k.string() + " --values " + f.v.string() + " --out " + out.string() + " ";
+  const Run help = run("--help");
+  CHECK(help.status == 0);
+  for (const char* s : {"Usage:", "--keys", "--storage", "--threads", "--meta", "Built for " CQ_TOOLS_ARCH})
+    CHECK_MESSAGE(help.out.find(s) != std::string::npos, s);
+  const struct {
+    std::string args, message;
+  } cases[] = {
+      {kv + "--frob 1", "--frob"},
+      {kv + "--threads abc", "--threads: expects a non-negative integer, got 'abc'"},
+      {kv + "--threads -1", "--threads: expects a non-negative integer, got '-1'"},
+      {kv + "--threads 5000", "--threads: Value 5000 not in range 0 to 4096"},
+      {kv + "--seed 99999999999999999999", "--seed: value 99999999999999999999 is out of range"},
+      {kv + "--bits x", "--bits: expects a non-negative integer, got 'x'"},
+      {kv + "--bits 99999999999", "--bits"},
+      {kv + "--storage f8", "--storage: f8 not in {f32,f16}"},
+      {kv + "--method best", "--method: best not in {uniform,fisher}"},
+      {kv + "--meta novalue", "--meta: expected KEY=VALUE, got 'novalue'"},
+      {"--keys " + f.k.string(), "--values is required"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.args);
+    const Run r = run(c.args);
+    CHECK(r.status == 2);
+    CHECK(r.err.find("cq-calibrate: error: ") == 0);
+    CHECK_MESSAGE(r.err.find(c.message) != std::string::npos, r.err);
+    CHECK(r.err.find("--help") != std::string::npos);
+    CHECK(!fs::exists(out));
+  }
+  // Leading zeros are decimal, not octal: --iterations 010 is 10 iterations.
+  REQUIRE(run(kv + "--channels 4 --bits 5 --iterations 010 --quiet").status == 0);
+  CHECK(cq::io::load_codebooks(out).entries()[0].second.info().iterations <= 10);
+  CHECK(cq::io::load_codebooks(out).metadata.size() == 3);  // kv.layers, kv.kv_heads, kv.head_dim
+  fs::remove(out);
+}
+
+TEST_CASE("cq-calibrate: progress in a log is plain per-layer lines, no carriage returns") {
+  const Files& f = files();
+  const fs::path out = scratch() / "progress.safetensors";
+  const Run r = run("--keys " + f.k.string() + " --values " + f.v.string() +
+                    " --channels 4 --bits 5 --iterations 2 --out " + out.string());
+  REQUIRE_MESSAGE(r.status == 0, r.err);
+  CHECK(r.err.find('\r') == std::string::npos);
+  CHECK(r.err.find("layer 0 done (4 codebooks)") != std::string::npos);
+  CHECK(r.err.find("layer 1 done (4 codebooks)") != std::string::npos);
+  CHECK(r.err.find(", 8/8 in ") != std::string::npos);
+  const Run quiet = run("--keys " + f.k.string() + " --values " + f.v.string() +
+                        " --channels 4 --bits 5 --iterations 2 --quiet --out " + out.string());
+  CHECK(quiet.err.empty());
+}
+
+TEST_CASE("cq-calibrate: a pre-existing OUT.tmp link is not followed") {
+  const Files& f = files();
+  const fs::path dir = scratch() / "links";
+  fs::create_directories(dir);
+  const fs::path out = dir / "out.safetensors", victim = dir / "victim.txt";
+  std::ofstream(victim) << "precious";
+  fs::create_symlink(victim, out.string() + ".tmp");
+  const Run r = run("--keys " + f.k.string() + " --values " + f.v.string() + common + "--out " + out.string());
+  REQUIRE_MESSAGE(r.status == 0, r.err);
+  CHECK(slurp(victim) == "precious");
+  CHECK(fs::is_regular_file(fs::symlink_status(out)));
+  CHECK(cq::io::load_codebooks(out).size() == L * 2 * H);
+  CHECK(fs::read_symlink(out.string() + ".tmp") == victim);
+}
+
+TEST_CASE("cq-calibrate: a dump with an empty axis is refused, naming it") {
+  const fs::path out = scratch() / "empty_axis.safetensors";
+  const struct {
+    std::vector<std::uint64_t> shape;
+    const char* axis;
+  } cases[] = {{{0, H, N, D}, "has 0 layers"},
+               {{L, 0, N, D}, "has 0 KV heads"},
+               {{L, H, 0, D}, "has 0 tokens"},
+               {{L, H, N, 0}, "has 0 channels (head_dim)"}};
+  for (const auto& c : cases) {
+    CAPTURE(c.axis);
+    const fs::path k = scratch() / "empty_k.npy", st = scratch() / "empty_k.safetensors";
+    cq::io::save_npy_f32(k, c.shape, nullptr);
+    {
+      cq::io::SafetensorsWriter w;
+      w.add_f32("k", c.shape, nullptr);
+      w.write(st);
+    }
+    for (const std::string& keys : {k.string(), st.string()}) {
+      const Run r = run("--keys " + keys + " --values " + keys + common + "--out " + out.string());
+      CHECK(r.status == 1);
+      CHECK_MESSAGE(r.err.find(c.axis) != std::string::npos, r.err);
+      CHECK(!fs::exists(out));
+    }
+  }
 }

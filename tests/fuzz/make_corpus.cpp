@@ -35,15 +35,32 @@ int main(int argc, char** argv) {
   o.iterations = 3;
   cq::fit_codebook(cb, cq::ConstMatrixView<float>(x.data(), 300, 16), {}, o);
   cq::io::CodebookSet one;
-  one.entries.emplace_back("codebook", cb);
+  one.add("codebook", cb);
   const auto good = cq::io::codebook_file_bytes(one);
   put(root / "safetensors" / "codebook.safetensors", good);
   put(root / "safetensors" / "codebook_f16.safetensors", cq::io::codebook_file_bytes(one, cq::io::CodebookStorage::f16));
   cq::io::CodebookSet kv;
+  kv.add("layer.0.k.head.0", cb);
+  kv.add("layer.0.v.head.0", cb);
   cq::io::set_kv_layout(kv, 1, 1, 16);
-  kv.entries.emplace_back("layer.0.k.head.0", cb);
-  kv.entries.emplace_back("layer.0.v.head.0", cb);
   put(root / "safetensors" / "kv.safetensors", cq::io::codebook_file_bytes(kv));
+  // Every dtype the format defines, in one file (8 elements: whole bytes for F4 and F6 too).
+  {
+    cq::io::SafetensorsWriter w;
+    const std::vector<std::uint8_t> zeros(64, 0);
+    for (cq::DType d : cq::all_dtypes) w.add(std::string(cq::dtype_name(d)), d, {8}, zeros.data(), cq::dtype_bits(d));
+    put(root / "safetensors" / "every_dtype.safetensors", w.bytes());
+  }
+  put(root / "safetensors" / "f4_odd.safetensors", st(R"({"t":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", 2));
+  put(root / "safetensors" / "f8_scale.safetensors",
+      st(R"({"k":{"dtype":"F32","shape":[1,1,1,2],"data_offsets":[0,8]},"k_scale":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[8,9]}})", 9));
+  // Headers with many keys: tensors, and metadata.
+  {
+    cq::io::SafetensorsWriter w;
+    for (int i = 0; i < 300; ++i) w.add("t" + std::to_string(i), cq::DType::u8, {1}, "x", 1);
+    for (int i = 0; i < 300; ++i) w.set_metadata("m" + std::to_string(i), std::to_string(i));
+    put(root / "safetensors" / "many_keys.safetensors", w.bytes());
+  }
   // Broken ones.
   put(root / "safetensors" / "truncated_header.safetensors", std::vector<std::uint8_t>(good.begin(), good.begin() + 40));
   put(root / "safetensors" / "truncated_data.safetensors", std::vector<std::uint8_t>(good.begin(), good.end() - 7));
@@ -67,12 +84,40 @@ int main(int argc, char** argv) {
   std::string v2 = std::string("\x93NUMPY\x02\x00", 8) + char(h.size()) + '\0' + '\0' + '\0' + h + std::string(8, '\x3c');
   put(root / "npy" / "valid_v2_f16.npy", v2);
   put(root / "npy" / "fortran.npy", std::string("\x93NUMPY\x01\x00", 8) + "\x40\x00" + "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }" + std::string(8, ' ') + "\nabcd");
+  // Headers numpy reads: other dtypes and byte orders, Fortran order, double quotes, Python 2
+  // longs, version 3, a repeated key; and a structured dtype cq refuses.
+  auto npy1 = [](const std::string& dict, const std::string& data) {
+    std::string hd = dict;
+    while ((10 + hd.size() + 1) % 64) hd += ' ';
+    hd += '\n';
+    return std::string("\x93NUMPY\x01\x00", 8) + char(hd.size()) + '\0' + hd + data;
+  };
+  put(root / "npy" / "big_endian_f4.npy", npy1("{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }", std::string("\x3f\x80\0\0\x40\0\0\0", 8)));
+  put(root / "npy" / "u1.npy", npy1("{'descr': '|u1', 'fortran_order': False, 'shape': (3,), }", "abc"));
+  put(root / "npy" / "b1.npy", npy1("{'descr': '|b1', 'fortran_order': False, 'shape': (2,), }", std::string("\1\0", 2)));
+  put(root / "npy" / "c8.npy", npy1("{'descr': '>c8', 'fortran_order': False, 'shape': (1,), }", std::string(8, '\x3f')));
+  put(root / "npy" / "fortran_2x3.npy", npy1("{'descr': '<i2', 'fortran_order': True, 'shape': (2, 3), }", "aabbccddeeff"));
+  put(root / "npy" / "double_quotes_long.npy", npy1("{\"shape\": (2L, 1L), \"descr\": \"<f4\", \"fortran_order\": False}", std::string(8, '\x3f')));
+  put(root / "npy" / "repeated_key.npy", npy1("{'descr': '<f4', 'shape': (9,), 'fortran_order': False, 'shape': (1,)}", "abcd"));
+  put(root / "npy" / "structured.npy", npy1("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", "abcd"));
+  {
+    std::string hd = "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }";
+    while ((12 + hd.size() + 1) % 64) hd += ' ';
+    hd += '\n';
+    put(root / "npy" / "v3_f8.npy", std::string("\x93NUMPY\x03\x00", 8) + char(hd.size()) + std::string(3, '\0') + hd + std::string(8, '\x3f'));
+  }
   put(root / "npy" / "bad_magic.npy", "NUMPY not really");
   put(root / "npy" / "overflow.npy", std::string("\x93NUMPY\x01\x00", 8) + "\x46\x00" + "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999, 2), }");
   put(root / "json" / "header.json", R"({"__metadata__":{"k":"v\u00e9"},"t":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}})");
   put(root / "json" / "config.json", R"({"default":{"channels":8,"bits":8},"layers":{"3":{"k":{"bits":10}}}})");
   put(root / "json" / "deep.json", std::string(40, '[') + std::string(40, ']'));
   put(root / "json" / "escapes.json", R"("\ud83d\ude00\n\t\"\\")");
+  {
+    std::string many = "{";
+    for (int i = 0; i < 500; ++i) many += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":" + std::to_string(i);
+    put(root / "json" / "many_keys.json", many + "}");
+    put(root / "json" / "many_keys_duplicate.json", many + ",\"k7\":0}");
+  }
   std::printf("wrote seed corpora under %s\n", root.string().c_str());
   return 0;
 }

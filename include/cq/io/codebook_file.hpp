@@ -6,19 +6,26 @@
 /// `name.channels`, `name.bits`, `name.dim`, `name.method`, `name.init`, `name.dtype`,
 /// `name.iterations`, `name.calibration_rows`, `name.objective`, `name.seed`. File-wide metadata:
 /// `format` = "cq-codebooks", `cq_version`, `names` (comma-separated, in order), plus whatever the
-/// writer adds (a KV cache records its layer and head layout there).
+/// caller adds (a KV cache records its layer and head layout there). The objective is written as
+/// the shortest decimal that reads back exactly, independent of the locale.
 
 #include "cq/codebook.hpp"
 #include "cq/error.hpp"
 #include "cq/io/safetensors.hpp"
 #include "cq/version.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <cstdio>
+#include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -26,24 +33,67 @@ namespace cq::io {
 
 inline constexpr const char* codebook_format = "cq-codebooks";
 
-/// Named codebooks plus file-wide metadata.
-struct CodebookSet {
-  std::vector<std::pair<std::string, Codebook>> entries;
+/// Named codebooks plus file-wide metadata. Names are unique, non-empty and free of commas (the
+/// file lists them comma-separated); lookups by name are hashed.
+class CodebookSet {
+ public:
+  /// File-wide metadata of the caller's (a KV cache's layout, a model name...). The keys a codebook
+  /// file records itself (format, cq_version, names, NAME.bits...) are not here, and
+  /// save_codebooks refuses them.
   std::map<std::string, std::string> metadata;
 
-  const Codebook* find(std::string_view name) const {
-    for (const auto& [n, cb] : entries)
-      if (n == name) return &cb;
-    return nullptr;
+  /// Appends a codebook; throws, the set unchanged, for an empty name, a comma or a name already in.
+  void add(std::string name, Codebook cb) {
+    CQ_CHECK(!name.empty() && name.find(',') == std::string::npos, "CodebookSet: codebook name '", name,
+             "' must be non-empty and contain no comma");
+    CQ_CHECK(!index_.contains(name), "CodebookSet: codebook '", name, "' added twice");
+    entries_.emplace_back(std::move(name), std::move(cb));
+    try {
+      index_.emplace(entries_.back().first, entries_.size() - 1);
+    } catch (...) {
+      entries_.pop_back();
+      throw;
+    }
   }
+  /// The codebooks, in the order they were added (a file's order).
+  const std::vector<std::pair<std::string, Codebook>>& entries() const { return entries_; }
+  std::size_t size() const { return entries_.size(); }
+  const Codebook* find(std::string_view name) const {
+    const auto it = index_.find(name);
+    return it == index_.end() ? nullptr : &entries_[it->second].second;
+  }
+
+ private:
+  struct Hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  std::vector<std::pair<std::string, Codebook>> entries_;
+  std::unordered_map<std::string, std::size_t, Hash, std::equal_to<>> index_;  // name -> position
 };
+
+enum class CodebookStorage { f32, f16 };
 
 namespace detail {
 
+/// The per-codebook metadata fields: NAME.channels, NAME.bits, ...
+inline constexpr std::string_view codebook_fields[] = {
+    "channels", "bits", "dim", "method", "init", "dtype", "iterations", "calibration_rows", "objective", "seed"};
+
+/// Whether a codebook file of `set` writes `key` itself (file-wide or per-codebook).
+inline bool is_codebook_file_key(std::string_view key, const CodebookSet& set) {
+  if (key == "format" || key == "cq_version" || key == "names") return true;
+  const std::size_t dot = key.rfind('.');
+  return dot != std::string_view::npos && set.find(key.substr(0, dot)) != nullptr &&
+         std::find(std::begin(codebook_fields), std::end(codebook_fields), key.substr(dot + 1)) !=
+             std::end(codebook_fields);
+}
+
+/// Shortest text that reads back as exactly `v` (inf, -inf and nan included), whatever the locale.
 inline std::string format_double(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
 }
 
 template <class U>
@@ -85,18 +135,36 @@ inline std::vector<std::string> split_names(const std::string& s) {
 
 }  // namespace detail
 
-enum class CodebookStorage { f32, f16 };
+/// `cb` as a file saved with `storage` holds it, and load_codebooks returns it: unchanged for F32,
+/// every centroid rounded to fp16 for F16. Throws, naming the codebook, the index and the value,
+/// for a centroid beyond fp16's range (save_codebooks refuses it for the same reason).
+inline Codebook stored_codebook(const Codebook& cb, CodebookStorage storage, std::string_view name) {
+  if (storage == CodebookStorage::f32) return cb;
+  const std::vector<std::uint16_t> h =
+      detail::to_f16(cb.data(), cb.size(), [&] { return cq::detail::concat("codebook '", name, "'"); });
+  std::vector<float> v(h.size());
+  for (std::size_t i = 0; i < h.size(); ++i) v[i] = static_cast<float>(Eigen::numext::bit_cast<half>(h[i]));
+  Codebook out = cb;
+  out.set_all(v.data());
+  return out;
+}
 
-/// Serialises a set of codebooks (see the layout at the top of this file).
+/// Serialises a set of codebooks (see the layout at the top of this file). Refuses metadata the
+/// file records itself (format, cq_version, names, NAME.bits, ...) and, for F16 storage, a
+/// centroid beyond fp16's range, so that every file it writes loads back as the set it was given.
 inline std::vector<std::uint8_t> codebook_file_bytes(const CodebookSet& set, CodebookStorage storage = CodebookStorage::f32) {
   SafetensorsWriter w;
-  for (const auto& [k, v] : set.metadata) w.set_metadata(k, v);
+  for (const auto& [k, v] : set.metadata) {
+    CQ_CHECK(!detail::is_codebook_file_key(k, set), "save_codebooks: metadata key '", k,
+             "' is one the codebook file records itself");
+    w.set_metadata(k, v);
+  }
   w.set_metadata("format", codebook_format);
   w.set_metadata("cq_version", version_string);
   std::string names;
-  for (const auto& [name, cb] : set.entries) {
-    CQ_CHECK(!name.empty() && name.find(',') == std::string::npos, "save_codebooks: codebook name '", name,
-             "' must be non-empty and contain no comma");
+  for (const auto& entry : set.entries()) {
+    const std::string& name = entry.first;  // (not a structured binding: the lambda below captures it)
+    const Codebook& cb = entry.second;
     CQ_CHECK(!cb.empty(), "save_codebooks: codebook '", name, "' has no shape");
     names += (names.empty() ? "" : ",") + name;
     const FitInfo& fi = cb.info();
@@ -111,8 +179,13 @@ inline std::vector<std::uint8_t> codebook_file_bytes(const CodebookSet& set, Cod
     w.set_metadata(name + ".objective", detail::format_double(fi.objective));
     w.set_metadata(name + ".seed", std::to_string(fi.seed));
     const std::vector<std::uint64_t> shape{cb.groups(), cb.num_centroids(), cb.channels()};
-    if (storage == CodebookStorage::f16) w.add_f16(name + ".centroids", shape, cb.data());
-    else w.add_f32(name + ".centroids", shape, cb.data());
+    if (storage == CodebookStorage::f16) {
+      const auto h = detail::to_f16(cb.data(), cb.size(),
+                                    [&] { return cq::detail::concat("save_codebooks: codebook '", name, "'"); });
+      w.add(name + ".centroids", DType::f16, shape, h.data(), h.size() * 2);
+    } else {
+      w.add_f32(name + ".centroids", shape, cb.data());
+    }
   }
   w.set_metadata("names", names);
   return w.bytes();
@@ -124,26 +197,26 @@ inline void save_codebooks(const std::filesystem::path& path, const CodebookSet&
   SafetensorsWriter::write_file_atomically(path, codebook_file_bytes(set, storage));
 }
 
-/// Reads every codebook of an opened file, checking each shape, dtype and value.
+/// Reads every codebook of an opened file, checking each shape, dtype and value. The set's
+/// metadata is the file's minus the keys the file records for itself.
 inline CodebookSet load_codebooks(SafetensorsReader& r) {
   CQ_CHECK(detail::meta_or(r, "format", "") == codebook_format, r.name(), ": not a cq codebook file (format = '",
            detail::meta_or(r, "format", "<missing>"), "', expected '", codebook_format, "')");
   CodebookSet set;
-  set.metadata = r.metadata();
-  const std::vector<std::string> names = detail::split_names(r.meta("names"));
-  CQ_CHECK(!names.empty(), r.name(), ": the file lists no codebooks");
+  const std::vector<std::string> names = detail::split_names(r.meta("names"));  // none: an empty set
   for (const std::string& name : names) {
-    const auto channels = detail::parse_meta_uint<std::size_t>(r, name + ".channels", std::size_t{1} << 20);
-    const auto bits = detail::parse_meta_uint<int>(r, name + ".bits", 16);
-    const auto dim = detail::parse_meta_uint<std::size_t>(r, name + ".dim", std::size_t{1} << 24);
-    CQ_CHECK(bits >= 1 && channels >= 1 && dim >= 1 && dim % channels == 0, r.name(), ": codebook '", name,
-             "' has an invalid shape (dim ", dim, ", channels ", channels, ", bits ", bits, ")");
+    CQ_CHECK(set.find(name) == nullptr, r.name(), ": the file lists codebook '", name, "' twice");
+    const auto channels = detail::parse_meta_uint<std::size_t>(r, name + ".channels", SIZE_MAX);
+    const auto bits = detail::parse_meta_uint<int>(r, name + ".bits", std::numeric_limits<int>::max());
+    const auto dim = detail::parse_meta_uint<std::size_t>(r, name + ".dim", SIZE_MAX);
+    const std::string what = r.name() + ": codebook '" + name + "'";
+    check_cq_shape(dim, channels, bits, what.c_str());
     const std::string tname = name + ".centroids";
     const TensorInfo& t = r.get(tname);
     CQ_CHECK(t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16, r.name(), ": tensor '", tname,
              "' has dtype ", dtype_name(t.dtype), ", expected F32, F16 or BF16");
     const std::vector<std::uint64_t> want{dim / channels, std::uint64_t{1} << bits, channels};
-    CQ_CHECK(t.shape == want, r.name(), ": tensor '", tname, "' has shape of rank ", t.shape.size(),
+    CQ_CHECK(t.shape == want, r.name(), ": tensor '", tname, "' has shape ", detail::shape_string(t.shape),
              " that does not match (groups, centroids, channels) = (", want[0], ", ", want[1], ", ", want[2], ")");
     const std::vector<float> values = r.read_floats(t);
     for (std::size_t i = 0; i < values.size(); ++i)
@@ -159,8 +232,10 @@ inline CodebookSet load_codebooks(SafetensorsReader& r) {
     fi.seed = detail::parse_meta_uint<std::uint64_t>(r, name + ".seed", UINT64_MAX);
     fi.objective = detail::parse_meta_double(r, name + ".objective");
     if (fi.method == "none") fi.method = "unknown";  // a loaded codebook counts as fitted
-    set.entries.emplace_back(name, std::move(cb));
+    set.add(name, std::move(cb));
   }
+  for (const auto& [k, v] : r.metadata())
+    if (!detail::is_codebook_file_key(k, set)) set.metadata.emplace(k, v);
   return set;
 }
 
@@ -175,16 +250,15 @@ inline CodebookSet load_codebooks(const std::filesystem::path& path) {
 inline void save_codebook(const std::filesystem::path& path, const Codebook& cb,
                           CodebookStorage storage = CodebookStorage::f32) {
   CodebookSet set;
-  set.entries.emplace_back("codebook", cb);
+  set.add("codebook", cb);
   save_codebooks(path, set, storage);
 }
 
 /// Loads a file written by save_codebook (or the only codebook of any codebook file).
 inline Codebook load_codebook(const std::filesystem::path& path) {
   CodebookSet set = load_codebooks(path);
-  CQ_CHECK(set.entries.size() == 1, path.string(), ": holds ", set.entries.size(),
-           " codebooks; use load_codebooks to read them all");
-  return std::move(set.entries.front().second);
+  CQ_CHECK(set.size() == 1, path.string(), ": holds ", set.size(), " codebooks; use load_codebooks to read them all");
+  return set.entries().front().second;
 }
 
 }  // namespace cq::io

@@ -6,14 +6,23 @@
 /// Python `safetensors` package and written the way it writes (header padded to 8 bytes).
 ///
 /// The reader trusts nothing: every length, offset, dtype and shape is checked before use, and any
-/// inconsistency throws cq::Error naming the file and tensor.
+/// inconsistency throws cq::Error naming the file and tensor. It knows every dtype the format
+/// defines, so a file holding, say, F8_E4M3 scales opens; only reading such a tensor as floats
+/// fails. Lookups are hashed and the header's parse is linear, so a load costs time proportional to
+/// the file. Files are written through a temporary file (POSIX: open, fsync, rename).
 
 #include "cq/element.hpp"
 #include "cq/error.hpp"
 #include "cq/io/json.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <bit>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -24,20 +33,114 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace cq::io {
 
 static_assert(std::endian::native == std::endian::little, "cq: safetensors I/O assumes a little-endian host");
 
-/// Largest header the reader accepts (the Python package uses 100 MB too).
+/// Largest header the reader accepts (the Python package uses 100 MB too); the writer refuses to
+/// write a larger one.
 inline constexpr std::uint64_t max_safetensors_header = 100'000'000;
 
 inline std::optional<DType> parse_dtype(std::string_view s) {
-  for (DType d : {DType::f32, DType::f16, DType::bf16, DType::f64, DType::i32, DType::u8, DType::u16, DType::i64})
+  for (DType d : all_dtypes)
     if (dtype_name(d) == s) return d;
   return std::nullopt;
 }
+
+namespace detail {
+
+inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+/// Bytes a tensor of `dtype` and `shape` occupies. Throws, starting the message with `what()`,
+/// when the element count or the bit count overflows 64 bits (checked as the format's reference
+/// reader checks: element count first) or a sub-byte dtype's bits do not fill whole bytes.
+template <class What>
+std::uint64_t tensor_bytes(DType dtype, const std::vector<std::uint64_t>& shape, What&& what) {
+  auto overflow = [&] { cq::detail::fail(what(), ": shape product overflows (shape ", shape_string(shape), ")"); };
+  std::uint64_t n = 1;
+  for (auto d : shape) {
+    if (d != 0 && n > UINT64_MAX / d) overflow();
+    n *= d;
+  }
+  const std::uint64_t bits = dtype_bits(dtype);
+  if (n > UINT64_MAX / bits) overflow();
+  if (n * bits % 8 != 0)
+    cq::detail::fail(what(), ": ", n, " elements of ", dtype_name(dtype), " are ", n * bits, " bits, not whole bytes");
+  return n * bits / 8;
+}
+
+inline bool is_float_dtype(DType d) {
+  return d == DType::f32 || d == DType::f16 || d == DType::bf16 || d == DType::f64;
+}
+
+/// Converts `n` little-endian elements of a floating-point dtype (is_float_dtype) to float.
+inline void floats_from_bytes(DType dtype, const std::uint8_t* src, std::size_t n, float* out) {
+  auto each = [&](std::size_t size, auto convert) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = convert(src + size * i);
+  };
+  auto bits16 = [](const std::uint8_t* p) {
+    std::uint16_t b;
+    std::memcpy(&b, p, 2);
+    return b;
+  };
+  switch (dtype) {
+    case DType::f32:
+      if (n) std::memcpy(out, src, n * 4);  // (both pointers may be null when empty)
+      return;
+    case DType::f64:
+      return each(8, [](const std::uint8_t* p) {
+        double d;
+        std::memcpy(&d, p, 8);
+        return static_cast<float>(d);
+      });
+    case DType::f16:
+      return each(2, [&](const std::uint8_t* p) { return static_cast<float>(Eigen::numext::bit_cast<half>(bits16(p))); });
+    case DType::bf16:
+      return each(2, [&](const std::uint8_t* p) { return std::bit_cast<float>(std::uint32_t{bits16(p)} << 16); });
+    default: cq::detail::fail("floats_from_bytes: ", dtype_name(dtype), " is not a float type");
+  }
+}
+
+/// fp16 bit patterns of `n` floats. Throws, naming `what()`, the index and the value, for a finite
+/// value that fp16 cannot hold (it would become infinite); NaN and infinities are kept as they are.
+template <class What>
+std::vector<std::uint16_t> to_f16(const float* data, std::size_t n, What&& what) {
+  std::vector<std::uint16_t> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const half h(data[i]);
+    if (std::isfinite(data[i]) && !Eigen::numext::isfinite(h))
+      cq::detail::fail(what(), ": value ", i, " = ", data[i], " is beyond the F16 range (largest finite: 65504)");
+    out[i] = Eigen::numext::bit_cast<std::uint16_t>(h);
+  }
+  return out;
+}
+
+/// A short random-looking suffix for temporary file names (O_EXCL decides uniqueness).
+inline std::string temp_suffix() {
+  static std::atomic<std::uint64_t> counter{0};
+  std::uint64_t x = static_cast<std::uint64_t>(::getpid()) * 0x9E3779B97F4A7C15ull ^
+                    static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                    (counter.fetch_add(1, std::memory_order_relaxed) << 48);
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64 finaliser
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(x));
+  return buf;
+}
+
+inline std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+}  // namespace detail
 
 struct TensorInfo {
   std::string name;
@@ -93,9 +196,8 @@ class SafetensorsReader {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(std::string_view tensor) const {
-    for (const auto& t : tensors_)
-      if (t.name == tensor) return &t;
-    return nullptr;
+    const auto it = index_.find(tensor);
+    return it == index_.end() ? nullptr : &tensors_[it->second];
   }
   const TensorInfo& get(std::string_view tensor) const {
     const TensorInfo* t = find(tensor);
@@ -123,39 +225,15 @@ class SafetensorsReader {
     return out;
   }
 
-  /// A floating-point tensor (F32, F16, BF16 or F64) converted to float. Non-finite values are
-  /// returned as they are; callers that need finite data check it (and name the tensor).
+  /// A floating-point tensor (F32, F16, BF16 or F64) converted to float; a tensor of any other
+  /// dtype throws naming it. Non-finite values are returned as they are; callers that need finite
+  /// data check it (and name the tensor).
   std::vector<float> read_floats(const TensorInfo& t) {
+    CQ_CHECK(detail::is_float_dtype(t.dtype), name_, ": tensor '", t.name, "' has dtype ", dtype_name(t.dtype),
+             ", expected a float type (F32, F16, BF16 or F64)");
     const std::vector<std::uint8_t> raw = read_bytes(t);
-    const std::size_t n = static_cast<std::size_t>(t.numel());
-    std::vector<float> out(n);
-    switch (t.dtype) {
-      case DType::f32:
-        if (n) std::memcpy(out.data(), raw.data(), n * 4);  // (both pointers may be null when empty)
-        break;
-      case DType::f64:
-        for (std::size_t i = 0; i < n; ++i) {
-          double d;
-          std::memcpy(&d, raw.data() + 8 * i, 8);
-          out[i] = static_cast<float>(d);
-        }
-        break;
-      case DType::f16:
-        for (std::size_t i = 0; i < n; ++i) {
-          std::uint16_t b;
-          std::memcpy(&b, raw.data() + 2 * i, 2);
-          out[i] = static_cast<float>(Eigen::numext::bit_cast<half>(b));
-        }
-        break;
-      case DType::bf16:
-        for (std::size_t i = 0; i < n; ++i) {
-          std::uint16_t b;
-          std::memcpy(&b, raw.data() + 2 * i, 2);
-          out[i] = std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
-        }
-        break;
-      default: cq::detail::fail(name_, ": tensor '", t.name, "' has dtype ", dtype_name(t.dtype), ", expected a float type");
-    }
+    std::vector<float> out(static_cast<std::size_t>(t.numel()));
+    detail::floats_from_bytes(t.dtype, raw.data(), out.size(), out.data());
     return out;
   }
   std::vector<float> read_floats(std::string_view tensor) { return read_floats(get(tensor)); }
@@ -181,41 +259,39 @@ class SafetensorsReader {
     try {
       root = json::parse(header);
     } catch (const Error& e) {
-      cq::detail::fail(name_, ": malformed header (", e.what(), ")");
+      cq::detail::fail(name_, ": malformed header (", json::bare_message(e), ")");
     }
     CQ_CHECK(root.kind == json::Value::Kind::object, name_, ": header is not a JSON object");
+    tensors_.reserve(root.size());
     for (std::size_t e = 0; e < root.size(); ++e) {
-      const std::string& key = root.keys[e];
+      std::string& key = root.keys[e];
       const json::Value& v = root.items[e];
       if (key == "__metadata__") {
         CQ_CHECK(v.kind == json::Value::Kind::object, name_, ": __metadata__ is not an object");
         for (std::size_t m = 0; m < v.size(); ++m) {
           CQ_CHECK(v.items[m].kind == json::Value::Kind::string, name_, ": metadata value of '", v.keys[m],
                    "' is not a string");
-          metadata_[v.keys[m]] = v.items[m].string;
+          metadata_.emplace(v.keys[m], v.items[m].string);
         }
         continue;
       }
       CQ_CHECK(v.kind == json::Value::Kind::object, name_, ": tensor '", key, "' entry is not an object");
       TensorInfo t;
-      t.name = key;
       const json::Value* dt = v.find("dtype");
       CQ_CHECK(dt && dt->kind == json::Value::Kind::string, name_, ": tensor '", key, "' has no dtype string");
       const auto parsed = parse_dtype(dt->string);
-      CQ_CHECK(parsed.has_value(), name_, ": tensor '", key, "' has unsupported dtype '", dt->string, "'");
+      CQ_CHECK(parsed.has_value(), name_, ": tensor '", key, "' has unknown dtype '", dt->string, "'");
       t.dtype = *parsed;
       const json::Value* shape = v.find("shape");
       CQ_CHECK(shape && shape->kind == json::Value::Kind::array, name_, ": tensor '", key, "' has no shape array");
-      CQ_CHECK(shape->size() <= 8, name_, ": tensor '", key, "' has rank ", shape->size(), " (at most 8)");
-      std::uint64_t bytes = dtype_size(t.dtype);
+      t.shape.reserve(shape->size());
       for (const auto& d : shape->items) {
         CQ_CHECK(d.kind == json::Value::Kind::number && d.is_uint, name_, ": tensor '", key,
                  "' has a shape entry that is not a non-negative integer");
-        CQ_CHECK(d.uint == 0 || bytes <= UINT64_MAX / d.uint, name_, ": tensor '", key,
-                 "' shape product overflows");
-        bytes *= d.uint;
         t.shape.push_back(d.uint);
       }
+      const std::uint64_t bytes =
+          detail::tensor_bytes(t.dtype, t.shape, [&] { return cq::detail::concat(name_, ": tensor '", key, "'"); });
       const json::Value* off = v.find("data_offsets");
       CQ_CHECK(off && off->kind == json::Value::Kind::array && off->size() == 2 &&
                    off->items[0].kind == json::Value::Kind::number && off->items[0].is_uint &&
@@ -228,10 +304,16 @@ class SafetensorsReader {
                " is past the end of the ", data_size, "-byte data section");
       CQ_CHECK(t.end - t.begin == bytes, name_, ": tensor '", key, "' holds ", t.end - t.begin, " bytes but dtype ",
                dtype_name(t.dtype), " and its shape need ", bytes);
+      t.name = std::move(key);
       tensors_.push_back(std::move(t));
     }
+    // The index's keys view the names inside tensors_, which no longer grows (and whose heap
+    // buffer, names included, moves with the reader).
+    index_.reserve(tensors_.size());
+    for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
     // Tensors may not overlap (the format also forbids holes; we tolerate them, as readers do).
     std::vector<const TensorInfo*> order;
+    order.reserve(tensors_.size());
     for (const auto& t : tensors_) order.push_back(&t);
     std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
     const TensorInfo* reach = nullptr;  // the non-empty tensor ending furthest so far
@@ -251,35 +333,45 @@ class SafetensorsReader {
   std::uint64_t data_offset_ = 0;
   std::map<std::string, std::string> metadata_;
   std::vector<TensorInfo> tensors_;
+  std::unordered_map<std::string_view, std::size_t> index_;  // name -> position in tensors_
 };
 
-/// Collects tensors and metadata, then writes them as one safetensors file. write() goes through
-/// a temporary file and a rename, so a failed write never leaves a half-written file behind.
+/// Collects tensors and metadata, then writes them as one safetensors file. Refuses (throws, the
+/// writer unchanged) anything its reader or the format's other readers would refuse: a name or
+/// metadata that is not UTF-8, a tensor named `__metadata__` or added twice, a size that does not
+/// match the shape, a header past max_safetensors_header. write() is atomic (write_file_atomically).
 class SafetensorsWriter {
  public:
-  void set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
+  void set_metadata(std::string key, std::string value) {
+    CQ_CHECK(json::valid_utf8(key), "safetensors: metadata key '", key, "' is not valid UTF-8");
+    CQ_CHECK(json::valid_utf8(value), "safetensors: metadata value of '", key, "' is not valid UTF-8");
+    metadata_[std::move(key)] = std::move(value);
+  }
 
   void add(std::string name, DType dtype, std::vector<std::uint64_t> shape, const void* data, std::size_t bytes) {
-    std::uint64_t need = dtype_size(dtype);
-    for (auto d : shape) need *= d;
+    CQ_CHECK(name != "__metadata__",
+             "safetensors: a tensor cannot be named '__metadata__' (the header's metadata key)");
+    CQ_CHECK(json::valid_utf8(name), "safetensors: tensor name '", name, "' is not valid UTF-8");
+    CQ_CHECK(!names_.contains(name), "safetensors: tensor '", name, "' added twice");
+    const std::uint64_t need =
+        detail::tensor_bytes(dtype, shape, [&] { return cq::detail::concat("safetensors: tensor '", name, "'"); });
     CQ_CHECK(need == bytes, "safetensors: tensor '", name, "' has ", bytes, " bytes, its shape needs ", need);
-    for (const auto& t : tensors_)
-      CQ_CHECK(t.name != name, "safetensors: tensor '", name, "' added twice");
     Entry e{std::move(name), dtype, std::move(shape), {}};
     e.bytes.assign(static_cast<const std::uint8_t*>(data), static_cast<const std::uint8_t*>(data) + bytes);
+    names_.insert(e.name);
     tensors_.push_back(std::move(e));
   }
   void add_f32(std::string name, std::vector<std::uint64_t> shape, const float* data) {
-    std::uint64_t n = 1;
-    for (auto d : shape) n *= d;
-    add(std::move(name), DType::f32, std::move(shape), data, static_cast<std::size_t>(n) * 4);
+    const std::uint64_t bytes =
+        detail::tensor_bytes(DType::f32, shape, [&] { return cq::detail::concat("safetensors: tensor '", name, "'"); });
+    add(std::move(name), DType::f32, std::move(shape), data, static_cast<std::size_t>(bytes));
   }
-  /// Stores float data as F16 (halves the file; values are rounded to fp16).
+  /// Stores float data as F16 (halves the file; values are rounded to fp16). Refuses a finite
+  /// value beyond fp16's range, which would become infinite.
   void add_f16(std::string name, std::vector<std::uint64_t> shape, const float* data) {
-    std::uint64_t n = 1;
-    for (auto d : shape) n *= d;
-    std::vector<std::uint16_t> h(static_cast<std::size_t>(n));
-    for (std::size_t i = 0; i < h.size(); ++i) h[i] = Eigen::numext::bit_cast<std::uint16_t>(half(data[i]));
+    auto what = [&] { return cq::detail::concat("safetensors: tensor '", name, "'"); };
+    const std::uint64_t bytes = detail::tensor_bytes(DType::f16, shape, what);
+    const std::vector<std::uint16_t> h = detail::to_f16(data, static_cast<std::size_t>(bytes / 2), what);
     add(std::move(name), DType::f16, std::move(shape), h.data(), h.size() * 2);
   }
 
@@ -320,6 +412,8 @@ class SafetensorsWriter {
     }
     header += '}';
     while ((8 + header.size()) % 8 != 0) header += ' ';
+    CQ_CHECK(header.size() <= max_safetensors_header, "safetensors: the header would be ", header.size(),
+             " bytes, past the ", max_safetensors_header, "-byte limit readers accept");
     std::vector<std::uint8_t> out(8 + header.size() + offset);
     std::uint64_t n = header.size();
     for (int i = 0; i < 8; ++i) out[i] = static_cast<std::uint8_t>(n >> (8 * i));
@@ -334,27 +428,43 @@ class SafetensorsWriter {
 
   void write(const std::filesystem::path& path) const { write_file_atomically(path, bytes()); }
 
-  /// Writes `data` to `path` via a temporary file in the same directory and a rename.
+  /// Writes `data` to `path` atomically: into a temporary file created exclusively next to it
+  /// (O_CREAT|O_EXCL|O_NOFOLLOW under a fresh random name, so no existing file or link is ever
+  /// followed or overwritten), flushed to disk, then renamed over `path` (a link at `path` itself
+  /// is replaced, not followed). On failure the temporary file is removed and `path` is untouched.
   static void write_file_atomically(const std::filesystem::path& path, const std::vector<std::uint8_t>& data) {
-    std::filesystem::path tmp = path;
-    tmp += ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      CQ_CHECK(out.good(), path.string(), ": cannot open '", tmp.string(), "' for writing");
-      out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-      out.flush();
-      if (!out.good()) {
-        out.close();
-        std::error_code ec;
-        std::filesystem::remove(tmp, ec);
-        cq::detail::fail(path.string(), ": write failed");
-      }
+    const std::string target = path.string();
+    std::string tmp;
+    int fd = -1;
+    for (int attempt = 0; fd < 0; ++attempt) {
+      tmp = target + "." + detail::temp_suffix() + ".tmp";
+      fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+      const int err = errno;
+      CQ_CHECK(fd >= 0 || (err == EEXIST && attempt < 100), target, ": cannot create a temporary file next to it (",
+               detail::errno_text(err), ")");
     }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-      std::filesystem::remove(tmp, ec);
-      cq::detail::fail(path.string(), ": cannot rename the temporary file into place");
+    auto give_up = [&](const char* what, int err) {
+      if (fd >= 0) ::close(fd);
+      ::unlink(tmp.c_str());
+      cq::detail::fail(target, ": ", what, " (", detail::errno_text(err), ")");
+    };
+    for (std::size_t done = 0; done < data.size();) {
+      const ::ssize_t w = ::write(fd, data.data() + done, data.size() - done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) give_up("write failed", w < 0 ? errno : EIO);
+      done += static_cast<std::size_t>(w);
+    }
+    if (::fsync(fd) != 0) give_up("cannot flush the temporary file to disk", errno);
+    const int closed = ::close(fd);
+    fd = -1;
+    if (closed != 0) give_up("cannot close the temporary file", errno);
+    if (::rename(tmp.c_str(), target.c_str()) != 0) give_up("cannot rename the temporary file into place", errno);
+    // Make the rename itself durable (best effort: some file systems refuse to sync a directory).
+    const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
     }
   }
 
@@ -367,6 +477,7 @@ class SafetensorsWriter {
   };
   std::map<std::string, std::string> metadata_;
   std::vector<Entry> tensors_;
+  std::unordered_set<std::string> names_;
 };
 
 }  // namespace cq::io
