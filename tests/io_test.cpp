@@ -366,6 +366,7 @@ TEST_CASE("KV codebook files: set_kv_layout refuses a layout the set does not fi
   set.add(io::kv_codebook_name(0, true, 1), cb);
   CQ_CHECK_THROWS_CONTAINING(io::set_kv_layout(set, 1, 2, 8), "'layer.0.k.head.1' is 4c3b but head 0 of layer 0 is 2c3b");
   io::set_kv_layout(set, 1, 1, 8);  // head 1 is extra: the one-head layout is complete
+  io::set_kv_key_rope(set, KeyRope::post, {}, 8);
   const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set)));
   KVCache<float> cache(io::kv_cache_config(back));
   io::load_kv_codebooks(cache, back);
@@ -587,6 +588,7 @@ TEST_CASE("KV codebook files: 80 layers x 64 KV heads (10240 codebooks) load and
     for (bool value : {false, true})
       for (std::size_t h = 0; h < heads; ++h) set.add(io::kv_codebook_name(l, value, h), cb);
   io::set_kv_layout(set, layers, heads, dim);
+  io::set_kv_key_rope(set, KeyRope::post, {}, dim);
   auto r = io::SafetensorsReader::from_memory(io::codebook_file_bytes(set));
   CHECK(r.tensors().size() == 10240);
   const io::CodebookSet back = io::load_codebooks(r);

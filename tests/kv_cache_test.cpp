@@ -300,3 +300,36 @@ TEST_CASE("ThreadPool: every index runs once, exceptions reach the caller, pools
     if (i % 2) pool.parallel_for(3, [](std::size_t) {});
   }
 }
+
+TEST_CASE("half-precision caches store no derived value: a key at half's edge, rotated, stays finite") {
+  // Issue input: KVCache<half>, D 64, pre-RoPE keys, window 8; token 32's key channels 0 and 32 are
+  // 50000 (a finite half). Rotated, the pair reaches ~69260 (beyond half's 65504): it must never
+  // be stored in half. Attention must equal the same cache in float.
+  KVCacheConfig cfg;
+  cfg.head_dim = 64;
+  cfg.spec = {{4, 8}, {4, 8}};
+  cfg.window = 8;
+  cfg.pre_rope_keys = true;
+  KVCache<half> h(cfg);
+  KVCache<float> f(cfg);
+  const Codebook kc = test::random_codebook(64, 4, 8, 1), vc = test::random_codebook(64, 4, 8, 2);
+  h.set_codebooks(0, 0, kc, vc);
+  f.set_codebooks(0, 0, kc, vc);
+  auto k = test::random_normal(40 * 64, 3), v = test::random_normal(40 * 64, 4);
+  k[32 * 64 + 0] = 50000.0f;
+  k[32 * 64 + 32] = 50000.0f;
+  const auto kh = test::convert<half>(k), vh = test::convert<half>(v);
+  const auto kf = test::convert<float>(std::vector<float>(kh.begin(), kh.end())), vf = test::convert<float>(std::vector<float>(vh.begin(), vh.end()));
+  h.append(0, ConstMatrixView<half>(kh.data(), 40, 64), ConstMatrixView<half>(vh.data(), 40, 64));
+  f.append(0, ConstMatrixView<float>(kf.data(), 40, 64), ConstMatrixView<float>(vf.data(), 40, 64));
+  const auto q = test::random_normal(64, 5, 1e-5f);  // small query: the huge key does not swamp the softmax
+  std::vector<float> oh(64), of(64);
+  h.attend(0, ConstMatrixView<float>(q.data(), 1, 64), MatrixView<float>(oh.data(), 1, 64));
+  f.attend(0, ConstMatrixView<float>(q.data(), 1, 64), MatrixView<float>(of.data(), 1, 64));
+  for (float x : oh) REQUIRE(std::isfinite(x));
+  CHECK(test::relative_error(oh.data(), std::vector<double>(of.begin(), of.end())) < 1e-5);
+  // The row reads back as appended (before RoPE), not rotated.
+  float key[64], value[64];
+  h.read_token(0, 0, 32, key, value);
+  CHECK(key[0] == 50000.0f);
+}

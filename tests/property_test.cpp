@@ -229,7 +229,10 @@ TEST_CASE("property: codebook files (F32 and F16) and KV codebook files load bac
           names.push_back(name);
         }
       }
-    if (kv) io::set_kv_layout(set, layers, heads, dim);
+    if (kv) {
+      io::set_kv_layout(set, layers, heads, dim);
+      io::set_kv_key_rope(set, KeyRope::post, {}, dim);
+    }
     const auto back = io::load_codebooks(io::SafetensorsReader::from_memory(io::codebook_file_bytes(set, storage)));
     CHECK(back.metadata == set.metadata);
     REQUIRE(back.size() == set.size());

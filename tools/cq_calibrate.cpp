@@ -273,6 +273,9 @@ class Progress {
 // option, and 010 as octal).
 struct Args {
   std::string keys, values, key_grads, value_grads, config, out, storage = "f32", method, init;
+  std::string key_rope, stamp;  // how the keys were taken; a file to stamp with it instead of fitting
+  cq::RopeConfig rope;
+  std::string rope_style = "rotate_half", rope_scaling = "none";
   std::size_t threads = 0;
   bool quiet = false;
   std::vector<std::string> meta;
@@ -293,10 +296,30 @@ const CLI::Validator decimal_uint(
     "", "decimal_uint");
 
 void define_options(CLI::App& app, Args& a) {
-  app.add_option("--keys", a.keys, "key dump: FILE.npy, FILE.safetensors[:TENSOR], or shards joined by commas")
-      ->required();
-  app.add_option("--values", a.values, "value dump, laid out like the keys")->required();
+  app.add_option("--keys", a.keys, "key dump: FILE.npy, FILE.safetensors[:TENSOR], or shards joined by commas");
+  app.add_option("--values", a.values, "value dump, laid out like the keys");
   app.add_option("--out", a.out, "the KV codebook file to write (safetensors)")->required();
+  app.add_option("--key-rope", a.key_rope,
+                 "whether the key dump holds keys before RoPE (pre: the cache rotates them in attention) or after "
+                 "(post); recorded in the file, with the --rope-* settings for pre")
+      ->required()
+      ->check(CLI::IsMember({"pre", "post"}));
+  app.add_option("--rope-theta", a.rope.theta, "RoPE base (default 10000)");
+  app.add_option("--rope-style", a.rope_style, "rotate_half (LLaMA, NeoX) or interleaved (GPT-J)")
+      ->check(CLI::IsMember({"rotate_half", "interleaved"}));
+  app.add_option("--rope-rotary-dim", a.rope.rotary_dim, "channels that rotate (default 0: all)")->check(decimal_uint);
+  app.add_option("--rope-scaling", a.rope_scaling, "none, linear, llama3 or yarn")
+      ->check(CLI::IsMember({"none", "linear", "llama3", "yarn"}));
+  app.add_option("--rope-factor", a.rope.factor, "scaling factor");
+  app.add_option("--rope-low-freq-factor", a.rope.low_freq_factor, "llama3");
+  app.add_option("--rope-high-freq-factor", a.rope.high_freq_factor, "llama3");
+  app.add_option("--rope-original-max-position", a.rope.original_max_position, "llama3, yarn");
+  app.add_option("--rope-beta-fast", a.rope.beta_fast, "yarn");
+  app.add_option("--rope-beta-slow", a.rope.beta_slow, "yarn");
+  app.add_option("--rope-attention-factor", a.rope.attention_factor, "yarn (0: 0.1 ln(factor) + 1)");
+  app.add_option("--stamp", a.stamp,
+                 "instead of fitting: copy this KV codebook file to --out with the --key-rope record (for files "
+                 "written before cq recorded it)");
   app.add_option("--key-grads", a.key_grads, "squared key gradients, for --method fisher");
   app.add_option("--value-grads", a.value_grads, "squared value gradients, for --method fisher");
   app.add_option("--config", a.config, "per-layer configuration (JSON); see the README");
@@ -392,7 +415,34 @@ cq::io::json::Value read_config(const std::string& path) {
   return cfg;
 }
 
-int run(const Args& a) {
+// The RoPE record of the command line (settings only matter for pre-RoPE keys).
+std::pair<cq::KeyRope, cq::RopeConfig> key_rope(const Args& a) {
+  cq::RopeConfig r = a.rope;
+  r.style = a.rope_style == "interleaved" ? cq::RopeStyle::interleaved : cq::RopeStyle::rotate_half;
+  for (cq::RopeScaling s : {cq::RopeScaling::none, cq::RopeScaling::linear, cq::RopeScaling::llama3, cq::RopeScaling::yarn})
+    if (a.rope_scaling == cq::rope_scaling_name(s)) r.scaling = s;
+  return {a.key_rope == "pre" ? cq::KeyRope::pre : cq::KeyRope::post, r};
+}
+
+// --stamp: the file's codebooks and metadata, with the key RoPE record set, written to --out in
+// the storage the file has (F16 when every centroid tensor is F16).
+int stamp(const Args& a, bool storage_given) {
+  auto reader = cq::io::SafetensorsReader::open(a.stamp);
+  bool f16 = true;
+  for (const auto& t : reader.tensors()) f16 = f16 && t.dtype == cq::DType::f16;
+  cq::io::CodebookSet set = cq::io::load_codebooks(reader);
+  const cq::io::KVLayout layout = cq::io::kv_layout(set);
+  const auto [kr, rope] = key_rope(a);
+  cq::io::set_kv_key_rope(set, kr, rope, layout.head_dim);
+  const bool as_f16 = storage_given ? a.storage == "f16" : f16;
+  cq::io::save_codebooks(a.out, set, as_f16 ? cq::io::CodebookStorage::f16 : cq::io::CodebookStorage::f32);
+  std::printf("cq-calibrate: %s -> %s: keys recorded as %s%s\n", a.stamp.c_str(), a.out.c_str(),
+              cq::key_rope_name(kr), kr == cq::KeyRope::pre ? (" (" + cq::describe(rope) + ")").c_str() : "");
+  return 0;
+}
+
+int run(const Args& a, bool storage_given) {
+  if (!a.stamp.empty()) return stamp(a, storage_given);
   const auto t0 = Clock::now();
   const auto storage = a.storage == "f16" ? cq::io::CodebookStorage::f16 : cq::io::CodebookStorage::f32;
   // Configuration first, so its mistakes show before the dumps are read.
@@ -405,8 +455,8 @@ int run(const Args& a) {
     CQ_CHECK(set.metadata.emplace(kv.substr(0, eq), kv.substr(eq + 1)).second, "--meta: key '", kv.substr(0, eq),
              "' is given twice");
   }
-  for (const char* k : {"kv.layers", "kv.kv_heads", "kv.head_dim"})
-    CQ_CHECK(!set.metadata.contains(k), "--meta: key '", k, "' is one cq-calibrate records itself");
+  for (const auto& [k, v] : set.metadata)
+    CQ_CHECK(k.rfind("kv.", 0) != 0, "--meta: key '", k, "' is one cq-calibrate records itself (kv.*)");
   (void)cq::io::codebook_file_bytes(set, storage);  // the writer's metadata rules, checked before the work
 
   const Dump K = load(a.keys), V = load(a.values);
@@ -419,6 +469,8 @@ int run(const Args& a) {
     if (g) CQ_CHECK(g->shape == K.shape, g->name, ": gradient shape differs from the activations' shape (",
                     shape_string(g->shape), " vs ", shape_string(K.shape), ")");
   const std::size_t L = K.shape[0], H = K.shape[1], N = K.shape[2], D = K.shape[3];
+  const auto [kr, rope] = key_rope(a);
+  if (kr == cq::KeyRope::pre) cq::Rope(rope, D);  // the RoPE settings, checked before the work
 
   // Per (layer, kind) specs.
   std::vector<std::array<Spec, 2>> specs(L, {base, base});
@@ -503,6 +555,7 @@ int run(const Args& a) {
 
   for (Job& j : jobs) set.add(cq::io::kv_codebook_name(j.layer, j.kind == 1, j.head), std::move(j.cb));
   cq::io::set_kv_layout(set, L, H, D);
+  cq::io::set_kv_key_rope(set, kr, rope, D);
   cq::io::save_codebooks(a.out, set, storage);
 
   std::printf("cq-calibrate: %zu layers x %zu KV heads x %zu tokens x head_dim %zu -> %s\n", L, H, N, D, a.out.c_str());
@@ -538,8 +591,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cq-calibrate: error: %s\nRun with --help for more information.\n", e.what());
     return 2;
   }
+  for (const auto& [name, value] : {std::pair{"--keys", &a.keys}, {"--values", &a.values}})
+    if (a.stamp.empty() && value->empty()) {
+      std::fprintf(stderr, "cq-calibrate: error: %s is required (unless --stamp)\nRun with --help for more information.\n",
+                   name);
+      return 2;
+    }
   try {
-    return run(a);
+    return run(a, app.get_option("--storage")->count() > 0);
   } catch (const std::exception& e) {
     const std::string_view m = bare_message(e);
     std::fprintf(stderr, "cq-calibrate: error: %.*s\n", static_cast<int>(m.size()), m.data());

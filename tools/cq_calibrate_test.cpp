@@ -49,7 +49,11 @@ struct Run {
 // Runs the tool with stdout and stderr redirected to files (so stderr is not a terminal).
 Run run(const std::string& args) {
   const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
-  const std::string cmd = std::string(CQ_CALIBRATE_PATH) + " " + args + " > " + out.string() + " 2> " + err.string();
+  // Every fit records how its keys were taken; tests that are not about that take post-RoPE keys.
+  const bool about_rope = args.find("--key-rope") != std::string::npos || args.find("--help") != std::string::npos ||
+                          args.find("--version") != std::string::npos;
+  const std::string cmd = std::string(CQ_CALIBRATE_PATH) + " " + args + (about_rope ? "" : " --key-rope post") + " > " +
+                          out.string() + " 2> " + err.string();
   const int rc = std::system(cmd.c_str());
   return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(err), slurp(out)};
 }
@@ -325,7 +329,7 @@ TEST_CASE("cq-calibrate: the command line follows CLI conventions") {
       {kv + "--storage f8", "--storage: f8 not in {f32,f16}"},
       {kv + "--method best", "--method: best not in {uniform,fisher}"},
       {kv + "--meta novalue", "--meta: expected KEY=VALUE, got 'novalue'"},
-      {"--keys " + f.k.string(), "--values is required"},
+      {"--keys " + f.k.string() + " --out " + out.string(), "--values is required"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.args);
@@ -339,7 +343,7 @@ TEST_CASE("cq-calibrate: the command line follows CLI conventions") {
   // Leading zeros are decimal, not octal: --iterations 010 is 10 iterations.
   REQUIRE(run(kv + "--channels 4 --bits 5 --iterations 010 --quiet").status == 0);
   CHECK(cq::io::load_codebooks(out).entries()[0].second.info().iterations <= 10);
-  CHECK(cq::io::load_codebooks(out).metadata.size() == 3);  // kv.layers, kv.kv_heads, kv.head_dim
+  CHECK(cq::io::load_codebooks(out).metadata.size() == 4);  // kv.layers, kv.kv_heads, kv.head_dim, kv.key_rope
   fs::remove(out);
 }
 
@@ -398,4 +402,53 @@ TEST_CASE("cq-calibrate: a dump with an empty axis is refused, naming it") {
       CHECK(!fs::exists(out));
     }
   }
+}
+
+TEST_CASE("cq-calibrate: the file records how the keys were taken; caches configured otherwise refuse it") {
+  const Files& f = files();
+  const fs::path pre = scratch() / "pre.safetensors", post = scratch() / "post.safetensors";
+  const std::string kv = "--keys " + f.k.string() + " --values " + f.v.string() + " --channels 4 --bits 4 --iterations 3 --quiet ";
+  // No record given: refused before any work.
+  const Run none = run(kv + "--out " + pre.string() + " --key-rope ''");
+  CHECK(none.status == 2);
+  CHECK(run(kv + "--out " + pre.string() + " --key-rope sideways").status == 2);
+  REQUIRE(run(kv + "--out " + pre.string() + " --key-rope pre --rope-theta 500000 --rope-scaling llama3 --rope-factor 8")
+              .status == 0);
+  REQUIRE(run(kv + "--out " + post.string() + " --key-rope post").status == 0);
+  const cq::KVCodebooks books = cq::io::load_kv_codebooks(pre);
+  CHECK(books.key_rope() == cq::KeyRope::pre);
+  CHECK(books.rope().theta == 500000.0);
+  CHECK(books.rope().scaling == cq::RopeScaling::llama3);
+  CHECK(books.rope().factor == 8.0);
+  CHECK(cq::io::load_kv_codebooks(post).key_rope() == cq::KeyRope::post);
+  // A cache configured otherwise refuses each file, naming both sides.
+  cq::PagedCacheOptions o;
+  o.code_pages = o.full_pages = 4;
+  CHECK_THROWS_WITH_AS((cq::PagedKVCache<float>(books, o)),
+                       doctest::Contains("the cache takes post-RoPE keys but the key codebooks were fitted on pre-RoPE keys"),
+                       cq::Error);
+  o.pre_rope_keys = true;  // ... with the default RoPE, not the file's
+  CHECK_THROWS_WITH_AS((cq::PagedKVCache<float>(books, o)),
+                       doctest::Contains("differs from the one the key codebooks were fitted with (theta 500000, rotate_half, llama3 x8)"),
+                       cq::Error);
+  o.rope = books.rope();
+  cq::PagedKVCache<float> ok(books, o);
+  cq::KVCacheConfig cfg = cq::io::kv_cache_config(cq::io::load_codebooks(post));
+  cfg.pre_rope_keys = true;
+  cq::KVCache<float> wrong(cfg);
+  CHECK_THROWS_WITH_AS(cq::io::load_kv_codebooks(wrong, post), doctest::Contains("fitted on post-RoPE keys"), cq::Error);
+  // A file without the record is refused; --stamp adds it.
+  cq::io::CodebookSet bare = cq::io::load_codebooks(post);
+  bare.metadata.erase("kv.key_rope");
+  const fs::path old = scratch() / "old.safetensors", stamped = scratch() / "stamped.safetensors";
+  cq::io::save_codebooks(old, bare);
+  CHECK_THROWS_WITH_AS(cq::PagedKVCache<float>(cq::io::load_kv_codebooks(old), cq::PagedCacheOptions{}),
+                       doctest::Contains("do not record whether keys were coded"), cq::Error);
+  const Run s = run("--stamp " + old.string() + " --out " + stamped.string() + " --key-rope pre --rope-theta 1000");
+  REQUIRE(s.status == 0);
+  CHECK(s.out.find("keys recorded as pre-RoPE (theta 1000, rotate_half)") != std::string::npos);
+  const cq::KVCodebooks st = cq::io::load_kv_codebooks(stamped);
+  CHECK(st.key_rope() == cq::KeyRope::pre);
+  CHECK(st.rope().theta == 1000.0);
+  CHECK(st.key(1, 1) == cq::io::load_kv_codebooks(post).key(1, 1));  // codebooks unchanged
 }

@@ -5,6 +5,10 @@ in the layout cq-calibrate reads: .npy arrays [layer][kv_head][token][head_dim].
 Forward hooks on the key and value projections capture their outputs, which in LLaMA-style models
 are the keys *before* RoPE and the values; a tensor hook on each output captures the gradient of the
 loss with respect to it, squared (the diagonal Fisher weights of CQ's Fisher-weighted k-means).
+With `rotate=` the dumper also writes the keys *after* RoPE (k_post.npy): the callable rotates
+captured keys [batch, seq, n_kv_heads, head_dim] to positions 0..seq-1 the model's way
+(`hf_rotate(model)` for Hugging Face models, the toy's own apply_rope in the demo). Calibrate with
+`cq-calibrate --key-rope pre` on k.npy (the paper's choice) or `--key-rope post` on k_post.npy.
 
 Use it as a library with your own model and data:
 
@@ -12,7 +16,7 @@ Use it as a library with your own model and data:
     for tokens in calibration_batches:            # each [batch, seq]
         loss = cross_entropy_sum(model(tokens), targets)
         loss.backward()                           # only needed with grads=True
-    dumper.save("dumps/")                         # k.npy, v.npy, k_grad2.npy, v_grad2.npy
+    dumper.save("dumps/")                         # k.npy, v.npy, k_grad2.npy, v_grad2.npy (+ k_post.npy)
     dumper.remove()
 
 (find_kv_modules() finds the projections of Hugging Face LLaMA models, `self_attn.k_proj` /
@@ -21,7 +25,7 @@ Use it as a library with your own model and data:
 Or run the demo on the toy transformer of examples/toy_transformer:
 
     python3 tools/export_kv_dumps.py --toy examples/toy_transformer --tokens 2048 --out dumps
-    build/tools/cq-calibrate --keys dumps/k.npy --values dumps/v.npy \
+    build/tools/cq-calibrate --keys dumps/k.npy --values dumps/v.npy --key-rope pre --rope-theta 10000 \
         --key-grads dumps/k_grad2.npy --value-grads dumps/v_grad2.npy --method fisher --out cb.safetensors
 """
 
@@ -47,12 +51,31 @@ def find_kv_modules(model):
     return ks, vs
 
 
+def hf_rotate(model):
+    """A rotate callable for Hugging Face LLaMA-style models: the model's own rotary embedding
+    (its rope_scaling included) and transformers' rotate_half pairing."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+
+    rotary = model.model.rotary_emb
+
+    def rotate(k):  # [B, T, H, D]
+        pos = torch.arange(k.shape[1], device=k.device)[None].expand(k.shape[0], -1)
+        cos, sin = rotary(k, pos)
+        x = k.transpose(1, 2)  # [B, H, T, D]
+        return apply_rotary_pos_emb(x, x, cos, sin)[1].transpose(1, 2)
+
+    return rotate
+
+
 class KVDumper:
     """Collects projection outputs (and squared gradients) per layer across calls."""
 
-    def __init__(self, k_modules, v_modules, n_kv_heads, head_dim, grads=True, dtype=np.float16):
+    def __init__(self, k_modules, v_modules, n_kv_heads, head_dim, grads=True, dtype=np.float16, rotate=None):
         self.n_kv_heads, self.head_dim, self.grads, self.dtype = n_kv_heads, head_dim, grads, dtype
+        self.rotate = rotate
         self.acts = {"k": [[] for _ in k_modules], "v": [[] for _ in v_modules]}
+        if rotate is not None:
+            self.acts["k_post"] = [[] for _ in k_modules]
         self.grad2 = {"k": [[] for _ in k_modules], "v": [[] for _ in v_modules]}
         self.handles = []
         for kind, mods in (("k", k_modules), ("v", v_modules)):
@@ -67,6 +90,10 @@ class KVDumper:
     def _hook(self, kind, layer):
         def fn(module, inputs, output):
             self.acts[kind][layer].append(self._split(output.detach()))
+            if kind == "k" and self.rotate is not None:
+                b, t, _ = output.shape
+                k = output.detach().reshape(b, t, self.n_kv_heads, self.head_dim)
+                self.acts["k_post"][layer].append(self._split(self.rotate(k).reshape(b, t, -1)))
             if self.grads and output.requires_grad:
                 output.register_hook(lambda g: self.grad2[kind][layer].append(self._split(g.detach() ** 2)))
         return fn
@@ -74,9 +101,9 @@ class KVDumper:
     def arrays(self):
         """{'k': [L, H, N, D], 'v': ..., and with grads 'k_grad2', 'v_grad2'} as numpy arrays."""
         out = {}
-        for kind in ("k", "v"):
+        for kind in self.acts:
             out[kind] = np.stack([np.concatenate(chunks, axis=1) for chunks in self.acts[kind]])
-            if self.grads:
+            if self.grads and kind != "k_post":
                 # Gradients arrive in reverse layer order during backward but are stored per layer.
                 out[kind + "_grad2"] = np.stack([np.concatenate(chunks, axis=1) for chunks in self.grad2[kind]])
         return out
@@ -96,7 +123,7 @@ class KVDumper:
 
 def toy_demo(toy_dir, tokens, seq, out_dir):
     sys.path.insert(0, toy_dir)
-    from model import ModelArgs, Transformer  # noqa: E402  (examples/toy_transformer/model.py)
+    from model import ModelArgs, Transformer, apply_rope  # noqa: E402  (examples/toy_transformer/model.py)
     import struct, json
 
     # Load the fp16 safetensors weights written by train.py (no safetensors package needed).
@@ -117,7 +144,10 @@ def toy_demo(toy_dir, tokens, seq, out_dir):
 
     text = open(os.path.join(toy_dir, "data", "heldout.txt"), "rb").read()
     k_mods, v_mods = find_kv_modules(model)
-    dumper = KVDumper(k_mods, v_mods, args.n_kv_heads, args.head_dim, grads=True)
+    def rotate(k):  # [B, T, H, D], the toy's RoPE tables
+        return apply_rope(k, model.rope_cos[:k.shape[1]], model.rope_sin[:k.shape[1]])
+
+    dumper = KVDumper(k_mods, v_mods, args.n_kv_heads, args.head_dim, grads=True, rotate=rotate)
     for start in range(0, tokens, seq):
         chunk = torch.tensor(list(text[start:start + seq + 1]), dtype=torch.long)[None]
         logits = model(chunk[:, :-1])

@@ -1,7 +1,8 @@
 #pragma once
 // The KV caches the toy model is evaluated with:
 //   FloatCache  the fp32 reference (keys stored after RoPE);
-//   CQCache     a cq::KVCache (keys coded before RoPE and rotated inside attention, or after);
+//   CQCache     one sequence of a cq::PagedKVCache over codebooks shared by every cache of the
+//               configuration (keys coded before RoPE and rotated inside attention, or after);
 //   IntCache    the KIVI-style INT baseline: values per token over 32-channel groups, keys per
 //               channel over 32-token blocks (a block is quantized once complete; the current
 //               partial block stays full precision, as KIVI's residual does), post-RoPE keys.
@@ -99,49 +100,53 @@ class FloatCache final : public ToyCache {
 
 class CQCache final : public ToyCache {
  public:
-  /// codebooks: a KV codebook file's contents (layer.{l}.{k|v}.head.{h}); pre_rope: whether those
-  /// key codebooks were fitted on keys before RoPE.
-  CQCache(const Model& m, const cq::io::CodebookSet& codebooks, std::size_t window, bool pre_rope)
+  /// codebooks: shared by every CQCache of this configuration (loaded once); pre_rope: whether the
+  /// key codebooks were fitted on keys before RoPE (the file records it; the cache checks).
+  CQCache(const Model& m, const cq::KVCodebooks& codebooks, std::size_t window, bool pre_rope)
       : model_(m), pre_rope_(pre_rope) {
-    cq::KVCacheConfig cfg = cq::io::kv_cache_config(codebooks);
-    cfg.window = window;
-    cfg.max_rollback = 0;
-    cfg.pre_rope_keys = pre_rope;
-    cfg.rope = {m.config().rope_theta, cq::RopeStyle::rotate_half};
-    cache_ = std::make_unique<cq::KVCache<float>>(cfg);
-    cq::io::load_kv_codebooks(*cache_, codebooks);
+    cq::PagedCacheOptions o;
+    o.window = window;
+    o.pre_rope_keys = pre_rope;
+    o.rope.theta = m.config().rope_theta;
+    const cq::MemoryPlan plan(codebooks, o, sizeof(float));
+    const std::size_t max_len = std::size_t(m.config().max_seq_len);
+    cache_ = std::make_unique<cq::PagedKVCache<float>>(codebooks, plan.pool_for(1, max_len, max_len));
+    seq_ = cache_->add_sequence();
   }
-  void reset() override { cache_->clear(); }
-  std::size_t size(int layer) const override { return cache_->size(static_cast<std::size_t>(layer)); }
+  void reset() override {
+    cache_->free_sequence(seq_);
+    seq_ = cache_->add_sequence();
+  }
+  std::size_t size(int layer) const override { return cache_->length(seq_, static_cast<std::size_t>(layer)); }
   void append(int layer, const Mat& k_pre, const Mat& v) override {
     const std::size_t w = static_cast<std::size_t>(k_pre.cols());
     if (pre_rope_) {
-      cache_->append(layer, {k_pre.data(), std::size_t(k_pre.rows()), w}, {v.data(), std::size_t(v.rows()), w});
+      cache_->append(layer, seq_, {k_pre.data(), std::size_t(k_pre.rows()), w}, {v.data(), std::size_t(v.rows()), w});
     } else {
       Mat k = k_pre;
       model_.rope().apply(k, model_.config().head_dim, static_cast<int>(size(layer)));
-      cache_->append(layer, {k.data(), std::size_t(k.rows()), w}, {v.data(), std::size_t(v.rows()), w});
+      cache_->append(layer, seq_, {k.data(), std::size_t(k.rows()), w}, {v.data(), std::size_t(v.rows()), w});
     }
   }
   void attend(int layer, const Mat& q, Mat& out) override {
     out.resize(q.rows(), q.cols());
-    cache_->attend(layer, {q.data(), std::size_t(q.rows()), std::size_t(q.cols())},
+    cache_->attend(layer, seq_, {q.data(), std::size_t(q.rows()), std::size_t(q.cols())},
                    {out.data(), std::size_t(out.rows()), std::size_t(out.cols())});
   }
-  /// Codes, plus the window and sinks a decoding engine keeps (the prefill's extra full-precision
-  /// rows, kept only so every query of a chunk sees its own window, are not counted).
+  /// Code pages held, plus the window and sinks a decoding engine keeps (the prefill's extra
+  /// full-precision rows, kept only so every query of a chunk sees its own window, are not counted).
   std::size_t kv_bytes() const override {
-    const auto& cfg = cache_->config();
-    const std::size_t n = cache_->size(0);
-    const std::size_t fp_rows = std::min(n, cfg.window + cfg.sinks);
-    return cache_->memory().codes + fp_rows * cfg.layers * cfg.kv_heads * cfg.head_dim * sizeof(float) * 2;
+    const auto& cb = cache_->codebooks();
+    const auto& o = cache_->options();
+    const std::size_t fp_rows = std::min(cache_->length(seq_), o.window + o.sinks);
+    return cache_->memory().codes_in_use + fp_rows * cb.layers() * cb.kv_heads() * cb.head_dim() * sizeof(float) * 2;
   }
-  std::size_t codebook_bytes() const { return cache_->memory().codebooks; }
 
  private:
   const Model& model_;
   bool pre_rope_;
-  std::unique_ptr<cq::KVCache<float>> cache_;
+  std::unique_ptr<cq::PagedKVCache<float>> cache_;
+  cq::SeqId seq_ = 0;
 };
 
 class IntCache final : public ToyCache {

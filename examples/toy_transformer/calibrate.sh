@@ -20,7 +20,7 @@ for cfg in 2c8b 4c8b 8c8b 8c10b; do
   c="${cfg%%c*}"; b="${cfg#*c}"; b="${b%b}"
   for method in uniform fisher; do
     "$tool" --keys "$out/calib_k_pre.npy" "${common[@]}" --key-grads "$kgrad" --value-grads "$vgrad" \
-      --channels "$c" --bits "$b" --method "$method" --meta keys=pre-rope \
+      --channels "$c" --bits "$b" --method "$method" --key-rope pre --rope-theta 10000 \
       --out "$books/$cfg-$method.safetensors" | tail -n 1
   done
 done
@@ -28,6 +28,6 @@ done
 for cfg in 4c8b 8c8b; do
   c="${cfg%%c*}"; b="${cfg#*c}"; b="${b%b}"
   "$tool" --keys "$out/calib_k_post.npy" "${common[@]}" --channels "$c" --bits "$b" --method uniform \
-    --meta keys=post-rope --out "$books/$cfg-uniform-postrope.safetensors" | tail -n 1
+    --key-rope post --out "$books/$cfg-uniform-postrope.safetensors" | tail -n 1
 done
 ls -la "$books"

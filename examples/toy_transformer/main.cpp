@@ -198,18 +198,16 @@ int main(int argc, char** argv) try {
     const char* name;
     bool check;
   };
-  std::map<std::string, cq::io::CodebookSet> books;
+  // One KVCodebooks per configuration, loaded once and shared by every thread's cache.
+  std::map<std::string, cq::KVCodebooks> books;
   auto cq_row = [&](const std::string& cfg, const std::string& method, bool pre_rope) {
     const std::string key = cfg + "-" + method;
-    auto path = codebook_path(dir, cfg, method);
-    books[key] = cq::io::load_codebooks(path);
-    const cq::io::CodebookSet* set = &books[key];
+    const cq::KVCodebooks* set = &books.emplace(key, cq::io::load_kv_codebooks(codebook_path(dir, cfg, method))).first->second;
     Row r;
     r.name = "CQ-" + cfg + " " + method;
     for (int w = 0; w < 2; ++w)
       r.make[w] = [&model, set, w, pre_rope] { return std::make_unique<CQCache>(model, *set, w ? 32 : 0, pre_rope); };
-    CQCache probe(model, *set, 0, pre_rope);
-    r.codebook_bytes = probe.codebook_bytes();
+    r.codebook_bytes = set->memory();
     rows.push_back(std::move(r));
   };
   const std::vector<std::string> cq_cfgs = check ? std::vector<std::string>{"4c8b", "8c8b"}

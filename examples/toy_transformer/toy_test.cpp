@@ -35,8 +35,8 @@ TEST_CASE("the C++ model reproduces train.py's reference logits (chunked and tok
 }
 
 TEST_CASE("a CQ cache evaluates a chunk exactly as token-by-token decoding") {
-  const auto set = cq::io::load_codebooks(dir / "codebooks" / "8c8b-fisher.safetensors");
-  toy::CQCache chunked(model(), set, 32, true), stepped(model(), set, 32, true);
+  const cq::KVCodebooks books = cq::io::load_kv_codebooks(dir / "codebooks" / "8c8b-fisher.safetensors");
+  toy::CQCache chunked(model(), books, 32, true), stepped(model(), books, 32, true);
   std::vector<int> tokens;
   for (char c : std::string("In the beginning God created the heaven and the earth. And the earth was without form"))
     tokens.push_back(static_cast<unsigned char>(c));
@@ -52,6 +52,7 @@ TEST_CASE("a CQ cache evaluates a chunk exactly as token-by-token decoding") {
 TEST_CASE("KV codebook files refuse a cache of another shape") {
   const auto set = cq::io::load_codebooks(dir / "codebooks" / "4c8b-uniform.safetensors");
   cq::KVCacheConfig cfg = cq::io::kv_cache_config(set);
+  cfg.pre_rope_keys = true;  // the file records keys taken before RoPE
   CHECK(cfg.layers == 4);
   CHECK(cfg.kv_heads == 2);
   CHECK(cfg.layer_spec(3).value.channels == 4);
@@ -62,6 +63,7 @@ TEST_CASE("KV codebook files refuse a cache of another shape") {
   cq::KVCache<float> heads(cfg);
   CHECK_THROWS_WITH_AS(cq::io::load_kv_codebooks(heads, set), doctest::Contains("4 layers x 2 KV heads x head_dim 128; the cache has 4 x 4 x 128"), cq::Error);
   cfg = cq::io::kv_cache_config(set);
+  cfg.pre_rope_keys = true;
   cfg.layer_specs[2].key = {8, 8};
   cq::KVCache<float> spec(cfg);
   CHECK_THROWS_WITH_AS(cq::io::load_kv_codebooks(spec, set), doctest::Contains("'layer.2.k.head.0' is 4c8b of dim 128 but the cache's layer 2 uses 8c8b"), cq::Error);
