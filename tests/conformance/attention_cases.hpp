@@ -23,6 +23,18 @@ struct AttentionCase {
   std::size_t page_tokens = 64;
   std::uint64_t seed = 1;
 
+  /// A shape; the with_* calls set the rest.
+  static AttentionCase of(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
+                          std::size_t group, std::vector<std::size_t> lengths) {
+    AttentionCase c;
+    c.D = D, c.C = C, c.bits = bits, c.window = window, c.sinks = sinks, c.group = group, c.lengths = std::move(lengths);
+    return c;
+  }
+  AttentionCase with_queries(std::size_t q) const { AttentionCase c = *this; c.queries = q; return c; }
+  AttentionCase with_rope(const RopeConfig& r) const { AttentionCase c = *this; c.rope = r; return c; }
+  AttentionCase with_pages(std::size_t p) const { AttentionCase c = *this; c.page_tokens = p; return c; }
+  AttentionCase with_seed(std::uint64_t s) const { AttentionCase c = *this; c.seed = s; return c; }
+
   std::string name() const {
     return detail::concat("D", D, " ", C, "c", bits, "b W", window, " S", sinks, " GQA", group, " q", queries,
                           rope ? " pre-RoPE" : "", " P", page_tokens);
@@ -51,19 +63,21 @@ inline std::vector<AttentionCase> attention_cases(std::size_t every = 1) {
     c.seed = ++seed;
     out.push_back(c);
   };
-  special({.D = 64, .C = 4, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {300, 45}, .queries = 3});
-  special({.D = 64, .C = 8, .bits = 8, .window = 0, .sinks = 0, .group = 1, .lengths = {545}, .queries = 17});
-  special({.D = 64, .C = 4, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {300}, .queries = 40});
+  special(AttentionCase::of(64, 4, 8, 32, 4, 4, {300, 45}).with_queries(3));
+  special(AttentionCase::of(64, 8, 8, 0, 0, 1, {545}).with_queries(17));
+  special(AttentionCase::of(64, 4, 8, 32, 4, 4, {300}).with_queries(40));
   for (RopeStyle style : {RopeStyle::rotate_half, RopeStyle::interleaved}) {
     RopeConfig r;
     r.style = style;
-    special({.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {1100, 3}, .rope = r});
-    special({.D = 64, .C = 4, .bits = 4, .window = 0, .sinks = 0, .group = 1, .lengths = {300}, .queries = 2, .rope = r});
-    special({.D = 64, .C = 2, .bits = 8, .window = 32, .sinks = 0, .group = 8, .lengths = {545}, .rope = r});
+    special(AttentionCase::of(128, 8, 8, 32, 4, 4, {1100, 3}).with_rope(r));
+    special(AttentionCase::of(64, 4, 4, 0, 0, 1, {300}).with_queries(2).with_rope(r));
+    special(AttentionCase::of(64, 2, 8, 32, 0, 8, {545}).with_rope(r));
+    special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2100}).with_queries(3).with_rope(r));  // grouped, pre-RoPE
   }
-  special({.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 7, .lengths = {700, 1, 2500},
-           .page_tokens = 32});
-  special({.D = 128, .C = 4, .bits = 8, .window = 32, .sinks = 0, .group = 8, .lengths = {2500, 600}, .page_tokens = 256});
+  special(AttentionCase::of(128, 8, 8, 32, 4, 7, {700, 1, 2500}).with_pages(32));
+  special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2500, 600}).with_pages(256));
+  special(AttentionCase::of(128, 8, 8, 32, 0, 16, {1500}).with_queries(2));  // a group of 16 heads
+  special(AttentionCase::of(64, 4, 8, 0, 0, 20, {1300}));                   // 20 heads: items of 16 and 4
   return out;
 }
 

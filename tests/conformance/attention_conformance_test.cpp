@@ -38,10 +38,9 @@ TEST_CASE_TEMPLATE_DEFINE("attention conformance: every method matches the oracl
 TEST_CASE_TEMPLATE_APPLY(attn_conf, test::conformance_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("attention conformance: fp16 and bf16 caches", Backend, attn_conf_16) {
-  run_case<Backend, half>({.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {700, 33}, .seed = 5});
-  run_case<Backend, bfloat16>({.D = 64, .C = 4, .bits = 4, .window = 0, .sinks = 0, .group = 1, .lengths = {300}, .seed = 6});
-  RopeConfig r;
-  run_case<Backend, half>({.D = 64, .C = 2, .bits = 10, .window = 32, .sinks = 0, .group = 8, .lengths = {1100}, .queries = 3,
-                           .rope = r, .seed = 7});
+  using test::AttentionCase;
+  run_case<Backend, half>(AttentionCase::of(128, 8, 8, 32, 4, 4, {1700, 33}).with_seed(5));
+  run_case<Backend, bfloat16>(AttentionCase::of(64, 4, 4, 0, 0, 1, {300}).with_seed(6));
+  run_case<Backend, half>(AttentionCase::of(64, 2, 10, 32, 0, 8, {1100}).with_queries(3).with_rope(RopeConfig{}).with_seed(7));
 }
 TEST_CASE_TEMPLATE_APPLY(attn_conf_16, test::conformance_backends);

@@ -114,10 +114,14 @@ class HeadAttention {
     vis_ = check_visible(kv, pos, "attend");
     // Value path: histograms pay off once there are more coded tokens than bins to clear and
     // combine; backend::Simd prefers the direct centroid accumulation on CPUs (measured).
-    // A GQA group (2..max_group_heads heads) is served grouped unless a method asks otherwise.
+    // A GQA group of 4..max_group_heads heads is served grouped unless a method asks otherwise,
+    // once its coded range is long enough to pay for the group's table and histogram (each about
+    // 2^Bits x head_dim lane vectors to build, clear and combine); smaller groups and short
+    // ranges take the per-head path.
     CQ_CHECK(heads <= max_group_heads, "attend: ", heads, " query heads in one item (at most ", max_group_heads, ")");
     fused_ = method != AttentionMethod::dequantize;
-    const bool grouped = heads >= 2 && (method == AttentionMethod::fused || method == AttentionMethod::fused_histogram);
+    const bool grouped = heads >= 4 && vis_.coded() >= min_group_tokens &&
+                         (method == AttentionMethod::fused || method == AttentionMethod::fused_histogram);
     hist_ = grouped || method == AttentionMethod::fused_histogram ||
             (method == AttentionMethod::fused && Backend::prefers_value_histogram(kv.value_codebook) &&
              vis_.coded() >= kv.value_codebook.num_centroids());
@@ -130,6 +134,8 @@ class HeadAttention {
 
   /// Most query heads one item serves (a larger GQA group is split into items).
   static constexpr std::size_t max_group_heads = 16;
+  /// Fewest coded tokens the grouped path is taken for.
+  static constexpr std::size_t min_group_tokens = 1024;
 
   std::size_t coded_tokens() const { return vis_.coded(); }
   std::size_t heads() const { return heads_; }
