@@ -3,9 +3,10 @@
 ///
 /// Layout: centroids (groups, num_centroids, channels), float, 64-byte aligned — group g's
 /// centroid k is the `channels` floats at ((g * num_centroids) + k) * channels. Alongside it the
-/// codebook keeps derived tables the encoders read: per-centroid squared norms and a transposed
-/// copy (groups, channels, padded_centroids), padded to a multiple of 16 so SIMD code can stride
-/// over centroids; padding centroids have norm +inf so they never win.
+/// codebook keeps a derived table the encoders and attention read: a transposed copy
+/// (groups, channels, padded_centroids), padded to a multiple of 16 so SIMD code can stride over
+/// centroids. Padding centroids are zeros (so sums over them add nothing); a nearest-centroid
+/// search must mask them out.
 
 #include "cq/config.hpp"
 #include "cq/detail/aligned_buffer.hpp"
@@ -33,8 +34,7 @@ struct FitInfo {
 /// Read-only view of one group's tables.
 struct GroupCodebookView {
   const float* centroids = nullptr;   // (num_centroids, channels)
-  const float* norms = nullptr;       // (padded_centroids): |c_k|^2, +inf for padding
-  const float* transposed = nullptr;  // (channels, padded_centroids)
+  const float* transposed = nullptr;  // (channels, padded_centroids), zeros past num_centroids
   std::uint32_t num_centroids = 0;
   std::uint32_t channels = 0;
   std::uint32_t padded_centroids = 0;
@@ -42,9 +42,8 @@ struct GroupCodebookView {
 
 /// Read-only view of a whole codebook.
 struct CodebookView {
-  const float* centroids = nullptr;
-  const float* norms = nullptr;
-  const float* transposed = nullptr;
+  const float* centroids = nullptr;   // (groups, num_centroids, channels)
+  const float* transposed = nullptr;  // (groups, channels, padded_centroids)
   std::size_t groups = 0;
   std::size_t channels = 0;
   int bits = 0;
@@ -53,9 +52,9 @@ struct CodebookView {
   CQ_HOST_DEVICE constexpr std::size_t num_centroids() const { return std::size_t{1} << bits; }
   CQ_HOST_DEVICE constexpr std::size_t dim() const { return groups * channels; }
   CQ_HOST_DEVICE constexpr GroupCodebookView group(std::size_t g) const {
-    return {centroids + g * num_centroids() * channels, norms + g * padded_centroids,
-            transposed + g * channels * padded_centroids, static_cast<std::uint32_t>(num_centroids()),
-            static_cast<std::uint32_t>(channels), static_cast<std::uint32_t>(padded_centroids)};
+    return {centroids + g * num_centroids() * channels, transposed + g * channels * padded_centroids,
+            static_cast<std::uint32_t>(num_centroids()), static_cast<std::uint32_t>(channels),
+            static_cast<std::uint32_t>(padded_centroids)};
   }
 };
 
@@ -120,7 +119,7 @@ class Codebook {
   }
 
   CodebookView view() const {
-    return {centroids_.data(), norms_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
+    return {centroids_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
   }
   GroupCodebookView group(std::size_t g) const { return view().group(g); }
 
@@ -128,11 +127,11 @@ class Codebook {
   FitInfo& info() { return info_; }
   const FitInfo& info() const { return info_; }
 
-  /// Bytes of centroid storage (what a file or a KV cache's accounting counts). The derived
-  /// tables roughly double the resident size; allocated_bytes() includes them.
+  /// Bytes of centroid storage (what a file or a KV cache's accounting counts). The transposed
+  /// table roughly doubles the resident size; allocated_bytes() includes it.
   std::size_t size_bytes() const { return centroids_.size() * sizeof(float); }
   std::size_t allocated_bytes() const {
-    return centroids_.allocated_bytes() + norms_.allocated_bytes() + transposed_.allocated_bytes();
+    return centroids_.allocated_bytes() + transposed_.allocated_bytes();
   }
 
   /// Same shape and bit-identical centroids.
@@ -145,22 +144,14 @@ class Codebook {
  private:
   void refresh() {
     padded_ = padded_centroid_count(num_centroids());
-    norms_.resize(groups_ * padded_);
     transposed_.resize(groups_ * channels_ * padded_);
     for (std::size_t g = 0; g < groups_; ++g) refresh_group(g);
   }
   void refresh_group(std::size_t g) {
     const std::size_t k_count = num_centroids();
     const float* c = group_data(g);
-    float* norms = norms_.data() + g * padded_;
     float* tr = transposed_.data() + g * channels_ * padded_;
     for (std::size_t k = 0; k < padded_; ++k) {
-      float n = std::numeric_limits<float>::infinity();
-      if (k < k_count) {
-        n = 0.0f;
-        for (std::size_t j = 0; j < channels_; ++j) n += c[k * channels_ + j] * c[k * channels_ + j];
-      }
-      norms[k] = n;
       for (std::size_t j = 0; j < channels_; ++j) tr[j * padded_ + k] = k < k_count ? c[k * channels_ + j] : 0.0f;
     }
   }
@@ -170,7 +161,6 @@ class Codebook {
   int bits_ = 0;
   std::size_t padded_ = 0;
   detail::AlignedBuffer<float> centroids_;
-  detail::AlignedBuffer<float> norms_;
   detail::AlignedBuffer<float> transposed_;
   FitInfo info_;
 };

@@ -4,15 +4,16 @@
 ///
 /// One thread block per (job, group) runs that group's whole k-means without leaving the kernel:
 /// k-means++ initialisation (D^2 sampling: block-wide sums and a scan over per-thread segments),
-/// then Lloyd iterations (centroids, norms and the new sums in shared memory; assignment by
-/// |c|^2 - 2 x.c; exact distances for the objective; weighted means; an empty cluster re-seeded
-/// on the point with the largest weighted error, as the CPU fit does). The objective of every
-/// iteration is written out. Data: x [jobs][n][dim] floats, optional weights [jobs][n][groups]
+/// then Lloyd iterations (centroids and the new sums in shared memory; assignment by direct
+/// squared distances, nearest.cuh, which also give the objective; weighted means; an empty
+/// cluster re-seeded on the point with the largest weighted error, as the CPU fit does). The
+/// objective of every iteration is written out. Data: x [jobs][n][dim] floats, optional weights [jobs][n][groups]
 /// (Fisher), all device memory.
 ///
 /// Differences from the CPU fit (cq::fit_codebook): its own random stream, float (not double)
-/// sums, all iterations run (no early stop at a fixed point), at most one empty cluster re-seeded
-/// per iteration, no subsampling (every row is used). Results agree in MSE, not bit for bit.
+/// sums (of offsets to the current centroid), all iterations run (no early stop at a fixed point),
+/// at most one empty cluster re-seeded per iteration, no subsampling (every row is used). Results
+/// agree in MSE, not bit for bit.
 
 #include "cq/codebook.hpp"
 #include "cq/cuda/error.cuh"
@@ -69,8 +70,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
   const int pair = blockIdx.x, job = pair / G, g = pair % G;
   const int tid = threadIdx.x;
   float* cen = sm;                 // [K][C]
-  float* norm = cen + K * C;       // [K]
-  float* sums = norm + K;          // [K][C]
+  float* sums = cen + K * C;       // [K][C]
   float* wsum = sums + K * C;      // [K]
   float* scratch = wsum + K;       // [32 + 4]
   __shared__ int chosen;
@@ -142,11 +142,6 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
 
   // ---- Lloyd iterations ----
   for (int it = 0;; ++it) {
-    for (int k = tid; k < K; k += km_threads) {
-      float s = 0.0f;
-      for (int j = 0; j < C; ++j) s = fmaf(cen[k * C + j], cen[k * C + j], s);
-      norm[k] = s;
-    }
     for (int e = tid; e < K * C; e += km_threads) sums[e] = 0.0f;
     for (int k = tid; k < K; k += km_threads) wsum[k] = 0.0f;
     if (tid == 0) {
@@ -159,7 +154,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
       float xv[C];
 #pragma unroll
       for (int j = 0; j < C; ++j) xv[j] = X[std::size_t(i) * dim + j];
-      const int bk = int(nearest_centroid<C>(xv, cen, norm, unsigned(K)));
+      const int bk = int(nearest_centroid<C>(xv, cen, unsigned(K)));
       float exact = 0.0f;
 #pragma unroll
       for (int j = 0; j < C; ++j) {
@@ -171,7 +166,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
       local_w += w;
       if (w > 0.0f) {
 #pragma unroll
-        for (int j = 0; j < C; ++j) atomicAdd(&sums[bk * C + j], w * xv[j]);
+        for (int j = 0; j < C; ++j) atomicAdd(&sums[bk * C + j], w * (xv[j] - cen[bk * C + j]));
         atomicAdd(&wsum[bk], w);
       }
       // Largest weighted error (ties to the lowest index): key = error bits << 32 | ~index.
@@ -184,7 +179,9 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
     if (tid == 0 && objective) objective[std::size_t(pair) * (iterations + 1) + it] = double(total_obj) / (double(total_w) * C);
     __syncthreads();
     if (it == iterations) break;
-    // Update: weighted means; the first empty cluster takes the farthest point.
+    // Update: weighted means, from sums of offsets to the current centroid (float sums of the
+    // points themselves would lose the digits that matter once the data sit far from the origin);
+    // the first empty cluster takes the farthest point.
     if (tid == 0) chosen = -1;
     __syncthreads();
     for (int k = tid; k < K; k += km_threads)
@@ -192,7 +189,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
     __syncthreads();
     for (int e = tid; e < K * C; e += km_threads) {
       const int k = e / C;
-      if (wsum[k] > 0.0f) cen[e] = sums[e] / wsum[k];
+      if (wsum[k] > 0.0f) cen[e] += sums[e] / wsum[k];
     }
     if (chosen >= 0 && tid < C) {
       const int far = int(0xFFFFFFFFu - unsigned(far_key & 0xFFFFFFFFull));
@@ -217,7 +214,7 @@ inline void fit_codebooks_batched(const float* x, const float* weights, int jobs
   CQ_CHECK(n >= (1 << bits), "cuda fit: ", n, " calibration rows are fewer than the ", 1 << bits, " centroids");
   CQ_CHECK(opt.iterations >= 1, "cuda fit: iterations must be >= 1");
   const int G = dim / channels, K = 1 << bits;
-  const std::size_t smem = (2 * std::size_t(K) * channels + 2 * K + 40) * sizeof(float);
+  const std::size_t smem = (2 * std::size_t(K) * channels + K + 40) * sizeof(float);
   DeviceBuffer<float> d2(std::size_t(jobs) * G * n);
   int device = 0, smem_max = 0;
   CQ_CUDA_CHECK(cudaGetDevice(&device));

@@ -2,7 +2,7 @@
 /// CUDA encode and decode, on device memory the caller owns, on the caller's stream.
 ///
 /// encode: one warp per (32-token block, group): each lane finds its token's nearest centroid
-/// (|c|^2 - 2 x.c, centroids of the group in shared memory when they fit), then lanes 0..bits-1
+/// (direct squared distances, nearest.cuh; centroids of the group in shared memory when they fit), then lanes 0..bits-1
 /// each assemble one 32-bit word of the packed chunk. Chunks only partly covered by the token range
 /// are read-modified-written, so codes outside the range are kept. decode: one thread per
 /// (token, group) gathers the centroid. Both support C in {1, 2, 4, 8, 16, 32} and 1..16 bits.
@@ -31,13 +31,10 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
   const unsigned g = blockIdx.y;
   const unsigned K = 1u << cb.bits;
   const float* cents = cb.centroids + std::size_t(g) * K * C;
-  const float* norms = cb.norms + std::size_t(g) * cb.padded_centroids;
   if constexpr (Shared) {
     for (unsigned i = threadIdx.x; i < K * C; i += blockDim.x) smem[i] = cents[i];
-    for (unsigned i = threadIdx.x; i < K; i += blockDim.x) smem[K * C + i] = norms[i];
     __syncthreads();
     cents = smem;
-    norms = smem + K * C;
   }
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::size_t block = (first / 32) + std::size_t(blockIdx.x) * encode_warps + warp;  // 32-token block index
@@ -49,7 +46,7 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
     const float* row = x + (token - first) * stride + std::size_t(g) * C;
 #pragma unroll
     for (int c = 0; c < C; ++c) xv[c] = row[c];
-    code = nearest_centroid<C>(xv, cents, norms, K);
+    code = nearest_centroid<C>(xv, cents, K);
   }
   // Pack: lane w < bits builds 32-bit word w of the chunk from the codes that overlap it.
   const unsigned bits = static_cast<unsigned>(cb.bits);
@@ -121,7 +118,7 @@ inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std
                   static_cast<unsigned>(cb.groups));
   const std::size_t K = cb.num_centroids();
   detail::dispatch_channels(cb.channels, [&]<int C>() {
-    const std::size_t smem = (K * C + K) * sizeof(float);
+    const std::size_t smem = K * C * sizeof(float);
     if (smem <= 48 * 1024) {
       detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, x, rows, stride, codes, first);
     } else {
