@@ -10,7 +10,9 @@
 
 #include "cq/config.hpp"
 #include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/checked.hpp"
 #include "cq/error.hpp"
+#include "cq/packed_codes.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -64,7 +66,7 @@ CQ_HOST_DEVICE constexpr std::size_t padded_centroid_count(std::size_t k) { retu
 
 /// Checks the (dim, channels, bits) triple of a CQ configuration; throws naming `what`.
 inline void check_cq_shape(std::size_t dim, std::size_t channels, int bits, const char* what) {
-  CQ_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16, got ", bits);
+  check_code_bits(bits, what);
   CQ_CHECK(channels >= 1, what, ": channels per group must be >= 1, got ", channels);
   CQ_CHECK(dim >= 1, what, ": dim must be >= 1, got ", dim);
   CQ_CHECK(dim % channels == 0, what, ": dim ", dim, " is not a multiple of channels per group ", channels);
@@ -76,10 +78,13 @@ class Codebook {
   /// A codebook of zero centroids for vectors of `dim` channels cut into groups of `channels`.
   Codebook(std::size_t dim, std::size_t channels, int bits) {
     check_cq_shape(dim, channels, bits, "Codebook");
+    const std::size_t floats =
+        detail::checked_mul(dim, std::size_t{1} << bits, "Codebook: dim x 2^bits centroid floats");
+    detail::checked_mul(dim, padded_centroid_count(std::size_t{1} << bits), "Codebook: dim x padded centroids");
     channels_ = channels;
     groups_ = dim / channels;
     bits_ = bits;
-    centroids_.resize(groups_ * num_centroids() * channels_, 0.0f);
+    centroids_.resize(floats, 0.0f);
     refresh();
   }
 
@@ -94,8 +99,14 @@ class Codebook {
   const float* data() const { return centroids_.data(); }
   std::size_t size() const { return centroids_.size(); }
   /// Group g's centroids, layout (num_centroids, channels).
-  const float* group_data(std::size_t g) const { return centroids_.data() + g * num_centroids() * channels_; }
+  const float* group_data(std::size_t g) const {
+    CQ_CHECK(g < groups_, "Codebook::group_data: group ", g, " out of range (groups = ", groups_, ")");
+    return centroids_.data() + g * num_centroids() * channels_;
+  }
+  /// Channel c of centroid k of group g.
   float centroid(std::size_t g, std::size_t k, std::size_t c) const {
+    CQ_CHECK(g < groups_ && k < num_centroids() && c < channels_, "Codebook::centroid: (group ", g, ", centroid ", k,
+             ", channel ", c, ") is outside ", groups_, " x ", num_centroids(), " x ", channels_);
     return centroids_[(g * num_centroids() + k) * channels_ + c];
   }
 
@@ -121,7 +132,10 @@ class Codebook {
   CodebookView view() const {
     return {centroids_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
   }
-  GroupCodebookView group(std::size_t g) const { return view().group(g); }
+  GroupCodebookView group(std::size_t g) const {
+    CQ_CHECK(g < groups_, "Codebook::group: group ", g, " out of range (groups = ", groups_, ")");
+    return view().group(g);
+  }
 
   /// How the codebook was made (method, iterations, objective...).
   FitInfo& info() { return info_; }

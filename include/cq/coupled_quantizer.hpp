@@ -85,7 +85,7 @@ class CoupledQuantizer {
   }
   /// Reconstructs every token, row-major (tokens, dim).
   std::vector<T> decode(const PackedCodes& codes) const {
-    std::vector<T> out(codes.size() * dim());
+    std::vector<T> out(detail::checked_mul(codes.size(), dim(), "decode: tokens x dim"));
     decode(codes.view(), MatrixView<T>(out.data(), codes.size(), dim()), 0);
     return out;
   }

@@ -37,7 +37,7 @@ class UniformQuantizer {
 
   UniformQuantizer(std::size_t dim, int bits, std::size_t group_size, Axis axis)
       : dim_(dim), bits_(bits), group_(group_size), axis_(axis) {
-    CQ_CHECK(bits >= 1 && bits <= 16, "UniformQuantizer: bits must be in 1..16, got ", bits);
+    check_code_bits(bits, "UniformQuantizer");
     CQ_CHECK(dim >= 1, "UniformQuantizer: dim must be >= 1, got ", dim);
     CQ_CHECK(group_size >= 1, "UniformQuantizer: group_size must be >= 1, got ", group_size);
     CQ_CHECK(axis == Axis::per_channel || dim % group_size == 0, "UniformQuantizer: per-token groups of ", group_size,

@@ -19,6 +19,7 @@
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/nearest.cuh"
+#include "cq/detail/checked.hpp"
 
 #include <cuda_runtime.h>
 
@@ -208,14 +209,25 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
 inline void fit_codebooks_batched(const float* x, const float* weights, int jobs, int n, int dim, int channels,
                                   int bits, const BatchedFitOptions& opt, float* centroids, double* objective,
                                   cudaStream_t stream = nullptr) {
-  CQ_CHECK(jobs >= 1 && dim >= 1 && channels >= 1 && dim % channels == 0, "cuda fit: dim ", dim,
-           " is not a multiple of channels ", channels);
-  CQ_CHECK(bits >= 1 && bits <= 12, "cuda fit: bits must be in 1..12, got ", bits);
+  CQ_CHECK(jobs >= 1, "cuda fit: jobs must be >= 1, got ", jobs);
+  CQ_CHECK(dim >= 1 && channels >= 1 && dim % channels == 0, "cuda fit: dim ", dim, " is not a multiple of channels ",
+           channels);
+  check_code_bits(bits, "cuda fit");
+  CQ_CHECK(bits <= 12, "cuda fit: bits must be at most 12 (the centroids live in shared memory), got ", bits);
   CQ_CHECK(n >= (1 << bits), "cuda fit: ", n, " calibration rows are fewer than the ", 1 << bits, " centroids");
-  CQ_CHECK(opt.iterations >= 1, "cuda fit: iterations must be >= 1");
+  // Row loops step by the block size in int: n + km_threads must not overflow.
+  cq::detail::checked_limit(std::size_t(n), std::size_t(INT_MAX - detail::km_threads), "cuda fit: calibration rows");
+  CQ_CHECK(opt.iterations >= 1 && opt.iterations < INT_MAX, "cuda fit: iterations must be in 1..", INT_MAX - 1,
+           ", got ", opt.iterations);
   const int G = dim / channels, K = 1 << bits;
+  // One block per (job, group), indexed by an int.
+  const std::size_t pairs =
+      cq::detail::checked_limit(cq::detail::checked_mul(std::size_t(jobs), std::size_t(G), "cuda fit: jobs x groups"),
+                                INT_MAX, "cuda fit: jobs x groups");
   const std::size_t smem = (2 * std::size_t(K) * channels + K + 40) * sizeof(float);
-  DeviceBuffer<float> d2(std::size_t(jobs) * G * n);
+  const std::size_t d2_floats = cq::detail::checked_mul(pairs, std::size_t(n), "cuda fit: jobs x groups x rows");
+  cq::detail::checked_mul(d2_floats, sizeof(float), "cuda fit: distance scratch bytes");
+  DeviceBuffer<float> d2(d2_floats);
   int device = 0, smem_max = 0;
   CQ_CUDA_CHECK(cudaGetDevice(&device));
   CQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -223,8 +235,8 @@ inline void fit_codebooks_batched(const float* x, const float* weights, int jobs
            " bytes of shared memory per block, the device allows ", smem_max);
   auto launch = [&](auto kernel) {
     CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<unsigned(jobs * G), detail::km_threads, smem, stream>>>(x, weights, n, dim, bits, opt.iterations, opt.seed,
-                                                                     d2.data(), centroids, objective);
+    kernel<<<unsigned(pairs), detail::km_threads, smem, stream>>>(x, weights, n, dim, bits, opt.iterations, opt.seed,
+                                                                  d2.data(), centroids, objective);
     CQ_CUDA_CHECK_LAUNCH(kmeans_kernel);
   };
   switch (channels) {
