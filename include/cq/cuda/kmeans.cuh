@@ -20,6 +20,7 @@
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/nearest.cuh"
 #include "cq/detail/checked.hpp"
+#include "cq/detail/rng.hpp"
 
 #include <cuda_runtime.h>
 
@@ -39,14 +40,9 @@ namespace detail {
 
 constexpr int km_threads = 512;
 
-__device__ inline std::uint64_t km_mix(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 __device__ inline double km_uniform(std::uint64_t seed, std::uint64_t pair, std::uint64_t k) {
-  return double(km_mix(seed ^ km_mix(pair * 0x100000001b3ULL + k)) >> 11) * 0x1.0p-53;
+  using cq::detail::splitmix64;
+  return double(splitmix64(seed ^ splitmix64(pair * 0x100000001b3ULL + k)) >> 11) * 0x1.0p-53;
 }
 
 /// Block-wide sum of one float per thread (all threads get the result).
