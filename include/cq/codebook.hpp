@@ -88,6 +88,15 @@ class Codebook {
     refresh();
   }
 
+  Codebook(const Codebook&) = default;
+  Codebook(Codebook&&) noexcept = default;
+  /// Copy then commit: a copy that fails (out of memory) leaves this codebook as it was.
+  Codebook& operator=(const Codebook& o) {
+    if (this != &o) *this = Codebook(o);
+    return *this;
+  }
+  Codebook& operator=(Codebook&&) noexcept = default;
+
   std::size_t dim() const { return groups_ * channels_; }
   std::size_t channels() const { return channels_; }
   std::size_t groups() const { return groups_; }

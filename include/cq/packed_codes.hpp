@@ -145,6 +145,15 @@ class PackedCodes {
     resize(tokens);
   }
 
+  PackedCodes(const PackedCodes&) = default;
+  PackedCodes(PackedCodes&&) noexcept = default;
+  /// Copy then commit: a copy that fails (out of memory) leaves these codes as they were.
+  PackedCodes& operator=(const PackedCodes& o) {
+    if (this != &o) *this = PackedCodes(o);
+    return *this;
+  }
+  PackedCodes& operator=(PackedCodes&&) noexcept = default;
+
   std::size_t size() const { return tokens_; }
   bool empty() const { return tokens_ == 0; }
   std::size_t groups() const { return groups_; }
@@ -171,10 +180,12 @@ class PackedCodes {
     view().set(t, g, code);
   }
 
+  /// Ensures room for `tokens` tokens without reallocating; on failure the codes are unchanged.
   void reserve(std::size_t tokens) { bytes_.reserve(packed_code_bytes(tokens, groups_, bits_)); }
 
   /// Grows (new tokens get code 0) or shrinks to `tokens`. Shrinking clears the dropped codes'
-  /// bits so the bytes equal those of a sequence that never held them.
+  /// bits so the bytes equal those of a sequence that never held them, and never allocates.
+  /// Growing that fails (out of memory) leaves the codes unchanged.
   void resize(std::size_t tokens) {
     if (tokens < tokens_) {
       const std::size_t keep_bytes = packed_code_bytes(tokens, groups_, bits_);
