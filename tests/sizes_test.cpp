@@ -99,3 +99,23 @@ TEST_CASE("k-means refuses centroid counts that are not 2^bits and caps that ove
   o.max_points_per_centroid = SIZE_MAX / 8 + 1;  // x 16 centroids = 2^65
   CHECK(fit_codebook(cb, pts, {}, o).rows_used == n);
 }
+
+TEST_CASE("bad indices, pointers and counts throw cq::Error, never std::length_error or a wild access") {
+  const Codebook cb = test::random_codebook(16, 4, 3, 9);
+  CQ_CHECK_THROWS_CONTAINING(cb.centroid(4, 0, 0),
+                             "Codebook::centroid: (group 4, centroid 0, channel 0) is outside 4 x 8 x 4");
+  CQ_CHECK_THROWS_CONTAINING(cb.centroid(0, 8, 0), "(group 0, centroid 8, channel 0)");
+  CQ_CHECK_THROWS_CONTAINING(cb.centroid(0, 0, 4), "(group 0, centroid 0, channel 4)");
+  CQ_CHECK_THROWS_CONTAINING(cb.group_data(4), "Codebook::group_data: group 4 out of range (groups = 4)");
+  CQ_CHECK_THROWS_CONTAINING(cb.group(7), "Codebook::group: group 7 out of range (groups = 4)");
+  Codebook copy = cb;
+  CQ_CHECK_THROWS_CONTAINING(copy.set_group(1, nullptr), "Codebook::set_group: centroids is null");
+  CQ_CHECK_THROWS_CONTAINING(copy.set_all(nullptr), "Codebook::set_all: centroids is null");
+  CHECK(copy == cb);
+  PackedCodes pc(2, 4, 3);
+  CQ_CHECK_THROWS_CONTAINING(pc.append(nullptr, 3), "PackedCodes::append: codes is null for 3 tokens");
+  CQ_CHECK_THROWS_CONTAINING(pc.unpack(0, 2, nullptr), "PackedCodes::unpack: codes is null for 2 tokens");
+  CHECK(pc.size() == 3);
+  // A thread count no vector can hold: std::length_error inside, cq::Error outside.
+  CQ_CHECK_THROWS_CONTAINING(ThreadPool(SIZE_MAX), "ThreadPool(18446744073709551615): starting worker thread 1");
+}

@@ -122,6 +122,7 @@ class Codebook {
   /// Replaces group g's centroids with (num_centroids, channels) floats; all must be finite.
   void set_group(std::size_t g, const float* centroids) {
     CQ_CHECK(g < groups_, "Codebook::set_group: group ", g, " out of range (groups = ", groups_, ")");
+    CQ_CHECK(centroids != nullptr, "Codebook::set_group: centroids is null");
     const std::size_t n = num_centroids() * channels_;
     for (std::size_t i = 0; i < n; ++i)
       CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_group: centroid value ", centroids[i],
@@ -131,6 +132,7 @@ class Codebook {
   }
   /// Replaces every centroid with (groups, num_centroids, channels) floats; all must be finite.
   void set_all(const float* centroids) {
+    CQ_CHECK(centroids != nullptr || centroids_.empty(), "Codebook::set_all: centroids is null");
     for (std::size_t i = 0; i < centroids_.size(); ++i)
       CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_all: centroid value ", centroids[i],
                " at flat index ", i, " is not finite");

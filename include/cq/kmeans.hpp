@@ -147,6 +147,7 @@ KMeansResult kmeans(ConstMatrixView<float> pts, const float* weights, std::size_
            " centroids is not 2^bits for bits in 1..16");
   CQ_CHECK(n >= K, "kmeans: ", n, " points are fewer than the ", K, " centroids");
   CQ_CHECK(C >= 1, "kmeans: points have no channels");
+  CQ_CHECK(centroids != nullptr, "kmeans: centroids (output) is null");
   check_view(pts, "kmeans: points");
   detail::checked_mul(n, C, "kmeans: points x channels");
   detail::checked_mul(K, C, "kmeans: centroids x channels");

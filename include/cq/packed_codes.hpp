@@ -213,6 +213,7 @@ class PackedCodes {
   /// against 2^bits before anything is written, so a bad code leaves the container unchanged.
   void append(const std::uint32_t* codes, std::size_t n) {
     if (n == 0) return;  // (codes may be null then)
+    CQ_CHECK(codes != nullptr, "PackedCodes::append: codes is null for ", n, " tokens");
     const std::uint32_t limit = 1u << bits_;
     const std::size_t count = detail::checked_mul(n, groups_, "PackedCodes::append: tokens x groups");
     detail::checked_add(tokens_, n, "PackedCodes::append: size + tokens");
@@ -229,6 +230,7 @@ class PackedCodes {
     CQ_CHECK(first + n <= tokens_ && first + n >= first, "PackedCodes::unpack: tokens [", first, ", ",
              first + n, ") exceed size ", tokens_);
     if (n == 0) return;
+    CQ_CHECK(codes != nullptr, "PackedCodes::unpack: codes is null for ", n, " tokens");
     for (std::size_t g = 0; g < groups_; ++g)
       detail::load_group_codes(view(), g, first, n, codes + g, groups_);
   }
