@@ -145,15 +145,6 @@ class PackedCodes {
     resize(tokens);
   }
 
-  PackedCodes(const PackedCodes&) = default;
-  PackedCodes(PackedCodes&&) noexcept = default;
-  /// Copy then commit: a copy that fails (out of memory) leaves these codes as they were.
-  PackedCodes& operator=(const PackedCodes& o) {
-    if (this != &o) *this = PackedCodes(o);
-    return *this;
-  }
-  PackedCodes& operator=(PackedCodes&&) noexcept = default;
-
   std::size_t size() const { return tokens_; }
   bool empty() const { return tokens_ == 0; }
   std::size_t groups() const { return groups_; }
@@ -242,10 +233,12 @@ class PackedCodes {
   }
 
  private:
+  // The bytes come first: copy-assignment assigns members in this order, and only the bytes can
+  // fail (out of memory, leaving them as they were), so a failed copy changes nothing.
+  detail::AlignedBuffer<std::uint8_t> bytes_;
   std::size_t groups_ = 1;
   int bits_ = 8;
   std::size_t tokens_ = 0;
-  detail::AlignedBuffer<std::uint8_t> bytes_;
 };
 
 }  // namespace cq
