@@ -8,9 +8,13 @@
 // countdown, when armed, makes the N-th allocation from now *on the arming thread* fail: the
 // throwing forms throw std::bad_alloc, the nothrow forms return nullptr (no new_handler is
 // called). It is inactive by default, so the rest of the test executable allocates normally, and
-// allocations on other threads (a pool's workers) never fail. It works under AddressSanitizer +
-// UndefinedBehaviorSanitizer and under ThreadSanitizer: both intercept malloc and free, which
-// these operators call. Link alloc_failure.cpp into a test executable once (cq_tests does).
+// allocations on other threads (a pool's workers) never fail. Under AddressSanitizer +
+// UndefinedBehaviorSanitizer the replacements run as they are (ASan intercepts the malloc and free
+// they call). ThreadSanitizer's runtime brings its own operator new and delete, linked whole, so a
+// ThreadSanitizer build defines CQ_ALLOC_FAILURE_WRAP and wraps the allocation functions with the
+// linker instead (see alloc_failure.cpp and tests/CMakeLists.txt; allocations made inside
+// libstdc++.so then cannot be failed). Link alloc_failure.cpp into a test executable once, as
+// cq_tests does, with those options under ThreadSanitizer.
 //
 // Use: sweep N = 1, 2, ... with for_each_allocation_failure, checking the object after each
 // failure, until the call completes:
