@@ -75,15 +75,17 @@ double group_distance(const Codebook& cb, const T* x, std::size_t g, std::size_t
   return d;
 }
 
-/// True when `code` is a nearest centroid of group g of x, up to float rounding (ties aside).
+/// True when `code` is a nearest centroid of group g of x up to float rounding of the distances
+/// themselves (ties aside): its distance, in double on the actual inputs, is within `rel_tol` of
+/// the smallest one. The tolerance scales with the distances, not with |x|^2, so a search that
+/// cancels digits at large magnitudes fails it; `abs_tol` only covers distances whose float
+/// squares underflow.
 template <element_type T>
-bool is_nearest(const Codebook& cb, const T* x, std::size_t g, std::uint32_t code, double rel_tol = 1e-5) {
+bool is_nearest(const Codebook& cb, const T* x, std::size_t g, std::uint32_t code, double rel_tol = 1e-5,
+                double abs_tol = 1e-30) {
   double best = std::numeric_limits<double>::infinity();
   for (std::size_t k = 0; k < cb.num_centroids(); ++k) best = std::min(best, group_distance(cb, x, g, k));
-  const double mine = group_distance(cb, x, g, code);
-  double scale = 0.0;
-  for (std::size_t j = 0; j < cb.channels(); ++j) scale += double(to_float(x[g * cb.channels() + j])) * to_float(x[g * cb.channels() + j]);
-  return mine <= best + rel_tol * (best + scale + 1e-30);
+  return group_distance(cb, x, g, code) <= best * (1.0 + rel_tol) + abs_tol;
 }
 
 /// A random codebook (not fitted: conformance is about the kernels, not k-means).
@@ -92,6 +94,42 @@ inline Codebook random_codebook(std::size_t dim, std::size_t C, int bits, std::u
   cb.set_all(random_normal(cb.size(), seed).data());
   cb.info().method = "random";
   return cb;
+}
+
+/// CQ-8c8b (D = 64) fitted on 4096 rows of N(0, 1), and those rows: the setting in which a
+/// constant offset added to rows and centroids must not change which centroid is nearest.
+struct GaussianFit {
+  static constexpr std::size_t rows = 4096, dim = 64;
+  std::vector<float> x = random_normal(rows * dim, 4242);
+  Codebook cb{dim, 8, 8};
+};
+inline const GaussianFit& gaussian_fit() {
+  static const GaussianFit f = [] {
+    GaussianFit g;
+    FitOptions o;
+    o.iterations = 10;
+    fit_codebook<backend::Native>(g.cb, ConstMatrixView<float>(g.x.data(), g.rows, g.dim), {}, o);
+    return g;
+  }();
+  return f;
+}
+
+/// `cb` with `offset` added to every centroid (rounded to float once, as an engine would store it).
+inline Codebook offset_codebook(const Codebook& cb, double offset) {
+  std::vector<float> c(cb.data(), cb.data() + cb.size());
+  for (float& v : c) v = static_cast<float>(double(v) + offset);
+  Codebook out(cb.dim(), cb.channels(), cb.bits());
+  out.set_all(c.data());
+  out.info() = cb.info();
+  return out;
+}
+
+/// Mean squared error per element of decode(codes) against x, in double.
+inline double reconstruction_mse(const Codebook& cb, const PackedCodes& codes, const std::vector<float>& x) {
+  std::vector<float> dec(codes.size() * cb.dim());
+  backend::Scalar::decode(cb.view(), codes.view(), 0, MatrixView<float>(dec.data(), codes.size(), cb.dim()));
+  return mse(ConstMatrixView<float>(x.data(), codes.size(), cb.dim()),
+             ConstMatrixView<float>(dec.data(), codes.size(), cb.dim()));
 }
 
 }  // namespace cq::test

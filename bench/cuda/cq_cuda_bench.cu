@@ -18,13 +18,8 @@ namespace {
 thread_local std::string last_error;
 
 __device__ inline float hash_normal(std::uint64_t a, std::uint64_t b) {
-  auto mix = [](std::uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  };
-  const std::uint64_t h = mix(a * 0x100000001b3ULL ^ mix(b));
+  using cq::detail::splitmix64;
+  const std::uint64_t h = splitmix64(a * 0x100000001b3ULL ^ splitmix64(b));
   const float u1 = (float((h >> 40) & 0xFFFFFF) + 0.5f) / 16777216.0f, u2 = float(h & 0xFFFFFF) / 16777216.0f;
   return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
 }

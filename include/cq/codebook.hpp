@@ -3,13 +3,16 @@
 ///
 /// Layout: centroids (groups, num_centroids, channels), float, 64-byte aligned — group g's
 /// centroid k is the `channels` floats at ((g * num_centroids) + k) * channels. Alongside it the
-/// codebook keeps derived tables the encoders read: per-centroid squared norms and a transposed
-/// copy (groups, channels, padded_centroids), padded to a multiple of 16 so SIMD code can stride
-/// over centroids; padding centroids have norm +inf so they never win.
+/// codebook keeps a derived table the encoders and attention read: a transposed copy
+/// (groups, channels, padded_centroids), padded to a multiple of 16 so SIMD code can stride over
+/// centroids. Padding centroids are zeros (so sums over them add nothing); a nearest-centroid
+/// search must mask them out.
 
 #include "cq/config.hpp"
 #include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/checked.hpp"
 #include "cq/error.hpp"
+#include "cq/packed_codes.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -33,8 +36,7 @@ struct FitInfo {
 /// Read-only view of one group's tables.
 struct GroupCodebookView {
   const float* centroids = nullptr;   // (num_centroids, channels)
-  const float* norms = nullptr;       // (padded_centroids): |c_k|^2, +inf for padding
-  const float* transposed = nullptr;  // (channels, padded_centroids)
+  const float* transposed = nullptr;  // (channels, padded_centroids), zeros past num_centroids
   std::uint32_t num_centroids = 0;
   std::uint32_t channels = 0;
   std::uint32_t padded_centroids = 0;
@@ -42,9 +44,8 @@ struct GroupCodebookView {
 
 /// Read-only view of a whole codebook.
 struct CodebookView {
-  const float* centroids = nullptr;
-  const float* norms = nullptr;
-  const float* transposed = nullptr;
+  const float* centroids = nullptr;   // (groups, num_centroids, channels)
+  const float* transposed = nullptr;  // (groups, channels, padded_centroids)
   std::size_t groups = 0;
   std::size_t channels = 0;
   int bits = 0;
@@ -53,9 +54,9 @@ struct CodebookView {
   CQ_HOST_DEVICE constexpr std::size_t num_centroids() const { return std::size_t{1} << bits; }
   CQ_HOST_DEVICE constexpr std::size_t dim() const { return groups * channels; }
   CQ_HOST_DEVICE constexpr GroupCodebookView group(std::size_t g) const {
-    return {centroids + g * num_centroids() * channels, norms + g * padded_centroids,
-            transposed + g * channels * padded_centroids, static_cast<std::uint32_t>(num_centroids()),
-            static_cast<std::uint32_t>(channels), static_cast<std::uint32_t>(padded_centroids)};
+    return {centroids + g * num_centroids() * channels, transposed + g * channels * padded_centroids,
+            static_cast<std::uint32_t>(num_centroids()), static_cast<std::uint32_t>(channels),
+            static_cast<std::uint32_t>(padded_centroids)};
   }
 };
 
@@ -65,7 +66,7 @@ CQ_HOST_DEVICE constexpr std::size_t padded_centroid_count(std::size_t k) { retu
 
 /// Checks the (dim, channels, bits) triple of a CQ configuration; throws naming `what`.
 inline void check_cq_shape(std::size_t dim, std::size_t channels, int bits, const char* what) {
-  CQ_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16, got ", bits);
+  check_code_bits(bits, what);
   CQ_CHECK(channels >= 1, what, ": channels per group must be >= 1, got ", channels);
   CQ_CHECK(dim >= 1, what, ": dim must be >= 1, got ", dim);
   CQ_CHECK(dim % channels == 0, what, ": dim ", dim, " is not a multiple of channels per group ", channels);
@@ -77,12 +78,24 @@ class Codebook {
   /// A codebook of zero centroids for vectors of `dim` channels cut into groups of `channels`.
   Codebook(std::size_t dim, std::size_t channels, int bits) {
     check_cq_shape(dim, channels, bits, "Codebook");
+    const std::size_t floats =
+        detail::checked_mul(dim, std::size_t{1} << bits, "Codebook: dim x 2^bits centroid floats");
+    detail::checked_mul(dim, padded_centroid_count(std::size_t{1} << bits), "Codebook: dim x padded centroids");
     channels_ = channels;
     groups_ = dim / channels;
     bits_ = bits;
-    centroids_.resize(groups_ * num_centroids() * channels_, 0.0f);
+    centroids_.resize(floats, 0.0f);
     refresh();
   }
+
+  Codebook(const Codebook&) = default;
+  Codebook(Codebook&&) noexcept = default;
+  /// Copy then commit: a copy that fails (out of memory) leaves this codebook as it was.
+  Codebook& operator=(const Codebook& o) {
+    if (this != &o) *this = Codebook(o);
+    return *this;
+  }
+  Codebook& operator=(Codebook&&) noexcept = default;
 
   std::size_t dim() const { return groups_ * channels_; }
   std::size_t channels() const { return channels_; }
@@ -95,14 +108,21 @@ class Codebook {
   const float* data() const { return centroids_.data(); }
   std::size_t size() const { return centroids_.size(); }
   /// Group g's centroids, layout (num_centroids, channels).
-  const float* group_data(std::size_t g) const { return centroids_.data() + g * num_centroids() * channels_; }
+  const float* group_data(std::size_t g) const {
+    CQ_CHECK(g < groups_, "Codebook::group_data: group ", g, " out of range (groups = ", groups_, ")");
+    return centroids_.data() + g * num_centroids() * channels_;
+  }
+  /// Channel c of centroid k of group g.
   float centroid(std::size_t g, std::size_t k, std::size_t c) const {
+    CQ_CHECK(g < groups_ && k < num_centroids() && c < channels_, "Codebook::centroid: (group ", g, ", centroid ", k,
+             ", channel ", c, ") is outside ", groups_, " x ", num_centroids(), " x ", channels_);
     return centroids_[(g * num_centroids() + k) * channels_ + c];
   }
 
   /// Replaces group g's centroids with (num_centroids, channels) floats; all must be finite.
   void set_group(std::size_t g, const float* centroids) {
     CQ_CHECK(g < groups_, "Codebook::set_group: group ", g, " out of range (groups = ", groups_, ")");
+    CQ_CHECK(centroids != nullptr, "Codebook::set_group: centroids is null");
     const std::size_t n = num_centroids() * channels_;
     for (std::size_t i = 0; i < n; ++i)
       CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_group: centroid value ", centroids[i],
@@ -112,6 +132,7 @@ class Codebook {
   }
   /// Replaces every centroid with (groups, num_centroids, channels) floats; all must be finite.
   void set_all(const float* centroids) {
+    CQ_CHECK(centroids != nullptr || centroids_.empty(), "Codebook::set_all: centroids is null");
     for (std::size_t i = 0; i < centroids_.size(); ++i)
       CQ_CHECK(std::isfinite(centroids[i]), "Codebook::set_all: centroid value ", centroids[i],
                " at flat index ", i, " is not finite");
@@ -120,19 +141,22 @@ class Codebook {
   }
 
   CodebookView view() const {
-    return {centroids_.data(), norms_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
+    return {centroids_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
   }
-  GroupCodebookView group(std::size_t g) const { return view().group(g); }
+  GroupCodebookView group(std::size_t g) const {
+    CQ_CHECK(g < groups_, "Codebook::group: group ", g, " out of range (groups = ", groups_, ")");
+    return view().group(g);
+  }
 
   /// How the codebook was made (method, iterations, objective...).
   FitInfo& info() { return info_; }
   const FitInfo& info() const { return info_; }
 
-  /// Bytes of centroid storage (what a file or a KV cache's accounting counts). The derived
-  /// tables roughly double the resident size; allocated_bytes() includes them.
+  /// Bytes of centroid storage (what a file or a KV cache's accounting counts). The transposed
+  /// table roughly doubles the resident size; allocated_bytes() includes it.
   std::size_t size_bytes() const { return centroids_.size() * sizeof(float); }
   std::size_t allocated_bytes() const {
-    return centroids_.allocated_bytes() + norms_.allocated_bytes() + transposed_.allocated_bytes();
+    return centroids_.allocated_bytes() + transposed_.allocated_bytes();
   }
 
   /// Same shape and bit-identical centroids.
@@ -145,22 +169,14 @@ class Codebook {
  private:
   void refresh() {
     padded_ = padded_centroid_count(num_centroids());
-    norms_.resize(groups_ * padded_);
     transposed_.resize(groups_ * channels_ * padded_);
     for (std::size_t g = 0; g < groups_; ++g) refresh_group(g);
   }
   void refresh_group(std::size_t g) {
     const std::size_t k_count = num_centroids();
     const float* c = group_data(g);
-    float* norms = norms_.data() + g * padded_;
     float* tr = transposed_.data() + g * channels_ * padded_;
     for (std::size_t k = 0; k < padded_; ++k) {
-      float n = std::numeric_limits<float>::infinity();
-      if (k < k_count) {
-        n = 0.0f;
-        for (std::size_t j = 0; j < channels_; ++j) n += c[k * channels_ + j] * c[k * channels_ + j];
-      }
-      norms[k] = n;
       for (std::size_t j = 0; j < channels_; ++j) tr[j * padded_ + k] = k < k_count ? c[k * channels_ + j] : 0.0f;
     }
   }
@@ -170,7 +186,6 @@ class Codebook {
   int bits_ = 0;
   std::size_t padded_ = 0;
   detail::AlignedBuffer<float> centroids_;
-  detail::AlignedBuffer<float> norms_;
   detail::AlignedBuffer<float> transposed_;
   FitInfo info_;
 };

@@ -63,15 +63,23 @@ class CoupledQuantizer {
     encode_rows<Backend>(codebook_.view(), x, codes.view(), 0);
     return codes;
   }
-  /// Appends the codes of rows x to `codes`; on error `codes` is unchanged.
+  /// Appends the codes of rows x to `codes`; on error (bad input, out of memory) `codes` is
+  /// unchanged: everything is checked and the room reserved before the codes grow.
   void encode_append(ConstMatrixView<T> x, PackedCodes& codes) const {
     require_fitted("encode_append");
     CQ_CHECK(codes.groups() == groups() && codes.bits() == Bits, "encode_append: codes are ", codes.groups(),
              " groups x ", codes.bits(), " bits, expected ", groups(), " x ", Bits);
     CQ_CHECK(x.cols == dim(), "encode_append: x has ", x.cols, " columns, expected dim ", dim());
+    check_view(x, "encode_append: x");
     const std::size_t first = codes.size();
-    codes.resize(first + x.rows);
-    encode_rows<Backend>(codebook_.view(), x, codes.view(), first);
+    codes.reserve(detail::checked_add(first, x.rows, "encode_append: size + rows"));
+    codes.resize(first + x.rows);  // within the reserved room: cannot fail
+    try {
+      encode_rows<Backend>(codebook_.view(), x, codes.view(), first);
+    } catch (...) {
+      codes.resize(first);  // shrinking never allocates
+      throw;
+    }
   }
   /// Writes the codes of rows x into tokens [first, first + n) of an engine-owned view.
   void encode(ConstMatrixView<T> x, PackedCodesView out, std::size_t first = 0) const {
@@ -85,7 +93,7 @@ class CoupledQuantizer {
   }
   /// Reconstructs every token, row-major (tokens, dim).
   std::vector<T> decode(const PackedCodes& codes) const {
-    std::vector<T> out(codes.size() * dim());
+    std::vector<T> out(detail::checked_mul(codes.size(), dim(), "decode: tokens x dim"));
     decode(codes.view(), MatrixView<T>(out.data(), codes.size(), dim()), 0);
     return out;
   }

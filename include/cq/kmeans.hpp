@@ -12,6 +12,7 @@
 #include "cq/codebook.hpp"
 #include "cq/concepts.hpp"
 #include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/checked.hpp"
 #include "cq/detail/rng.hpp"
 #include "cq/error.hpp"
 #include "cq/views.hpp"
@@ -123,8 +124,8 @@ inline void kmeans_plus_plus(ConstMatrixView<float> pts, const float* weights, s
 
 inline void kmeans_random_init(ConstMatrixView<float> pts, std::size_t K, Rng& rng, float* centroids) {
   // K distinct points by a partial Fisher-Yates shuffle of the indices.
-  std::vector<std::uint32_t> idx(pts.rows);
-  std::iota(idx.begin(), idx.end(), 0u);
+  std::vector<std::size_t> idx(pts.rows);
+  std::iota(idx.begin(), idx.end(), std::size_t{0});
   for (std::size_t k = 0; k < K; ++k) {
     std::swap(idx[k], idx[k + rng.below(pts.rows - k)]);
     for (std::size_t j = 0; j < pts.cols; ++j) centroids[k * pts.cols + j] = pts(idx[k], j);
@@ -133,16 +134,23 @@ inline void kmeans_random_init(ConstMatrixView<float> pts, std::size_t K, Rng& r
 
 }  // namespace detail
 
-/// Fits K centroids to `pts` (n, C) with optional weights (n, non-negative, finite, not all zero;
-/// the caller validates). Writes (K, C) floats to `centroids`. The backend supplies the
-/// assignment step. n >= K is required (checked by the caller).
+/// Fits K = 2^bits centroids (bits in 1..16) to `pts` (n >= K, C) with optional weights (n,
+/// non-negative, finite, not all zero; the caller validates them and the points' finiteness).
+/// Writes (K, C) floats to `centroids`. The backend supplies the assignment step.
 template <quantizer_backend Backend>
 KMeansResult kmeans(ConstMatrixView<float> pts, const float* weights, std::size_t K, const KMeansOptions& opt,
                     std::size_t group, float* centroids) {
   const std::size_t n = pts.rows, C = pts.cols;
   int bits = 0;
-  while ((std::size_t{1} << bits) < K) ++bits;
-  CQ_ASSERT((std::size_t{1} << bits) == K && n >= K);
+  while (bits < 17 && (std::size_t{1} << bits) < K) ++bits;
+  CQ_CHECK(bits >= 1 && bits <= 16 && (std::size_t{1} << bits) == K, "kmeans: K = ", K,
+           " centroids is not 2^bits for bits in 1..16");
+  CQ_CHECK(n >= K, "kmeans: ", n, " points are fewer than the ", K, " centroids");
+  CQ_CHECK(C >= 1, "kmeans: points have no channels");
+  CQ_CHECK(centroids != nullptr, "kmeans: centroids (output) is null");
+  check_view(pts, "kmeans: points");
+  detail::checked_mul(n, C, "kmeans: points x channels");
+  detail::checked_mul(K, C, "kmeans: centroids x channels");
   detail::Rng rng(opt.seed, group);
 
   if (opt.init == KMeansInit::plus_plus) detail::kmeans_plus_plus(pts, weights, K, rng, centroids);
@@ -191,12 +199,12 @@ KMeansResult kmeans(ConstMatrixView<float> pts, const float* weights, std::size_
     // next objective, so monotonicity holds.
     reseeded_last = !empty.empty();
     if (!empty.empty()) {
-      std::vector<std::uint32_t> order(n);
-      std::iota(order.begin(), order.end(), 0u);
-      auto err = [&](std::uint32_t i) { return (weights ? double(weights[i]) : 1.0) * double(dist[i]); };
+      std::vector<std::size_t> order(n);
+      std::iota(order.begin(), order.end(), std::size_t{0});
+      auto err = [&](std::size_t i) { return (weights ? double(weights[i]) : 1.0) * double(dist[i]); };
       const std::size_t m = std::min(empty.size(), n);
       std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m), order.end(),
-                        [&](std::uint32_t a, std::uint32_t b) { return err(a) > err(b) || (err(a) == err(b) && a < b); });
+                        [&](std::size_t a, std::size_t b) { return err(a) > err(b) || (err(a) == err(b) && a < b); });
       for (std::size_t e = 0; e < m; ++e)
         for (std::size_t j = 0; j < C; ++j) next[empty[e] * C + j] = pts(order[e], j);
       res.reseeded += m;

@@ -11,6 +11,7 @@
 #include "cq/config.hpp"
 #include "cq/detail/aligned_buffer.hpp"
 #include "cq/detail/bit_packing.hpp"
+#include "cq/detail/checked.hpp"
 #include "cq/error.hpp"
 
 #include <algorithm>
@@ -23,13 +24,24 @@ namespace cq {
 /// Tokens per block of the packed code layout.
 inline constexpr std::size_t block_tokens = detail::chunk_codes;
 
-/// Bytes needed for `tokens` tokens of `groups` codes at `bits` bits in the blocked layout.
-CQ_HOST_DEVICE constexpr std::size_t packed_code_bytes(std::size_t tokens, std::size_t groups, int bits) {
-  return (tokens + block_tokens - 1) / block_tokens * groups * detail::chunk_bytes(bits);
+/// The one check of a code width: every quantizer, container and kernel of cq takes 1..16 bits
+/// (codes are read and written as at most 16-bit fields, centroid counts fit 32 bits).
+constexpr void check_code_bits(int bits, const char* what) {
+  CQ_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16, got ", bits);
 }
 
-inline void check_code_bits(int bits, const char* what) {
-  CQ_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16, got ", bits);
+/// Bytes needed for `tokens` tokens of `groups` codes at `bits` bits in the blocked layout. On the
+/// host, throws cq::Error for bits outside 1..16 or a size that does not fit std::size_t; device
+/// code sees only sizes its host side has already checked.
+CQ_HOST_DEVICE constexpr std::size_t packed_code_bytes(std::size_t tokens, std::size_t groups, int bits) {
+  const std::size_t blocks = tokens / block_tokens + (tokens % block_tokens != 0);
+#if defined(__CUDA_ARCH__)
+  return blocks * groups * detail::chunk_bytes(bits);
+#else
+  check_code_bits(bits, "packed_code_bytes");
+  return detail::checked_mul(detail::checked_mul(blocks, groups, "packed code bytes (32-token blocks x groups)"),
+                             detail::chunk_bytes(bits), "packed code bytes (chunks x bytes per chunk)");
+#endif
 }
 
 /// A non-owning view of packed codes (see the layout above). Byte is std::uint8_t (mutable) or
@@ -159,10 +171,12 @@ class PackedCodes {
     view().set(t, g, code);
   }
 
+  /// Ensures room for `tokens` tokens without reallocating; on failure the codes are unchanged.
   void reserve(std::size_t tokens) { bytes_.reserve(packed_code_bytes(tokens, groups_, bits_)); }
 
   /// Grows (new tokens get code 0) or shrinks to `tokens`. Shrinking clears the dropped codes'
-  /// bits so the bytes equal those of a sequence that never held them.
+  /// bits so the bytes equal those of a sequence that never held them, and never allocates.
+  /// Growing that fails (out of memory) leaves the codes unchanged.
   void resize(std::size_t tokens) {
     if (tokens < tokens_) {
       const std::size_t keep_bytes = packed_code_bytes(tokens, groups_, bits_);
@@ -190,8 +204,11 @@ class PackedCodes {
   /// against 2^bits before anything is written, so a bad code leaves the container unchanged.
   void append(const std::uint32_t* codes, std::size_t n) {
     if (n == 0) return;  // (codes may be null then)
+    CQ_CHECK(codes != nullptr, "PackedCodes::append: codes is null for ", n, " tokens");
     const std::uint32_t limit = 1u << bits_;
-    for (std::size_t i = 0; i < n * groups_; ++i)
+    const std::size_t count = detail::checked_mul(n, groups_, "PackedCodes::append: tokens x groups");
+    detail::checked_add(tokens_, n, "PackedCodes::append: size + tokens");
+    for (std::size_t i = 0; i < count; ++i)
       CQ_CHECK(codes[i] < limit, "PackedCodes::append: code ", codes[i], " at token ", i / groups_,
                ", group ", i % groups_, " does not fit in ", bits_, " bits");
     const std::size_t first = tokens_;
@@ -204,6 +221,7 @@ class PackedCodes {
     CQ_CHECK(first + n <= tokens_ && first + n >= first, "PackedCodes::unpack: tokens [", first, ", ",
              first + n, ") exceed size ", tokens_);
     if (n == 0) return;
+    CQ_CHECK(codes != nullptr, "PackedCodes::unpack: codes is null for ", n, " tokens");
     for (std::size_t g = 0; g < groups_; ++g)
       detail::load_group_codes(view(), g, first, n, codes + g, groups_);
   }
@@ -215,10 +233,12 @@ class PackedCodes {
   }
 
  private:
+  // The bytes come first: copy-assignment assigns members in this order, and only the bytes can
+  // fail (out of memory, leaving them as they were), so a failed copy changes nothing.
+  detail::AlignedBuffer<std::uint8_t> bytes_;
   std::size_t groups_ = 1;
   int bits_ = 8;
   std::size_t tokens_ = 0;
-  detail::AlignedBuffer<std::uint8_t> bytes_;
 };
 
 }  // namespace cq

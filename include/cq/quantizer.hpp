@@ -7,6 +7,7 @@
 #include "cq/backend/native.hpp"
 #include "cq/codebook.hpp"
 #include "cq/concepts.hpp"
+#include "cq/detail/checked.hpp"
 #include "cq/element.hpp"
 #include "cq/error.hpp"
 #include "cq/executor.hpp"
@@ -53,11 +54,11 @@ void check_finite_rows(ConstMatrixView<T> x, const char* what) {
 
 /// Rows a fit trains on: all of them, or a seeded sample without replacement when there are more
 /// than max_points_per_centroid * K. The same rows serve every group.
-inline std::vector<std::uint32_t> training_rows(std::size_t n, std::size_t K, const KMeansOptions& opt) {
-  std::vector<std::uint32_t> rows(n);
-  std::iota(rows.begin(), rows.end(), 0u);
+inline std::vector<std::size_t> training_rows(std::size_t n, std::size_t K, const KMeansOptions& opt) {
+  std::vector<std::size_t> rows(n);
+  std::iota(rows.begin(), rows.end(), std::size_t{0});
   const std::size_t cap = opt.max_points_per_centroid;
-  if (cap == 0 || n <= cap * K) return rows;
+  if (cap == 0 || n / K < cap || (n / K == cap && n % K == 0)) return rows;  // n <= cap * K, without overflow
   const std::size_t m = cap * K;
   Rng rng(opt.seed, ~std::uint64_t{0});
   for (std::size_t i = 0; i < m; ++i) std::swap(rows[i], rows[i + rng.below(n - i)]);
@@ -97,16 +98,17 @@ FitReport fit_codebook(Codebook& cb, ConstMatrixView<T> x, ConstMatrixView<float
       }
   }
 
-  const std::vector<std::uint32_t> rows = detail::training_rows(x.rows, K, opt);
+  const std::vector<std::size_t> rows = detail::training_rows(x.rows, K, opt);
   const std::size_t m = rows.size();
+  detail::checked_mul(m, C, "fit: training rows x channels");
   if (weighted)
     for (std::size_t g = 0; g < G; ++g) {
       double s = 0.0;
-      for (std::uint32_t r : rows) s += weights(r, g);
+      for (std::size_t r : rows) s += weights(r, g);
       CQ_CHECK(s > 0.0, "fit: weights of group ", g, " sum to zero over the training rows");
     }
 
-  std::vector<float> centroids(G * K * C);
+  std::vector<float> centroids(cb.size());
   std::vector<KMeansResult> results(G);
   std::vector<double> group_weight(G, double(m));
   parallel_for(opt.executor, G, [&](std::size_t g) {
@@ -153,8 +155,8 @@ void encode_rows(const CodebookView& cb, ConstMatrixView<T> x, PackedCodesView o
   CQ_CHECK(x.cols == cb.dim(), "encode: x has ", x.cols, " columns but the codebook's dim is ", cb.dim());
   CQ_CHECK(out.groups == cb.groups && out.bits == cb.bits, "encode: codes are ", out.groups, " groups x ",
            out.bits, " bits but the codebook has ", cb.groups, " groups x ", cb.bits, " bits");
-  CQ_CHECK(first + x.rows <= out.tokens, "encode: rows [", first, ", ", first + x.rows,
-           ") do not fit in codes of ", out.tokens, " tokens");
+  CQ_CHECK(detail::checked_add(first, x.rows, "encode: first + rows") <= out.tokens, "encode: rows [", first, ", ",
+           first + x.rows, ") do not fit in codes of ", out.tokens, " tokens");
   check_view(x, "encode: x");
   detail::for_each_chunk_run(first, x.rows, [&](std::size_t r, std::size_t t, std::size_t take, bool) {
     std::uint32_t codes[block_tokens];
@@ -172,8 +174,8 @@ void decode_rows(const CodebookView& cb, ConstPackedCodesView codes, std::size_t
   CQ_CHECK(out.cols == cb.dim(), "decode: out has ", out.cols, " columns but the codebook's dim is ", cb.dim());
   CQ_CHECK(codes.groups == cb.groups && codes.bits == cb.bits, "decode: codes are ", codes.groups, " groups x ",
            codes.bits, " bits but the codebook has ", cb.groups, " groups x ", cb.bits, " bits");
-  CQ_CHECK(first + out.rows <= codes.tokens, "decode: tokens [", first, ", ", first + out.rows,
-           ") exceed the ", codes.tokens, " coded tokens");
+  CQ_CHECK(detail::checked_add(first, out.rows, "decode: first + rows") <= codes.tokens, "decode: tokens [", first,
+           ", ", first + out.rows, ") exceed the ", codes.tokens, " coded tokens");
   check_view(out, "decode: out");
   Backend::decode(cb, codes, first, out);
 }
@@ -184,7 +186,7 @@ inline std::vector<float> fisher_weights(ConstMatrixView<float> grad_sq, std::si
   CQ_CHECK(channels >= 1 && grad_sq.cols % channels == 0, "fisher_weights: dim ", grad_sq.cols,
            " is not a multiple of channels ", channels);
   const std::size_t G = grad_sq.cols / channels;
-  std::vector<float> w(grad_sq.rows * G, 0.0f);
+  std::vector<float> w(detail::checked_mul(grad_sq.rows, G, "fisher_weights: rows x groups"), 0.0f);
   for (std::size_t r = 0; r < grad_sq.rows; ++r)
     for (std::size_t g = 0; g < G; ++g) {
       double s = 0.0;

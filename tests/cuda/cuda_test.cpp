@@ -333,3 +333,46 @@ TEST_CASE("cuda batched k-means: MSE matches the CPU fit, objective never increa
   const auto fisher = gpu_test::fit_batched(x, &w, jobs, n, dim, C, bits, iters, 7, &obj);
   CHECK(fisher[0].info().method == "kmeans-cuda");
 }
+
+TEST_CASE("cuda encode and batched k-means stay exact when the data sit far from the origin") {
+  require_device();
+  // Encode: rows and centroids of a CQ-8c8b fit shifted by the same constant; every code must be
+  // the true nearest centroid (in double on the float inputs) and the error the un-shifted one.
+  const test::GaussianFit& f = test::gaussian_fit();
+  const std::size_t n = 1024, D = f.dim;
+  double mse_at_zero = 0.0;
+  for (double offset : {0.0, 1e3, 3e3, 1e4, 1e5}) {
+    CAPTURE(offset);
+    const Codebook cb = test::offset_codebook(f.cb, offset);
+    std::vector<float> x(n * D);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(double(f.x[i]) + offset);
+    PackedCodes got(cb.groups(), cb.bits(), n);
+    std::vector<std::uint8_t> bytes(got.size_bytes(), 0);
+    gpu_test::encode(cb, x, n, bytes, n, 0);
+    std::copy(bytes.begin(), bytes.end(), got.data());
+    std::size_t wrong = 0;
+    for (std::size_t r = 0; r < n; ++r)
+      for (std::size_t g = 0; g < cb.groups(); ++g) wrong += !test::is_nearest(cb, x.data() + r * D, g, got.get(r, g));
+    CHECK(wrong == 0);
+    const double err = test::reconstruction_mse(cb, got, x);
+    if (offset == 0.0) mse_at_zero = err;
+    CHECK(err == doctest::Approx(mse_at_zero).epsilon(1e-3));
+  }
+  // Batched k-means: job 1 is job 0 with channel 0 of every group moved to 1e4 (an outlier
+  // channel); the shift changes no distance, so both fits end at the same objective (up to their
+  // different random streams).
+  const int jobs = 2, rows = 4096, dim = 32, C = 8, bits = 8, iters = 10;
+  std::vector<float> x = test::random_normal(std::size_t(rows) * dim, 99);
+  x.insert(x.end(), x.begin(), x.end());
+  for (std::size_t i = 0; i < std::size_t(rows); ++i)
+    for (int g = 0; g < dim / C; ++g) x[(std::size_t(rows) + i) * dim + std::size_t(g * C)] += 1e4f;
+  std::vector<double> obj;
+  gpu_test::fit_batched(x, nullptr, jobs, rows, dim, C, bits, iters, 7, &obj);
+  auto final_objective = [&](int j) {
+    double s = 0.0;
+    for (int g = 0; g < dim / C; ++g) s += obj[(std::size_t(j) * (dim / C) + std::size_t(g)) * (iters + 1) + iters];
+    return s / (dim / C);
+  };
+  MESSAGE("objective without / with the outlier channel: ", final_objective(0), " / ", final_objective(1));
+  CHECK(final_objective(1) == doctest::Approx(final_objective(0)).epsilon(0.02));
+}

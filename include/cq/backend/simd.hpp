@@ -3,9 +3,13 @@
 /// detail/simd_isa.hpp. backend::Avx512 and backend::Avx2 exist when the translation unit is
 /// compiled for them (-mavx512f... / -mavx2 -mfma); backend::Native (native.hpp) picks the widest.
 ///
-/// assign: the GEMM-style nearest-centroid search |c|^2 - 2 x.c (|x|^2 is the same for every
-/// centroid), vectorised across centroids using the codebook's transposed table, several points
-/// in flight when the codebook is small so the FMA pipes stay busy.
+/// assign: the nearest-centroid search by direct squared distances sum_c (x_c - c_kc)^2,
+/// vectorised across centroids using the codebook's transposed table, several points in flight
+/// when the codebook is small so the FMA pipes stay busy. Not the GEMM-style ranking
+/// |c|^2 - 2 x.c: in float it cancels catastrophically once |x| and |c| are large next to the
+/// distances between them (activations with a large common offset or an outlier channel), while
+/// each term (x_c - c_kc) is rounded relative to itself, so the direct form ranks centroids within
+/// float rounding of the distances at any magnitude.
 
 #include "cq/backend/scalar.hpp"
 #include "cq/backend/simd_attention.hpp"
@@ -16,6 +20,7 @@
 #include "cq/packed_codes.hpp"
 #include "cq/views.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <string_view>
@@ -23,6 +28,19 @@
 namespace cq::backend {
 
 namespace detail_simd {
+
+/// 0 for the lanes of centroids [k, k + W) that exist (k < K), +inf for the padding lanes past the
+/// last centroid of the transposed table, so padding never wins; an accumulator starts from it.
+template <class Isa>
+CQ_ALWAYS_INLINE typename Isa::vf padding_mask(std::uint32_t k, std::uint32_t K) {
+  static_assert(Isa::width <= 16, "cq: padding_mask covers at most 16 lanes");
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  alignas(64) static constexpr float lanes[32] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                  inf, inf, inf, inf, inf, inf, inf, inf,
+                                                  inf, inf, inf, inf, inf, inf, inf, inf};
+  const std::uint32_t valid = k >= K ? 0u : std::min<std::uint32_t>(K - k, Isa::width);
+  return Isa::load(lanes + 16 - valid);
+}
 
 /// NR registers of centroids per chunk, P points at a time.
 template <class Isa, int NR, int P, element_type T>
@@ -33,6 +51,7 @@ void assign_points(const GroupCodebookView& cb, ConstMatrixView<T> pts, std::siz
   constexpr std::uint32_t chunk = NR * W;
   const std::uint32_t C = cb.channels;
   const std::uint32_t padded = cb.padded_centroids;
+  const std::uint32_t K = cb.num_centroids;
   vf minv[P];
   vi mini[P];
   for (int p = 0; p < P; ++p) {
@@ -42,16 +61,19 @@ void assign_points(const GroupCodebookView& cb, ConstMatrixView<T> pts, std::siz
   for (std::uint32_t k0 = 0; k0 < padded; k0 += chunk) {
     vf acc[P][NR];
     for (int r = 0; r < NR; ++r) {
-      const vf n = Isa::load(cb.norms + k0 + r * W);
-      for (int p = 0; p < P; ++p) acc[p][r] = n;
+      const vf m = padding_mask<Isa>(k0 + r * W, K);
+      for (int p = 0; p < P; ++p) acc[p][r] = m;
     }
     for (std::uint32_t c = 0; c < C; ++c) {
       const float* col = cb.transposed + std::size_t{c} * padded + k0;
       vf xb[P];
-      for (int p = 0; p < P; ++p) xb[p] = Isa::set1(-2.0f * to_float(pts(first + p, c)));
+      for (int p = 0; p < P; ++p) xb[p] = Isa::set1(to_float(pts(first + p, c)));
       for (int r = 0; r < NR; ++r) {
         const vf cv = Isa::load(col + r * W);
-        for (int p = 0; p < P; ++p) acc[p][r] = Isa::fmadd(xb[p], cv, acc[p][r]);
+        for (int p = 0; p < P; ++p) {
+          const vf d = Isa::sub(cv, xb[p]);
+          acc[p][r] = Isa::fmadd(d, d, acc[p][r]);
+        }
       }
     }
     for (int r = 0; r < NR; ++r) {
@@ -78,30 +100,14 @@ struct Simd : SimdAttentionOps<Isa> {
   template <element_type T>
   static void assign(const GroupCodebookView& cb, ConstMatrixView<T> points, std::uint32_t* codes) {
     using namespace detail_simd;
-    constexpr int W = Isa::width;
-    // Register budget: NR * (P + 1) + small change must stay within the register file
-    // (32 zmm for AVX-512, 16 ymm for AVX2).
-    constexpr int max_nr = W == 16 ? 16 : 8;
-    const std::uint32_t regs = cb.padded_centroids / W;  // >= 1 since padded >= 16 >= W
-    if (regs >= static_cast<std::uint32_t>(max_nr)) return assign_all<Isa, max_nr, 1>(cb, points, codes);
-    if constexpr (W == 16) {
-      switch (regs) {
-        case 1: return assign_all<Isa, 1, 8>(cb, points, codes);
-        case 2: return assign_all<Isa, 2, 4>(cb, points, codes);
-        case 4: return assign_all<Isa, 4, 2>(cb, points, codes);
-        case 8: return assign_all<Isa, 8, 1>(cb, points, codes);
-        default: break;
-      }
-    } else {
-      switch (regs) {
-        case 2: return assign_all<Isa, 2, 4>(cb, points, codes);
-        case 4: return assign_all<Isa, 4, 2>(cb, points, codes);
-        default: break;
-      }
-    }
-    // padded is a multiple of 16 and a power of two times 16 for 2^bits centroids, so every case
-    // is covered above; keep a correct fallback for any other padding.
-    return assign_all<Isa, 1, 1>(cb, points, codes);
+    // Two centroid registers per chunk and several points in flight, so every centroid column
+    // loaded feeds P differences and P FMAs: the kernel is then bound by arithmetic, not by
+    // loads. NR * P accumulators, P broadcasts, the columns and a difference stay within the
+    // register file (16 ymm for AVX2, 32 zmm for AVX-512).
+    constexpr int P = Isa::width == 16 ? 8 : 4;
+    const std::uint32_t regs = cb.padded_centroids / Isa::width;  // >= 1 since padded >= 16 >= width
+    if (regs % 2 == 0) return assign_all<Isa, 2, P>(cb, points, codes);
+    return assign_all<Isa, 1, P>(cb, points, codes);  // 16 centroids (or fewer) in one AVX-512 register
   }
 
   template <element_type T>

@@ -4,20 +4,23 @@
 ///
 /// One thread block per (job, group) runs that group's whole k-means without leaving the kernel:
 /// k-means++ initialisation (D^2 sampling: block-wide sums and a scan over per-thread segments),
-/// then Lloyd iterations (centroids, norms and the new sums in shared memory; assignment by
-/// |c|^2 - 2 x.c; exact distances for the objective; weighted means; an empty cluster re-seeded
-/// on the point with the largest weighted error, as the CPU fit does). The objective of every
-/// iteration is written out. Data: x [jobs][n][dim] floats, optional weights [jobs][n][groups]
+/// then Lloyd iterations (centroids and the new sums in shared memory; assignment by direct
+/// squared distances, nearest.cuh, which also give the objective; weighted means; an empty
+/// cluster re-seeded on the point with the largest weighted error, as the CPU fit does). The
+/// objective of every iteration is written out. Data: x [jobs][n][dim] floats, optional weights [jobs][n][groups]
 /// (Fisher), all device memory.
 ///
 /// Differences from the CPU fit (cq::fit_codebook): its own random stream, float (not double)
-/// sums, all iterations run (no early stop at a fixed point), at most one empty cluster re-seeded
-/// per iteration, no subsampling (every row is used). Results agree in MSE, not bit for bit.
+/// sums (of offsets to the current centroid), all iterations run (no early stop at a fixed point),
+/// at most one empty cluster re-seeded per iteration, no subsampling (every row is used). Results
+/// agree in MSE, not bit for bit.
 
 #include "cq/codebook.hpp"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/nearest.cuh"
+#include "cq/detail/checked.hpp"
+#include "cq/detail/rng.hpp"
 
 #include <cuda_runtime.h>
 
@@ -37,14 +40,9 @@ namespace detail {
 
 constexpr int km_threads = 512;
 
-__device__ inline std::uint64_t km_mix(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 __device__ inline double km_uniform(std::uint64_t seed, std::uint64_t pair, std::uint64_t k) {
-  return double(km_mix(seed ^ km_mix(pair * 0x100000001b3ULL + k)) >> 11) * 0x1.0p-53;
+  using cq::detail::splitmix64;
+  return double(splitmix64(seed ^ splitmix64(pair * 0x100000001b3ULL + k)) >> 11) * 0x1.0p-53;
 }
 
 /// Block-wide sum of one float per thread (all threads get the result).
@@ -69,8 +67,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
   const int pair = blockIdx.x, job = pair / G, g = pair % G;
   const int tid = threadIdx.x;
   float* cen = sm;                 // [K][C]
-  float* norm = cen + K * C;       // [K]
-  float* sums = norm + K;          // [K][C]
+  float* sums = cen + K * C;       // [K][C]
   float* wsum = sums + K * C;      // [K]
   float* scratch = wsum + K;       // [32 + 4]
   __shared__ int chosen;
@@ -142,11 +139,6 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
 
   // ---- Lloyd iterations ----
   for (int it = 0;; ++it) {
-    for (int k = tid; k < K; k += km_threads) {
-      float s = 0.0f;
-      for (int j = 0; j < C; ++j) s = fmaf(cen[k * C + j], cen[k * C + j], s);
-      norm[k] = s;
-    }
     for (int e = tid; e < K * C; e += km_threads) sums[e] = 0.0f;
     for (int k = tid; k < K; k += km_threads) wsum[k] = 0.0f;
     if (tid == 0) {
@@ -159,7 +151,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
       float xv[C];
 #pragma unroll
       for (int j = 0; j < C; ++j) xv[j] = X[std::size_t(i) * dim + j];
-      const int bk = int(nearest_centroid<C>(xv, cen, norm, unsigned(K)));
+      const int bk = int(nearest_centroid<C>(xv, cen, unsigned(K)));
       float exact = 0.0f;
 #pragma unroll
       for (int j = 0; j < C; ++j) {
@@ -171,7 +163,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
       local_w += w;
       if (w > 0.0f) {
 #pragma unroll
-        for (int j = 0; j < C; ++j) atomicAdd(&sums[bk * C + j], w * xv[j]);
+        for (int j = 0; j < C; ++j) atomicAdd(&sums[bk * C + j], w * (xv[j] - cen[bk * C + j]));
         atomicAdd(&wsum[bk], w);
       }
       // Largest weighted error (ties to the lowest index): key = error bits << 32 | ~index.
@@ -184,7 +176,9 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
     if (tid == 0 && objective) objective[std::size_t(pair) * (iterations + 1) + it] = double(total_obj) / (double(total_w) * C);
     __syncthreads();
     if (it == iterations) break;
-    // Update: weighted means; the first empty cluster takes the farthest point.
+    // Update: weighted means, from sums of offsets to the current centroid (float sums of the
+    // points themselves would lose the digits that matter once the data sit far from the origin);
+    // the first empty cluster takes the farthest point.
     if (tid == 0) chosen = -1;
     __syncthreads();
     for (int k = tid; k < K; k += km_threads)
@@ -192,7 +186,7 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
     __syncthreads();
     for (int e = tid; e < K * C; e += km_threads) {
       const int k = e / C;
-      if (wsum[k] > 0.0f) cen[e] = sums[e] / wsum[k];
+      if (wsum[k] > 0.0f) cen[e] += sums[e] / wsum[k];
     }
     if (chosen >= 0 && tid < C) {
       const int far = int(0xFFFFFFFFu - unsigned(far_key & 0xFFFFFFFFull));
@@ -211,14 +205,25 @@ __global__ void __launch_bounds__(km_threads) kmeans_kernel(const float* __restr
 inline void fit_codebooks_batched(const float* x, const float* weights, int jobs, int n, int dim, int channels,
                                   int bits, const BatchedFitOptions& opt, float* centroids, double* objective,
                                   cudaStream_t stream = nullptr) {
-  CQ_CHECK(jobs >= 1 && dim >= 1 && channels >= 1 && dim % channels == 0, "cuda fit: dim ", dim,
-           " is not a multiple of channels ", channels);
-  CQ_CHECK(bits >= 1 && bits <= 12, "cuda fit: bits must be in 1..12, got ", bits);
+  CQ_CHECK(jobs >= 1, "cuda fit: jobs must be >= 1, got ", jobs);
+  CQ_CHECK(dim >= 1 && channels >= 1 && dim % channels == 0, "cuda fit: dim ", dim, " is not a multiple of channels ",
+           channels);
+  check_code_bits(bits, "cuda fit");
+  CQ_CHECK(bits <= 12, "cuda fit: bits must be at most 12 (the centroids live in shared memory), got ", bits);
   CQ_CHECK(n >= (1 << bits), "cuda fit: ", n, " calibration rows are fewer than the ", 1 << bits, " centroids");
-  CQ_CHECK(opt.iterations >= 1, "cuda fit: iterations must be >= 1");
+  // Row loops step by the block size in int: n + km_threads must not overflow.
+  cq::detail::checked_limit(std::size_t(n), std::size_t(INT_MAX - detail::km_threads), "cuda fit: calibration rows");
+  CQ_CHECK(opt.iterations >= 1 && opt.iterations < INT_MAX, "cuda fit: iterations must be in 1..", INT_MAX - 1,
+           ", got ", opt.iterations);
   const int G = dim / channels, K = 1 << bits;
-  const std::size_t smem = (2 * std::size_t(K) * channels + 2 * K + 40) * sizeof(float);
-  DeviceBuffer<float> d2(std::size_t(jobs) * G * n);
+  // One block per (job, group), indexed by an int.
+  const std::size_t pairs =
+      cq::detail::checked_limit(cq::detail::checked_mul(std::size_t(jobs), std::size_t(G), "cuda fit: jobs x groups"),
+                                INT_MAX, "cuda fit: jobs x groups");
+  const std::size_t smem = (2 * std::size_t(K) * channels + K + 40) * sizeof(float);
+  const std::size_t d2_floats = cq::detail::checked_mul(pairs, std::size_t(n), "cuda fit: jobs x groups x rows");
+  cq::detail::checked_mul(d2_floats, sizeof(float), "cuda fit: distance scratch bytes");
+  DeviceBuffer<float> d2(d2_floats);
   int device = 0, smem_max = 0;
   CQ_CUDA_CHECK(cudaGetDevice(&device));
   CQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -226,8 +231,8 @@ inline void fit_codebooks_batched(const float* x, const float* weights, int jobs
            " bytes of shared memory per block, the device allows ", smem_max);
   auto launch = [&](auto kernel) {
     CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<unsigned(jobs * G), detail::km_threads, smem, stream>>>(x, weights, n, dim, bits, opt.iterations, opt.seed,
-                                                                     d2.data(), centroids, objective);
+    kernel<<<unsigned(pairs), detail::km_threads, smem, stream>>>(x, weights, n, dim, bits, opt.iterations, opt.seed,
+                                                                  d2.data(), centroids, objective);
     CQ_CUDA_CHECK_LAUNCH(kmeans_kernel);
   };
   switch (channels) {

@@ -1,21 +1,25 @@
 #pragma once
 /// The nearest-centroid search every CUDA kernel of cq shares (the encoder and the batched
-/// k-means assignment): argmin over k of |c_k|^2 - 2 x.c_k, the lowest index winning ties, as on
-/// the CPU.
+/// k-means assignment): argmin over k of the direct squared distance sum_c (x_c - c_kc)^2, the
+/// lowest index winning ties, as on the CPU. Not |c_k|^2 - 2 x.c_k: that ranking cancels
+/// catastrophically in float once |x| is large next to the distances (see backend/simd.hpp).
 
 #include <cfloat>
 
 namespace cq::cuda::detail {
 
-/// Index of the centroid nearest to x among K centroids laid out [k][C] with norms [k].
+/// Index of the centroid nearest to x among K centroids laid out [k][C].
 template <int C>
-__device__ inline unsigned nearest_centroid(const float (&x)[C], const float* cents, const float* norms, unsigned K) {
+__device__ inline unsigned nearest_centroid(const float (&x)[C], const float* cents, unsigned K) {
   float best = FLT_MAX;
   unsigned code = 0;
   for (unsigned k = 0; k < K; ++k) {
-    float d = norms[k];
+    float d = 0.0f;
 #pragma unroll
-    for (int c = 0; c < C; ++c) d = fmaf(-2.0f * x[c], cents[k * C + c], d);
+    for (int c = 0; c < C; ++c) {
+      const float t = x[c] - cents[k * C + c];
+      d = fmaf(t, t, d);
+    }
     if (d < best) {
       best = d;
       code = k;

@@ -2,13 +2,14 @@
 /// CUDA encode and decode, on device memory the caller owns, on the caller's stream.
 ///
 /// encode: one warp per (32-token block, group): each lane finds its token's nearest centroid
-/// (|c|^2 - 2 x.c, centroids of the group in shared memory when they fit), then lanes 0..bits-1
+/// (direct squared distances, nearest.cuh; centroids of the group in shared memory when they fit), then lanes 0..bits-1
 /// each assemble one 32-bit word of the packed chunk. Chunks only partly covered by the token range
 /// are read-modified-written, so codes outside the range are kept. decode: one thread per
 /// (token, group) gathers the centroid. Both support C in {1, 2, 4, 8, 16, 32} and 1..16 bits.
 
 #include "cq/codebook.hpp"
 #include "cq/cuda/error.cuh"
+#include "cq/detail/checked.hpp"
 #include "cq/cuda/nearest.cuh"
 #include "cq/packed_codes.hpp"
 #include "cq/views.hpp"
@@ -16,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <climits>
 #include <cstdint>
 
 namespace cq::cuda {
@@ -31,13 +33,10 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
   const unsigned g = blockIdx.y;
   const unsigned K = 1u << cb.bits;
   const float* cents = cb.centroids + std::size_t(g) * K * C;
-  const float* norms = cb.norms + std::size_t(g) * cb.padded_centroids;
   if constexpr (Shared) {
     for (unsigned i = threadIdx.x; i < K * C; i += blockDim.x) smem[i] = cents[i];
-    for (unsigned i = threadIdx.x; i < K; i += blockDim.x) smem[K * C + i] = norms[i];
     __syncthreads();
     cents = smem;
-    norms = smem + K * C;
   }
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::size_t block = (first / 32) + std::size_t(blockIdx.x) * encode_warps + warp;  // 32-token block index
@@ -49,7 +48,7 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
     const float* row = x + (token - first) * stride + std::size_t(g) * C;
 #pragma unroll
     for (int c = 0; c < C; ++c) xv[c] = row[c];
-    code = nearest_centroid<C>(xv, cents, norms, K);
+    code = nearest_centroid<C>(xv, cents, K);
   }
   // Pack: lane w < bits builds 32-bit word w of the chunk from the codes that overlap it.
   const unsigned bits = static_cast<unsigned>(cb.bits);
@@ -113,15 +112,19 @@ void dispatch_channels(std::size_t C, F&& f) {
 /// [first, first + rows) of the packed codes at `codes` (device memory, `tokens` tokens).
 inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std::size_t stride, std::uint8_t* codes,
                    std::size_t tokens, std::size_t first, cudaStream_t stream = nullptr) {
-  CQ_CHECK(first + rows <= tokens, "cuda::encode: rows [", first, ", ", first + rows, ") exceed ", tokens, " tokens");
+  check_code_bits(cb.bits, "cuda::encode: codebook");
+  CQ_CHECK(cq::detail::checked_add(first, rows, "cuda::encode: first + rows") <= tokens, "cuda::encode: rows [", first,
+           ", ", first + rows, ") exceed ", tokens, " tokens");
   CQ_CHECK(stride >= cb.dim(), "cuda::encode: stride ", stride, " is smaller than dim ", cb.dim());
+  packed_code_bytes(tokens, cb.groups, cb.bits);  // the codes' size fits std::size_t
   if (rows == 0) return;
-  const std::size_t blocks32 = (first + rows + 31) / 32 - first / 32;
-  const dim3 grid(static_cast<unsigned>((blocks32 + detail::encode_warps - 1) / detail::encode_warps),
-                  static_cast<unsigned>(cb.groups));
+  const std::size_t blocks32 = (first + rows - 1) / 32 - first / 32 + 1;
+  const std::size_t grid_x = (blocks32 + detail::encode_warps - 1) / detail::encode_warps;
+  const dim3 grid(static_cast<unsigned>(cq::detail::checked_limit(grid_x, INT_MAX, "cuda::encode: grid x (token blocks)")),
+                  static_cast<unsigned>(cq::detail::checked_limit(cb.groups, 65535, "cuda::encode: grid y (groups)")));
   const std::size_t K = cb.num_centroids();
   detail::dispatch_channels(cb.channels, [&]<int C>() {
-    const std::size_t smem = (K * C + K) * sizeof(float);
+    const std::size_t smem = K * C * sizeof(float);
     if (smem <= 48 * 1024) {
       detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, x, rows, stride, codes, first);
     } else {
@@ -134,11 +137,14 @@ inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std
 /// Decodes tokens [first, first + rows) of packed codes (device) into out (rows, dim; device).
 inline void decode(const CodebookView& cb, const std::uint8_t* codes, std::size_t tokens, std::size_t first,
                    std::size_t rows, float* out, std::size_t stride, cudaStream_t stream = nullptr) {
-  CQ_CHECK(first + rows <= tokens, "cuda::decode: tokens [", first, ", ", first + rows, ") exceed ", tokens);
+  check_code_bits(cb.bits, "cuda::decode: codebook");
+  CQ_CHECK(cq::detail::checked_add(first, rows, "cuda::decode: first + rows") <= tokens, "cuda::decode: tokens [",
+           first, ", ", first + rows, ") exceed ", tokens);
   CQ_CHECK(stride >= cb.dim(), "cuda::decode: stride ", stride, " is smaller than dim ", cb.dim());
+  packed_code_bytes(tokens, cb.groups, cb.bits);  // the codes' size fits std::size_t
   if (rows == 0) return;
-  const std::size_t work = rows * cb.groups;
-  const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>((work + 255) / 256, 65535));
+  const std::size_t work = cq::detail::checked_mul(rows, cb.groups, "cuda::decode: rows x groups");
+  const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>(work / 256 + (work % 256 != 0), 65535));
   detail::dispatch_channels(cb.channels, [&]<int C>() {
     detail::decode_kernel<C><<<blocks, 256, 0, stream>>>(cb, codes, tokens, first, rows, out, stride);
     CQ_CUDA_CHECK_LAUNCH(decode_kernel);

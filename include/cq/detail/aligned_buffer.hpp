@@ -3,6 +3,7 @@
 /// Used by every owner in cq so SIMD loads never straddle an allocation's start.
 
 #include "cq/config.hpp"
+#include "cq/detail/checked.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -52,8 +53,8 @@ class AlignedBuffer {
   const T* begin() const { return data_; }
   const T* end() const { return data_ + size_; }
 
-  /// Ensures capacity for n elements; contents are kept. Throws std::bad_alloc on failure and then
-  /// leaves the buffer unchanged.
+  /// Ensures capacity for n elements; contents are kept. Throws cq::Error when n elements' bytes do
+  /// not fit std::size_t and std::bad_alloc when memory runs out; either way the buffer is unchanged.
   void reserve(std::size_t n) {
     if (n <= capacity_) return;
     T* fresh = allocate(n);
@@ -64,7 +65,7 @@ class AlignedBuffer {
   }
   /// Resizes; new elements are set to `fill`. Growth is geometric so appends are amortised O(1).
   void resize(std::size_t n, T fill = T{}) {
-    if (n > capacity_) reserve(std::max(n, capacity_ + capacity_ / 2));
+    if (n > capacity_) reserve(std::max(n, capacity_ + std::min(capacity_ / 2, max_elements() - capacity_)));
     if (n > size_) std::fill(data_ + size_, data_ + n, fill);
     size_ = n;
   }
@@ -83,11 +84,14 @@ class AlignedBuffer {
   std::size_t allocated_bytes() const { return capacity_ * sizeof(T); }
 
  private:
+  /// The most elements whose byte count, rounded up to the alignment, fits std::size_t.
+  static constexpr std::size_t max_elements() { return (SIZE_MAX - buffer_alignment) / sizeof(T); }
   static T* allocate(std::size_t n) {
-    if (n > (SIZE_MAX - buffer_alignment) / sizeof(T)) throw std::bad_array_new_length();
+    const std::size_t bytes = checked_mul(n, sizeof(T), "AlignedBuffer: elements x element size");
+    checked_limit(bytes, SIZE_MAX - buffer_alignment, "AlignedBuffer: bytes");
     // Round the byte count up so the aligned operator new contract holds for every n.
-    std::size_t bytes = (n * sizeof(T) + buffer_alignment - 1) / buffer_alignment * buffer_alignment;
-    return static_cast<T*>(::operator new(bytes, std::align_val_t{buffer_alignment}));
+    return static_cast<T*>(::operator new((bytes + buffer_alignment - 1) / buffer_alignment * buffer_alignment,
+                                          std::align_val_t{buffer_alignment}));
   }
   void release_storage() {
     if (data_) ::operator delete(data_, std::align_val_t{buffer_alignment});

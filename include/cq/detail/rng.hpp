@@ -3,13 +3,21 @@
 /// std:: distributions are implementation-defined, so cq draws its own numbers: a seed gives the
 /// same codebook with every compiler and standard library.
 
+#include "cq/config.hpp"
+
 #include <cmath>
 #include <cstdint>
 
 namespace cq::detail {
 
-inline std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+/// SplitMix64's increment (2^64 / golden ratio): the generator's state advances by it per draw.
+inline constexpr std::uint64_t splitmix64_step = 0x9e3779b97f4a7c15ULL;
+
+/// SplitMix64's output for `state`: a pure mixing function, so host and device code (seeding,
+/// per-thread hashes in kernels) share one definition. The n-th draw of a SplitMix64 generator
+/// seeded with s is splitmix64(s + n * splitmix64_step), n = 0, 1, ...
+CQ_HOST_DEVICE constexpr std::uint64_t splitmix64(std::uint64_t state) {
+  std::uint64_t z = state + splitmix64_step;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
@@ -19,7 +27,10 @@ class Rng {
  public:
   explicit Rng(std::uint64_t seed, std::uint64_t stream = 0) {
     std::uint64_t sm = seed ^ (stream * 0xd1b54a32d192ed03ULL + 0x8bb84b93962eacc9ULL);
-    for (auto& w : s_) w = splitmix64(sm);
+    for (auto& w : s_) {
+      w = splitmix64(sm);
+      sm += splitmix64_step;
+    }
   }
   std::uint64_t next() {
     const std::uint64_t result = rotl(s_[1] * 5, 7) * 9;
