@@ -437,3 +437,162 @@ TEST_CASE("paged cache: bad input is refused with a message, and nothing changes
   const KVCodebooks unknown = small_codebooks(8, KeyRope::unknown);
   CQ_CHECK_THROWS_CONTAINING((PagedKVCache<float>(unknown, small_options())), "do not record whether keys were coded");
 }
+
+#include "alloc_failure.hpp"
+
+namespace {
+
+// Everything observable of a cache's sequences: lengths, every token as read back, and attention
+// of the last 3 positions of every layer.
+template <class Cache>
+std::vector<float> snapshot(const Cache& c, const std::vector<SeqId>& seqs) {
+  std::vector<float> all;
+  for (SeqId s : seqs) {
+    if (!c.live(s)) {
+      all.push_back(-1.0f);
+      continue;
+    }
+    for (std::size_t l = 0; l < 2; ++l) {
+      const std::size_t n = c.length(s, l);
+      all.push_back(float(n));
+      for (std::size_t p = 0; p < n; ++p)
+        for (std::size_t h = 0; h < 2; ++h) {
+          float k[32], v[32];
+          c.read_token(l, s, h, p, k, v);
+          all.insert(all.end(), k, k + 32);
+          all.insert(all.end(), v, v + 32);
+        }
+    }
+    if (c.length(s, 0) >= 3 && c.length(s, 1) >= 3) {
+      const auto a = attend_seq(c, s, 3, 77);
+      all.insert(all.end(), a.begin(), a.end());
+    }
+  }
+  return all;
+}
+
+}  // namespace
+
+TEST_CASE("paged cache: a failed allocation in any mutating call leaves every sequence as it was") {
+  // The issue's input: a 30-token append after 20 tokens, with the N-th allocation failing, for
+  // every N; then the same for the batched append, fork, reserve, add_sequence and truncate. After
+  // each failure the cache must read back exactly as before, and the retry must give what a cache
+  // that never failed gives.
+  const KVCodebooks cb = small_codebooks(9);
+  PagedKVCache<float> c(cb, small_options(32, 4));
+  const SeqId a = c.add_sequence(), b = c.add_sequence();
+  append_stream(c, a, 1, 0, 20);
+  append_stream(c, b, 2, 0, 70);
+  const SeqId f = c.fork(b);
+  std::vector<SeqId> seqs{a, b, f};
+  seqs.reserve(16);  // (the sweeps push ids: no allocation of the test's own may fail)
+  auto sweep = [&](const std::string& what, auto&& call) {
+    CAPTURE(what);
+    const auto before = snapshot(c, seqs);
+    const MemoryUsage m = c.memory();
+    const std::size_t broken = test::for_each_allocation_failure(call, [&] {
+      CHECK(snapshot(c, seqs) == before);
+      CHECK(c.memory().codes_in_use == m.codes_in_use);
+      CHECK(c.memory().full_in_use == m.full_in_use);
+    });
+    MESSAGE(what, ": ", broken, " injected failures");
+  };
+  const auto k = stream_rows(1, 0, false, 20, 30), v = stream_rows(1, 0, true, 20, 30);
+  sweep("append 30 tokens", [&] {
+    c.append(0, a, ConstMatrixView<float>(k.data(), 30, width), ConstMatrixView<float>(v.data(), 30, width));
+  });
+  sweep("append to layer 1", [&] {
+    c.append(1, a, ConstMatrixView<float>(k.data(), 30, width), ConstMatrixView<float>(v.data(), 30, width));
+  });
+  const SeqId both[2] = {b, f};
+  const std::size_t ptr[3] = {0, 1, 30};
+  sweep("batched append into shared pages", [&] {
+    c.append(0, both, ptr, ConstMatrixView<float>(k.data(), 30, width), ConstMatrixView<float>(v.data(), 30, width));
+  });
+  sweep("fork", [&] { seqs.push_back(c.fork(a)); });
+  sweep("reserve", [&] { c.reserve(a, 200); });
+  sweep("add_sequence", [&] { seqs.push_back(c.add_sequence()); });
+  sweep("truncate", [&] { c.truncate(a, 48); });
+  // The retried state equals a cache that never failed.
+  PagedKVCache<float> r(cb, small_options(32, 4));
+  const SeqId ra = r.add_sequence();
+  append_stream(r, ra, 1, 0, 20);
+  for (std::size_t l = 0; l < 2; ++l)
+    r.append(l, ra, ConstMatrixView<float>(k.data(), 30, width), ConstMatrixView<float>(v.data(), 30, width));
+  r.truncate(ra, 48);
+  CHECK(snapshot(c, {a}) == snapshot(r, {ra}));
+}
+
+TEST_CASE("KVCache: a failed allocation in append (pool growth included) leaves the cache as it was") {
+  // One layer, one KV head, D 32, CQ-8c8b; 20 tokens, then a 30-token append failing at every N.
+  KVCacheConfig cfg;
+  cfg.head_dim = 32;
+  cfg.spec = {{8, 8}, {8, 8}};
+  cfg.page_tokens = 32;
+  KVCache<float> cache(cfg);
+  cache.set_codebooks(0, 0, test::random_codebook(32, 8, 8, 1), test::random_codebook(32, 8, 8, 2));
+  const auto k = test::random_normal(50 * 32, 3), v = test::random_normal(50 * 32, 4);
+  cache.append(0, ConstMatrixView<float>(k.data(), 20, 32), ConstMatrixView<float>(v.data(), 20, 32));
+  auto state = [&] {
+    std::vector<float> s{float(cache.size())};
+    for (std::size_t p = 0; p < cache.size(); ++p) {
+      float kk[32], vv[32];
+      cache.read_token(0, 0, p, kk, vv);
+      s.insert(s.end(), kk, kk + 32);
+      s.insert(s.end(), vv, vv + 32);
+    }
+    return s;
+  };
+  const auto before = state();
+  const std::size_t broken = test::for_each_allocation_failure(
+      [&] { cache.append(0, ConstMatrixView<float>(k.data() + 20 * 32, 30, 32), ConstMatrixView<float>(v.data() + 20 * 32, 30, 32)); },
+      [&] { CHECK(state() == before); });
+  CHECK(broken >= 1);
+  CHECK(cache.size() == 50);
+  KVCache<float> clean(cfg);
+  clean.set_codebooks(0, 0, test::random_codebook(32, 8, 8, 1), test::random_codebook(32, 8, 8, 2));
+  clean.append(0, ConstMatrixView<float>(k.data(), 50, 32), ConstMatrixView<float>(v.data(), 50, 32));
+  for (std::size_t p = 0; p < 50; ++p) {
+    float k1[32], v1[32], k2[32], v2[32];
+    cache.read_token(0, 0, p, k1, v1);
+    clean.read_token(0, 0, p, k2, v2);
+    REQUIRE(std::equal(k1, k1 + 32, k2));
+    REQUIRE(std::equal(v1, v1 + 32, v2));
+  }
+}
+
+#include "work_stealing_executor.hpp"
+
+TEST_CASE("paged cache: concurrent attend calls on a work-stealing executor equal serial calls (thread safety)") {
+  // Two caches attended from two threads through one work-stealing executor: a thread waiting in
+  // parallel_for runs pieces of the other call. Nothing of a call may live in thread-local state
+  // across parallel_for (Executor's contract); results must equal the serial ones exactly.
+  const KVCodebooks cb = small_codebooks(10);
+  PagedKVCache<float> c1(cb, small_options()), c2(cb, small_options());
+  std::vector<SeqId> s1, s2;
+  for (std::size_t i = 0; i < 3; ++i) {
+    s1.push_back(c1.add_sequence());
+    s2.push_back(c2.add_sequence());
+    for (std::size_t t = 0; t < 1500 + 300 * i; t += 100) append_stream(c1, s1.back(), 10 + i, t, 100);  // long: in pieces
+    for (std::size_t t = 0; t < 2100 - 400 * i; t += 100) append_stream(c2, s2.back(), 20 + i, t, 100);
+  }
+  const std::size_t ptr[4] = {0, 1, 2, 3};
+  auto run = [&](const PagedKVCache<float>& c, const std::vector<SeqId>& s, Executor* exec, std::uint64_t seed) {
+    const auto q = test::random_normal(3 * qwidth, seed);
+    std::vector<float> out(3 * qwidth);
+    for (std::size_t l = 0; l < 2; ++l)
+      c.attend(l, s, ptr, ConstMatrixView<float>(q.data(), 3, qwidth), MatrixView<float>(out.data(), 3, qwidth),
+               {.executor = exec});
+    return out;
+  };
+  const auto want1 = run(c1, s1, nullptr, 5), want2 = run(c2, s2, nullptr, 6);
+  test::WorkStealingExecutor ws(3);
+  for (int rep = 0; rep < 5; ++rep) {
+    std::vector<float> got1, got2;
+    std::thread t([&] { got1 = run(c1, s1, &ws, 5); });
+    got2 = run(c2, s2, &ws, 6);
+    t.join();
+    REQUIRE(test::relative_error(got1.data(), std::vector<double>(want1.begin(), want1.end())) < 1e-6);
+    REQUIRE(test::relative_error(got2.data(), std::vector<double>(want2.begin(), want2.end())) < 1e-6);
+  }
+}
