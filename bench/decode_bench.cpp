@@ -5,6 +5,7 @@
 // threads (a cq::ThreadPool). Prints the median time of `reps` calls in microseconds.
 //
 //   ./build/bench/cq_decode_bench --q 8 --kv 1 --ctx 32768 --threads 2 [--pre-rope] [--reps 200]
+//                                 [--method fused|histogram|centroids|dequantize] [--C 8]
 
 #include <cq/cq.hpp>
 
@@ -20,6 +21,7 @@ using namespace cq;
 int main(int argc, char** argv) {
   std::size_t q_heads = 1, kv_heads = 1, ctx = 32768, threads = 1, reps = 200, C = 8;
   bool pre_rope = false;
+  std::string method = "fused";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return std::stoul(i + 1 < argc ? argv[++i] : "0"); };
@@ -30,6 +32,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") reps = next();
     else if (a == "--C") C = next();
     else if (a == "--pre-rope") pre_rope = true;
+    else if (a == "--method" && i + 1 < argc) method = argv[++i];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -65,6 +68,10 @@ int main(int argc, char** argv) {
   ThreadPool pool(threads);
   AttendOptions ao;
   ao.executor = threads > 1 ? &pool : nullptr;
+  ao.method = method == "histogram"    ? AttentionMethod::fused_histogram
+              : method == "centroids"  ? AttentionMethod::fused_centroids
+              : method == "dequantize" ? AttentionMethod::dequantize
+                                       : AttentionMethod::fused;
   auto run = [&] {
     cache.attend(0, s, ConstMatrixView<float>(q.data(), 1, q_heads * D), MatrixView<float>(out.data(), 1, q_heads * D), ao);
   };
