@@ -1,6 +1,10 @@
 #pragma once
-/// What a fused-attention launch reads: device pointers to the batch's codes, full-precision
-/// tokens, codebooks and queries, and the output.
+/// The device-side problem of fused decode attention: what a launch reads (device pointers to the
+/// batch's codes, full-precision rows, codebooks and queries) and where it writes.
+///
+/// A sequence's tokens are split as cq/attention/problem.hpp says: coded tokens (positions sinks ..
+/// sinks + coded - 1, as codes) and full-precision tokens (the sinks and the window, as rows). The
+/// launch serves one query per sequence, the last one, with keys after RoPE.
 
 #include "cq/codebook.hpp"
 
@@ -8,20 +12,19 @@
 
 namespace cq::cuda {
 
-/// One (sequence, KV head)'s codes: `coded` tokens (positions sinks .. sinks + coded - 1) in the
-/// packed layout, keys and values.
+/// One (sequence, KV head)'s codes: `coded` tokens in the packed layout, keys and values.
 struct DeviceKVCodes {
   const std::uint8_t* key_codes = nullptr;
   const std::uint8_t* value_codes = nullptr;
 };
 
-/// One sequence: how many coded tokens, and its full-precision tokens (sinks and window, keys
-/// after RoPE) as [kv_heads][dense][head_dim] floats.
+/// One sequence: how many coded tokens, and its full-precision tokens (sinks, then the window;
+/// keys after RoPE) as [kv_heads][full][head_dim] floats.
 struct DeviceSequence {
   std::uint32_t coded = 0;
-  std::uint32_t dense = 0;
-  const float* dense_keys = nullptr;
-  const float* dense_values = nullptr;
+  std::uint32_t full = 0;
+  const float* full_keys = nullptr;
+  const float* full_values = nullptr;
 };
 
 /// Everything one launch reads (device pointers) and its shape.
@@ -38,12 +41,12 @@ struct AttentionBatch {
 
 /// Steps of a fused-attention launch, for timing experiments (FusedAttention::run's `stages`; the
 /// results are meaningless unless all are on): score tables, key scan, value histograms,
-/// full-precision tokens, and the byte-code kernel's histogram x codebook product.
+/// full-precision tokens, and the lane-tables kernel's histogram x codebook product.
 enum AttentionStage : unsigned {
   stage_lut = 1,
   stage_scan = 2,
   stage_hist = 4,
-  stage_dense = 8,
+  stage_full = 8,
   stage_product = 16,
   stage_all = 31
 };
