@@ -74,8 +74,14 @@ def renumber(lines):
     return [re.sub(r"(%(?:rd|rs|r|f|fd|p))\d+", sub, l) for l in lines if not l.lstrip().startswith(".reg")]
 
 
-def normalise(name, body, names, renames, offsets):
-    own = rename(names.get(name, name), renames)
+def key(name, names, renames):
+    """A kernel's pairing key: its demangled, renamed name without the parameter list (the kernels
+    compared here have no overloads, and a changed parameter type must not unpair them)."""
+    return rename(names.get(name, name), renames).split("(")[0]
+
+
+def normalise(name, body, names, renames, offsets, imm):
+    own = key(name, names, renames)
     out = []
     for line in body:
         line = line.replace(name + "_param_", "K_param_").replace(name, "KERNEL")
@@ -86,6 +92,9 @@ def normalise(name, body, names, renames, offsets):
         if offsets:
             line = re.sub(r"\[(%rd\d+|K_param_\d+)\+\d+\]", r"[\1+OFF]", line)
             line = re.sub(r"(\.param \.align \d+ \.b8 K_param_\d+)\[\d+\]", r"\1[SIZE]", line)
+        for old, new in imm:  # element strides of struct arrays (mul.wide / mul.lo.s64 r, i, SIZE)
+            line = re.sub(r"^(\s*mul\.(?:wide\.[su]32|lo\.s64)\s+%rd\d+, %rd?\d+, )" + old + ";", r"\g<1>" + new + ";",
+                          line)
         out.append(line)
     return own, out
 
@@ -96,7 +105,7 @@ def ptxas_report(path, names, renames):
     for line in open(path):
         m = re.search(r"Function properties for (\S+)", line)
         if m:
-            cur = rename(names.get(m.group(1), m.group(1)), renames)
+            cur = key(m.group(1), names, renames)
             report[cur] = []
             continue
         if cur is not None and ("stack frame" in line or "Used" in line):
@@ -128,6 +137,8 @@ def main():
     ap.add_argument("--cubin", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="also compare each kernel's machine code (.text section of ptxas's cubin) byte for byte")
     ap.add_argument("--offsets", action="store_true", help="mask load offsets and parameter sizes")
+    ap.add_argument("--stride", action="append", default=[],
+                    help="old=new: a struct array's element size changed (applied to BEFORE's mul.wide, mul.lo.s64)")
     ap.add_argument("--only", help="compare kernels whose name contains this")
     ap.add_argument("--renumber", action="store_true", help="diagnostic: registers renumbered by first use")
     ap.add_argument("--show", type=int, default=40, help="diff lines shown per differing kernel")
@@ -140,8 +151,9 @@ def main():
         for line in k:
             all_symbols.update(MANGLED.findall(line))
     names = demangle_all(all_symbols)
-    nb = dict(normalise(n, b, names, renames, a.offsets) for n, b in kb.items())
-    na = dict(normalise(n, b, names, {}, a.offsets) for n, b in ka.items())
+    strides = [tuple(x.split("=", 1)) for x in a.stride]
+    nb = dict(normalise(n, b, names, renames, a.offsets, strides) for n, b in kb.items())
+    na = dict(normalise(n, b, names, {}, a.offsets, []) for n, b in ka.items())
     if a.renumber:
         nb = {k: renumber(v) for k, v in nb.items()}
         na = {k: renumber(v) for k, v in na.items()}
@@ -150,7 +162,7 @@ def main():
         na = {k: v for k, v in na.items() if a.only in k}
     ok = True
     for k in sorted(set(nb) | set(na)):
-        short = k.split("(")[0]
+        short = k
         if k not in na or k not in nb:
             print(f"UNPAIRED ({'before' if k in nb else 'after'} only): {short}")
             ok = False
@@ -171,7 +183,7 @@ def main():
         for k in sorted(set(rb) | set(ra)):
             if a.only and a.only not in k:
                 continue
-            short = k.split("(")[0]
+            short = k
             if rb.get(k) == ra.get(k):
                 print(f"same      {short}: {ra[k]}")
             else:
@@ -179,13 +191,13 @@ def main():
                 print(f"DIFFERENT {short}:\n    before: {rb.get(k)}\n    after:  {ra.get(k)}")
     if a.cubin:
         sb, sa = elf_sections(a.cubin[0]), elf_sections(a.cubin[1])
-        tb = {rename(names.get(n[6:], n[6:]), renames): v for n, v in sb.items() if n.startswith(".text.")}
-        ta = {names.get(n[6:], n[6:]): v for n, v in sa.items() if n.startswith(".text.")}
+        tb = {key(n[6:], names, renames): v for n, v in sb.items() if n.startswith(".text.")}
+        ta = {key(n[6:], names, []): v for n, v in sa.items() if n.startswith(".text.")}
         print("\nmachine code (cubin .text), per kernel:")
         for k in sorted(set(tb) | set(ta)):
             if a.only and a.only not in k:
                 continue
-            short = k.split("(")[0]
+            short = k
             if k in tb and k in ta and tb[k] == ta[k]:
                 print(f"same      {short} ({len(ta[k])} bytes)")
             else:

@@ -8,6 +8,7 @@
 /// (token, group) gathers the centroid. Both support C in {1, 2, 4, 8, 16, 32} and 1..16 bits.
 
 #include "cq/codebook.hpp"
+#include "cq/cuda/codebook.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/nearest.cuh"
 #include "cq/packed_codes.hpp"
@@ -25,13 +26,13 @@ namespace detail {
 inline constexpr int encode_warps = 4;  // warps per block, each on its own 32-token block
 
 template <int C, bool Shared>
-__global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std::size_t rows, std::size_t stride,
-                              std::uint8_t* __restrict__ codes, std::size_t first) {
+__global__ void encode_kernel(DeviceCodebookView cb, const float* __restrict__ norm_table, const float* __restrict__ x,
+                              std::size_t rows, std::size_t stride, std::uint8_t* __restrict__ codes, std::size_t first) {
   extern __shared__ float smem[];
   const unsigned g = blockIdx.y;
   const unsigned K = 1u << cb.bits;
   const float* cents = cb.centroids + std::size_t(g) * K * C;
-  const float* norms = cb.norms + std::size_t(g) * cb.padded_centroids;
+  const float* norms = norm_table + std::size_t(g) * cb.padded_centroids;
   if constexpr (Shared) {
     for (unsigned i = threadIdx.x; i < K * C; i += blockDim.x) smem[i] = cents[i];
     for (unsigned i = threadIdx.x; i < K; i += blockDim.x) smem[K * C + i] = norms[i];
@@ -78,7 +79,7 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
 }
 
 template <int C>
-__global__ void decode_kernel(CodebookView cb, const std::uint8_t* __restrict__ codes, std::size_t tokens,
+__global__ void decode_kernel(DeviceCodebookView cb, const std::uint8_t* __restrict__ codes, std::size_t tokens,
                               std::size_t first, std::size_t rows, float* __restrict__ out, std::size_t stride) {
   const std::size_t groups = cb.groups;
   const std::size_t K = std::size_t{1} << cb.bits;
@@ -110,9 +111,11 @@ void dispatch_channels(std::size_t C, F&& f) {
 }  // namespace detail
 
 /// Encodes rows x (rows, dim; device memory, row stride `stride` floats) into tokens
-/// [first, first + rows) of the packed codes at `codes` (device memory, `tokens` tokens).
-inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std::size_t stride, std::uint8_t* codes,
-                   std::size_t tokens, std::size_t first, cudaStream_t stream = nullptr) {
+/// [first, first + rows) of the packed codes at `codes` (device memory, `tokens` tokens). `norms`:
+/// the codebook's squared centroid norms (DeviceCodebook::norms()).
+inline void encode(const DeviceCodebookView& cb, const float* norms, const float* x, std::size_t rows,
+                   std::size_t stride, std::uint8_t* codes, std::size_t tokens, std::size_t first,
+                   cudaStream_t stream = nullptr) {
   CQ_CHECK(first + rows <= tokens, "cuda::encode: rows [", first, ", ", first + rows, ") exceed ", tokens, " tokens");
   CQ_CHECK(stride >= cb.dim(), "cuda::encode: stride ", stride, " is smaller than dim ", cb.dim());
   if (rows == 0) return;
@@ -123,16 +126,16 @@ inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std
   detail::dispatch_channels(cb.channels, [&]<int C>() {
     const std::size_t smem = (K * C + K) * sizeof(float);
     if (smem <= 48 * 1024) {
-      detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, x, rows, stride, codes, first);
+      detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, norms, x, rows, stride, codes, first);
     } else {
-      detail::encode_kernel<C, false><<<grid, 32 * detail::encode_warps, 0, stream>>>(cb, x, rows, stride, codes, first);
+      detail::encode_kernel<C, false><<<grid, 32 * detail::encode_warps, 0, stream>>>(cb, norms, x, rows, stride, codes, first);
     }
     CQ_CUDA_CHECK_LAUNCH(encode_kernel);
   });
 }
 
 /// Decodes tokens [first, first + rows) of packed codes (device) into out (rows, dim; device).
-inline void decode(const CodebookView& cb, const std::uint8_t* codes, std::size_t tokens, std::size_t first,
+inline void decode(const DeviceCodebookView& cb, const std::uint8_t* codes, std::size_t tokens, std::size_t first,
                    std::size_t rows, float* out, std::size_t stride, cudaStream_t stream = nullptr) {
   CQ_CHECK(first + rows <= tokens, "cuda::decode: tokens [", first, ", ", first + rows, ") exceed ", tokens);
   CQ_CHECK(stride >= cb.dim(), "cuda::decode: stride ", stride, " is smaller than dim ", cb.dim());

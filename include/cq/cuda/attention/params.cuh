@@ -6,7 +6,7 @@
 /// sinks + coded - 1, as codes) and full-precision tokens (the sinks and the window, as rows). The
 /// launch serves one query per sequence, the last one, with keys after RoPE.
 
-#include "cq/codebook.hpp"
+#include "cq/cuda/codebook.cuh"
 
 #include <cstdint>
 
@@ -32,16 +32,18 @@ struct AttentionBatch {
   int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
   const DeviceKVCodes* codes = nullptr;     // [batch][kv_heads]
   const DeviceSequence* sequences = nullptr;  // [batch]
-  const CodebookView* key_codebooks = nullptr;    // [kv_heads], device pointers inside
-  const CodebookView* value_codebooks = nullptr;  // [kv_heads]
+  const DeviceCodebookView* key_codebooks = nullptr;    // [kv_heads]
+  const DeviceCodebookView* value_codebooks = nullptr;  // [kv_heads]
   const float* q = nullptr;                 // [batch][q_heads][head_dim]
   float* out = nullptr;                     // [batch][q_heads][head_dim]
   float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
 };
 
-/// Steps of a fused-attention launch, for timing experiments (FusedAttention::run's `stages`; the
-/// results are meaningless unless all are on): score tables, key scan, value histograms,
-/// full-precision tokens, and the lane-tables kernel's histogram x codebook product.
+namespace detail {
+
+/// Steps of a fused-attention launch, for timing experiments only (detail::run_stages, used by
+/// bench/cuda; the results are meaningless unless all are on): score tables, key scan, value
+/// histograms, full-precision tokens, and the lane-tables kernel's histogram x codebook product.
 enum AttentionStage : unsigned {
   stage_lut = 1,
   stage_scan = 2,
@@ -50,5 +52,7 @@ enum AttentionStage : unsigned {
   stage_product = 16,
   stage_all = 31
 };
+
+}  // namespace detail
 
 }  // namespace cq::cuda

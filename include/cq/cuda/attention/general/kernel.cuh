@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
   const int D = p.head_dim, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const DeviceSequence seq = p.sequences[b];
   const DeviceKVCodes codes = p.codes[b * p.kv_heads + kvh];
-  const CodebookView vcb = p.value_codebooks[kvh];
+  const DeviceCodebookView vcb = p.value_codebooks[kvh];
   const int kbits = p.key_codebooks[kvh].bits, vbits = vcb.bits;
   const int key_centroids = L.key_centroids, value_centroids = L.value_centroids;
   const int c0 = split * L.split_tokens;

@@ -15,7 +15,7 @@ namespace cq::cuda::detail {
 __global__ void score_table_kernel(AttentionBatch p, int key_groups, int key_centroids, float* __restrict__ lut) {
   const int bh = blockIdx.y, hq = bh % p.q_heads;
   const int kvh = hq / (p.q_heads / p.kv_heads), D = p.head_dim;
-  const CodebookView kcb = p.key_codebooks[kvh];
+  const DeviceCodebookView kcb = p.key_codebooks[kvh];
   const int C = int(kcb.channels);
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const float* q = p.q + std::size_t(bh) * D;

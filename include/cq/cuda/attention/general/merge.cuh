@@ -26,7 +26,7 @@ __global__ void general_merge_kernel(AttentionBatch p, int splits, int value_gro
     hist = sm;
   else
     hist = hist_global + std::size_t(bh) * value_groups * value_centroids;
-  const CodebookView vcb = p.value_codebooks[hq / (p.q_heads / p.kv_heads)];
+  const DeviceCodebookView vcb = p.value_codebooks[hq / (p.q_heads / p.kv_heads)];
   const int Cv = int(vcb.channels);
   const float* src = partial + std::size_t(bh) * splits * (2 + D);
   const float m = largest_split_reference(src, splits, D);

@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   publish_lane_sums<Cfg, Rows>(k, sh, ref, wsum, acc);
   __syncthreads();
   const PartsMerge mp = merge_parts<Cfg, Rows>(L, k, sh, ref, full_max);
-  const CodebookView vcb = p.value_codebooks[kvh];
+  const DeviceCodebookView vcb = p.value_codebooks[kvh];
   const bool codes_part = n > 0 && (stages & stage_product);
   if (Rows && codes_part) {  // output channel d: the sums of every warp and token subset
     for (int d = tid; d < D; d += threads) {
