@@ -43,17 +43,20 @@ def rename(text, renames):
 
 
 def kernels(path):
-    """{mangled entry name: [lines of its body]} and the lines outside entries."""
-    found, outside, name, body = {}, [], None, []
+    """{mangled entry name: [lines of its body]} and the lines outside entries. A body ends where its
+    braces balance (inline asm brings its own balanced braces; vector operands balance per line)."""
+    found, outside, name, body, depth = {}, [], None, [], 0
     for line in open(path):
         line = line.rstrip("\n")
-        m = re.match(r"^(?:\.visible |\.weak )?\.entry (\S+)\($", line) or re.match(r"^(?:\.visible |\.weak )?\.entry (\S+)\(", line)
+        m = re.match(r"^(?:\.visible |\.weak )?\.entry (\S+)\(", line)
         if name is None and m:
-            name, body = m.group(1), [line]
+            name, body, depth = m.group(1), [line], 0
             continue
         if name is not None:
             body.append(line)
-            if line == "}":
+            opened = depth > 0 or "{" in line
+            depth += line.count("{") - line.count("}")
+            if opened and depth == 0:
                 found[name] = body
                 name = None
         else:

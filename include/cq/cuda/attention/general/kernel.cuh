@@ -17,6 +17,7 @@
 ///      centroids once per (sequence, head) (a product per split block would read the whole value
 ///      codebook each time).
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/general/layout.cuh"
 #include "cq/cuda/attention/params.cuh"
 #include "cq/cuda/warp.cuh"
@@ -207,7 +208,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
     bool any = false;
 #pragma unroll
     for (int h = 0; h < HG; ++h) {
-      const float e = __expf(score[h * L.score_stride() + blk * 32 + lane] - r[h]);
+      const float e = softmax_exp(score[h * L.score_stride() + blk * 32 + lane] - r[h]);
       w[h] = blk * 32 + lane < n ? __float2uint_rn(e * L.unit) : 0u;
       wsum[h] += float(w[h]);
       any = any || w[h] != 0u;
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
     float o = 0.0f;
     const float* sd = score + h * L.score_stride() + L.split_tokens;
     for (int j = 0; j < nfull; ++j) {
-      const float wj = __expf(sd[j] - ref[h]);
+      const float wj = softmax_exp(sd[j] - ref[h]);
       total += wj;
       o = fmaf(wj, seq.full_values[(std::size_t(kvh) * seq.full + j) * D + d], o);
     }

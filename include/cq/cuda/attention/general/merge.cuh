@@ -4,6 +4,7 @@
 /// full-precision parts + histogram x value centroids) / total weight. The product runs once per
 /// head here, not once per split block.
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/combine.cuh"
 #include "cq/cuda/attention/params.cuh"
 
@@ -35,8 +36,10 @@ __global__ void general_merge_kernel(AttentionBatch p, int splits, int value_gro
     float h = 0.0f;
     for (int s = 0; s < splits; ++s) {
       const float* ps = src + s * (2 + D);
-      if (ps[1] <= 0.0f) continue;
-      h = fmaf(__expf(ps[0] - m), float(partial_hist[(std::size_t(bh) * splits + s) * hsize + i]), h);
+      const SoftmaxState part{ps[0], ps[1]};
+      if (part.empty()) continue;
+      h = fmaf(softmax_merge_factor(part.ref, part.sum, m), float(partial_hist[(std::size_t(bh) * splits + s) * hsize + i]),
+               h);
     }
     hist[i] = h * (1.0f / unit);
   }

@@ -5,6 +5,7 @@
 /// the write-out: with one split the output itself, otherwise (reference, weight sum, partial
 /// output) for combine_kernel (combine.cuh).
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
 #include "cq/cuda/attention/lane_tables/mainloop.cuh"
 #include "cq/cuda/attention/lane_tables/prologue.cuh"
@@ -89,17 +90,18 @@ __device__ __forceinline__ void publish_lane_sums(const LaneTablesBlock& k, cons
 /// coded tokens' reference; 1 in histogram mode (one reference per block).
 template <bool Rows>
 __device__ __forceinline__ float warp_factor(const float* red, int w, float coded_ref) {
-  return !Rows ? 1.0f : red[w] > -FLT_MAX ? __expf(red[w] - coded_ref) : 0.0f;
+  return !Rows ? 1.0f : red[w] > -FLT_MAX ? softmax_exp(red[w] - coded_ref) : 0.0f;
 }
 
-/// The block's two parts, each relative to its own reference, moved to the larger one m.
+/// The block's two parts, each relative to its own reference, merged at the larger one, m.
 struct PartsMerge {
   float coded_ref, m, coded_factor, full_factor, coded_weights, total;
 };
 
-/// The coded tokens' reference (value-rows mode: the warps' largest), then the block's m, the
-/// larger of it and the full-precision tokens' (full_max), each part's factor, and the total
-/// weight.
+/// The merge of the block's two parts by the online-softmax rule (cq/attention/softmax_state.hpp):
+/// the coded tokens' reference (value-rows mode: the warps' largest) and weight sum, the
+/// full-precision tokens' (full_max and their weights), the common reference m and each part's
+/// factor, and the total weight.
 template <class Cfg, bool Rows>
 __device__ __forceinline__ PartsMerge merge_parts(const LaneTablesLayout& L, const LaneTablesBlock& k,
                                                   const LaneTablesShared& sh, float ref, float full_max) {
@@ -109,15 +111,16 @@ __device__ __forceinline__ PartsMerge merge_parts(const LaneTablesLayout& L, con
     mp.coded_ref = -FLT_MAX;
     for (int w = 0; w < Cfg::warps; ++w) mp.coded_ref = fmaxf(mp.coded_ref, sh.red[w]);
   }
-  mp.m = fmaxf(mp.coded_ref, full_max);
-  mp.coded_factor = mp.coded_ref > -FLT_MAX ? __expf(mp.coded_ref - mp.m) : 0.0f;
-  mp.full_factor = full_max > -FLT_MAX ? __expf(full_max - mp.m) : 0.0f;
   mp.coded_weights = 0.0f;
   for (int w = 0; w < Cfg::warps; ++w)
     mp.coded_weights += sh.red[3 * Cfg::warps + w] * warp_factor<Rows>(sh.red, w, mp.coded_ref);
   mp.coded_weights *= 1.0f / L.unit;
   float full_weights = 0.0f;
-  for (int j = 0; j < k.nfull; ++j) full_weights += __expf(sh.full_score[j] - full_max);
+  for (int j = 0; j < k.nfull; ++j) full_weights += softmax_exp(sh.full_score[j] - full_max);
+  mp.m = softmax_common_reference(softmax_common_reference(-FLT_MAX, mp.coded_ref, mp.coded_weights), full_max,
+                                  full_weights);
+  mp.coded_factor = softmax_merge_factor(mp.coded_ref, mp.coded_weights, mp.m);
+  mp.full_factor = softmax_merge_factor(full_max, full_weights, mp.m);
   mp.total = mp.coded_weights * mp.coded_factor + full_weights * mp.full_factor;
   return mp;
 }

@@ -19,6 +19,7 @@
 /// those rounds. Value-rows mode keeps one reference per warp (no block barrier; the warps' sums
 /// meet in the epilogue) and has no fixed point, so no limit on tokens per split.
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
 #include "cq/cuda/warp.cuh"
 
@@ -308,7 +309,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
       if (__any_sync(0xFFFFFFFFu, m > ref)) {  // warp-uniform
         const float raised = warp_max(m) + reference_headroom;
         if (ref > -FLT_MAX) {
-          const float f = __expf(ref - raised);
+          const float f = softmax_exp(ref - raised);
 #pragma unroll
           for (int i = 0; i < VL::slots; ++i) acc[i][0] *= f, acc[i][1] *= f;
           wsum *= f;
@@ -337,7 +338,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
         const float raised = warp_max(posted) + reference_headroom;
         if (ref > -FLT_MAX) {
           __syncthreads();  // every warp's additions of the previous round are in
-          const float f = __expf(ref - raised);
+          const float f = softmax_exp(ref - raised);
           for_each_hist_quad<VL, Cfg::threads>(sh.tab, k.tid, [f](uint4& h) {
             const uint4 v = h;
             h = make_uint4(__float2uint_rn(float(v.x) * f), __float2uint_rn(float(v.y) * f),

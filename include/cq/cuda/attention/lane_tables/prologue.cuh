@@ -12,6 +12,7 @@
 /// two parts meet in float in the epilogue, so a dominant sink cannot push the coded weights below
 /// the fixed point's resolution.
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
 #include "cq/cuda/warp.cuh"
 
@@ -136,7 +137,7 @@ __device__ __forceinline__ float weigh_full_values(const float* first, const flo
 #pragma unroll
     for (int k = 0; k < Chunk; ++k) {
       const int j = vpart + k * parts;
-      if (j < nfull) acc = fmaf(__expf(full_score[j] - full_max), first[k], acc);
+      if (j < nfull) acc = fmaf(softmax_exp(full_score[j] - full_max), first[k], acc);
     }
     for (int j0 = vpart + Chunk * parts; j0 < nfull; j0 += Chunk * parts) {  // longer windows
       float vv[Chunk];
@@ -145,7 +146,7 @@ __device__ __forceinline__ float weigh_full_values(const float* first, const flo
         vv[k] = j0 + k * parts < nfull ? __ldg(values + std::size_t(j0 + k * parts) * D) : 0.0f;
 #pragma unroll
       for (int k = 0; k < Chunk; ++k)
-        if (j0 + k * parts < nfull) acc = fmaf(__expf(full_score[j0 + k * parts] - full_max), vv[k], acc);
+        if (j0 + k * parts < nfull) acc = fmaf(softmax_exp(full_score[j0 + k * parts] - full_max), vv[k], acc);
     }
     product[tid] = acc;
   }
