@@ -8,6 +8,7 @@
 /// (token, group) gathers the centroid. Both support C in {1, 2, 4, 8, 16, 32} and 1..16 bits.
 
 #include "cq/codebook.hpp"
+#include "cq/cuda/channels.cuh"
 #include "cq/cuda/codebook.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/nearest.cuh"
@@ -95,17 +96,11 @@ __global__ void decode_kernel(DeviceCodebookView cb, const std::uint8_t* __restr
   }
 }
 
+/// The channel counts the encoder and decoder are instantiated for.
 template <class F>
-void dispatch_channels(std::size_t C, F&& f) {
-  switch (C) {
-    case 1: return f.template operator()<1>();
-    case 2: return f.template operator()<2>();
-    case 4: return f.template operator()<4>();
-    case 8: return f.template operator()<8>();
-    case 16: return f.template operator()<16>();
-    case 32: return f.template operator()<32>();
-    default: cq::detail::fail("CUDA backend: C = ", C, " channels per group is not supported (1, 2, 4, 8, 16 or 32)");
-  }
+void with_codec_channels(std::size_t C, F&& f) {
+  if (!with_channels<1, 2, 4, 8, 16, 32>(C, f))
+    cq::detail::fail("CUDA backend: C = ", C, " channels per group is not supported (1, 2, 4, 8, 16 or 32)");
 }
 
 }  // namespace detail
@@ -123,7 +118,7 @@ inline void encode(const DeviceCodebookView& cb, const float* norms, const float
   const dim3 grid(static_cast<unsigned>((blocks32 + detail::encode_warps - 1) / detail::encode_warps),
                   static_cast<unsigned>(cb.groups));
   const std::size_t K = cb.num_centroids();
-  detail::dispatch_channels(cb.channels, [&]<int C>() {
+  detail::with_codec_channels(cb.channels, [&]<int C>() {
     const std::size_t smem = (K * C + K) * sizeof(float);
     if (smem <= 48 * 1024) {
       detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, norms, x, rows, stride, codes, first);
@@ -142,7 +137,7 @@ inline void decode(const DeviceCodebookView& cb, const std::uint8_t* codes, std:
   if (rows == 0) return;
   const std::size_t work = rows * cb.groups;
   const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>((work + 255) / 256, 65535));
-  detail::dispatch_channels(cb.channels, [&]<int C>() {
+  detail::with_codec_channels(cb.channels, [&]<int C>() {
     detail::decode_kernel<C><<<blocks, 256, 0, stream>>>(cb, codes, tokens, first, rows, out, stride);
     CQ_CUDA_CHECK_LAUNCH(decode_kernel);
   });

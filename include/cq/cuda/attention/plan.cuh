@@ -12,6 +12,7 @@
 #include "cq/cuda/attention/lane_tables/kernel.cuh"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
 #include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/channels.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/error.hpp"
 #include "cq/packed_codes.hpp"
@@ -152,6 +153,9 @@ LaneTablesLayout lane_tables_layout(const AttentionShape& s, std::size_t* bytes)
 inline bool lane_tables_apply(const AttentionShape& s, const DeviceLimits& dev) {
   if (s.head_dim > 256) return false;
   if (s.key_bits != 8 || s.value_bits != 8) return false;
+  // Centroid rows of 1, 2, 4, 8 or 16 floats (with_centroid_rows).
+  if (!is_one_of_channels<1, 2, 4, 8, 16>(s.key_channels) || !is_one_of_channels<1, 2, 4, 8, 16>(s.value_channels))
+    return false;
   // Its table addresses carry the start of dynamic shared memory as an immediate.
   if (dev.reserved_shared != lane_tables_shared_base) return false;
   std::size_t need = 0;

@@ -14,6 +14,7 @@
 
 #include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
+#include "cq/cuda/channels.cuh"
 #include "cq/cuda/warp.cuh"
 
 #include <cuda_fp16.h>
@@ -43,8 +44,9 @@ __device__ inline void load_row(float (&v)[Cv], const float* __restrict__ src) {
   }
 }
 
-/// Calls f.template operator()<C, Vec>() for centroid rows of C floats (1, 2, 4, 8 or 16) at
-/// `cent`; Vec when every row starts 16-byte (C = 2: 8-byte) aligned, for vector loads.
+/// Calls f.template operator()<C, Vec>() for centroid rows of C floats (1, 2, 4, 8 or 16: the plan
+/// admits no other) at `cent`; Vec when every row starts 16-byte (C = 2: 8-byte) aligned, for
+/// vector loads.
 template <class F>
 __device__ inline void with_centroid_rows(int C, const float* cent, F&& f) {
   auto go = [&]<int Cc>() {
@@ -55,13 +57,7 @@ __device__ inline void with_centroid_rows(int C, const float* cent, F&& f) {
     else
       f.template operator()<Cc, false>();
   };
-  switch (C) {
-    case 1: go.template operator()<1>(); break;
-    case 2: go.template operator()<2>(); break;
-    case 4: go.template operator()<4>(); break;
-    case 8: go.template operator()<8>(); break;
-    default: go.template operator()<16>(); break;
-  }
+  if (!with_channels<1, 2, 4, 8>(C, go)) go.template operator()<16>();
 }
 
 /// Reads full-precision key rows for score_full_keys: rows j0, j0 + warps, j0 + 2 warps and
