@@ -197,11 +197,12 @@ inline void plan_general(const AttentionShape& s, const DeviceLimits& dev, int m
   // 16384), unless set explicitly.
   L.split_tokens = max_split_tokens ? max_split_tokens : std::clamp(4096 * std::max(1, L.value_groups / 16), 512, 16384);
   L.tables_in_shared = true;
-  // Heads per block: a power of two up to 8 (the kernel is instantiated for 1, 2, 4, 8), halved
-  // until two blocks fit a multiprocessor's shared memory; tables go to global memory if even
-  // one head's do not fit.
+  // Heads per block: a power of two up to 8 (the kernel is instantiated for 1, 2, 4, 8) that
+  // divides the group (a block's heads share one KV head), halved until two blocks fit a
+  // multiprocessor's shared memory; tables go to global memory if even one head's do not fit.
   L.heads = 1;
   while (L.heads * 2 <= std::min(group, 8)) L.heads *= 2;
+  while (group % L.heads != 0) L.heads /= 2;
   auto bytes = [&] { return std::size_t(L.shared_words()) * 4; };
   const std::size_t smem_max = std::size_t(dev.shared_max);
   while (L.heads > 1 && bytes() * 2 > smem_max) L.heads /= 2;
