@@ -29,11 +29,13 @@ struct DeviceCodebookView {
 class DeviceCodebook {
  public:
   DeviceCodebook() = default;
-  explicit DeviceCodebook(const Codebook& cb, cudaStream_t stream = nullptr)
-      : centroids_(cb.data(), cb.size(), stream),
-        norms_(cb.view().norms, cb.groups() * cb.view().padded_centroids, stream),
-        transposed_(cb.view().transposed, cb.groups() * cb.channels() * cb.view().padded_centroids, stream),
-        groups_(cb.groups()), channels_(cb.channels()), bits_(cb.bits()), padded_(cb.view().padded_centroids) {}
+  /// Device copies of the tables of a codebook in host memory.
+  explicit DeviceCodebook(const CodebookView& cb, cudaStream_t stream = nullptr)
+      : centroids_(cb.centroids, cb.groups * cb.num_centroids() * cb.channels, stream),
+        norms_(cb.norms, cb.groups * cb.padded_centroids, stream),
+        transposed_(cb.transposed, cb.groups * cb.channels * cb.padded_centroids, stream),
+        groups_(cb.groups), channels_(cb.channels), bits_(cb.bits), padded_(cb.padded_centroids) {}
+  explicit DeviceCodebook(const Codebook& cb, cudaStream_t stream = nullptr) : DeviceCodebook(cb.view(), stream) {}
 
   DeviceCodebookView view() const {
     return {centroids_.data(), transposed_.data(), groups_, channels_, bits_, padded_};
