@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times cq's fused attention alone on one decode shape (no SDPA, no calibration timing): the quick
-A/B driver behind the kernel-version tables of bench/cuda/NOTES.md. Build two libraries (e.g. before
+A/B driver behind the kernel-version tables of docs/design/cuda-attention.md. Build two libraries (e.g. before
 and after a change) and run this once per library in the same device call.
 
     python3 bench/cuda/time_cq.py --lib LIB.so [--shape B,HQ,HKV,CTX] [--C 8] [--kernel 2] [--stages]
