@@ -69,8 +69,8 @@ inline void launch(const AttentionBatch& batch, const AttentionPlan& plan, void*
 
 /// Benchmark-only: runs `plan` with only some stages (AttentionStage bits) switched on, to locate
 /// the time (bench/cuda). The output is meaningless unless `stages` is stage_all.
-void run_stages(FusedAttention& attention, const AttentionBatch& batch, const AttentionPlan& plan,
-                cudaStream_t stream, unsigned stages);
+inline void run_stages(FusedAttention& attention, const AttentionBatch& batch, const AttentionPlan& plan,
+                       cudaStream_t stream, unsigned stages);
 
 }  // namespace detail
 
