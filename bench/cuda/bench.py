@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--split-tokens", type=int, default=0, help="cq's longest split (0: its default)")
     ap.add_argument("--sweep-splits", action="store_true", help="time B=16 MHA 32K at several split lengths")
-    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: byte-code kernel")
+    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables kernel")
     a = ap.parse_args()
     lib = load(a.lib)
     dev = torch.cuda.get_device_properties(0)
@@ -119,13 +119,13 @@ def main():
             roof = nbytes / bw * 1e3
             row = dict(B=B, q_heads=hq, kv_heads=hkv, ctx=ctx, config=f"{C}c{bits}b", sdpa_ms=sdpa_ms, cq_ms=ms,
                        bytes=nbytes, gbs=gbs, roofline_ms=roof, splits=lib.cqb_splits(h), head_group=lib.cqb_head_group(h),
-                       shared_bytes=lib.cqb_shared_bytes(h), kernel=["auto", "general", "byte-codes"][lib.cqb_kernel(h)])
+                       shared_bytes=lib.cqb_shared_bytes(h), kernel=["auto", "general", "lane-tables"][lib.cqb_kernel(h)])
             results["rows"].append(row)
             sp = f"{sdpa_ms / ms:.1f}x" if sdpa_ms else "—"
             sd = f"{sdpa_ms:.3f}" if sdpa_ms else "(no memory)"
             print(f"| {B} | {hq}/{hkv} | {ctx // 1024}K | {sd} | {C}c{bits}b | {ms:.3f} | {sp} | {gbs:.0f} | "
                   f"{100 * roof / ms:.0f}% | {row['splits']} |", flush=True)
-            if (B, hq, hkv, ctx) == (16, 32, 32, 32768) and row["kernel"] == "byte-codes":
+            if (B, hq, hkv, ctx) == (16, 32, 32, 32768) and row["kernel"] == "lane-tables":
                 # The general kernel (bank-conflicted shared tables) on the same shape, for comparison.
                 lib.cqb_set_kernel(h, 1)
                 gms = median_ms(lambda: lib.cqb_run(h, 31, stream), a.reps)
@@ -139,7 +139,7 @@ def main():
                           f"({lib.cqb_splits(h)} splits)", flush=True)
                 lib.cqb_set_split_tokens(h, a.split_tokens or 0)
             if (B, hq, hkv, ctx, C) == (16, 32, 32, 32768, 8):
-                # Time split by leaving stages out (cq::cuda::AttentionStage): 8 = window and the
+                # Time split by leaving stages out (cq::cuda::detail::AttentionStage): 8 = window and the
                 # loop's skeleton, 24 = + histogram x codebook product, 25 = + score tables,
                 # 27 = + key scan, 31 = + value histograms (everything).
                 t = {s: median_ms(lambda: lib.cqb_run(h, s, stream), a.reps) for s in (8, 24, 25, 27, 31)}

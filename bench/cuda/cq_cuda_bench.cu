@@ -56,15 +56,16 @@ Codebook to_host_codebook(const float* dev_centroids, int dim, int C, int bits) 
 struct Handle {
   int batch, q_heads, kv_heads, ctx, C, bits, window;
   std::vector<cuda::DeviceCodebook> kcb, vcb;
-  cuda::DeviceBuffer<CodebookView> kviews, vviews;
+  cuda::DeviceBuffer<cuda::DeviceCodebookView> kviews, vviews;
   std::vector<cuda::DeviceBuffer<std::uint8_t>> code_bufs;
-  cuda::DeviceBuffer<float> dense;
+  cuda::DeviceBuffer<float> full;
   cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
   cuda::DeviceBuffer<cuda::DeviceSequence> seqs;
   cuda::DeviceBuffer<float> q, out;
   cuda::AttentionBatch batch_desc;
-  cuda::FusedAttention::Shape shape;
+  cuda::AttentionShape shape;
   cuda::FusedAttention fa;
+  cuda::AttentionPlan plan;
   long long bytes = 0;
 };
 
@@ -79,37 +80,38 @@ const char* cqb_last_error() { return last_error.c_str(); }
 void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits, int window) try {
   constexpr int D = 128;
   auto h = std::make_unique<Handle>();
-  *h = Handle{batch, q_heads, kv_heads, ctx, C, bits, window, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0};
+  *h = Handle{batch, q_heads, kv_heads, ctx, C, bits, window, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0};
   const int coded = ctx - window;
   // One head's keys and values; codebooks fitted on them by the GPU k-means (10 iterations).
-  cuda::DeviceBuffer<float> kv(std::size_t(2) * coded * D);
-  make_synthetic(kv.data(), 2, std::size_t(coded), D, 42);
+  cuda::DeviceBuffer<float> kv_rows(std::size_t(2) * coded * D);
+  make_synthetic(kv_rows.data(), 2, std::size_t(coded), D, 42);
   const int G = D / C, K = 1 << bits;
   cuda::DeviceBuffer<float> cents(std::size_t(2) * G * K * C);
   const int fit_rows = std::min(coded, 16384);
   cuda::DeviceBuffer<float> fit_x(std::size_t(2) * fit_rows * D);
   for (int j = 0; j < 2; ++j)
-    CQ_CUDA_CHECK(cudaMemcpy(fit_x.data() + std::size_t(j) * fit_rows * D, kv.data() + std::size_t(j) * coded * D,
+    CQ_CUDA_CHECK(cudaMemcpy(fit_x.data() + std::size_t(j) * fit_rows * D, kv_rows.data() + std::size_t(j) * coded * D,
                              std::size_t(fit_rows) * D * sizeof(float), cudaMemcpyDeviceToDevice));
   cuda::fit_codebooks_batched(fit_x.data(), nullptr, 2, fit_rows, D, C, bits, {10, 1}, cents.data(), nullptr);
   const Codebook kc = to_host_codebook(cents.data(), D, C, bits);
   const Codebook vc = to_host_codebook(cents.data() + std::size_t(G) * K * C, D, C, bits);
-  std::vector<CodebookView> kv_views, vv_views;
+  std::vector<cuda::DeviceCodebookView> key_views, value_views;
   for (int i = 0; i < kv_heads; ++i) {
     h->kcb.emplace_back(kc);
     h->vcb.emplace_back(vc);
   }
   for (int i = 0; i < kv_heads; ++i) {
-    kv_views.push_back(h->kcb[i].view());
-    vv_views.push_back(h->vcb[i].view());
+    key_views.push_back(h->kcb[i].view());
+    value_views.push_back(h->vcb[i].view());
   }
-  h->kviews = cuda::DeviceBuffer<CodebookView>(kv_views);
-  h->vviews = cuda::DeviceBuffer<CodebookView>(vv_views);
+  h->kviews = cuda::DeviceBuffer<cuda::DeviceCodebookView>(key_views);
+  h->vviews = cuda::DeviceBuffer<cuda::DeviceCodebookView>(value_views);
   // Encode once, then copy the codes to every (sequence, KV head): each has its own memory.
   const std::size_t code_bytes = packed_code_bytes(std::size_t(coded), std::size_t(G), bits);
   cuda::DeviceBuffer<std::uint8_t> kcodes(code_bytes), vcodes(code_bytes);
-  cuda::encode(h->kcb[0].view(), kv.data(), std::size_t(coded), D, kcodes.data(), std::size_t(coded), 0);
-  cuda::encode(h->vcb[0].view(), kv.data() + std::size_t(coded) * D, std::size_t(coded), D, vcodes.data(), std::size_t(coded), 0);
+  cuda::encode(h->kcb[0].view(), kv_rows.data(), std::size_t(coded), D, kcodes.data(), std::size_t(coded), 0);
+  cuda::encode(h->vcb[0].view(), kv_rows.data() + std::size_t(coded) * D, std::size_t(coded), D,
+               vcodes.data(), std::size_t(coded), 0);
   std::vector<cuda::DeviceKVCodes> codes;
   for (int s = 0; s < batch; ++s)
     for (int i = 0; i < kv_heads; ++i) {
@@ -122,11 +124,11 @@ void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits,
   h->codes = cuda::DeviceBuffer<cuda::DeviceKVCodes>(codes);
   // Window rows: [batch][2 (K, V)][kv_heads][window][D].
   const std::size_t per_seq = std::size_t(2) * kv_heads * window * D;
-  h->dense = cuda::DeviceBuffer<float>(std::max<std::size_t>(1, batch * per_seq));
-  if (window > 0) make_synthetic(h->dense.data(), std::size_t(batch) * 2 * kv_heads, std::size_t(window), D, 7);
+  h->full = cuda::DeviceBuffer<float>(std::max<std::size_t>(1, batch * per_seq));
+  if (window > 0) make_synthetic(h->full.data(), std::size_t(batch) * 2 * kv_heads, std::size_t(window), D, 7);
   std::vector<cuda::DeviceSequence> seqs;
   for (int s = 0; s < batch; ++s) {
-    const float* base = h->dense.data() + s * per_seq;
+    const float* base = h->full.data() + s * per_seq;
     seqs.push_back({std::uint32_t(coded), std::uint32_t(window), base, base + std::size_t(kv_heads) * window * D});
   }
   h->seqs = cuda::DeviceBuffer<cuda::DeviceSequence>(seqs);
@@ -135,7 +137,8 @@ void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits,
   h->out = cuda::DeviceBuffer<float>(std::size_t(batch) * q_heads * D);
   h->batch_desc = {batch, q_heads, kv_heads, D, h->codes.data(), h->seqs.data(), h->kviews.data(), h->vviews.data(),
                    h->q.data(), h->out.data(), 0.0f};
-  h->shape = {q_heads, kv_heads, D, C, bits, C, bits, coded, window};
+  h->shape = {batch, q_heads, kv_heads, D, C, bits, C, bits, coded, window};
+  h->plan = h->fa.plan(h->shape);
   // Bytes one call must read: codes (K and V), the window rows, q and out. Codebooks are read
   // once per block from L2 and not counted.
   h->bytes = (long long)(2 * code_bytes) * batch * kv_heads + (long long)(batch * per_seq * sizeof(float)) +
@@ -147,10 +150,15 @@ void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits,
   return nullptr;
 }
 
-/// Launches attention on `stream` (cudaStream_t as an integer). stages: cq::cuda::AttentionStage bits.
+/// Launches attention on `stream` (cudaStream_t as an integer). stages: cq::cuda::detail::AttentionStage
+/// bits (31: all, the public FusedAttention::run; fewer: detail::run_stages, for the time split).
 int cqb_run(void* handle, unsigned stages, std::uint64_t stream) try {
   auto* h = static_cast<Handle*>(handle);
-  h->fa.run(h->batch_desc, h->shape, reinterpret_cast<cudaStream_t>(stream), stages);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (stages == cuda::detail::stage_all)
+    h->fa.run(h->batch_desc, h->plan, s);
+  else
+    cuda::detail::run_stages(h->fa, h->batch_desc, h->plan, s, stages);
   return 0;
 } catch (const std::exception& e) {
   last_error = e.what();
@@ -159,15 +167,20 @@ int cqb_run(void* handle, unsigned stages, std::uint64_t stream) try {
 
 long long cqb_bytes(void* handle) { return static_cast<Handle*>(handle)->bytes; }
 int cqb_set_split_tokens(void* handle, int tokens) try {
-  static_cast<Handle*>(handle)->fa.set_max_split_tokens(tokens);
+  auto* h = static_cast<Handle*>(handle);
+  h->fa.set_max_split_tokens(tokens);
+  h->plan = h->fa.plan(h->shape);
   return 0;
 } catch (const std::exception& e) {
   last_error = e.what();
   return 1;
 }
-/// 0: automatic, 1: the general kernel, 2: the byte-code kernel (FusedAttention::Kernel).
+/// 0: automatic, 1: the general kernel, 2: the lane-tables kernel (cq::cuda::AttentionKernel).
 int cqb_set_kernel(void* handle, int kernel) try {
-  static_cast<Handle*>(handle)->fa.set_kernel(static_cast<cuda::FusedAttention::Kernel>(kernel));
+  CQ_CHECK(kernel >= 0 && kernel <= 2, "cqb_set_kernel: kernel ", kernel, " is not 0, 1 or 2");
+  auto* h = static_cast<Handle*>(handle);
+  h->fa.set_kernel(static_cast<cuda::AttentionKernel>(kernel));
+  h->plan = h->fa.plan(h->shape);
   return 0;
 } catch (const std::exception& e) {
   last_error = e.what();

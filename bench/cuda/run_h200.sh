@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the H200 runs, in one call (device time is scarce): the CUDA tests, compute-sanitizer
 # memcheck and racecheck on a reduced test set, and the benchmarks. Binaries come prebuilt in
-# build-h200/ (carried with the working tree; see bench/cuda/NOTES.md); logs go to $OUT.
+# build-h200/ (carried with the working tree; see docs/design/cuda-attention.md); logs go to $OUT.
 #   bench/cuda/run_h200.sh [--quick]
 set -uo pipefail
 OUT="${OUT:-/tmp/cq_out}"

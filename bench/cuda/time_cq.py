@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times cq's fused attention alone on one decode shape (no SDPA, no calibration timing): the quick
-A/B driver behind the kernel-version tables of bench/cuda/NOTES.md. Build two libraries (e.g. before
+A/B driver behind the kernel-version tables of docs/design/cuda-attention.md. Build two libraries (e.g. before
 and after a change) and run this once per library in the same device call.
 
     python3 bench/cuda/time_cq.py --lib LIB.so [--shape B,HQ,HKV,CTX] [--C 8] [--kernel 2] [--stages]
@@ -21,7 +21,7 @@ def main():
     ap.add_argument("--lib", required=True)
     ap.add_argument("--shape", default="16,32,32,32768", help="batch, query heads, KV heads, context")
     ap.add_argument("--C", type=int, default=8, help="channels per group (8-bit codes)")
-    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: byte-code kernel")
+    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stages", action="store_true")
     a = ap.parse_args()

@@ -22,6 +22,7 @@ struct AttentionCase {
   std::optional<RopeConfig> rope;         // keys appended before RoPE when set
   std::size_t page_tokens = 64;
   std::uint64_t seed = 1;
+  float value_scale = 1.0f;  // multiplies the values and their codebooks (the output scales with them)
 
   /// A shape; the with_* calls set the rest.
   static AttentionCase of(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
@@ -37,7 +38,8 @@ struct AttentionCase {
 
   std::string name() const {
     return detail::concat("D", D, " ", C, "c", bits, "b W", window, " S", sinks, " GQA", group, " q", queries,
-                          rope ? " pre-RoPE" : "", " P", page_tokens);
+                          rope ? " pre-RoPE" : "", " P", page_tokens, value_scale != 1.0f ? " values x" : "",
+                          value_scale != 1.0f ? std::to_string(value_scale) : "");
   }
 };
 
@@ -99,8 +101,15 @@ CaseCache<T, Backend> build_case(const AttentionCase& c) {
   const std::size_t H = c.kv_heads, D = c.D, width = H * D;
   cc.codebooks = std::make_unique<KVCodebooks>(1, H, D, std::vector<LayerSpec>{{{c.C, c.bits}, {c.C, c.bits}}},
                                                c.rope ? KeyRope::pre : KeyRope::post, c.rope.value_or(RopeConfig{}));
-  for (std::size_t h = 0; h < H; ++h)
-    cc.codebooks->set(0, h, random_codebook(D, c.C, c.bits, c.seed + 2 * h), random_codebook(D, c.C, c.bits, c.seed + 2 * h + 1));
+  for (std::size_t h = 0; h < H; ++h) {
+    Codebook values = random_codebook(D, c.C, c.bits, c.seed + 2 * h + 1);
+    if (c.value_scale != 1.0f) {
+      std::vector<float> v(values.data(), values.data() + values.size());
+      for (float& x : v) x *= c.value_scale;
+      values.set_all(v.data());
+    }
+    cc.codebooks->set(0, h, random_codebook(D, c.C, c.bits, c.seed + 2 * h), std::move(values));
+  }
   PagedCacheOptions o;
   o.page_tokens = c.page_tokens;
   o.full_page_rows = 16;
@@ -121,7 +130,9 @@ CaseCache<T, Backend> build_case(const AttentionCase& c) {
     const SeqId s = cc.cache->add_sequence(c.rope ? 1000 * i : 0);  // pre-RoPE: positions from an offset too
     cc.seqs.push_back(s);
     const auto k = convert<T>(random_normal(n * width, c.seed + 7 + 31 * i));
-    const auto v = convert<T>(random_normal(n * width, c.seed + 8 + 31 * i));
+    auto vf = random_normal(n * width, c.seed + 8 + 31 * i);
+    for (float& x : vf) x *= c.value_scale;
+    const auto v = convert<T>(vf);
     // The query rows arrive as the last chunk (a prefill chunk, or a speculative draft).
     const std::size_t last = std::min(c.queries, n);
     for (std::size_t t = 0; t < n;) {

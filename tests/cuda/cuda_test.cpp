@@ -1,9 +1,12 @@
 // CUDA backend tests, run on the H200 (built everywhere nvcc exists; without a device they report
 // that and fail, so they are not part of the default ctest run: see tests/CMakeLists.txt).
-// The CPU backend is the oracle: codes identical (ties aside), decode bit-identical, attention
-// within 1e-3 relative error over the CPU tests' shape grid, batched k-means MSE matching the CPU fit.
+// The CPU is the oracle: codes identical (ties aside), decode bit-identical, attention within 1e-3
+// relative error of the double-precision oracle over the shared attention cases
+// (tests/conformance/attention_cases.hpp) through both kernels, batched k-means MSE matching the
+// CPU fit. CQ_CUDA_TEST_QUICK (set for the compute-sanitizer runs) keeps every 12th grid shape and
+// skips the long contexts.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
-#include "../attention_oracle.hpp"
+#include "../conformance/attention_cases.hpp"
 #include "gpu_glue.hpp"
 
 #include <cstdlib>
@@ -19,6 +22,8 @@ void require_device() {
   if (!shown) MESSAGE("device: ", name);
   shown = true;
 }
+
+bool quick() { return std::getenv("CQ_CUDA_TEST_QUICK") != nullptr; }
 
 }  // namespace
 
@@ -80,128 +85,127 @@ TEST_CASE("cuda decode is bit-identical to the CPU decode") {
 
 namespace {
 
-// A batch of sequences of different lengths sharing per-head codebooks; GPU attention for the last
-// token of each against the CPU cache's attention. value_scale multiplies the values and their
-// codebooks (the output scales with them; the relative error should not).
-double batch_error(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks, std::size_t group,
-                   const std::vector<std::size_t>& lengths, std::uint64_t seed,
-                   gpu_test::Kernel kernel = gpu_test::Kernel::automatic, bool misaligned = false,
-                   float value_scale = 1.0f) {
-  KVCacheConfig cfg;
-  cfg.head_dim = D;
-  cfg.kv_heads = 2;
-  cfg.spec = {{C, bits}, {C, bits}};
-  cfg.window = window;
-  cfg.sinks = sinks;
-  cfg.max_rollback = 0;
-  std::vector<Codebook> kcb, vcb;
-  for (std::size_t h = 0; h < 2; ++h) {
-    kcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h));
-    vcb.push_back(test::random_codebook(D, C, bits, seed + 10 * h + 5));
-    if (value_scale != 1.0f) {
-      std::vector<float> c(vcb.back().data(), vcb.back().data() + vcb.back().size());
-      for (float& x : c) x *= value_scale;
-      vcb.back().set_all(c.data());
-    }
+// A case's sequences as the GPU serves them (those with a token: an empty sequence has no query)
+// and their queries, in the order of the case's query rows.
+struct GpuCase {
+  gpu_test::HostBatch batch;
+  std::vector<float> q;  // [sequence][q_heads][D]
+};
+
+GpuCase gpu_case(const test::AttentionCase& c, const test::CaseCache<float>& cc) {
+  REQUIRE(c.queries == 1);
+  REQUIRE(!c.rope);
+  GpuCase g;
+  g.batch.q_heads = int(cc.q_heads);
+  const std::size_t qw = cc.q_heads * c.D;
+  for (std::size_t i = 0; i < cc.seqs.size(); ++i) {
+    if (cc.indptr[i + 1] == cc.indptr[i]) continue;
+    for (std::size_t h = 0; h < c.kv_heads; ++h) g.batch.views.push_back(cc.cache->head_view(0, cc.seqs[i], h));
+    g.batch.lengths.push_back(cc.cache->length(cc.seqs[i]));
+    g.q.insert(g.q.end(), cc.q.begin() + std::ptrdiff_t(cc.indptr[i] * qw), cc.q.begin() + std::ptrdiff_t(cc.indptr[i + 1] * qw));
   }
-  const int q_heads = int(2 * group);
-  std::vector<gpu_test::Sequence> batch;
-  std::vector<float> q, ref;
-  for (std::size_t s = 0; s < lengths.size(); ++s) {
-    KVCache<float> cache(cfg);
-    for (std::size_t h = 0; h < 2; ++h) cache.set_codebooks(0, h, kcb[h], vcb[h]);
-    const std::size_t n = lengths[s], width = 2 * D;
-    const auto k = test::random_normal(n * width, seed + 100 + s);
-    auto v = test::random_normal(n * width, seed + 200 + s);
-    for (float& x : v) x *= value_scale;
-    cache.append(0, ConstMatrixView<float>(k.data(), n, width), ConstMatrixView<float>(v.data(), n, width));
-    const auto qs = test::random_normal(std::size_t(q_heads) * D, seed + 300 + s);
-    std::vector<float> out(qs.size());
-    cache.attend(0, ConstMatrixView<float>(qs.data(), 1, qs.size()), MatrixView<float>(out.data(), 1, out.size()),
-                 {.method = AttentionMethod::fused_histogram});
-    q.insert(q.end(), qs.begin(), qs.end());
-    ref.insert(ref.end(), out.begin(), out.end());
-    gpu_test::Sequence seq;
-    const std::size_t S = std::min(sinks, n), win_lo = std::max(sinks, n > window ? n - window : 0);
-    seq.coded = static_cast<std::uint32_t>(win_lo > sinks ? win_lo - sinks : 0);
-    seq.dense = static_cast<std::uint32_t>(S + (n - std::min(n, win_lo)));
-    seq.dense_keys.resize(2 * seq.dense * D);
-    seq.dense_values.resize(2 * seq.dense * D);
-    for (std::size_t h = 0; h < 2; ++h) {
-      const KVHeadView<float> hv = cache.head_view(0, h);
-      seq.key_codes.emplace_back(hv.key_codes.data, hv.key_codes.data + hv.key_codes.size_bytes());
-      seq.value_codes.emplace_back(hv.value_codes.data, hv.value_codes.data + hv.value_codes.size_bytes());
-      for (std::size_t j = 0; j < seq.dense; ++j) {
-        const std::size_t pos = j < S ? j : win_lo + (j - S);
-        const float* kr = pos < S ? hv.sink_keys.row(pos) : hv.recent_keys.row(pos - hv.recent_first);
-        const float* vr = pos < S ? hv.sink_values.row(pos) : hv.recent_values.row(pos - hv.recent_first);
-        std::copy_n(kr, D, seq.dense_keys.begin() + std::ptrdiff_t((h * seq.dense + j) * D));
-        std::copy_n(vr, D, seq.dense_values.begin() + std::ptrdiff_t((h * seq.dense + j) * D));
+  return g;
+}
+
+std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCase& g, gpu_test::Kernel kernel,
+                                 bool misaligned = false) {
+  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, misaligned);
+}
+
+// ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
+double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, bool misaligned = false) {
+  const auto cc = test::build_case<float>(c);
+  const GpuCase g = gpu_case(c, cc);
+  const std::vector<float> got = gpu_attention(c, g, kernel, misaligned);
+  std::vector<double> ref;
+  const std::size_t qw = cc.q_heads * c.D;
+  for (std::size_t i = 0; i < cc.seqs.size(); ++i)
+    for (std::size_t row = cc.indptr[i]; row < cc.indptr[i + 1]; ++row)
+      for (std::size_t h = 0; h < c.kv_heads; ++h) {
+        const auto r = test::oracle_attend(cc.cache->head_view(0, cc.seqs[i], h), cc.q.data() + row * qw + h * c.group * c.D,
+                                           c.group, cc.cache->length(cc.seqs[i]) - 1, 1.0f / std::sqrt(float(c.D)));
+        ref.insert(ref.end(), r.begin(), r.end());
       }
-    }
-    batch.push_back(std::move(seq));
+  REQUIRE(ref.size() == got.size());
+  return test::relative_error(got.data(), ref);
+}
+
+constexpr gpu_test::Kernel both_kernels[] = {gpu_test::Kernel::general, gpu_test::Kernel::lane_tables};
+
+// One sequence of `n` coded tokens that all carry code 0 (keys and values), after `sinks` (0 or
+// 1) full-precision sink rows, no window: the synthetic batches of the fixed-point tests.
+KVHeadView<float> zero_code_view(const Codebook& kcb, const Codebook& vcb, const std::vector<std::uint8_t>& codes,
+                                 std::size_t n, const std::vector<float>* sink_key, const std::vector<float>* sink_value) {
+  KVHeadView<float> v;
+  v.head_dim = kcb.dim();
+  v.key_codebook = kcb.view();
+  v.value_codebook = vcb.view();
+  v.key_codes = PagedCodesView::contiguous(ConstPackedCodesView(codes.data(), n, kcb.groups(), kcb.bits()));
+  v.value_codes = PagedCodesView::contiguous(ConstPackedCodesView(codes.data(), n, vcb.groups(), vcb.bits()));
+  if (sink_key) {
+    v.sink_keys = PagedRowsView<float>::contiguous(ConstMatrixView<float>(sink_key->data(), 1, v.head_dim), 0);
+    v.sink_values = PagedRowsView<float>::contiguous(ConstMatrixView<float>(sink_value->data(), 1, v.head_dim), 0);
+    v.sinks = 1;
   }
-  const std::vector<float> got =
-      gpu_test::attention(kcb, vcb, batch, q, q_heads, int(D), 1.0f / std::sqrt(float(D)), kernel, nullptr, misaligned);
-  std::vector<double> r(ref.begin(), ref.end());
-  return test::relative_error(got.data(), r);
+  return v;
 }
 
 }  // namespace
 
-TEST_CASE("cuda fused attention matches the CPU over the shape grid, batches of different lengths") {
+TEST_CASE("cuda fused attention matches the oracle over the shared attention cases, both kernels") {
   require_device();
   double worst = 0.0;
-  // CQ_CUDA_TEST_QUICK (set for the compute-sanitizer runs) keeps every 12th shape of the grid.
-  const bool quick = std::getenv("CQ_CUDA_TEST_QUICK") != nullptr;
-  test::for_each_attention_shape([&](std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
-                                     std::size_t group, std::uint64_t seed) {
-    if (quick && seed % 12 != 0) return;
-    const std::vector<std::size_t> lengths = {1 + seed % 40, 300 + seed % 97, 2500 + seed % 333};
-    // Every shape through the general kernel; 8-bit shapes with 16/32/64 groups also through the
-    // byte-code kernel.
-    const bool bytes = bits == 8 && (D / C == 16 || D / C == 32 || D / C == 64);
-    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
-      if (kernel == gpu_test::Kernel::byte_codes && !bytes) continue;
-      const double e = batch_error(D, C, bits, window, sinks, group, lengths, seed, kernel);
-      CAPTURE(D);
-      CAPTURE(C);
-      CAPTURE(bits);
-      CAPTURE(window);
-      CAPTURE(sinks);
-      CAPTURE(group);
+  std::size_t run = 0;
+  for (const test::AttentionCase& c : test::attention_cases(quick() ? 12 : 1)) {
+    // The GPU reads keys after RoPE and serves one query per sequence.
+    if (c.rope || c.queries > 1) continue;
+    const auto cc = test::build_case<float>(c);
+    const GpuCase g = gpu_case(c, cc);
+    // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
+    // the plan admits) also through the lane-tables kernel.
+    for (gpu_test::Kernel kernel : both_kernels) {
+      if (kernel == gpu_test::Kernel::lane_tables && !gpu_test::lane_tables_serve(g.batch)) continue;
+      CAPTURE(c.name());
       CAPTURE(int(kernel));
-      CHECK(e < 1e-3);
-      worst = std::max(worst, e);
+      worst = std::max(worst, test::check_against_oracle(c, cc, gpu_attention(c, g, kernel), 1e-3));
+      ++run;
     }
-  });
-  MESSAGE("largest relative error over the grid: ", worst);
-  // A long context across many splits, both kernels.
-  if (!quick) {
-    CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::general) < 1e-3);
-    CHECK(batch_error(128, 8, 8, 32, 4, 4, {40000, 7000}, 999, gpu_test::Kernel::byte_codes) < 1e-3);
+  }
+  MESSAGE(run, " case x kernel runs; largest relative error ", worst);
+  if (!quick()) {
+    // A long context across many splits, both kernels.
+    const test::AttentionCase long_case{.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 4,
+                                        .lengths = {40000, 7000}, .seed = 999};
+    for (gpu_test::Kernel kernel : both_kernels) {
+      CAPTURE(int(kernel));
+      CHECK(batch_error(long_case, kernel) < 1e-3);
+    }
     // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
     // where the value-rows mode's half precision shows first.
-    const double e = batch_error(128, 2, 8, 0, 0, 1, {70000}, 998, gpu_test::Kernel::byte_codes);
-    MESSAGE("70000 tokens, 2c8b, byte-code kernel: relative error ", e);
+    const double e = batch_error({.D = 128, .C = 2, .bits = 8, .window = 0, .sinks = 0, .group = 1, .lengths = {70000},
+                                  .seed = 998},
+                                 gpu_test::Kernel::lane_tables);
+    MESSAGE("70000 tokens, 2c8b, lane-tables kernel: relative error ", e);
     CHECK(e < 1e-3);
   }
 }
 
-TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte alignment match the CPU") {
+TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte alignment match the oracle") {
   // Engines may hand over codes and codebooks at any 4-byte-aligned address; the kernels then take
   // their 4-byte-load paths (codes) and scalar centroid rows (tables and product).
   require_device();
   for (const auto& [D, C] : {std::pair<std::size_t, std::size_t>{128, 8}, {128, 4}, {128, 2}, {64, 1}})
-    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
+    for (gpu_test::Kernel kernel : both_kernels) {
       CAPTURE(D);
       CAPTURE(C);
       CAPTURE(int(kernel));
-      CHECK(batch_error(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}, 77 + C, kernel, true) < 1e-3);
+      CHECK(batch_error({.D = D, .C = C, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {1 + C, 300, 2500},
+                         .seed = 77 + C},
+                        kernel, true) < 1e-3);
     }
 }
 
-TEST_CASE("cuda fused attention: value codebooks far outside half precision's range match the CPU") {
+TEST_CASE("cuda fused attention: value codebooks far outside half precision's range match the oracle") {
   // The 2c8b value-rows mode keeps centroids as half pairs, scaled per group by a power of two:
   // values near 1e6 would overflow half (65504) and values near 1e-6 would fall into its
   // subnormals (steps of 6e-8) without that scale.
@@ -210,8 +214,9 @@ TEST_CASE("cuda fused attention: value codebooks far outside half precision's ra
     for (std::size_t C : {2u, 8u}) {
       CAPTURE(value_scale);
       CAPTURE(C);
-      CHECK(batch_error(128, C, 8, 32, 4, 4, {37, 300, 2500}, 55 + C, gpu_test::Kernel::byte_codes, false, value_scale) <
-            1e-3);
+      CHECK(batch_error({.D = 128, .C = C, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {37, 300, 2500},
+                         .seed = 55 + C, .value_scale = value_scale},
+                        gpu_test::Kernel::lane_tables) < 1e-3);
     }
 }
 
@@ -224,44 +229,42 @@ TEST_CASE("cuda fused attention: a dominant full-precision sink leaves the coded
   // sink's split holds half the coded tokens or more.
   require_device();
   for (std::size_t C : {8u, 4u, 2u})
-    for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes}) {
+    for (gpu_test::Kernel kernel : both_kernels) {
       const std::size_t D = 128, n = 40000;
       const Codebook kcb = test::random_codebook(D, C, 8, 11), vcb = test::random_codebook(D, C, 8, 12);
-      gpu_test::Sequence seq;
-      seq.coded = std::uint32_t(n);
-      seq.dense = 1;
-      seq.key_codes.assign(1, std::vector<std::uint8_t>(packed_code_bytes(n, D / C, 8), 0));
-      seq.value_codes = seq.key_codes;
-      seq.dense_keys = test::random_normal(D, 13);
-      seq.dense_values = test::random_normal(D, 14);
+      const std::vector<std::uint8_t> codes(packed_code_bytes(n, D / C, 8), 0);
+      const std::vector<float> sink_key = test::random_normal(D, 13), sink_value = test::random_normal(D, 14);
       const double scale = 1.0 / std::sqrt(double(D));
       double sink_dot = 0.0, coded_dot = 0.0;  // k . k and k . centroid(code 0)
       for (std::size_t d = 0; d < D; ++d) {
-        sink_dot += double(seq.dense_keys[d]) * seq.dense_keys[d];
-        coded_dot += double(seq.dense_keys[d]) * kcb.centroid(d / C, 0, d % C);
+        sink_dot += double(sink_key[d]) * sink_key[d];
+        coded_dot += double(sink_key[d]) * kcb.centroid(d / C, 0, d % C);
       }
       REQUIRE(sink_dot > coded_dot);
       const double lambda = 13.4 / (scale * (sink_dot - coded_dot));
       std::vector<float> q(D);
-      for (std::size_t d = 0; d < D; ++d) q[d] = float(lambda * seq.dense_keys[d]);
+      for (std::size_t d = 0; d < D; ++d) q[d] = float(lambda * sink_key[d]);
       double s_sink = 0.0, s_coded = 0.0;  // the scores of the float query, in double
       for (std::size_t d = 0; d < D; ++d) {
-        s_sink += scale * double(q[d]) * seq.dense_keys[d];
+        s_sink += scale * double(q[d]) * sink_key[d];
         s_coded += scale * double(q[d]) * kcb.centroid(d / C, 0, d % C);
       }
       const double w = double(n) * std::exp(s_coded - s_sink);  // the coded tokens' total weight
       std::vector<double> expected(D);
       for (std::size_t d = 0; d < D; ++d)
-        expected[d] = (seq.dense_values[d] + w * vcb.centroid(d / C, 0, d % C)) / (1.0 + w);
+        expected[d] = (sink_value[d] + w * vcb.centroid(d / C, 0, d % C)) / (1.0 + w);
       constexpr int batch = 8, q_heads = 32;
+      gpu_test::HostBatch hb;
+      hb.q_heads = q_heads;
+      hb.views.assign(batch, zero_code_view(kcb, vcb, codes, n, &sink_key, &sink_value));
+      hb.lengths.assign(batch, n + 1);
       std::vector<float> qs;
       std::vector<double> all_expected;
       for (int i = 0; i < batch * q_heads; ++i) {
         qs.insert(qs.end(), q.begin(), q.end());
         all_expected.insert(all_expected.end(), expected.begin(), expected.end());
       }
-      const std::vector<float> got = gpu_test::attention({kcb}, {vcb}, std::vector<gpu_test::Sequence>(batch, seq), qs,
-                                                         q_heads, int(D), float(scale), kernel);
+      const std::vector<float> got = gpu_test::attention(hb, qs, float(scale), kernel);
       CAPTURE(C);
       CAPTURE(int(kernel));
       CHECK(test::relative_error(got.data(), all_expected) < 1e-3);
@@ -273,16 +276,17 @@ TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point 
   // entry per group collects all of them: the worst case of the fixed-point accumulation. The
   // output must be the value centroid of code 0, exactly up to rounding.
   require_device();
-  for (gpu_test::Kernel kernel : {gpu_test::Kernel::general, gpu_test::Kernel::byte_codes})
+  for (gpu_test::Kernel kernel : both_kernels)
     for (std::size_t C : {8u, 4u}) {
       const std::size_t D = 128, n = 40000;
       const Codebook kcb = test::random_codebook(D, C, 8, 1), vcb = test::random_codebook(D, C, 8, 2);
-      gpu_test::Sequence seq;
-      seq.coded = std::uint32_t(n);
-      seq.key_codes.assign(1, std::vector<std::uint8_t>(packed_code_bytes(n, D / C, 8), 0));
-      seq.value_codes = seq.key_codes;
+      const std::vector<std::uint8_t> codes(packed_code_bytes(n, D / C, 8), 0);
+      gpu_test::HostBatch hb;
+      hb.q_heads = 1;
+      hb.views = {zero_code_view(kcb, vcb, codes, n, nullptr, nullptr)};
+      hb.lengths = {n};
       const auto q = test::random_normal(D, 3);
-      const std::vector<float> got = gpu_test::attention({kcb}, {vcb}, {seq}, q, 1, int(D), 0.0f, kernel);
+      const std::vector<float> got = gpu_test::attention(hb, q, 0.0f, kernel);
       for (std::size_t d = 0; d < D; ++d) {
         CAPTURE(d);
         CAPTURE(int(kernel));
@@ -293,8 +297,8 @@ TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point 
 
 TEST_CASE("cuda batched k-means: MSE matches the CPU fit, objective never increases") {
   require_device();
-  const bool quick = std::getenv("CQ_CUDA_TEST_QUICK") != nullptr;  // smaller under compute-sanitizer
-  const int jobs = quick ? 1 : 3, n = quick ? 600 : 4000, dim = 32, C = 4, bits = quick ? 4 : 6, iters = quick ? 4 : 20;
+  const bool small = quick();  // smaller under compute-sanitizer
+  const int jobs = small ? 1 : 3, n = small ? 600 : 4000, dim = 32, C = 4, bits = small ? 4 : 6, iters = small ? 4 : 20;
   std::vector<float> x;
   for (int j = 0; j < jobs; ++j) {
     const auto part = synthetic_kv(n, dim, {.seed = 40u + std::uint64_t(j)});

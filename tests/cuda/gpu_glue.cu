@@ -1,6 +1,14 @@
+// cq's host headers (KVHeadView) bring Eigen's element types, whose defaulted __host__ __device__
+// members nvcc warns about (harmless; Eigen's code, not used on the device here).
+#pragma nv_diag_suppress 20012
 #include "gpu_glue.hpp"
 
+#include <cq/attention/problem.hpp>
 #include <cq/cuda/cuda.cuh>
+#pragma nv_diag_default 20012
+
+#include <algorithm>
+#include <utility>
 
 namespace cq::gpu_test {
 
@@ -33,75 +41,159 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
   return out.to_host();
 }
 
-std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
-                             const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, Kernel kernel, int* splits_used, bool misaligned) {
-  const int kv_heads = static_cast<int>(key_cb.size());
-  std::vector<cuda::DeviceCodebook> dk, dv;
-  std::vector<CodebookView> kviews, vviews;
-  for (int h = 0; h < kv_heads; ++h) {
-    dk.emplace_back(key_cb[h]);
-    dv.emplace_back(value_cb[h]);
-  }
-  for (int h = 0; h < kv_heads; ++h) {
-    kviews.push_back(dk[h].view());
-    vviews.push_back(dv[h].view());
-  }
-  // Misaligned: centroid tables one float, code buffers 4 bytes past the allocation's start.
-  std::vector<cuda::DeviceBuffer<float>> shifted_centroids;
-  if (misaligned)
-    for (int h = 0; h < kv_heads; ++h)
-      for (const auto& [cb, view] : {std::pair{&key_cb[h], &kviews[h]}, std::pair{&value_cb[h], &vviews[h]}}) {
-        shifted_centroids.emplace_back(cb->size() + 1);
-        shifted_centroids.back().upload(cb->data(), cb->size(), nullptr, 1);
-        view->centroids = shifted_centroids.back().data() + 1;
-      }
-  const std::size_t shift = misaligned ? 4 : 0;
-  auto device_codes = [&](const std::vector<std::uint8_t>& host) {
-    cuda::DeviceBuffer<std::uint8_t> d(host.size() + shift);
-    d.upload(host.data(), host.size(), nullptr, shift);
-    return d;
-  };
-  std::vector<cuda::DeviceBuffer<std::uint8_t>> code_bufs;
-  std::vector<cuda::DeviceBuffer<float>> dense_bufs;
-  std::vector<cuda::DeviceKVCodes> codes;
-  std::vector<cuda::DeviceSequence> seqs;
-  int max_coded = 0, max_dense = 0;
-  for (const Sequence& s : batch) {
-    for (int h = 0; h < kv_heads; ++h) {
-      code_bufs.push_back(device_codes(s.key_codes[h]));
-      code_bufs.push_back(device_codes(s.value_codes[h]));
-      codes.push_back({code_bufs[code_bufs.size() - 2].data() + shift, code_bufs.back().data() + shift});
+namespace {
+
+/// Everything an AttentionBatch built from host head views points to, in device memory.
+struct DeviceBatch {
+  std::vector<cuda::DeviceCodebook> key_codebooks, value_codebooks;
+  std::vector<cuda::DeviceBuffer<float>> shifted_centroids;  // misaligned copies
+  cuda::DeviceBuffer<cuda::DeviceCodebookView> key_views, value_views;
+  std::vector<cuda::DeviceBuffer<std::uint8_t>> code_buffers;
+  std::vector<cuda::DeviceBuffer<float>> full_rows;
+  cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
+  cuda::DeviceBuffer<cuda::DeviceSequence> sequences;
+  cuda::AttentionBatch batch;  // q and out left for the caller
+  cuda::AttentionShape shape;
+};
+
+/// What the last token of each sequence reads, checked against its views.
+std::vector<VisibleTokens> visible_parts(const HostBatch& hb) {
+  CQ_CHECK(!hb.lengths.empty() && !hb.views.empty() && hb.views.size() % hb.lengths.size() == 0,
+           "gpu_test: ", hb.views.size(), " head views for ", hb.lengths.size(), " sequences");
+  const std::size_t H = hb.views.size() / hb.lengths.size();
+  std::vector<VisibleTokens> vis;
+  for (std::size_t s = 0; s < hb.lengths.size(); ++s) {
+    CQ_CHECK(hb.lengths[s] >= 1, "gpu_test: sequence ", s, " is empty (no last token to attend from)");
+    for (std::size_t h = 0; h < H; ++h) {
+      const KVHeadView<float>& v = hb.views[s * H + h];
+      cq::detail::check_head_view(v, "gpu_test");
+      CQ_CHECK(v.rope == nullptr, "gpu_test: the GPU reads keys after RoPE");
+      CQ_CHECK(v.key_codebook.centroids == hb.views[h].key_codebook.centroids &&
+                   v.value_codebook.centroids == hb.views[h].value_codebook.centroids,
+               "gpu_test: the sequences of KV head ", h, " do not share its codebooks");
+      const VisibleTokens t = cq::detail::check_visible(v, hb.lengths[s] - 1, "gpu_test");
+      if (h == 0) vis.push_back(t);
     }
-    dense_bufs.emplace_back(s.dense_keys);
-    dense_bufs.emplace_back(s.dense_values);
-    seqs.push_back({s.coded, s.dense, dense_bufs[dense_bufs.size() - 2].data(), dense_bufs.back().data()});
-    max_coded = std::max(max_coded, int(s.coded));
-    max_dense = std::max(max_dense, int(s.dense));
   }
-  cuda::DeviceBuffer<CodebookView> dkv(kviews), dvv(vviews);
-  cuda::DeviceBuffer<cuda::DeviceKVCodes> dcodes(codes);
-  cuda::DeviceBuffer<cuda::DeviceSequence> dseqs(seqs);
+  return vis;
+}
+
+cuda::AttentionShape shape_of(const HostBatch& hb, const std::vector<VisibleTokens>& vis) {
+  const KVHeadView<float>& v = hb.views[0];
+  cuda::AttentionShape s;
+  s.batch = int(hb.lengths.size());
+  s.q_heads = hb.q_heads;
+  s.kv_heads = int(hb.views.size() / hb.lengths.size());
+  s.head_dim = int(v.head_dim);
+  s.key_channels = int(v.key_codebook.channels);
+  s.key_bits = v.key_codebook.bits;
+  s.value_channels = int(v.value_codebook.channels);
+  s.value_bits = v.value_codebook.bits;
+  for (const VisibleTokens& t : vis) {
+    s.max_coded = std::max(s.max_coded, int(t.coded()));
+    s.max_full = std::max(s.max_full, int(t.full()));
+  }
+  return s;
+}
+
+/// The one way the tests build a device batch: the codebooks of each KV head; per sequence and
+/// head the codes its last token reads, copied page by page into a contiguous buffer (the packed
+/// layout of a page is that of its tokens), and its sinks and window as [kv_head][full][D] rows.
+DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
+  const std::vector<VisibleTokens> vis = visible_parts(hb);
+  DeviceBatch d;
+  d.shape = shape_of(hb, vis);
+  const std::size_t B = hb.lengths.size(), H = std::size_t(d.shape.kv_heads), D = std::size_t(d.shape.head_dim);
+  std::vector<cuda::DeviceCodebookView> key_views, value_views;
+  for (std::size_t h = 0; h < H; ++h) {
+    d.key_codebooks.emplace_back(hb.views[h].key_codebook);
+    d.value_codebooks.emplace_back(hb.views[h].value_codebook);
+    key_views.push_back(d.key_codebooks.back().view());
+    value_views.push_back(d.value_codebooks.back().view());
+  }
+  if (misaligned)  // centroid tables one float past the allocation's start
+    for (std::size_t h = 0; h < H; ++h)
+      for (auto [cb, view] : {std::pair{&hb.views[h].key_codebook, &key_views[h]},
+                              std::pair{&hb.views[h].value_codebook, &value_views[h]}}) {
+        const std::size_t n = cb->groups * cb->num_centroids() * cb->channels;
+        d.shifted_centroids.emplace_back(n + 1);
+        d.shifted_centroids.back().upload(cb->centroids, n, nullptr, 1);
+        view->centroids = d.shifted_centroids.back().data() + 1;
+      }
+  d.key_views = cuda::DeviceBuffer<cuda::DeviceCodebookView>(key_views);
+  d.value_views = cuda::DeviceBuffer<cuda::DeviceCodebookView>(value_views);
+
+  const std::size_t shift = misaligned ? 4 : 0;  // code buffers 4 bytes past the allocation's start
+  auto device_codes = [&](const PagedCodesView& c, std::size_t coded) {
+    cuda::DeviceBuffer<std::uint8_t> buf(packed_code_bytes(coded, c.groups, c.bits) + shift);
+    for (std::size_t i = 0; i * c.page_tokens < coded; ++i) {
+      const std::size_t first = i * c.page_tokens, n = std::min(c.page_tokens, coded - first);
+      buf.upload(c.page(i).data, packed_code_bytes(n, c.groups, c.bits), nullptr,
+                 shift + packed_code_bytes(first, c.groups, c.bits));
+    }
+    return buf;
+  };
+  std::vector<cuda::DeviceKVCodes> codes;
+  std::vector<cuda::DeviceSequence> sequences;
+  for (std::size_t s = 0; s < B; ++s) {
+    const VisibleTokens& t = vis[s];
+    const std::size_t full = t.full();
+    std::vector<float> keys(H * full * D), values(H * full * D);  // [kv_head][full][D]
+    for (std::size_t h = 0; h < H; ++h) {
+      const KVHeadView<float>& v = hb.views[s * H + h];
+      // Coded tokens are code indices 0 .. coded - 1 (position sinks + i).
+      d.code_buffers.push_back(device_codes(v.key_codes, t.coded()));
+      d.code_buffers.push_back(device_codes(v.value_codes, t.coded()));
+      codes.push_back({d.code_buffers[d.code_buffers.size() - 2].data() + shift, d.code_buffers.back().data() + shift});
+      for (std::size_t j = 0; j < full; ++j) {  // the sinks, then the window
+        const std::size_t pos = j < t.sink_end ? j : t.window_begin + (j - t.sink_end);
+        const float* k = j < t.sink_end ? v.sink_keys.at(pos) : v.recent_keys.at(pos);
+        const float* x = j < t.sink_end ? v.sink_values.at(pos) : v.recent_values.at(pos);
+        std::copy_n(k, D, keys.begin() + std::ptrdiff_t((h * full + j) * D));
+        std::copy_n(x, D, values.begin() + std::ptrdiff_t((h * full + j) * D));
+      }
+    }
+    d.full_rows.emplace_back(keys);
+    d.full_rows.emplace_back(values);
+    sequences.push_back({std::uint32_t(t.coded()), std::uint32_t(full), d.full_rows[d.full_rows.size() - 2].data(),
+                         d.full_rows.back().data()});
+  }
+  d.codes = cuda::DeviceBuffer<cuda::DeviceKVCodes>(codes);
+  d.sequences = cuda::DeviceBuffer<cuda::DeviceSequence>(sequences);
+  cuda::AttentionBatch& b = d.batch;
+  b.batch = d.shape.batch;
+  b.q_heads = d.shape.q_heads;
+  b.kv_heads = d.shape.kv_heads;
+  b.head_dim = d.shape.head_dim;
+  b.codes = d.codes.data();
+  b.sequences = d.sequences.data();
+  b.key_codebooks = d.key_views.data();
+  b.value_codebooks = d.value_views.data();
+  return d;
+}
+
+}  // namespace
+
+bool lane_tables_serve(const HostBatch& batch) {
+  return cuda::detail::lane_tables_apply(shape_of(batch, visible_parts(batch)), cuda::DeviceLimits::current());
+}
+
+std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, float scale, Kernel kernel,
+                             bool misaligned, int* splits_used) {
+  DeviceBatch d = device_batch(hb, misaligned);
+  CQ_CHECK(q.size() == std::size_t(d.shape.batch) * d.shape.q_heads * d.shape.head_dim, "gpu_test: q has ", q.size(),
+           " floats for ", d.shape.batch, " sequences of ", d.shape.q_heads, " heads of ", d.shape.head_dim);
   cuda::DeviceBuffer<float> dq(q), dout(q.size());
-  cuda::AttentionBatch b;
-  b.batch = int(batch.size());
-  b.q_heads = q_heads;
-  b.kv_heads = kv_heads;
-  b.head_dim = head_dim;
-  b.codes = dcodes.data();
-  b.sequences = dseqs.data();
-  b.key_codebooks = dkv.data();
-  b.value_codebooks = dvv.data();
-  b.q = dq.data();
-  b.out = dout.data();
-  b.scale = scale;
+  d.batch.q = dq.data();
+  d.batch.out = dout.data();
+  d.batch.scale = scale;
   cuda::FusedAttention fa;
-  fa.set_kernel(kernel == Kernel::general      ? cuda::FusedAttention::Kernel::general
-                : kernel == Kernel::byte_codes ? cuda::FusedAttention::Kernel::byte_codes
-                                               : cuda::FusedAttention::Kernel::automatic);
-  fa.run(b, {q_heads, kv_heads, head_dim, int(key_cb[0].channels()), key_cb[0].bits(), int(value_cb[0].channels()),
-             value_cb[0].bits(), max_coded, max_dense});
-  if (splits_used) *splits_used = fa.last_splits();
+  fa.set_kernel(kernel == Kernel::general       ? cuda::AttentionKernel::general
+                : kernel == Kernel::lane_tables ? cuda::AttentionKernel::lane_tables
+                                                : cuda::AttentionKernel::automatic);
+  const cuda::AttentionPlan plan = fa.plan(d.shape);
+  fa.run(d.batch, plan);
+  if (splits_used) *splits_used = plan.splits;
   return dout.to_host();
 }
 

@@ -1,8 +1,9 @@
 #pragma once
-// Host-side entry points into the CUDA backend for the CUDA tests: plain host types in and out,
-// so the test file (compiled by the host compiler, with Eigen and doctest) never sees CUDA and
-// the .cu file (compiled by nvcc) never sees Eigen.
+// Host-side entry points into the CUDA backend for the CUDA tests: cq's host types in and out, so
+// the test file (compiled by the host compiler, with doctest) never sees CUDA and the .cu file
+// (compiled by nvcc) never sees doctest.
 
+#include <cq/attention/head_view.hpp>
 #include <cq/codebook.hpp>
 
 #include <cstdint>
@@ -21,22 +22,26 @@ void encode(const Codebook& cb, const std::vector<float>& x, std::size_t rows, s
 std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& codes, std::size_t tokens,
                           std::size_t first, std::size_t rows);
 
-/// One sequence of a batch: per KV head its packed key/value codes and full-precision rows.
-struct Sequence {
-  std::uint32_t coded = 0;
-  std::vector<std::vector<std::uint8_t>> key_codes, value_codes;  // [kv_head]
-  std::uint32_t dense = 0;
-  std::vector<float> dense_keys, dense_values;  // [kv_head][dense][head_dim]
+/// Which kernel FusedAttention runs (cq::cuda::AttentionKernel, without CUDA headers).
+enum class Kernel { automatic, general, lane_tables };
+
+/// A batch as the CPU holds it: one view per (sequence, KV head), sequence-major, as
+/// PagedKVCache::head_view returns them (keys after RoPE; every sequence of a KV head shares its
+/// codebooks), and each sequence's length. The GPU serves each sequence's last token.
+struct HostBatch {
+  std::vector<KVHeadView<float>> views;  // [sequence][kv_head]
+  std::vector<std::size_t> lengths;      // [sequence], each >= 1
+  int q_heads = 0;
 };
-/// Which kernel FusedAttention runs (cq::cuda::FusedAttention::Kernel, without CUDA headers).
-enum class Kernel { automatic, general, byte_codes };
-/// Fused attention for a batch; q is [batch][q_heads][head_dim]. Returns the output likewise.
-/// `misaligned` places every code buffer 4 bytes and every centroid table one float past a
-/// 16-byte boundary (the kernels' narrow-load paths).
-std::vector<float> attention(const std::vector<Codebook>& key_cb, const std::vector<Codebook>& value_cb,
-                             const std::vector<Sequence>& batch, const std::vector<float>& q, int q_heads, int head_dim,
-                             float scale, Kernel kernel = Kernel::automatic, int* splits_used = nullptr,
-                             bool misaligned = false);
+
+/// Whether the lane-tables kernel serves this batch on device 0 (the plan's own rule).
+bool lane_tables_serve(const HostBatch& batch);
+
+/// Fused attention on device 0 for the last token of each sequence; q and the result are
+/// [sequence][q_heads][head_dim]. `misaligned` places every code buffer 4 bytes and every
+/// centroid table one float past a 16-byte boundary (the kernels' narrow-load paths).
+std::vector<float> attention(const HostBatch& batch, const std::vector<float>& q, float scale,
+                             Kernel kernel = Kernel::automatic, bool misaligned = false, int* splits_used = nullptr);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

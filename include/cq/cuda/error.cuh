@@ -10,9 +10,10 @@ namespace cq::cuda {
 
 class CudaError : public Error {
  public:
-  CudaError(const char* call, cudaError_t code, const char* file, int line)
-      : Error(detail::concat("CUDA call ", call, " failed: ", cudaGetErrorName(code), " (", cudaGetErrorString(code),
-                             ") at ", file, ":", line)),
+  /// `what` failed: "call cudaMalloc(...)", "launch of encode_kernel", ...
+  CudaError(const char* what, cudaError_t code, const char* file, int line)
+      : Error(detail::concat("CUDA ", what, " failed: ", cudaGetErrorName(code), " (", cudaGetErrorString(code), ") at ",
+                             file, ":", line)),
         code_(code) {}
   cudaError_t code() const { return code_; }
 
@@ -22,13 +23,19 @@ class CudaError : public Error {
 
 }  // namespace cq::cuda
 
-/// Checks a CUDA runtime call; throws cq::cuda::CudaError on failure.
-#define CQ_CUDA_CHECK(call)                                                        \
-  do {                                                                             \
-    const cudaError_t cq_cuda_status_ = (call);                                    \
-    if (cq_cuda_status_ != cudaSuccess)                                            \
-      throw ::cq::cuda::CudaError(#call, cq_cuda_status_, __FILE__, __LINE__);     \
+/// Checks a CUDA runtime call; throws cq::cuda::CudaError naming the call on failure.
+#define CQ_CUDA_CHECK(call)                                                              \
+  do {                                                                                   \
+    const cudaError_t cq_cuda_status_ = (call);                                          \
+    if (cq_cuda_status_ != cudaSuccess)                                                  \
+      throw ::cq::cuda::CudaError("call " #call, cq_cuda_status_, __FILE__, __LINE__);   \
   } while (0)
 
-/// Checks the launch just made (configuration errors surface here; faults at the next sync).
-#define CQ_CUDA_CHECK_LAUNCH(kernel_name) CQ_CUDA_CHECK(cudaPeekAtLastError() /* launch of kernel_name */)
+/// Checks the launch of `kernel` just made (configuration errors surface here; faults at the next
+/// sync); throws cq::cuda::CudaError naming the kernel.
+#define CQ_CUDA_CHECK_LAUNCH(kernel)                                                         \
+  do {                                                                                       \
+    const cudaError_t cq_cuda_status_ = cudaPeekAtLastError();                               \
+    if (cq_cuda_status_ != cudaSuccess)                                                      \
+      throw ::cq::cuda::CudaError("launch of " #kernel, cq_cuda_status_, __FILE__, __LINE__); \
+  } while (0)

@@ -16,6 +16,7 @@
 /// agree in MSE, not bit for bit.
 
 #include "cq/codebook.hpp"
+#include "cq/cuda/channels.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/nearest.cuh"
@@ -235,14 +236,8 @@ inline void fit_codebooks_batched(const float* x, const float* weights, int jobs
                                                                   d2.data(), centroids, objective);
     CQ_CUDA_CHECK_LAUNCH(kmeans_kernel);
   };
-  switch (channels) {
-    case 1: launch(detail::kmeans_kernel<1>); break;
-    case 2: launch(detail::kmeans_kernel<2>); break;
-    case 4: launch(detail::kmeans_kernel<4>); break;
-    case 8: launch(detail::kmeans_kernel<8>); break;
-    case 16: launch(detail::kmeans_kernel<16>); break;
-    default: cq::detail::fail("cuda fit: C = ", channels, " is not supported (1, 2, 4, 8 or 16)");
-  }
+  if (!detail::with_channels<1, 2, 4, 8, 16>(channels, [&]<int C>() { launch(detail::kmeans_kernel<C>); }))
+    cq::detail::fail("cuda fit: C = ", channels, " is not supported (1, 2, 4, 8 or 16)");
   CQ_CUDA_CHECK(cudaStreamSynchronize(stream));  // d2 is freed on return
 }
 

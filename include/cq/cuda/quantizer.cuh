@@ -8,6 +8,8 @@
 /// (token, group) gathers the centroid. Both support C in {1, 2, 4, 8, 16, 32} and 1..16 bits.
 
 #include "cq/codebook.hpp"
+#include "cq/cuda/channels.cuh"
+#include "cq/cuda/codebook.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/detail/checked.hpp"
 #include "cq/cuda/nearest.cuh"
@@ -27,8 +29,7 @@ namespace detail {
 inline constexpr int encode_warps = 4;  // warps per block, each on its own 32-token block
 
 template <int C, bool Shared>
-__global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std::size_t rows, std::size_t stride,
-                              std::uint8_t* __restrict__ codes, std::size_t first) {
+__global__ void encode_kernel(DeviceCodebookView cb, const float* __restrict__ x, std::size_t rows, std::size_t stride, std::uint8_t* __restrict__ codes, std::size_t first) {
   extern __shared__ float smem[];
   const unsigned g = blockIdx.y;
   const unsigned K = 1u << cb.bits;
@@ -77,7 +78,7 @@ __global__ void encode_kernel(CodebookView cb, const float* __restrict__ x, std:
 }
 
 template <int C>
-__global__ void decode_kernel(CodebookView cb, const std::uint8_t* __restrict__ codes, std::size_t tokens,
+__global__ void decode_kernel(DeviceCodebookView cb, const std::uint8_t* __restrict__ codes, std::size_t tokens,
                               std::size_t first, std::size_t rows, float* __restrict__ out, std::size_t stride) {
   const std::size_t groups = cb.groups;
   const std::size_t K = std::size_t{1} << cb.bits;
@@ -93,25 +94,19 @@ __global__ void decode_kernel(CodebookView cb, const std::uint8_t* __restrict__ 
   }
 }
 
+/// The channel counts the encoder and decoder are instantiated for.
 template <class F>
-void dispatch_channels(std::size_t C, F&& f) {
-  switch (C) {
-    case 1: return f.template operator()<1>();
-    case 2: return f.template operator()<2>();
-    case 4: return f.template operator()<4>();
-    case 8: return f.template operator()<8>();
-    case 16: return f.template operator()<16>();
-    case 32: return f.template operator()<32>();
-    default: cq::detail::fail("CUDA backend: C = ", C, " channels per group is not supported (1, 2, 4, 8, 16 or 32)");
-  }
+void with_codec_channels(std::size_t C, F&& f) {
+  if (!with_channels<1, 2, 4, 8, 16, 32>(C, f))
+    cq::detail::fail("CUDA backend: C = ", C, " channels per group is not supported (1, 2, 4, 8, 16 or 32)");
 }
 
 }  // namespace detail
 
 /// Encodes rows x (rows, dim; device memory, row stride `stride` floats) into tokens
 /// [first, first + rows) of the packed codes at `codes` (device memory, `tokens` tokens).
-inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std::size_t stride, std::uint8_t* codes,
-                   std::size_t tokens, std::size_t first, cudaStream_t stream = nullptr) {
+inline void encode(const DeviceCodebookView& cb, const float* x, std::size_t rows, std::size_t stride,
+                   std::uint8_t* codes, std::size_t tokens, std::size_t first, cudaStream_t stream = nullptr) {
   check_code_bits(cb.bits, "cuda::encode: codebook");
   CQ_CHECK(cq::detail::checked_add(first, rows, "cuda::encode: first + rows") <= tokens, "cuda::encode: rows [", first,
            ", ", first + rows, ") exceed ", tokens, " tokens");
@@ -123,7 +118,7 @@ inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std
   const dim3 grid(static_cast<unsigned>(cq::detail::checked_limit(grid_x, INT_MAX, "cuda::encode: grid x (token blocks)")),
                   static_cast<unsigned>(cq::detail::checked_limit(cb.groups, 65535, "cuda::encode: grid y (groups)")));
   const std::size_t K = cb.num_centroids();
-  detail::dispatch_channels(cb.channels, [&]<int C>() {
+  detail::with_codec_channels(cb.channels, [&]<int C>() {
     const std::size_t smem = K * C * sizeof(float);
     if (smem <= 48 * 1024) {
       detail::encode_kernel<C, true><<<grid, 32 * detail::encode_warps, smem, stream>>>(cb, x, rows, stride, codes, first);
@@ -135,7 +130,7 @@ inline void encode(const CodebookView& cb, const float* x, std::size_t rows, std
 }
 
 /// Decodes tokens [first, first + rows) of packed codes (device) into out (rows, dim; device).
-inline void decode(const CodebookView& cb, const std::uint8_t* codes, std::size_t tokens, std::size_t first,
+inline void decode(const DeviceCodebookView& cb, const std::uint8_t* codes, std::size_t tokens, std::size_t first,
                    std::size_t rows, float* out, std::size_t stride, cudaStream_t stream = nullptr) {
   check_code_bits(cb.bits, "cuda::decode: codebook");
   CQ_CHECK(cq::detail::checked_add(first, rows, "cuda::decode: first + rows") <= tokens, "cuda::decode: tokens [",
@@ -145,7 +140,7 @@ inline void decode(const CodebookView& cb, const std::uint8_t* codes, std::size_
   if (rows == 0) return;
   const std::size_t work = cq::detail::checked_mul(rows, cb.groups, "cuda::decode: rows x groups");
   const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>(work / 256 + (work % 256 != 0), 65535));
-  detail::dispatch_channels(cb.channels, [&]<int C>() {
+  detail::with_codec_channels(cb.channels, [&]<int C>() {
     detail::decode_kernel<C><<<blocks, 256, 0, stream>>>(cb, codes, tokens, first, rows, out, stride);
     CQ_CUDA_CHECK_LAUNCH(decode_kernel);
   });

@@ -1,0 +1,50 @@
+#pragma once
+/// The split combine (flash-decoding): a (sequence, query head) whose tokens were cut into splits
+/// gets one partial state per split, laid out [split][2 + D] as (reference, weight sum, D partial
+/// outputs), each relative to its own reference; the combine moves them to the largest reference of
+/// the splits that have weight and divides the summed outputs by the summed weights -- the merge
+/// rule of cq/attention/softmax_state.hpp, which every merge on the GPU uses. Both kernels'
+/// splits end here: the lane-tables kernel through combine_kernel, the general kernel through its
+/// merge kernel (general/merge.cuh), which also sums the splits' histograms.
+
+#include "cq/attention/softmax_state.hpp"
+#include "cq/cuda/attention/params.cuh"
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstddef>
+
+namespace cq::cuda::detail {
+
+/// The reference the splits (at `src`, [split][2 + D]) merge at: the largest of those with weight.
+__device__ inline float largest_split_reference(const float* src, int splits, int D) {
+  float m = -FLT_MAX;
+  for (int s = 0; s < splits; ++s) m = softmax_common_reference(m, src[s * (2 + D)], src[s * (2 + D) + 1]);
+  return m;
+}
+/// Adds every split's output channel d and weight sum, moved to reference m, to num and den.
+__device__ inline void merge_splits(const float* src, int splits, int D, int d, float m, float& num, float& den) {
+  for (int s = 0; s < splits; ++s) {
+    const float* ps = src + s * (2 + D);
+    const SoftmaxState part{ps[0], ps[1]};
+    if (part.empty()) continue;  // contributes nothing; its outputs are not read
+    const float f = softmax_merge_factor(part.ref, part.sum, m);
+    num = fmaf(f, ps[2 + d], num);
+    den = fmaf(f, part.sum, den);
+  }
+}
+
+/// Merges the splits of every (sequence, query head): out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s.
+__global__ void combine_kernel(AttentionBatch p, int splits, const float* __restrict__ partial) {
+  const int bh = blockIdx.x, D = p.head_dim;
+  const float* src = partial + std::size_t(bh) * splits * (2 + D);
+  const float m = largest_split_reference(src, splits, D);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float num = 0.0f, den = 0.0f;
+    merge_splits(src, splits, D, d, m, num, den);
+    p.out[std::size_t(bh) * D + d] = den > 0.0f ? num / den : 0.0f;
+  }
+}
+
+}  // namespace cq::cuda::detail
