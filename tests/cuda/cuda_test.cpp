@@ -174,16 +174,14 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
   MESSAGE(run, " case x kernel runs; largest relative error ", worst);
   if (!quick()) {
     // A long context across many splits, both kernels.
-    const test::AttentionCase long_case{.D = 128, .C = 8, .bits = 8, .window = 32, .sinks = 4, .group = 4,
-                                        .lengths = {40000, 7000}, .seed = 999};
+    const test::AttentionCase long_case = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {40000, 7000}).with_seed(999);
     for (gpu_test::Kernel kernel : both_kernels) {
       CAPTURE(int(kernel));
       CHECK(batch_error(long_case, kernel) < 1e-3);
     }
     // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
     // where the value-rows mode's half precision shows first.
-    const double e = batch_error({.D = 128, .C = 2, .bits = 8, .window = 0, .sinks = 0, .group = 1, .lengths = {70000},
-                                  .seed = 998},
+    const double e = batch_error(test::AttentionCase::of(128, 2, 8, 0, 0, 1, {70000}).with_seed(998),
                                  gpu_test::Kernel::lane_tables);
     MESSAGE("70000 tokens, 2c8b, lane-tables kernel: relative error ", e);
     CHECK(e < 1e-3);
@@ -199,9 +197,8 @@ TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte al
       CAPTURE(D);
       CAPTURE(C);
       CAPTURE(int(kernel));
-      CHECK(batch_error({.D = D, .C = C, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {1 + C, 300, 2500},
-                         .seed = 77 + C},
-                        kernel, true) < 1e-3);
+      CHECK(batch_error(test::AttentionCase::of(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}).with_seed(77 + C), kernel, true) <
+            1e-3);
     }
 }
 
@@ -214,9 +211,9 @@ TEST_CASE("cuda fused attention: value codebooks far outside half precision's ra
     for (std::size_t C : {2u, 8u}) {
       CAPTURE(value_scale);
       CAPTURE(C);
-      CHECK(batch_error({.D = 128, .C = C, .bits = 8, .window = 32, .sinks = 4, .group = 4, .lengths = {37, 300, 2500},
-                         .seed = 55 + C, .value_scale = value_scale},
-                        gpu_test::Kernel::lane_tables) < 1e-3);
+      test::AttentionCase c = test::AttentionCase::of(128, C, 8, 32, 4, 4, {37, 300, 2500}).with_seed(55 + C);
+      c.value_scale = value_scale;
+      CHECK(batch_error(c, gpu_test::Kernel::lane_tables) < 1e-3);
     }
 }
 
