@@ -130,6 +130,40 @@ double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, bool m
   return test::relative_error(got.data(), ref);
 }
 
+// The lane-tables kernel on a one-sequence case: the error against the oracle, divided by the norm
+// of the output and by the norm of the weighted sums of |values| (the oracle over the same keys
+// with each value centroid replaced by its magnitude).
+std::pair<double, double> half_sum_error(const test::AttentionCase& c) {
+  const auto cc = test::build_case<float>(c);
+  REQUIRE(cc.seqs.size() == 1);
+  const GpuCase g = gpu_case(c, cc);
+  const std::vector<float> got = gpu_attention(c, g, gpu_test::Kernel::lane_tables);
+  const std::size_t n = cc.cache->length(cc.seqs[0]);
+  const float scale = 1.0f / std::sqrt(float(c.D));
+  double err = 0.0, norm = 0.0, abs_norm = 0.0;
+  for (std::size_t h = 0; h < c.kv_heads; ++h) {
+    const KVHeadView<float> view = cc.cache->head_view(0, cc.seqs[0], h);
+    const CodebookView& vc = view.value_codebook;
+    std::vector<float> cent(vc.centroids, vc.centroids + vc.groups * vc.num_centroids() * vc.channels);
+    std::vector<float> trans(vc.transposed, vc.transposed + vc.groups * vc.channels * vc.padded_centroids);
+    for (float& x : cent) x = std::fabs(x);
+    for (float& x : trans) x = std::fabs(x);
+    KVHeadView<float> abs_view = view;
+    abs_view.value_codebook.centroids = cent.data();
+    abs_view.value_codebook.transposed = trans.data();
+    const float* q = cc.q.data() + h * c.group * c.D;
+    const auto ref = test::oracle_attend(view, q, c.group, n - 1, scale);
+    const auto abs_ref = test::oracle_attend(abs_view, q, c.group, n - 1, scale);
+    const float* out = got.data() + h * c.group * c.D;
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+      err += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
+      norm += ref[i] * ref[i];
+      abs_norm += abs_ref[i] * abs_ref[i];
+    }
+  }
+  return {std::sqrt(err / norm), std::sqrt(err / abs_norm)};
+}
+
 constexpr gpu_test::Kernel both_kernels[] = {gpu_test::Kernel::general, gpu_test::Kernel::lane_tables};
 
 // One sequence of `n` coded tokens that all carry code 0 (keys and values), after `sinks` (0 or
@@ -180,11 +214,16 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
       CHECK(batch_error(long_case, kernel) < 1e-3);
     }
     // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
-    // where the value-rows mode's half precision shows first.
-    const double e = batch_error(test::AttentionCase::of(128, 2, 8, 0, 0, 1, {70000}).with_seed(998),
-                                 gpu_test::Kernel::lane_tables);
-    MESSAGE("70000 tokens, 2c8b, lane-tables kernel: relative error ", e);
-    CHECK(e < 1e-3);
+    // where the value-rows mode's half precision shows first. Its products of weights and centroids
+    // in half carry an error bounded by the unit roundoff times sum_i w_i |v_i|, which is larger than
+    // |sum_i w_i v_i| the more the centroids cancel; so the error is measured against that sum (the
+    // oracle over the same keys with |centroids| as values), the forward bound of a half-precision
+    // weighted sum, and reported against the output's own norm too.
+    const auto [e_out, e_abs] = half_sum_error(test::AttentionCase::of(128, 2, 8, 0, 0, 1, {70000}).with_seed(998));
+    MESSAGE("70000 tokens, 2c8b, lane-tables kernel: error / ||out|| ", e_out, ", error / ||sum w |v| || ", e_abs);
+    // The kernel adds the rounding's mean back (prologue.cuh), so what is left is well under one
+    // half-precision unit roundoff (2^-11): an eighth of it is the bound.
+    CHECK(e_abs < 0x1p-14);
   }
 }
 
