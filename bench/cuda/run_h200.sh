@@ -11,9 +11,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 echo "== cuda tests"
 "$b/tests/cq_cuda_tests" 2>&1 | tail -n 25 | tee "$OUT/cuda_tests.log"
 echo "== compute-sanitizer (reduced grid)"
+# racecheck leaves out the k-means tests: under it their many launches outlast the time limit.
+# When the k-means kernels change, run them alone under racecheck (-tc='*k-means*', no timeout).
 for tool in memcheck racecheck; do
+  filter=()
+  [ "$tool" = racecheck ] && filter=(-tce='*k-means*')
   CQ_CUDA_TEST_QUICK=1 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 3 "$b/tests/cq_cuda_tests" \
-    > "$OUT/sanitizer_$tool.log" 2>&1
+    "${filter[@]}" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer_$tool.log") clean summaries)"
   tail -n 4 "$OUT/sanitizer_$tool.log"
 done

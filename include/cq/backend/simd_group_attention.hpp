@@ -20,6 +20,15 @@
 #include <limits>
 #include <memory>
 
+// 16-lane vectors pass between these inline helpers also when only AVX2 is enabled (two registers
+// each); GCC notes that such a vector's ABI would differ under AVX-512. That matters only when
+// translation units built for different instruction sets share these inline functions, which a
+// header-only SIMD library rules out anyway (one instruction set per program; see the README).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace cq::backend {
 
 /// N floats as one GCC/Clang vector. (Spelled as explicit specialisations: GCC drops
@@ -294,3 +303,7 @@ struct SimdGroupOps {
 };
 
 }  // namespace cq::backend
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
