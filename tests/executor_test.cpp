@@ -20,14 +20,6 @@
 #include <unistd.h>
 #endif
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define CQ_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define CQ_TEST_SANITIZED 1
-#endif
-#endif
-
 using namespace cq;
 
 namespace {
@@ -97,7 +89,7 @@ TEST_CASE("ThreadPool: a worker that cannot start stops and joins the started on
 }
 
 TEST_CASE("ThreadPool(100000) under an address-space limit throws cq::Error naming the count") {
-#if defined(CQ_TEST_SANITIZED) || !defined(__unix__)
+#if CQ_TEST_SANITIZED || !defined(__unix__)  // CQ_TEST_SANITIZED: test_util.hpp
   MESSAGE("skipped: needs fork and an address-space limit, which sanitizers' shadow memory cannot live under");
 #else
   const pid_t pid = fork();
