@@ -352,22 +352,14 @@ class HeadAttention {
     }
   }
 
-  // The key codes of tokens [first, first + n) (n <= superblock), token-major (n, groups), in sc.
-  const std::uint32_t* token_codes(const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
-                                   PieceScratch& sc) const {
-    const std::size_t G = kv_.key_codebook.groups;
-    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
-    std::uint32_t* cd = sc.codes.data();
-    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
-    return cd;
-  }
-
   // Decodes n pre-RoPE coded keys into rows (n, head_dim) and rotates each to its position.
   void decode_rotated(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper,
                       float* rows, PieceScratch& sc) const {
     const CodebookView& kcb = kv_.key_codebook;
     const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
-    const std::uint32_t* cd = token_codes(codes, first, n, sc);
+    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
+    std::uint32_t* cd = sc.codes.data();
+    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
     for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
       float* k = rows + i * D;
       for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + cd[i * G + g]) * C, C, k + g * C);
@@ -384,7 +376,9 @@ class HeadAttention {
                    float* scores, std::size_t head_stride, std::size_t token_stride, PieceScratch& sc) const {
     const CodebookView& kcb = kv_.key_codebook;
     const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
-    const std::uint32_t* cd = token_codes(codes, first, n, sc);
+    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
+    std::uint32_t* cd = sc.codes.data();
+    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
     for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
       const std::uint32_t* code = cd + i * G;
       for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
