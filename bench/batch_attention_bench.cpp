@@ -18,22 +18,13 @@ namespace {
 constexpr std::size_t kv_heads = 8, q_heads = 32, D = 128, seqs = 16, tokens = 4096;
 
 struct Fixture {
-  KVCodebooks cb{1, kv_heads, D, {{{8, 8}, {8, 8}}}, KeyRope::post};
+  KVCodebooks cb = bench::synthetic_kv_codebooks(kv_heads, 8, KeyRope::post, 6);
   std::unique_ptr<PagedKVCache<half>> cache;
   std::vector<SeqId> ids;
   std::vector<std::size_t> indptr;
   std::vector<float> q, out;
   ThreadPool pool{2};
   Fixture() {
-    const auto rows = synthetic_kv(8192, D, {.seed = 3});
-    for (std::size_t h = 0; h < kv_heads; ++h) {
-      Codebook k(D, 8, 8), v(D, 8, 8);
-      FitOptions o;
-      o.iterations = 6;
-      fit_codebook(k, ConstMatrixView<float>(rows.data(), 8192, D), {}, o);
-      fit_codebook(v, ConstMatrixView<float>(rows.data(), 8192, D), {}, o);
-      cb.set(0, h, std::move(k), std::move(v));
-    }
     PagedCacheOptions opt;
     opt.window = 32;
     cache = std::make_unique<PagedKVCache<half>>(cb, MemoryPlan(cb, opt, sizeof(half)).pool_for(seqs, tokens, 512));

@@ -7,6 +7,8 @@
 //   ./build/bench/cq_decode_bench --q 8 --kv 1 --ctx 32768 --threads 2 [--pre-rope] [--reps 200]
 //                                 [--method fused|histogram|centroids|dequantize] [--C 8]
 
+#include "bench_util.hpp"
+
 #include <cq/cq.hpp>
 
 #include <algorithm>
@@ -39,17 +41,7 @@ int main(int argc, char** argv) {
     }
   }
   constexpr std::size_t D = 128;
-  // Codebooks fitted on synthetic KV-like rows (their values do not change the work done).
-  const auto train = synthetic_kv(8192, D, {.seed = 3});
-  KVCodebooks cb(1, kv_heads, D, {{{C, 8}, {C, 8}}}, pre_rope ? KeyRope::pre : KeyRope::post);
-  for (std::size_t h = 0; h < kv_heads; ++h) {
-    Codebook k(D, C, 8), v(D, C, 8);
-    FitOptions o;
-    o.iterations = 4;
-    fit_codebook(k, ConstMatrixView<float>(train.data(), 8192, D), {}, o);
-    fit_codebook(v, ConstMatrixView<float>(train.data(), 8192, D), {}, o);
-    cb.set(0, h, std::move(k), std::move(v));
-  }
+  const KVCodebooks cb = bench::synthetic_kv_codebooks(kv_heads, C, pre_rope ? KeyRope::pre : KeyRope::post, 4);
   PagedCacheOptions opt;
   opt.window = 32;
   opt.pre_rope_keys = pre_rope;
