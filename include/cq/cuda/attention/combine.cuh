@@ -17,21 +17,26 @@
 
 namespace cq::cuda::detail {
 
+// The two helpers below spell out softmax_common_reference and softmax_merge_factor as a branch
+// taken before a split's reference is read: the calls, whose arguments load every split's
+// reference up front, compiled this loop into slower code (the split combine is on the critical
+// path of short decodes). Same rule: empty splits (weight sum not > 0) are skipped.
+
 /// The reference the splits (at `src`, [split][2 + D]) merge at: the largest of those with weight.
 __device__ inline float largest_split_reference(const float* src, int splits, int D) {
   float m = -FLT_MAX;
-  for (int s = 0; s < splits; ++s) m = softmax_common_reference(m, src[s * (2 + D)], src[s * (2 + D) + 1]);
+  for (int s = 0; s < splits; ++s)
+    if (src[s * (2 + D) + 1] > 0.0f) m = fmaxf(m, src[s * (2 + D)]);
   return m;
 }
 /// Adds every split's output channel d and weight sum, moved to reference m, to num and den.
 __device__ inline void merge_splits(const float* src, int splits, int D, int d, float m, float& num, float& den) {
   for (int s = 0; s < splits; ++s) {
     const float* ps = src + s * (2 + D);
-    const SoftmaxState part{ps[0], ps[1]};
-    if (part.empty()) continue;  // contributes nothing; its outputs are not read
-    const float f = softmax_merge_factor(part.ref, part.sum, m);
+    if (!(ps[1] > 0.0f)) continue;  // empty: contributes nothing; its outputs are not read
+    const float f = softmax_exp(ps[0] - m);
     num = fmaf(f, ps[2 + d], num);
-    den = fmaf(f, part.sum, den);
+    den = fmaf(f, ps[1], den);
   }
 }
 
