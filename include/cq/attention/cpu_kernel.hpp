@@ -275,7 +275,7 @@ class HeadAttention {
       if (decode_values) Backend::decode(kv_.value_codebook, vc, in_page, MatrixView<float>(vrows, n, D));
       if (decode_keys && kv_.rope)
         for (std::size_t i = 0; i < n; ++i, stepper->advance()) rope_rotate_stepped(*kv_.rope, *stepper, krows + i * D);
-      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc.scores.data(), superblock, 1, sc);
+      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc.scores.data(), sc);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
         if (use_lut) {
@@ -371,9 +371,9 @@ class HeadAttention {
   // centroids are copied into one scratch row, rotated to the token's position and dotted with
   // each head's query. (Decoding a step of rows first, then rotating it in place, made three
   // passes over 256 KiB of rows through L2.)
-  // Head h's score of token i goes to scores[h * head_stride + i * token_stride].
+  // Head h's score of token i goes to scores[h * superblock + i].
   void rope_scores(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper, float* k,
-                   float* scores, std::size_t head_stride, std::size_t token_stride, PieceScratch& sc) const {
+                   float* scores, PieceScratch& sc) const {
     const CodebookView& kcb = kv_.key_codebook;
     const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
     sc.codes.resize(std::max(sc.codes.size(), superblock * G));
@@ -384,7 +384,7 @@ class HeadAttention {
       for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
       rope_rotate_stepped(*kv_.rope, stepper, k);
       for (std::size_t h = 0; h < heads_; ++h)
-        scores[h * head_stride + i * token_stride] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
+        scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
     }
   }
 
