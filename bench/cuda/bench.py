@@ -2,7 +2,7 @@
 """Times PyTorch's fp16 scaled_dot_product_attention and cq's fused CQ attention on the same decode
 shapes, in one process with the same CUDA events, and cq's batched GPU calibration.
 
-    python3 bench/cuda/bench.py --lib build-h200/bench/cuda/libcq_cuda_bench.so [--quick] [--json OUT.json]
+    python3 bench/cuda/bench.py --lib build-h200/bench/cuda/libcq_cuda_bench.so [--quick | --gqa-grid] [--json OUT.json]
 
 Decode attention: D = 128, one query token per sequence, window 32 (cq) / all tokens (SDPA).
 Reported: median of `--reps` timed calls after warm-up; bandwidth = bytes the call must read
@@ -73,11 +73,13 @@ def main():
     ap.add_argument("--lib", required=True)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="B=16, 32K, MHA only, plus the time split")
+    ap.add_argument("--gqa-grid", action="store_true",
+                    help="the model-shape grid: batch 1/4/16/64 x heads 32/32, 32/8, 64/8, 28/4 x 4K/32K/128K")
     ap.add_argument("--json")
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--split-tokens", type=int, default=0, help="cq's longest split (0: its default)")
     ap.add_argument("--sweep-splits", action="store_true", help="time B=16 MHA 32K at several split lengths")
-    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables kernel")
+    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables, 3: grouped-rows kernel")
     a = ap.parse_args()
     lib = load(a.lib)
     dev = torch.cuda.get_device_properties(0)
@@ -87,8 +89,14 @@ def main():
     stream = torch.cuda.current_stream().cuda_stream
     results = {"device": dev.name, "copy_bw": bw, "rows": [], "split": None}
 
-    shapes = [(16, 32, 32, 32768)] if a.quick else [
-        (b, hq, hkv, ctx) for b in (1, 16, 64) for (hq, hkv) in ((32, 32), (32, 8)) for ctx in (4096, 32768, 131072)]
+    if a.quick:
+        shapes = [(16, 32, 32, 32768)]
+    elif a.gqa_grid:  # GQA as LLaMA-3-8B (32/8), LLaMA-3-70B (64/8), Qwen2-7B (28/4)
+        shapes = [(b, hq, hkv, ctx) for (hq, hkv) in ((32, 32), (32, 8), (64, 8), (28, 4)) for b in (1, 4, 16, 64)
+                  for ctx in (4096, 32768, 131072)]
+    else:
+        shapes = [(b, hq, hkv, ctx) for b in (1, 16, 64) for (hq, hkv) in ((32, 32), (32, 8))
+                  for ctx in (4096, 32768, 131072)]
     configs = [(8, 8), (4, 8), (2, 8)]
     print("\n| B | q/kv heads | ctx | SDPA fp16 ms | config | cq ms | speedup | cq GB/s | % of roofline | splits |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -119,7 +127,7 @@ def main():
             roof = nbytes / bw * 1e3
             row = dict(B=B, q_heads=hq, kv_heads=hkv, ctx=ctx, config=f"{C}c{bits}b", sdpa_ms=sdpa_ms, cq_ms=ms,
                        bytes=nbytes, gbs=gbs, roofline_ms=roof, splits=lib.cqb_splits(h), head_group=lib.cqb_head_group(h),
-                       shared_bytes=lib.cqb_shared_bytes(h), kernel=["auto", "general", "lane-tables"][lib.cqb_kernel(h)])
+                       shared_bytes=lib.cqb_shared_bytes(h), kernel=["auto", "general", "lane-tables", "grouped-rows"][lib.cqb_kernel(h)])
             results["rows"].append(row)
             sp = f"{sdpa_ms / ms:.1f}x" if sdpa_ms else "—"
             sd = f"{sdpa_ms:.3f}" if sdpa_ms else "(no memory)"

@@ -175,9 +175,9 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
   last_error = e.what();
   return 1;
 }
-/// 0: automatic, 1: the general kernel, 2: the lane-tables kernel (cq::cuda::AttentionKernel).
+/// 0: automatic, 1: the general kernel, 2: the lane-tables kernel, 3: the grouped-rows kernel (cq::cuda::AttentionKernel).
 int cqb_set_kernel(void* handle, int kernel) try {
-  CQ_CHECK(kernel >= 0 && kernel <= 2, "cqb_set_kernel: kernel ", kernel, " is not 0, 1 or 2");
+  CQ_CHECK(kernel >= 0 && kernel <= 3, "cqb_set_kernel: kernel ", kernel, " is not 0, 1, 2 or 3");
   auto* h = static_cast<Handle*>(handle);
   h->fa.set_kernel(static_cast<cuda::AttentionKernel>(kernel));
   h->plan = h->fa.plan(h->shape);

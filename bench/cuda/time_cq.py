@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--lib", required=True)
     ap.add_argument("--shape", default="16,32,32,32768", help="batch, query heads, KV heads, context")
     ap.add_argument("--C", type=int, default=8, help="channels per group (8-bit codes)")
-    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables kernel")
+    ap.add_argument("--kernel", type=int, default=0, help="0: automatic, 1: general, 2: lane-tables, 3: grouped-rows kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--chain", type=int, default=1, help="runs per timed interval (reported per run)")

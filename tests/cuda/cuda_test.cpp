@@ -165,6 +165,9 @@ std::pair<double, double> half_sum_error(const test::AttentionCase& c) {
 }
 
 constexpr gpu_test::Kernel both_kernels[] = {gpu_test::Kernel::general, gpu_test::Kernel::lane_tables};
+// With the grouped-rows kernel (half-precision operands: kept out of the exactness tests below).
+constexpr gpu_test::Kernel all_kernels[] = {gpu_test::Kernel::general, gpu_test::Kernel::lane_tables,
+                                            gpu_test::Kernel::grouped_rows};
 
 // One sequence of `n` coded tokens that all carry code 0 (keys and values), after `sinks` (0 or
 // 1) full-precision sink rows, no window: the synthetic batches of the fixed-point tests.
@@ -186,9 +189,9 @@ KVHeadView<float> zero_code_view(const Codebook& kcb, const Codebook& vcb, const
 
 }  // namespace
 
-TEST_CASE("cuda fused attention matches the oracle over the shared attention cases, both kernels") {
+TEST_CASE("cuda fused attention matches the oracle over the shared attention cases, every kernel") {
   require_device();
-  double worst = 0.0;
+  double worst = 0.0, worst_grouped = 0.0;
   std::size_t run = 0;
   for (const test::AttentionCase& c : test::attention_cases(quick() ? 12 : 1)) {
     // The GPU reads keys after RoPE and serves one query per sequence.
@@ -196,20 +199,23 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     const auto cc = test::build_case<float>(c);
     const GpuCase g = gpu_case(c, cc);
     // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
-    // the plan admits) also through the lane-tables kernel.
-    for (gpu_test::Kernel kernel : both_kernels) {
-      if (kernel == gpu_test::Kernel::lane_tables && !gpu_test::lane_tables_serve(g.batch)) continue;
+    // the plan admits) also through the lane-tables kernel, and those at head_dim 128 with 2, 4
+    // or 8 channels and groups of up to 16 heads through the grouped-rows kernel.
+    for (gpu_test::Kernel kernel : all_kernels) {
+      if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
       CAPTURE(c.name());
       CAPTURE(int(kernel));
-      worst = std::max(worst, test::check_against_oracle(c, cc, gpu_attention(c, g, kernel), 1e-3));
+      const double e = test::check_against_oracle(c, cc, gpu_attention(c, g, kernel), 1e-3);
+      double& w = kernel == gpu_test::Kernel::grouped_rows ? worst_grouped : worst;
+      w = std::max(w, e);
       ++run;
     }
   }
-  MESSAGE(run, " case x kernel runs; largest relative error ", worst);
+  MESSAGE(run, " case x kernel runs; largest relative error ", worst, " (grouped-rows kernel: ", worst_grouped, ")");
   if (!quick()) {
-    // A long context across many splits, both kernels.
+    // A long context across many splits, every kernel.
     const test::AttentionCase long_case = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {40000, 7000}).with_seed(999);
-    for (gpu_test::Kernel kernel : both_kernels) {
+    for (gpu_test::Kernel kernel : all_kernels) {
       CAPTURE(int(kernel));
       CHECK(batch_error(long_case, kernel) < 1e-3);
     }
@@ -232,12 +238,13 @@ TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte al
   // their 4-byte-load paths (codes) and scalar centroid rows (tables and product).
   require_device();
   for (const auto& [D, C] : {std::pair<std::size_t, std::size_t>{128, 8}, {128, 4}, {128, 2}, {64, 1}})
-    for (gpu_test::Kernel kernel : both_kernels) {
+    for (gpu_test::Kernel kernel : all_kernels) {
+      const test::AttentionCase c = test::AttentionCase::of(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}).with_seed(77 + C);
+      if (!gpu_test::kernel_serves(kernel, gpu_case(c, test::build_case<float>(c)).batch)) continue;
       CAPTURE(D);
       CAPTURE(C);
       CAPTURE(int(kernel));
-      CHECK(batch_error(test::AttentionCase::of(D, C, 8, 32, 4, 4, {1 + C, 300, 2500}).with_seed(77 + C), kernel, true) <
-            1e-3);
+      CHECK(batch_error(c, kernel, true) < 1e-3);
     }
 }
 

@@ -177,6 +177,14 @@ DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
 bool lane_tables_serve(const HostBatch& batch) {
   return cuda::detail::lane_tables_apply(shape_of(batch, visible_parts(batch)), cuda::DeviceLimits::current());
 }
+bool grouped_rows_serve(const HostBatch& batch) {
+  return cuda::detail::grouped_rows_apply(shape_of(batch, visible_parts(batch)), cuda::DeviceLimits::current());
+}
+bool kernel_serves(Kernel kernel, const HostBatch& batch) {
+  return kernel == Kernel::lane_tables    ? lane_tables_serve(batch)
+         : kernel == Kernel::grouped_rows ? grouped_rows_serve(batch)
+                                          : true;
+}
 
 std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, float scale, Kernel kernel,
                              bool misaligned, int* splits_used) {
@@ -188,9 +196,10 @@ std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, f
   d.batch.out = dout.data();
   d.batch.scale = scale;
   cuda::FusedAttention fa;
-  fa.set_kernel(kernel == Kernel::general       ? cuda::AttentionKernel::general
-                : kernel == Kernel::lane_tables ? cuda::AttentionKernel::lane_tables
-                                                : cuda::AttentionKernel::automatic);
+  fa.set_kernel(kernel == Kernel::general        ? cuda::AttentionKernel::general
+                : kernel == Kernel::lane_tables  ? cuda::AttentionKernel::lane_tables
+                : kernel == Kernel::grouped_rows ? cuda::AttentionKernel::grouped_rows
+                                                 : cuda::AttentionKernel::automatic);
   const cuda::AttentionPlan plan = fa.plan(d.shape);
   fa.run(d.batch, plan);
   if (splits_used) *splits_used = plan.splits;

@@ -23,7 +23,7 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
                           std::size_t first, std::size_t rows);
 
 /// Which kernel FusedAttention runs (cq::cuda::AttentionKernel, without CUDA headers).
-enum class Kernel { automatic, general, lane_tables };
+enum class Kernel { automatic, general, lane_tables, grouped_rows };
 
 /// A batch as the CPU holds it: one view per (sequence, KV head), sequence-major, as
 /// PagedKVCache::head_view returns them (keys after RoPE; every sequence of a KV head shares its
@@ -36,6 +36,10 @@ struct HostBatch {
 
 /// Whether the lane-tables kernel serves this batch on device 0 (the plan's own rule).
 bool lane_tables_serve(const HostBatch& batch);
+/// Whether the grouped-rows kernel serves this batch on device 0 (the plan's own rule).
+bool grouped_rows_serve(const HostBatch& batch);
+/// Whether `kernel` serves this batch on device 0 (general and automatic: always).
+bool kernel_serves(Kernel kernel, const HostBatch& batch);
 
 /// Fused attention on device 0 for the last token of each sequence; q and the result are
 /// [sequence][q_heads][head_dim]. `misaligned` places every code buffer 4 bytes and every

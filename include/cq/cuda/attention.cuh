@@ -1,11 +1,13 @@
 #pragma once
 /// Fused decode attention on CQ codes for a batch of sequences (one query token each), on the GPU.
 ///
-/// Two kernels serve it (include/cq/cuda/attention/): 8-bit codes with 16, 32 or 64 groups
+/// Three kernels serve it (include/cq/cuda/attention/): 8-bit codes with 16, 32 or 64 groups
 /// (CQ-2c8b, 4c8b, 8c8b at D = 128) take the lane-tables kernel (lane_tables/: lane-private
-/// tables, no bank conflicts); every other configuration takes the general kernel (general/:
-/// shared score tables and u32 histograms, any code width). Splits of long contexts are merged
-/// flash-decoding style (combine.cuh, general/merge.cuh).
+/// tables, no bank conflicts, lookups per query head), or, for large GQA groups, the grouped-rows
+/// kernel (grouped_rows/: rows decoded once per KV head, tensor cores for the group's heads);
+/// every other configuration takes the general kernel (general/: shared score tables and u32
+/// histograms, any code width). Splits of long contexts are merged flash-decoding style
+/// (combine.cuh, general/merge.cuh).
 ///
 /// plan(shape) chooses the kernel, splits and shared memory once per batch shape (plan.cuh);
 /// run(batch, plan, stream) only launches, so a decode step can be captured in a CUDA graph.
@@ -38,6 +40,21 @@ inline void launch(const AttentionBatch& batch, const AttentionPlan& plan, void*
                    unsigned stages) {
   auto* base = static_cast<unsigned char*>(workspace);
   auto at = [&](std::size_t offset) { return offset == no_buffer ? nullptr : reinterpret_cast<float*>(base + offset); };
+  if (plan.kernel == AttentionKernel::grouped_rows) {
+    const GroupedRowsLaunch& g = plan.grouped_rows;
+    float* partial = at(g.partial);
+    unsigned char* codebooks = base + g.codebooks;
+    half_codebooks_kernel<<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
+        batch, plan.shape.key_channels, plan.shape.value_channels, codebooks);
+    CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
+    g.kernel<<<g.grid, GroupedRowsConfig::threads, plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
+    CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
+    if (plan.splits > 1) {
+      combine_kernel<<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
+      CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+    }
+    return;
+  }
   if (plan.kernel == AttentionKernel::lane_tables) {
     const LaneTablesLaunch& t = plan.lane_tables;
     float* partial = at(t.partial);

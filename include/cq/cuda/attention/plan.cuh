@@ -9,9 +9,11 @@
 #include "cq/cuda/attention/general/layout.cuh"
 #include "cq/cuda/attention/general/lut.cuh"
 #include "cq/cuda/attention/general/merge.cuh"
+#include "cq/cuda/attention/grouped_rows/plan.cuh"
 #include "cq/cuda/attention/lane_tables/kernel.cuh"
 #include "cq/cuda/attention/lane_tables/layout.cuh"
 #include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/attention/plan_base.cuh"
 #include "cq/cuda/channels.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/error.hpp"
@@ -24,48 +26,11 @@
 
 namespace cq::cuda {
 
-/// Which kernel a plan runs (the benchmark's integer ids: 0, 1, 2).
-enum class AttentionKernel {
-  automatic,    // the lane-tables kernel where it applies, else the general one
-  general,      // any code width and group count (attention/general/)
-  lane_tables,  // 8-bit codes with 16, 32 or 64 groups (attention/lane_tables/)
-};
-
-/// What a plan is made for: the batch's heads, codebooks and longest sequence.
-struct AttentionShape {
-  int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
-  int key_channels = 0, key_bits = 0, value_channels = 0, value_bits = 0;
-  int max_coded = 0;  // longest coded length in the batch
-  int max_full = 0;   // most full-precision tokens of any sequence
-  friend bool operator==(const AttentionShape&, const AttentionShape&) = default;
-};
-
-/// The device's limits planning reads.
-struct DeviceLimits {
-  int shared_max = 0;       // opt-in dynamic shared memory per block
-  int multiprocessors = 0;
-  int reserved_shared = 0;  // shared memory the driver reserves per block
-
-  /// The current device's.
-  static DeviceLimits current() {
-    DeviceLimits d;
-    int device = 0;
-    CQ_CUDA_CHECK(cudaGetDevice(&device));
-    CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-    CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.reserved_shared, cudaDevAttrReservedSharedMemoryPerBlock, device));
-    return d;
-  }
-};
-
 namespace detail {
 
 using GeneralKernelFn = void (*)(AttentionBatch, GeneralLayout, int, const float*, float*, unsigned*, float*, unsigned);
 using GeneralMergeFn = void (*)(AttentionBatch, int, int, int, float, const float*, const unsigned*, float*);
 using LaneTablesKernelFn = void (*)(AttentionBatch, LaneTablesLayout, float*, unsigned);
-
-/// A workspace offset for a buffer a plan does not use.
-constexpr std::size_t no_buffer = ~std::size_t{0};
 
 /// How to launch the general kernel: score tables, main kernel, merge. Offsets are bytes into
 /// the workspace.
@@ -88,34 +53,6 @@ struct LaneTablesLaunch {
   LaneTablesKernelFn kernel = nullptr;
   std::size_t partial = 0;
 };
-
-/// Fixed-point scale of the histograms: a split of n tokens sums at most n weights <= 1, so the
-/// scale is the largest power of two with n x scale < 2^32 (2^19 for 4096 tokens).
-inline float hist_unit_for(int split_tokens) {
-  int log2n = 0;
-  while ((1 << log2n) < split_tokens) ++log2n;
-  return float(1ull << (31 - log2n));
-}
-
-/// Room for `bytes` more in a workspace of `*size` bytes: returns their offset (256-byte aligned,
-/// as cudaMalloc's buffers are) and grows *size.
-inline std::size_t reserve(std::size_t* size, std::size_t bytes) {
-  const std::size_t at = (*size + 255) / 256 * 256;
-  *size = at + bytes;
-  return at;
-}
-
-/// Lets `kernel` use `bytes` of dynamic shared memory with the largest shared carveout (raising
-/// the limit only: plans of other shapes may need more).
-inline void allow_shared(const void* kernel, std::size_t bytes, bool carveout) {
-  if (carveout)
-    CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       cudaSharedmemCarveoutMaxShared));
-  cudaFuncAttributes attr{};
-  CQ_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (std::size_t(attr.maxDynamicSharedSizeBytes) < bytes)
-    CQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
 
 /// Calls f.template operator()<GK, GV>() for the shape's key and value group counts; false if
 /// either is not 16, 32 or 64.
@@ -169,7 +106,7 @@ inline bool lane_tables_apply(const AttentionShape& s, const DeviceLimits& dev) 
 /// FusedAttention::run without allocating.
 struct AttentionPlan {
   AttentionShape shape;
-  AttentionKernel kernel = AttentionKernel::automatic;  // general or lane_tables
+  AttentionKernel kernel = AttentionKernel::automatic;  // general, lane_tables or grouped_rows
   int splits = 0;                  // splits of the longest sequence's coded tokens
   int head_group = 0;              // query heads per block
   std::size_t shared_bytes = 0;    // dynamic shared memory of the main kernel's blocks
@@ -177,6 +114,7 @@ struct AttentionPlan {
   void* workspace = nullptr;       // the caller's, or null: the FusedAttention's own
   detail::GeneralLaunch general;
   detail::LaneTablesLaunch lane_tables;
+  detail::GroupedRowsLaunch grouped_rows;
 };
 
 namespace detail {
@@ -312,8 +250,9 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   plan.workspace_bytes = ws;
 }
 
-/// Checks a shape and plans it on `dev`: the lane-tables kernel where it applies (or is forced),
-/// else the general kernel. Workspace offsets only; the caller attaches the memory.
+/// Checks a shape and plans it on `dev`: the grouped-rows kernel where it is preferred (or
+/// forced), the lane-tables kernel where it applies (or is forced), else the general kernel.
+/// Workspace offsets only; the caller attaches the memory.
 inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev, AttentionKernel choice,
                                int max_split_tokens) {
   CQ_CHECK(s.batch > 0 && s.head_dim > 0, "cuda attention: batch ", s.batch, " and head_dim ", s.head_dim,
@@ -335,7 +274,19 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
            s.head_dim / s.value_channels, " groups, ", dev.reserved_shared, " reserved bytes");
   AttentionPlan plan;
   plan.shape = s;
-  if (choice != AttentionKernel::general && lanes_ok) {
+  const bool grouped = choice == AttentionKernel::grouped_rows ||
+                       (choice == AttentionKernel::automatic && grouped_rows_apply(s, dev) && grouped_rows_preferred(s, dev));
+  if (grouped) {
+    CQ_CHECK(grouped_rows_apply(s, dev), "cuda attention: the grouped-rows kernel needs 8-bit key and value codes ",
+             "with 2, 4 or 8 channels per group, head_dim 128, at most 16 query heads per KV head and the shared ",
+             "memory for ", s.max_full, " full-precision tokens; got ", s.key_bits, "/", s.value_bits, " bits, ",
+             s.key_channels, "/", s.value_channels, " channels, head_dim ", s.head_dim, ", ", s.q_heads / s.kv_heads,
+             " heads per KV head");
+    plan.splits = plan_grouped_rows(s, dev, max_split_tokens, plan.grouped_rows, &plan.workspace_bytes);
+    plan.kernel = AttentionKernel::grouped_rows;
+    plan.head_group = s.q_heads / s.kv_heads;
+    plan.shared_bytes = GroupedRowsConfig::shared_bytes(s.max_full);
+  } else if (choice != AttentionKernel::general && lanes_ok) {
     with_lane_groups(s, [&]<int GK, int GV>() {
       // 2-channel value groups at D = 128: value rows summed in registers (no histograms).
       if constexpr (GV == 64)

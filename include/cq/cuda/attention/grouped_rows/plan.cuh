@@ -1,0 +1,86 @@
+#pragma once
+/// Planning the grouped-rows kernel (kernel.cuh): where it serves, where the automatic choice
+/// takes it, its instantiation, splits and workspace.
+
+#include "cq/cuda/attention/grouped_rows/kernel.cuh"
+#include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/attention/plan_base.cuh"
+#include "cq/error.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+
+namespace cq::cuda::detail {
+
+using GroupedRowsKernelFn = void (*)(AttentionBatch, GroupedRowsLayout, const unsigned char*, float*);
+
+/// How to launch the grouped-rows kernel (and the split combine when there are several splits).
+struct GroupedRowsLaunch {
+  GroupedRowsLayout layout{};
+  dim3 grid;
+  GroupedRowsKernelFn kernel = nullptr;
+  std::size_t partial = 0;
+  std::size_t codebooks = 0;  // the KV heads' half-precision codebooks (HalfCodebooks)
+};
+
+/// Whether the grouped-rows kernel serves a shape on this device (instantiated for equal key and
+/// value channels: CQ-2c8b, 4c8b, 8c8b).
+inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev) {
+  const int c = s.key_channels;
+  return s.head_dim == GroupedRowsConfig::head_dim && s.key_bits == 8 && s.value_bits == 8 &&
+         (c == 2 || c == 4 || c == 8) && s.value_channels == c &&
+         s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group &&
+         GroupedRowsConfig::shared_bytes(s.max_full) <= std::size_t(dev.shared_max);
+}
+
+/// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
+/// it measured faster on the H200 (docs/design/cuda-attention.md, "The grouped-rows kernel"):
+/// groups of 7 or more query heads with enough (sequence, KV head) blocks to fill the device, at
+/// 2c8b; at 4c8b from 8 heads; at 8c8b from 8 heads and up to 8K coded tokens.
+inline bool grouped_rows_preferred(const AttentionShape& s, const DeviceLimits& dev) {
+  const int group = s.q_heads / s.kv_heads, c = s.key_channels;
+  if (group < 7 || (long long)s.batch * s.kv_heads < dev.multiprocessors / 2) return false;
+  return c == 2 || (group >= 8 && (c == 4 || s.max_coded <= 8192));
+}
+
+/// Calls f.template operator()<C>() for the shape's channels per group (2, 4 or 8; keys and
+/// values alike).
+template <class F>
+void with_grouped_channels(const AttentionShape& s, F&& f) {
+  switch (s.key_channels) {
+    case 2: return f.template operator()<2>();
+    case 4: return f.template operator()<4>();
+    default: return f.template operator()<8>();
+  }
+}
+
+/// The grouped-rows kernel's plan: one block per (sequence, KV head, split), one block per
+/// multiprocessor (the codebooks fill its shared memory); splits until the blocks fill a wave,
+/// at least 256 tokens each (two rounds of the warps' tiles).
+/// Fills `g`; returns the splits. Shared memory: GroupedRowsConfig::shared_bytes(s.max_full);
+/// workspace: `*workspace` bytes (partial states, then the half-precision codebooks).
+inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens,
+                             GroupedRowsLaunch& g, std::size_t* workspace) {
+  with_grouped_channels(s, [&]<int C>() { g.kernel = grouped_rows_kernel<C, C>; });
+  const std::size_t smem = GroupedRowsConfig::shared_bytes(s.max_full);
+  allow_shared(reinterpret_cast<const void*>(g.kernel), smem, true);
+  const long long items = (long long)s.batch * s.kv_heads;
+  CQ_CHECK(items <= 65535, "cuda attention: batch x kv_heads ", items, " exceeds 65535");
+  long long splits = max_split_tokens ? (s.max_coded + max_split_tokens - 1LL) / max_split_tokens
+                                      : std::min<long long>((dev.multiprocessors + items - 1) / items, s.max_coded / 256);
+  splits = std::max(1LL, splits);
+  g.layout.split_tokens = int(std::max(32LL, ((s.max_coded + splits - 1) / splits + 31) / 32 * 32));
+  splits = std::max(1, (s.max_coded + g.layout.split_tokens - 1) / g.layout.split_tokens);
+  CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
+  g.layout.full_cap = s.max_full;
+  g.grid = dim3(unsigned(splits), unsigned(items));
+  std::size_t ws = 0;
+  g.partial = reserve(&ws, std::size_t(s.batch) * s.q_heads * splits * (2 + s.head_dim) * sizeof(float));
+  g.codebooks = reserve(&ws, std::size_t(s.kv_heads) * HalfCodebooks::bytes);
+  *workspace = ws;
+  return int(splits);
+}
+
+}  // namespace cq::cuda::detail
