@@ -174,16 +174,12 @@ DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
 
 }  // namespace
 
-bool lane_tables_serve(const HostBatch& batch) {
-  return cuda::detail::lane_tables_apply(shape_of(batch, visible_parts(batch)), cuda::DeviceLimits::current());
-}
-bool grouped_rows_serve(const HostBatch& batch) {
-  return cuda::detail::grouped_rows_apply(shape_of(batch, visible_parts(batch)), cuda::DeviceLimits::current());
-}
 bool kernel_serves(Kernel kernel, const HostBatch& batch) {
-  return kernel == Kernel::lane_tables    ? lane_tables_serve(batch)
-         : kernel == Kernel::grouped_rows ? grouped_rows_serve(batch)
-                                          : true;
+  if (kernel != Kernel::lane_tables && kernel != Kernel::grouped_rows) return true;
+  const cuda::AttentionShape shape = shape_of(batch, visible_parts(batch));
+  const cuda::DeviceLimits dev = cuda::DeviceLimits::current();
+  return kernel == Kernel::lane_tables ? cuda::detail::lane_tables_apply(shape, dev)
+                                       : cuda::detail::grouped_rows_apply(shape, dev);
 }
 
 std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, float scale, Kernel kernel,

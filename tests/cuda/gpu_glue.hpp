@@ -34,11 +34,8 @@ struct HostBatch {
   int q_heads = 0;
 };
 
-/// Whether the lane-tables kernel serves this batch on device 0 (the plan's own rule).
-bool lane_tables_serve(const HostBatch& batch);
-/// Whether the grouped-rows kernel serves this batch on device 0 (the plan's own rule).
-bool grouped_rows_serve(const HostBatch& batch);
-/// Whether `kernel` serves this batch on device 0 (general and automatic: always).
+/// Whether `kernel` serves this batch on device 0 (the plan's own rule; general and automatic:
+/// always).
 bool kernel_serves(Kernel kernel, const HostBatch& batch);
 
 /// Fused attention on device 0 for the last token of each sequence; q and the result are

@@ -272,16 +272,16 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
            "and value codes with 16, 32 or 64 groups, head_dim <= 256, the shared memory and 1 KiB of reserved shared ",
            "memory per block; got ", s.key_bits, "/", s.value_bits, " bits, ", s.head_dim / s.key_channels, "/",
            s.head_dim / s.value_channels, " groups, ", dev.reserved_shared, " reserved bytes");
+  const bool grouped_ok = grouped_rows_apply(s, dev);
+  CQ_CHECK(choice != AttentionKernel::grouped_rows || grouped_ok, "cuda attention: the grouped-rows kernel needs ",
+           "8-bit key and value codes with 2, 4 or 8 channels per group, head_dim 128, at most 16 query heads per KV ",
+           "head and the shared memory for ", s.max_full, " full-precision tokens; got ", s.key_bits, "/", s.value_bits,
+           " bits, ", s.key_channels, "/", s.value_channels, " channels, head_dim ", s.head_dim, ", ",
+           s.q_heads / s.kv_heads, " heads per KV head");
   AttentionPlan plan;
   plan.shape = s;
-  const bool grouped = choice == AttentionKernel::grouped_rows ||
-                       (choice == AttentionKernel::automatic && grouped_rows_apply(s, dev) && grouped_rows_preferred(s, dev));
-  if (grouped) {
-    CQ_CHECK(grouped_rows_apply(s, dev), "cuda attention: the grouped-rows kernel needs 8-bit key and value codes ",
-             "with 2, 4 or 8 channels per group, head_dim 128, at most 16 query heads per KV head and the shared ",
-             "memory for ", s.max_full, " full-precision tokens; got ", s.key_bits, "/", s.value_bits, " bits, ",
-             s.key_channels, "/", s.value_channels, " channels, head_dim ", s.head_dim, ", ", s.q_heads / s.kv_heads,
-             " heads per KV head");
+  if (choice == AttentionKernel::grouped_rows ||
+      (choice == AttentionKernel::automatic && grouped_ok && grouped_rows_preferred(s, dev))) {
     plan.splits = plan_grouped_rows(s, dev, max_split_tokens, plan.grouped_rows, &plan.workspace_bytes);
     plan.kernel = AttentionKernel::grouped_rows;
     plan.head_group = s.q_heads / s.kv_heads;
