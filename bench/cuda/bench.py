@@ -35,6 +35,7 @@ def load(path):
     lib.cqb_shared_bytes.argtypes = [ctypes.c_void_p]
     lib.cqb_destroy.argtypes = [ctypes.c_void_p]
     lib.cqb_set_split_tokens.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.cqb_set_pages.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.cqb_last_error.restype = ctypes.c_char_p
     lib.cqb_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.cqb_calibrate.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]

@@ -2,12 +2,16 @@
 // same CUDA events in one process. Everything here is device-side setup: synthetic KV-like data,
 // codebooks fitted by cq's batched GPU k-means, codes from cq's GPU encoder.
 
+#include <cq/cache/layout.hpp>
 #include <cq/cuda/cuda.cuh>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -60,6 +64,10 @@ struct Handle {
   std::vector<cuda::DeviceBuffer<std::uint8_t>> code_bufs;
   cuda::DeviceBuffer<float> full;
   cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
+  std::vector<cuda::DeviceKVCodes> contiguous;         // each (sequence, KV head)'s own buffers
+  std::vector<std::uint8_t> host_kcodes, host_vcodes;  // the one head's codes every buffer copies
+  cuda::DeviceBuffer<std::uint8_t> pool;               // cqb_set_pages: the code pages
+  cuda::DeviceBuffer<std::uint32_t> page_table;
   cuda::DeviceBuffer<cuda::DeviceSequence> seqs;
   cuda::DeviceBuffer<float> q, out;
   cuda::AttentionBatch batch_desc;
@@ -80,7 +88,8 @@ const char* cqb_last_error() { return last_error.c_str(); }
 void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits, int window) try {
   constexpr int D = 128;
   auto h = std::make_unique<Handle>();
-  *h = Handle{batch, q_heads, kv_heads, ctx, C, bits, window, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 0};
+  h->batch = batch, h->q_heads = q_heads, h->kv_heads = kv_heads, h->ctx = ctx, h->C = C, h->bits = bits;
+  h->window = window;
   const int coded = ctx - window;
   // One head's keys and values; codebooks fitted on them by the GPU k-means (10 iterations).
   cuda::DeviceBuffer<float> kv_rows(std::size_t(2) * coded * D);
@@ -122,6 +131,9 @@ void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits,
       codes.push_back({h->code_bufs[h->code_bufs.size() - 2].data(), h->code_bufs.back().data()});
     }
   h->codes = cuda::DeviceBuffer<cuda::DeviceKVCodes>(codes);
+  h->contiguous = codes;
+  h->host_kcodes = kcodes.to_host();
+  h->host_vcodes = vcodes.to_host();
   // Window rows: [batch][2 (K, V)][kv_heads][window][D].
   const std::size_t per_seq = std::size_t(2) * kv_heads * window * D;
   h->full = cuda::DeviceBuffer<float>(std::max<std::size_t>(1, batch * per_seq));
@@ -170,6 +182,55 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
   auto* h = static_cast<Handle*>(handle);
   h->fa.set_max_split_tokens(tokens);
   h->plan = h->fa.plan(h->shape);
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+/// Moves the codes into pages of `page_tokens` tokens (a multiple of 32) with the CPU cache's
+/// layout (cache/layout.hpp: per page, every KV head's key run, then its value run), the pages of
+/// all sequences shuffled over one pool (an engine's pool after some churn; `in_order`: each
+/// sequence's pages consecutive instead), read through page tables; 0 goes back to each (sequence,
+/// KV head)'s contiguous buffers.
+int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
+  auto* h = static_cast<Handle*>(handle);
+  CQ_CHECK(page_tokens >= 0 && page_tokens % 32 == 0, "cqb_set_pages: ", page_tokens, " is not a multiple of 32");
+  if (page_tokens == 0) {
+    h->codes.upload(h->contiguous.data(), h->contiguous.size());
+    CQ_CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
+  const std::size_t G = std::size_t(128 / h->C), coded = std::size_t(h->ctx - h->window), P = std::size_t(page_tokens);
+  const std::size_t block_bytes = packed_code_bytes(block_tokens, G, h->bits);
+  const CodePageLayout cl{P, std::size_t(h->kv_heads), block_bytes, block_bytes};
+  const std::size_t per_seq = (coded + P - 1) / P, pages = std::size_t(h->batch) * per_seq;
+  std::vector<std::uint32_t> ids(pages);
+  std::iota(ids.begin(), ids.end(), 0u);
+  if (!in_order) std::shuffle(ids.begin(), ids.end(), std::mt19937(5));
+  std::vector<std::uint8_t> pool(pages * cl.page_bytes(), 0);
+  for (std::size_t p = 0; p < pages; ++p) {
+    const std::size_t i = p % per_seq, first = i * P * G, n = std::min(P, coded - i * P);
+    const std::size_t bytes = packed_code_bytes(n, G, h->bits);
+    for (std::size_t kvh = 0; kvh < std::size_t(h->kv_heads); ++kvh) {
+      std::memcpy(pool.data() + ids[p] * cl.page_bytes() + cl.key_offset(kvh), h->host_kcodes.data() + first, bytes);
+      std::memcpy(pool.data() + ids[p] * cl.page_bytes() + cl.value_offset(kvh), h->host_vcodes.data() + first, bytes);
+    }
+  }
+  h->pool = cuda::DeviceBuffer<std::uint8_t>(pool);
+  h->page_table = cuda::DeviceBuffer<std::uint32_t>(ids);  // sequence s's pages: [s x per_seq, ...)
+  std::vector<cuda::DeviceKVCodes> codes;
+  for (std::size_t s = 0; s < std::size_t(h->batch); ++s)
+    for (std::size_t kvh = 0; kvh < std::size_t(h->kv_heads); ++kvh) {
+      cuda::DeviceKVCodes c;
+      c.key_codes = h->pool.data() + cl.key_offset(kvh);
+      c.value_codes = h->pool.data() + cl.value_offset(kvh);
+      c.pages = h->page_table.data() + s * per_seq;
+      c.page_blocks = std::uint32_t(P / block_tokens);
+      c.page_bytes = cl.page_bytes();
+      codes.push_back(c);
+    }
+  h->codes.upload(codes.data(), codes.size());
+  CQ_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;
 } catch (const std::exception& e) {
   last_error = e.what();

@@ -4,15 +4,18 @@ A/B driver behind the kernel-version tables of docs/design/cuda-attention.md. Bu
 and after a change) and run this once per library in the same device call.
 
     python3 bench/cuda/time_cq.py --lib LIB.so [--shape B,HQ,HKV,CTX] [--C 8] [--kernel 2] [--stages] [--chain N]
+                                  [--pages P [--rounds R] [--in-order]]
 
 --stages also times the stage subsets bench.py uses for its time split (stage bits: 1 score tables,
 2 key scan, 4 value histograms, 8 window, 16 histogram x codebook). --chain N times N runs issued
 back to back between two events and reports the time per run: the GPU's time, without the host's
 launch latency that a single short run waits for (both matter to a decode step; they differ at
-batch 1 and short contexts).
+batch 1 and short contexts). --pages P times the same codes in contiguous buffers and in pages of P
+tokens (shuffled over the pool, or each sequence's in order with --in-order), alternating for R rounds, and checks that both give the same output.
 """
 
 import argparse
+import ctypes
 
 import torch
 
@@ -28,6 +31,11 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--chain", type=int, default=1, help="runs per timed interval (reported per run)")
+    ap.add_argument("--pages", type=int, default=0,
+                    help="also time the codes in shuffled pages of this many tokens, alternating with contiguous "
+                         "buffers for --rounds rounds (and check both give the same output)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--in-order", action="store_true", help="each sequence's pages consecutive (default: shuffled)")
     a = ap.parse_args()
     lib = bench.load(a.lib)
     B, hq, hkv, ctx = (int(x) for x in a.shape.split(","))
@@ -40,6 +48,25 @@ def main():
         for _ in range(a.chain):
             lib.cqb_run(h, stages, stream)
 
+    if a.pages:
+        outs, times = {}, {0: [], a.pages: []}
+        for r in range(a.rounds):
+            for p in (0, a.pages):
+                if lib.cqb_set_pages(h, p, int(a.in_order)):
+                    raise SystemExit(lib.cqb_last_error().decode())
+                times[p].append(bench.median_ms(lambda: runs(31), a.reps) / a.chain)
+                if r == 0:
+                    buf = (ctypes.c_float * (B * hq * 128))()
+                    lib.cqb_output(h, buf)
+                    outs[p] = list(buf)
+        same = outs[0] == outs[a.pages]
+        med = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+        print(f"C={a.C} {a.shape}: contiguous {med[0]:.4f} ms, pages of {a.pages}{' in order' if a.in_order else ''} "
+              f"{med[a.pages]:.4f} ms, "
+              f"pages / contiguous {med[a.pages] / med[0]:.3f}, outputs {'identical' if same else 'DIFFER'} "
+              f"(splits {lib.cqb_splits(h)}, medians of {a.rounds} rounds)")
+        lib.cqb_destroy(h)
+        return
     out = [f"C={a.C} {a.shape}: {bench.median_ms(lambda: runs(31), a.reps) / a.chain:.4f} ms"]
     if a.stages:
         for st in (8, 24, 25, 27, 30, 31):

@@ -108,15 +108,18 @@ GpuCase gpu_case(const test::AttentionCase& c, const test::CaseCache<float>& cc)
 }
 
 std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCase& g, gpu_test::Kernel kernel,
-                                 bool misaligned = false) {
-  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, misaligned);
+                                 gpu_test::DeviceCodes codes = {}) {
+  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, codes);
 }
 
+// Codes in contiguous buffers, and in the CPU cache's pages read through page tables.
+constexpr gpu_test::DeviceCodes both_storages[] = {{.pages = false}, {.pages = true}};
+
 // ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
-double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, bool misaligned = false) {
+double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {}) {
   const auto cc = test::build_case<float>(c);
   const GpuCase g = gpu_case(c, cc);
-  const std::vector<float> got = gpu_attention(c, g, kernel, misaligned);
+  const std::vector<float> got = gpu_attention(c, g, kernel, codes);
   std::vector<double> ref;
   const std::size_t qw = cc.q_heads * c.D;
   for (std::size_t i = 0; i < cc.seqs.size(); ++i)
@@ -189,7 +192,7 @@ KVHeadView<float> zero_code_view(const Codebook& kcb, const Codebook& vcb, const
 
 }  // namespace
 
-TEST_CASE("cuda fused attention matches the oracle over the shared attention cases, every kernel") {
+TEST_CASE("cuda fused attention matches the oracle over the shared attention cases, every kernel, contiguous and paged codes") {
   require_device();
   double worst = 0.0, worst_grouped = 0.0;
   std::size_t run = 0;
@@ -200,25 +203,33 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     const GpuCase g = gpu_case(c, cc);
     // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
     // the plan admits) also through the lane-tables kernel, and those at head_dim 128 with 2, 4
-    // or 8 channels and groups of up to 16 heads through the grouped-rows kernel.
-    for (gpu_test::Kernel kernel : all_kernels) {
-      if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
-      CAPTURE(c.name());
-      CAPTURE(int(kernel));
-      const double e = test::check_against_oracle(c, cc, gpu_attention(c, g, kernel), 1e-3);
-      double& w = kernel == gpu_test::Kernel::grouped_rows ? worst_grouped : worst;
-      w = std::max(w, e);
-      ++run;
-    }
+    // or 8 channels and groups of up to 16 heads through the grouped-rows kernel. Each with its
+    // codes copied into contiguous buffers and read in the cache's own pages (the case's page size).
+    for (gpu_test::Kernel kernel : all_kernels)
+      for (gpu_test::DeviceCodes codes : both_storages) {
+        if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
+        CAPTURE(c.name());
+        CAPTURE(int(kernel));
+        CAPTURE(codes.pages);
+        const double e = test::check_against_oracle(c, cc, gpu_attention(c, g, kernel, codes), 1e-3);
+        double& w = kernel == gpu_test::Kernel::grouped_rows ? worst_grouped : worst;
+        w = std::max(w, e);
+        ++run;
+      }
   }
-  MESSAGE(run, " case x kernel runs; largest relative error ", worst, " (grouped-rows kernel: ", worst_grouped, ")");
+  MESSAGE(run, " case x kernel x storage runs; largest relative error ", worst, " (grouped-rows kernel: ", worst_grouped, ")");
   if (!quick()) {
-    // A long context across many splits, every kernel.
+    // A long context across many splits, every kernel, in pages of 32, 64 and 256 tokens.
     const test::AttentionCase long_case = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {40000, 7000}).with_seed(999);
-    for (gpu_test::Kernel kernel : all_kernels) {
-      CAPTURE(int(kernel));
-      CHECK(batch_error(long_case, kernel) < 1e-3);
-    }
+    for (gpu_test::Kernel kernel : all_kernels)
+      for (std::size_t page : {32u, 64u, 256u})
+        for (gpu_test::DeviceCodes codes : both_storages) {
+          if (!codes.pages && page != 64) continue;
+          CAPTURE(int(kernel));
+          CAPTURE(page);
+          CAPTURE(codes.pages);
+          CHECK(batch_error(long_case.with_pages(page), kernel, codes) < 1e-3);
+        }
     // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
     // where the value-rows mode's half precision shows first. Its products of weights and centroids
     // in half carry an error bounded by the unit roundoff times sum_i w_i |v_i|, which is larger than
@@ -233,7 +244,7 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
   }
 }
 
-TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte alignment match the oracle") {
+TEST_CASE("cuda fused attention: code buffers, code pools and centroid tables off 16-byte alignment match the oracle") {
   // Engines may hand over codes and codebooks at any 4-byte-aligned address; the kernels then take
   // their 4-byte-load paths (codes) and scalar centroid rows (tables and product).
   require_device();
@@ -244,7 +255,8 @@ TEST_CASE("cuda fused attention: code buffers and centroid tables off 16-byte al
       CAPTURE(D);
       CAPTURE(C);
       CAPTURE(int(kernel));
-      CHECK(batch_error(c, kernel, true) < 1e-3);
+      CHECK(batch_error(c, kernel, {.pages = false, .misaligned = true}) < 1e-3);
+      CHECK(batch_error(c, kernel, {.pages = true, .misaligned = true}) < 1e-3);
     }
 }
 

@@ -48,7 +48,8 @@ struct DeviceBatch {
   std::vector<cuda::DeviceCodebook> key_codebooks, value_codebooks;
   std::vector<cuda::DeviceBuffer<float>> shifted_centroids;  // misaligned copies
   cuda::DeviceBuffer<cuda::DeviceCodebookView> key_views, value_views;
-  std::vector<cuda::DeviceBuffer<std::uint8_t>> code_buffers;
+  std::vector<cuda::DeviceBuffer<std::uint8_t>> code_buffers;  // contiguous codes, or the code pools
+  cuda::DeviceBuffer<std::uint32_t> page_tables;
   std::vector<cuda::DeviceBuffer<float>> full_rows;
   cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
   cuda::DeviceBuffer<cuda::DeviceSequence> sequences;
@@ -98,8 +99,11 @@ cuda::AttentionShape shape_of(const HostBatch& hb, const std::vector<VisibleToke
 
 /// The one way the tests build a device batch: the codebooks of each KV head; per sequence and
 /// head the codes its last token reads, copied page by page into a contiguous buffer (the packed
-/// layout of a page is that of its tokens), and its sinks and window as [kv_head][full][D] rows.
-DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
+/// layout of a page is that of its tokens) or, with `pages`, read in the CPU cache's pool (copied
+/// to the device as it is) through the sequence's page table; and its sinks and window as
+/// [kv_head][full][D] rows.
+DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
+  const bool misaligned = how.misaligned;
   const std::vector<VisibleTokens> vis = visible_parts(hb);
   DeviceBatch d;
   d.shape = shape_of(hb, vis);
@@ -133,6 +137,36 @@ DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
     }
     return buf;
   };
+  // Pages: each pool the views read, copied up to the end of the last run they read, and the
+  // sequences' page tables (keys and values share one, as in PagedKVCache).
+  std::vector<const std::uint8_t*> pools;
+  std::vector<std::size_t> table_at;  // [sequence x kv_head]: the view's page table in page_tables
+  if (how.pages) {
+    std::vector<std::size_t> pool_bytes;
+    std::vector<std::uint32_t> tables;
+    for (std::size_t i = 0; i < hb.views.size(); ++i) {
+      const KVHeadView<float>& v = hb.views[i];
+      CQ_CHECK(v.key_codes.pool == v.value_codes.pool && v.key_codes.pages == v.value_codes.pages &&
+                   v.key_codes.page_bytes == v.value_codes.page_bytes && v.key_codes.page_tokens == v.value_codes.page_tokens,
+               "gpu_test: keys and values of a head view must share the pool and page table");
+      const std::size_t k = std::size_t(std::find(pools.begin(), pools.end(), v.key_codes.pool) - pools.begin());
+      if (k == pools.size()) pools.push_back(v.key_codes.pool), pool_bytes.push_back(0);
+      table_at.push_back(tables.size());
+      for (const PagedCodesView* c : {&v.key_codes, &v.value_codes})
+        for (std::size_t pg = 0; pg < c->num_pages(); ++pg) {
+          const ConstPackedCodesView run = c->page(pg);
+          const std::size_t end = std::size_t(run.data - c->pool) + packed_code_bytes(c->page_tokens, c->groups, c->bits);
+          pool_bytes[k] = std::max(pool_bytes[k], end);
+        }
+      tables.insert(tables.end(), v.key_codes.pages, v.key_codes.pages + v.key_codes.num_pages());
+    }
+    for (std::size_t k = 0; k < pools.size(); ++k) {
+      d.code_buffers.emplace_back(pool_bytes[k] + shift);
+      d.code_buffers.back().upload(pools[k], pool_bytes[k], nullptr, shift);
+    }
+    tables.push_back(0);  // never empty
+    d.page_tables = cuda::DeviceBuffer<std::uint32_t>(tables);
+  }
   std::vector<cuda::DeviceKVCodes> codes;
   std::vector<cuda::DeviceSequence> sequences;
   for (std::size_t s = 0; s < B; ++s) {
@@ -142,9 +176,21 @@ DeviceBatch device_batch(const HostBatch& hb, bool misaligned) {
     for (std::size_t h = 0; h < H; ++h) {
       const KVHeadView<float>& v = hb.views[s * H + h];
       // Coded tokens are code indices 0 .. coded - 1 (position sinks + i).
-      d.code_buffers.push_back(device_codes(v.key_codes, t.coded()));
-      d.code_buffers.push_back(device_codes(v.value_codes, t.coded()));
-      codes.push_back({d.code_buffers[d.code_buffers.size() - 2].data() + shift, d.code_buffers.back().data() + shift});
+      if (how.pages) {
+        const std::size_t k = std::size_t(std::find(pools.begin(), pools.end(), v.key_codes.pool) - pools.begin());
+        std::uint8_t* pool = d.code_buffers[k].data() + shift;
+        cuda::DeviceKVCodes c;
+        c.key_codes = pool + v.key_codes.offset;
+        c.value_codes = pool + v.value_codes.offset;
+        c.pages = d.page_tables.data() + table_at[s * H + h];
+        c.page_blocks = std::uint32_t(v.key_codes.page_tokens / block_tokens);
+        c.page_bytes = v.key_codes.page_bytes;
+        codes.push_back(c);
+      } else {
+        d.code_buffers.push_back(device_codes(v.key_codes, t.coded()));
+        d.code_buffers.push_back(device_codes(v.value_codes, t.coded()));
+        codes.push_back({d.code_buffers[d.code_buffers.size() - 2].data() + shift, d.code_buffers.back().data() + shift});
+      }
       for (std::size_t j = 0; j < full; ++j) {  // the sinks, then the window
         const std::size_t pos = j < t.sink_end ? j : t.window_begin + (j - t.sink_end);
         const float* k = j < t.sink_end ? v.sink_keys.at(pos) : v.recent_keys.at(pos);
@@ -183,8 +229,8 @@ bool kernel_serves(Kernel kernel, const HostBatch& batch) {
 }
 
 std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, float scale, Kernel kernel,
-                             bool misaligned, int* splits_used) {
-  DeviceBatch d = device_batch(hb, misaligned);
+                             DeviceCodes codes, int* splits_used) {
+  DeviceBatch d = device_batch(hb, codes);
   CQ_CHECK(q.size() == std::size_t(d.shape.batch) * d.shape.q_heads * d.shape.head_dim, "gpu_test: q has ", q.size(),
            " floats for ", d.shape.batch, " sequences of ", d.shape.q_heads, " heads of ", d.shape.head_dim);
   cuda::DeviceBuffer<float> dq(q), dout(q.size());

@@ -38,11 +38,19 @@ struct HostBatch {
 /// always).
 bool kernel_serves(Kernel kernel, const HostBatch& batch);
 
+/// How the device holds a batch's codes: each (sequence, KV head)'s copied into contiguous buffers,
+/// or the CPU cache's code pool copied byte for byte with the sequences' page tables (pages);
+/// misaligned: every code buffer (or the pool) 4 bytes and every centroid table one float past a
+/// 16-byte boundary (the kernels' narrow-load paths).
+struct DeviceCodes {
+  bool pages = false;
+  bool misaligned = false;
+};
+
 /// Fused attention on device 0 for the last token of each sequence; q and the result are
-/// [sequence][q_heads][head_dim]. `misaligned` places every code buffer 4 bytes and every
-/// centroid table one float past a 16-byte boundary (the kernels' narrow-load paths).
+/// [sequence][q_heads][head_dim].
 std::vector<float> attention(const HostBatch& batch, const std::vector<float>& q, float scale,
-                             Kernel kernel = Kernel::automatic, bool misaligned = false, int* splits_used = nullptr);
+                             Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

@@ -9,10 +9,15 @@
 /// histograms, any code width). Splits of long contexts are merged flash-decoding style
 /// (combine.cuh, general/merge.cuh).
 ///
+/// Codes are read in contiguous buffers per (sequence, KV head) or in the pages of a pool with the
+/// CPU cache's layout, through page tables (params.cuh, DeviceKVCodes): a page copied between
+/// host and device is valid on both sides.
+///
 /// plan(shape) chooses the kernel, splits and shared memory once per batch shape (plan.cuh);
 /// run(batch, plan, stream) only launches, so a decode step can be captured in a CUDA graph.
 ///
-/// Both kernels are tested against the CPU oracle over the shared attention cases (tests/cuda).
+/// Every kernel is tested against the CPU oracle over the shared attention cases, with contiguous
+/// and with paged codes (tests/cuda).
 
 #include "cq/cuda/attention/combine.cuh"
 #include "cq/cuda/attention/general/lut.cuh"
@@ -47,7 +52,7 @@ inline void launch(const AttentionBatch& batch, const AttentionPlan& plan, void*
     half_codebooks_kernel<<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
         batch, plan.shape.key_channels, plan.shape.value_channels, codebooks);
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
-    g.kernel<<<g.grid, GroupedRowsConfig::threads, plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
+    g.kernel<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
     CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
     if (plan.splits > 1) {
       combine_kernel<<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);

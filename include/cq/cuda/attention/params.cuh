@@ -3,19 +3,62 @@
 /// batch's codes, full-precision rows, codebooks and queries) and where it writes.
 ///
 /// A sequence's tokens are split as cq/attention/problem.hpp says: coded tokens (positions sinks ..
-/// sinks + coded - 1, as codes) and full-precision tokens (the sinks and the window, as rows). The
-/// launch serves one query per sequence, the last one, with keys after RoPE.
+/// sinks + coded - 1, as codes, contiguous or paged) and full-precision tokens (the sinks and the
+/// window, as float rows; not paged yet). The launch serves one query per sequence, the last one,
+/// with keys after RoPE.
 
+#include "cq/config.hpp"
 #include "cq/cuda/codebook.cuh"
 
+#include <cstddef>
 #include <cstdint>
 
 namespace cq::cuda {
 
-/// One (sequence, KV head)'s codes: `coded` tokens in the packed layout, keys and values.
+/// One run of packed codes (the keys or the values of one (sequence, KV head)) by 32-token blocks:
+/// contiguous (pages == nullptr), block b at base + b x block bytes; or in pages, block b is block
+/// b % page_blocks of page pages[b / page_blocks], page p's run at base + p x page_bytes (base: the
+/// run's offset in page 0 of the pool). Kernels compute every code address through block().
+struct CodeRun {
+  const std::uint8_t* base = nullptr;
+  const std::uint32_t* pages = nullptr;
+  std::uint32_t page_blocks = 0;
+  std::size_t page_bytes = 0;
+
+#ifdef __CUDACC__
+  /// The id of the page holding block b (0 when contiguous): a load kernels can issue early.
+  __device__ __forceinline__ std::uint32_t page_of(int b) const {
+    return pages == nullptr ? 0u : __ldg(pages + unsigned(b) / page_blocks);
+  }
+  /// Block b, which lies in page `page` (page_of(b)).
+  __device__ __forceinline__ const std::uint8_t* block_in(std::uint32_t page, int b, int block_bytes) const {
+    if (pages == nullptr) return base + std::size_t(b) * block_bytes;
+    return base + std::size_t(page) * page_bytes + std::size_t(unsigned(b) % page_blocks) * block_bytes;
+  }
+  __device__ __forceinline__ const std::uint8_t* block(int b, int block_bytes) const {
+    return block_in(page_of(b), b, block_bytes);
+  }
+#endif
+};
+
+/// One (sequence, KV head)'s codes, keys and values, in the packed layout (packed_codes.hpp):
+/// contiguous buffers of its coded tokens, or runs in the pages of a pool with the CPU cache's
+/// layout (cache/layout.hpp: a page holds every KV head's key run, then its value run), listed in
+/// token order by a page table (pages, page_blocks = page_tokens / 32) that keys and values share.
 struct DeviceKVCodes {
-  const std::uint8_t* key_codes = nullptr;
-  const std::uint8_t* value_codes = nullptr;
+  const std::uint8_t* key_codes = nullptr;    // contiguous codes, or the key run's offset in page 0
+  const std::uint8_t* value_codes = nullptr;  // likewise the value run's
+  const std::uint32_t* pages = nullptr;       // page ids in token order; nullptr: contiguous
+  std::uint32_t page_blocks = 0;              // 32-token blocks per page
+  std::size_t page_bytes = 0;                 // bytes from one page to the next
+
+  CQ_HOST_DEVICE CodeRun keys() const { return {key_codes, pages, page_blocks, page_bytes}; }
+  CQ_HOST_DEVICE CodeRun values() const { return {value_codes, pages, page_blocks, page_bytes}; }
+  /// Whether every block of both runs starts 16-byte aligned (the kernels' wide loads).
+  CQ_HOST_DEVICE bool aligned16() const {
+    const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(key_codes) | reinterpret_cast<std::uintptr_t>(value_codes);
+    return ((a | (pages ? page_bytes : 0)) & 15u) == 0;
+  }
 };
 
 /// One sequence: how many coded tokens, and its full-precision tokens (sinks, then the window;

@@ -285,7 +285,7 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
     plan.splits = plan_grouped_rows(s, dev, max_split_tokens, plan.grouped_rows, &plan.workspace_bytes);
     plan.kernel = AttentionKernel::grouped_rows;
     plan.head_group = s.q_heads / s.kv_heads;
-    plan.shared_bytes = GroupedRowsConfig::shared_bytes(s.max_full);
+    plan.shared_bytes = plan.grouped_rows.shared;
   } else if (choice != AttentionKernel::general && lanes_ok) {
     with_lane_groups(s, [&]<int GK, int GV>() {
       // 2-channel value groups at D = 128: value rows summed in registers (no histograms).

@@ -109,17 +109,18 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
   // with coalesced 4-byte loads (the next block's words are loaded while this one is scored),
   // then lane = token reads its codes from shared memory and sums table entries.
   const int kwords = L.key_groups * kbits, vwords = L.value_groups * vbits;  // 4-byte words per 32-token block
-  const std::uint32_t* kbase = reinterpret_cast<const std::uint32_t*>(codes.key_codes) + std::size_t(c0 / 32) * kwords;
-  const std::uint32_t* vbase = reinterpret_cast<const std::uint32_t*>(codes.value_codes) + std::size_t(c0 / 32) * vwords;
+  const CodeRun kruns = codes.keys(), vruns = codes.values();
+  auto kblock = [&](int blk) { return reinterpret_cast<const std::uint32_t*>(kruns.block(c0 / 32 + blk, 4 * kwords)); };
+  auto vblock = [&](int blk) { return reinterpret_cast<const std::uint32_t*>(vruns.block(c0 / 32 + blk, 4 * vwords)); };
   float lmax[HG];
 #pragma unroll
   for (int h = 0; h < HG; ++h) lmax[h] = -FLT_MAX;
   if (stages & stage_scan) {
     CodePipe pipe(kwords, lane);
-    if (warp < nblocks) pipe.load(kbase + std::size_t(warp) * kwords);
+    if (warp < nblocks) pipe.load(kblock(warp));
     for (int blk = warp; blk < nblocks; blk += general_warps) {
-      pipe.stage(kbase + std::size_t(blk) * kwords, stage);
-      if (blk + general_warps < nblocks) pipe.load(kbase + std::size_t(blk + general_warps) * kwords);
+      pipe.stage(kblock(blk), stage);
+      if (blk + general_warps < nblocks) pipe.load(kblock(blk + general_warps));
       const std::uint8_t* st = reinterpret_cast<const std::uint8_t*>(stage);
       float s[HG];
 #pragma unroll
@@ -197,11 +198,11 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
 #pragma unroll
   for (int h = 0; h < HG; ++h) wsum[h] = 0.0f;
   CodePipe vpipe(vwords, lane);
-  if ((stages & stage_hist) && warp < nblocks) vpipe.load(vbase + std::size_t(warp) * vwords);
+  if ((stages & stage_hist) && warp < nblocks) vpipe.load(vblock(warp));
   for (int blk = warp; blk < nblocks; blk += general_warps) {
     if (stages & stage_hist) {
-      vpipe.stage(vbase + std::size_t(blk) * vwords, stage);
-      if (blk + general_warps < nblocks) vpipe.load(vbase + std::size_t(blk + general_warps) * vwords);
+      vpipe.stage(vblock(blk), stage);
+      if (blk + general_warps < nblocks) vpipe.load(vblock(blk + general_warps));
     }
     const std::uint8_t* st = reinterpret_cast<const std::uint8_t*>(stage);
     unsigned w[HG];

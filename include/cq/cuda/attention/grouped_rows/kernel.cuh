@@ -7,15 +7,19 @@
 /// group while the bytes fp16 attention reads grow with the KV heads only. Here each coded token's
 /// key and value rows are decoded once per KV head, from half-precision centroids in shared memory
 /// (both codebooks: 2 x 256 x 128 halves = 128 KiB), and the group's heads are served by tensor
-/// cores (mma.sync m16n8k16, fp32 accumulate): S^T = Q K^T with the heads as M (padded to 16) and
-/// eight tokens as N, then O += P V with the tokens as K -- the score fragment is the next
-/// product's A operand (FlashAttention-2's register reuse). The cost per token is the decode (512
-/// bytes of centroids from shared memory), independent of the group size.
+/// cores (mma.sync m16n8k16, fp32 accumulate) with the tokens as M and the heads as N (8 per
+/// column tile, so a group of 4-8 heads pads to 8, not 16): S = K Q^T, then O^T += V^T P^T with
+/// the tokens as K -- P's two 8 x 8 blocks become the B operand by one movmatrix transpose each.
+/// Per 16-token tile that is 16 products for a group of up to 8 heads. The cost per token is the
+/// decode (512 bytes of centroids from shared memory), independent of the group size.
 ///
-/// The reduction dimension of Q K^T may be permuted (the same way in Q and K): a thread's
-/// fragments then hold whole centroids -- channels 32 t .. 32 t + 31 of its token for thread t of
-/// a quad -- so one 4-, 8- or 16-byte load serves one code. Likewise the value product's output
-/// columns: tile j's column n is channel 16 n + j, so a thread decodes channels 16 n .. 16 n + 15.
+/// The reduction dimension of K Q^T may be permuted (the same way in K and Q): a thread's
+/// fragments then hold whole centroids -- channels 32 t .. 32 t + 31 of its two tokens for thread
+/// t of a quad -- so one 4-, 8- or 16-byte load serves one code. Likewise the rows of O^T: row
+/// tile j's rows g and g + 8 are channels 16 g + 2 j and + 1, so a thread decodes channels
+/// 16 g .. 16 g + 15 of its four value tokens. And the tile's tokens (staged_token): a thread's
+/// two key tokens and its four value tokens each share one 32-bit word of a group's staged codes,
+/// so a code costs a quarter or half of a shared load, not a byte load.
 ///
 /// Half precision's range: each codebook group is scaled by a power of two into [2^7, 2^8) before
 /// conversion (values of any magnitude keep 11 significant bits); key scales are folded into the
@@ -23,8 +27,10 @@
 ///
 /// A launch: half_codebooks_kernel converts every KV head's codebooks once into the workspace;
 /// then the grid is (splits, sequences x KV heads): a block copies its KV head's 128 KiB into
-/// shared memory, and 8 warps take 16-token tiles in turn, each staging its next tile's codes by
-/// cp.async while it computes the current one, each with its own online softmax; the warps'
+/// shared memory, and 16 warps (8 for groups of 9-16 heads, whose two column tiles need twice the
+/// registers) take 16-token tiles in turn, each staging its next tile's codes by cp.async (through
+/// the page table when the codes are paged) while it computes the current one, each with its own
+/// online softmax; the warps'
 /// states merge in shared memory, then the full-precision tokens (split 0) join, by the rule of
 /// cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
 /// combine_kernel (combine.cuh). Half-precision operands are a little less accurate than the
@@ -48,17 +54,21 @@ struct GroupedRowsLayout {
 };
 
 struct GroupedRowsConfig {
-  static constexpr int head_dim = 128, warps = 8, threads = warps * 32, max_group = 16, tile = 16;
+  static constexpr int head_dim = 128, max_group = 16, tile = 16;
   static constexpr int codebook_bytes = 256 * head_dim * 2;  // one codebook in half precision
-  static constexpr int merge_floats = warps * (max_group * head_dim + 2 * max_group);
   /// A warp's staged codes of one tile: 16 bytes per key and value group (at most 64 each).
   static constexpr int stage_bytes = 2 * 64 * tile;
+  /// Column tiles (8 heads each) for a group of `heads` query heads.
+  static constexpr int head_tiles(int heads) { return heads <= 8 ? 1 : 2; }
+  /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two.
+  static constexpr int warps(int tiles) { return tiles == 1 ? 16 : 8; }
   /// Dynamic shared memory for `full_cap` full-precision tokens: the two codebooks and the warps'
   /// two code stages (the warps' states and the full tokens' scores reuse them after the main
   /// loop), then the group scales.
-  static constexpr std::size_t shared_bytes(int full_cap) {
-    const std::size_t merge = std::size_t(merge_floats + max_group * full_cap + 2 * max_group) * 4;
-    const std::size_t loop = 2u * codebook_bytes + std::size_t(warps) * 2 * stage_bytes;
+  static constexpr std::size_t shared_bytes(int full_cap, int tiles) {
+    const int w = warps(tiles), heads = 8 * tiles;
+    const std::size_t merge = std::size_t(w * (heads * head_dim + 2 * heads) + heads * full_cap + 2 * heads) * 4;
+    const std::size_t loop = 2u * codebook_bytes + std::size_t(w) * 2 * stage_bytes;
     return (merge > loop ? merge : loop) + 2 * 64 * 4;
   }
 };
@@ -115,14 +125,16 @@ __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, i
   for (int i = threadIdx.x; i < n; i += 256) dst[i] = __float2half_rn(src[i] * s);
 }
 
-/// Stages the codes of the 16-token tile at coded index `t` (a multiple of 16) in a warp's buffer
-/// `dst`: key group g's 16 codes at 16 g, value group g's at 16 (GK + g). Asynchronous
+/// Stages the codes of the 16-token tile at coded index `t` (a multiple of 16; a tile never
+/// crosses a 32-token block, so never a page; `page` is its page, CodeRun::page_of) in a warp's
+/// buffer `dst`: key group g's 16 codes at 16 g, value group g's at 16 (GK + g). Asynchronous
 /// (cp.async, 16-byte pieces, or 4-byte ones for code buffers off 16-byte alignment); the
 /// caller commits and waits.
 template <int GK, int GV>
-__device__ __forceinline__ void stage_tile_codes(const DeviceKVCodes& codes, int t, bool wide, unsigned dst, int lane) {
-  const std::uint8_t* kb = codes.key_codes + std::size_t(t / 32) * GK * 32 + t % 32;  // group g at + 32 g
-  const std::uint8_t* vb = codes.value_codes + std::size_t(t / 32) * GV * 32 + t % 32;
+__device__ __forceinline__ void stage_tile_codes(const DeviceKVCodes& codes, std::uint32_t page, int t, bool wide,
+                                                 unsigned dst, int lane) {
+  const std::uint8_t* kb = codes.keys().block_in(page, t / 32, GK * 32) + t % 32;  // group g at + 32 g
+  const std::uint8_t* vb = codes.values().block_in(page, t / 32, GV * 32) + t % 32;
   if (wide) {
     for (int g = lane; g < GK + GV; g += 32) {
       const std::uint8_t* src = g < GK ? kb + 32 * g : vb + 32 * (g - GK);
@@ -137,38 +149,46 @@ __device__ __forceinline__ void stage_tile_codes(const DeviceKVCodes& codes, int
   }
 }
 
-/// Copies the 32-bit words (two halves each) of `Count` consecutive groups' centroids (C channels
-/// each) for one token into w, starting at group g0; `staged` holds the tile's codes of these
-/// groups (16 per group, stage_tile_codes), `t` is the token's index in the tile.
-template <int C, int Count>
-__device__ __forceinline__ void decode_row(const __half* cb, const std::uint8_t* staged, int t, int g0, unsigned* w) {
-#pragma unroll
-  for (int i = 0; i < Count; ++i) {
-    const int g = g0 + i;
-    const unsigned code = staged[g * 16 + t];
-    const __half* c = cb + (g * 256 + int(code)) * C;
-    if constexpr (C == 8) {
-      const uint4 v = *reinterpret_cast<const uint4*>(c);
-      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
-    } else if constexpr (C == 4) {
-      const uint2 v = *reinterpret_cast<const uint2*>(c);
-      w[2 * i] = v.x, w[2 * i + 1] = v.y;
-    } else {
-      w[i] = *reinterpret_cast<const unsigned*>(c);
-    }
+/// The transpose of an 8 x 8 matrix of halves held as an mma fragment (row lane / 4, columns
+/// 2 (lane % 4) + {0, 1} in one word): the same fragment of the transpose.
+__device__ __forceinline__ unsigned transpose_8x8(unsigned x) {
+  unsigned y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+/// Appends centroid `code` of group g (C halves, C / 2 words) to w at word i * C / 2.
+template <int C>
+__device__ __forceinline__ void put_centroid_words(const __half* cb, int g, unsigned code, unsigned* w, int i) {
+  const __half* c = cb + (g * 256 + int(code)) * C;
+  if constexpr (C == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(c);
+    w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+  } else if constexpr (C == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(c);
+    w[2 * i] = v.x, w[2 * i + 1] = v.y;
+  } else {
+    w[i] = *reinterpret_cast<const unsigned*>(c);
   }
 }
 
-template <int CK, int CV>
-__global__ void __launch_bounds__(GroupedRowsConfig::threads, 1)
+/// Where the tile's tokens sit: the mma fragments' token index r (0..15) is staged token
+/// 4 (r % 8 / 2) + r % 2 + 2 (r / 8), so a thread's two key rows (r, r + 8) share a 32-bit word
+/// of a group's staged codes (bytes e and e + 2), and its four value tokens (2 tq, 2 tq + 1,
+/// 2 tq + 8, 2 tq + 9) are the four bytes of word tq.
+__device__ __forceinline__ int staged_token(int r) { return 4 * ((r & 7) >> 1) + (r & 1) + 2 * (r >> 3); }
+
+template <int CK, int CV, int NT>
+__global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
     grouped_rows_kernel(AttentionBatch p, GroupedRowsLayout L, const unsigned char* __restrict__ codebooks,
                         float* __restrict__ partial) {
   using Cfg = GroupedRowsConfig;
-  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps, MG = Cfg::max_group;
+  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT), threads = warps * 32;
+  constexpr int MG = 8 * NT;  // heads a block's fragments hold (the group padded)
   extern __shared__ __align__(16) unsigned char grouped_rows_smem[];
   __half* kc = reinterpret_cast<__half*>(grouped_rows_smem);
   __half* vc = kc + 256 * D;
-  const std::size_t small_at = Cfg::shared_bytes(L.full_cap) - 2 * 64 * 4;
+  const std::size_t small_at = Cfg::shared_bytes(L.full_cap, NT) - 2 * 64 * 4;
   float* kscale = reinterpret_cast<float*>(grouped_rows_smem + small_at);  // [GK]
   float* vscale = kscale + 64;                                             // [GV]
 
@@ -187,148 +207,186 @@ __global__ void __launch_bounds__(GroupedRowsConfig::threads, 1)
     uint4* dst = reinterpret_cast<uint4*>(kc);
     constexpr int words = 4 * HalfCodebooks::halves / 16;
 #pragma unroll 8
-    for (int i = tid; i < words; i += Cfg::threads) dst[i] = __ldg(src + i);
+    for (int i = tid; i < words; i += threads) dst[i] = __ldg(src + i);
     if (tid < 128) kscale[tid] = reinterpret_cast<const float*>(src + words)[tid];  // kscale, then vscale
   }
   __syncthreads();
 
-  // The queries as A fragments: rows = heads gq and gq + 8, k-step s's slots 2 tq + {0, 1} and
-  // 2 tq + 8 + {0, 1} = channels 32 tq + 4 s + {0, 1} and + {2, 3}; each channel divided by its key
-  // group's scale, then all scaled by qs into half's range.
+  // The queries as B fragments of S = K Q^T (tokens x heads): column gq of column tile j is head
+  // 8 j + gq; k-step s's rows 2 tq + {0, 1} and 2 tq + 8 + {0, 1} are channels 32 tq + 4 s + {0, 1}
+  // and + {2, 3} (the reduction dimension permuted alike in K), so a thread's key fragments are
+  // whole centroids. Each channel is divided by its key group's scale, then all scaled by qs
+  // into half's range.
   float qmax = 0.0f;
   for (int i = lane; i < group * D; i += 32) qmax = fmaxf(qmax, fabsf(q[i] / kscale[(i % D) / CK]));
   for (int o = 16; o > 0; o >>= 1) qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, o));
   const float qs = range_scale(qmax);
-  unsigned qa[8][4];
+  unsigned qb[NT][8][2];
 #pragma unroll
-  for (int s = 0; s < 8; ++s)
+  for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int h = gq + 8 * r, ch = 32 * tq + 4 * s;
+    for (int s = 0; s < 8; ++s) {
+      const int h = 8 * j + gq, ch = 32 * tq + 4 * s;
       float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (h < group)
 #pragma unroll
         for (int k = 0; k < 4; ++k) x[k] = q[h * D + ch + k] / kscale[(ch + k) / CK] * qs;
-      qa[s][r] = pack_half2(x[0], x[1]);
-      qa[s][2 + r] = pack_half2(x[2], x[3]);
+      qb[j][s][0] = pack_half2(x[0], x[1]);
+      qb[j][s][1] = pack_half2(x[2], x[3]);
     }
   const float score_mul = scale / qs;
 
-  // Main loop: warp w takes tiles w, w + warps, ... of 16 tokens.
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[16][4];
+  // Online softmax of heads 8 j + 2 tq + {0, 1} (this thread's columns); O^T = V^T P^T in o:
+  // row tile mt's rows gq and gq + 8 are channels 16 gq + 2 mt and + 1 (a thread decodes 16
+  // consecutive channels of its value rows).
+  float m[NT][2], l[NT][2];
+  float o[8][NT][4];
 #pragma unroll
-  for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  for (int j = 0; j < NT; ++j) {
+    m[j][0] = m[j][1] = -INFINITY;
+    l[j][0] = l[j][1] = 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
+  }
   const int tiles = (n + Cfg::tile - 1) / Cfg::tile;
   // Each warp stages its next tile's codes (cp.async) while it computes the current one.
   std::uint8_t* stages = grouped_rows_smem + 2 * Cfg::codebook_bytes + warp * 2 * Cfg::stage_bytes;
   const unsigned stages_at = unsigned(__cvta_generic_to_shared(stages));
-  const bool wide = ((reinterpret_cast<std::uintptr_t>(codes.key_codes) | reinterpret_cast<std::uintptr_t>(codes.value_codes)) & 15u) == 0;
-  if (warp < tiles) stage_tile_codes<GK, GV>(codes, c0 + warp * Cfg::tile, wide, stages_at, lane);
+  const bool wide = codes.aligned16();
+  // Paged codes: the page of the tile after next is looked up a tile ahead, so the page-table
+  // load is not waited for when its tile's copy goes out.
+  const CodeRun key_run = codes.keys();
+  auto page_of_tile = [&](int tile) { return tile < tiles ? key_run.page_of((c0 + tile * Cfg::tile) / 32) : 0u; };
+  if (warp < tiles) stage_tile_codes<GK, GV>(codes, page_of_tile(warp), c0 + warp * Cfg::tile, wide, stages_at, lane);
   asm volatile("cp.async.commit_group;" ::: "memory");
+  std::uint32_t next_page = page_of_tile(warp + warps);
+  const int row0 = staged_token(gq), e = gq & 1;  // this thread's key rows: staged tokens row0, row0 + 2
   for (int tile = warp, i = 0; tile < tiles; tile += warps, ++i) {
     const int t0 = tile * Cfg::tile;
     if (tile + warps < tiles)
-      stage_tile_codes<GK, GV>(codes, c0 + t0 + warps * Cfg::tile, wide, stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
+      stage_tile_codes<GK, GV>(codes, next_page, c0 + t0 + warps * Cfg::tile, wide,
+                               stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
     asm volatile("cp.async.commit_group;" ::: "memory");
+    next_page = page_of_tile(tile + 2 * warps);
     asm volatile("cp.async.wait_group 1;" ::: "memory");
     __syncwarp();
-    const std::uint8_t* staged = stages + (i & 1) * Cfg::stage_bytes;
-    {  // The codes four rounds ahead head for L2 (one 128-byte line per lane).
-      const int ahead = t0 + 4 * warps * Cfg::tile;
-      if (ahead < n && (ahead & 31) == 0) {
-        const std::size_t blk = std::size_t(c0 + ahead) / 32;
-        const std::uint8_t* line = lane < GK / 4 ? codes.key_codes + blk * GK * 32 + lane * 128
-                                                 : codes.value_codes + blk * GV * 32 + (lane - GK / 4) * 128;
-        if (lane < GK / 4 + GV / 4) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    const unsigned* staged = reinterpret_cast<const unsigned*>(stages + (i & 1) * Cfg::stage_bytes);
+    // Scores S = K Q^T: rows gq and gq + 8 of the tile (staged tokens row0 and row0 + 2), channels
+    // 32 tq .. 32 tq + 31. Two accumulators (even and odd k-steps) halve the chain of products.
+    float sc[NT][4];
+    {
+      unsigned w0[16], w1[16];
+#pragma unroll
+      for (int g = 0; g < 32 / CK; ++g) {
+        const int grp = 32 * tq / CK + g;
+        const unsigned word = staged[4 * grp + (row0 >> 2)] >> (8 * e);
+        put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
+        put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 8; s += 2) {
+          const unsigned a0[4] = {w0[2 * s], w1[2 * s], w0[2 * s + 1], w1[2 * s + 1]};
+          const unsigned a1[4] = {w0[2 * s + 2], w1[2 * s + 2], w0[2 * s + 3], w1[2 * s + 3]};
+          mma_16816(sc[j], a0, qb[j][s][0], qb[j][s][1]);
+          mma_16816(odd, a1, qb[j][s + 1][0], qb[j][s + 1][1]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sc[j][k] += odd[k];
       }
     }
-    // Scores: n-tile nt holds tokens t0 + 8 nt + (0..7); this thread loads token 8 nt + gq of the
-    // tile (past the end: a staged byte all the same, its score masked below). Two accumulators
-    // (even and odd k-steps) halve the chain of dependent products.
-    float sc[2][4];
+    // Online softmax per head (column): the tile's maximum over its 16 rows (lanes of one tq).
+    const bool valid0 = t0 + row0 < n, valid1 = t0 + row0 + 2 < n;
+    unsigned pb[NT][2];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      unsigned w[16];
-      decode_row<CK, 32 / CK>(kc, staged, 8 * nt + gq, 32 * tq / CK, w);
-      float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    for (int j = 0; j < NT; ++j) {
+      float pw[4], f[2];
 #pragma unroll
-      for (int s2 = 0; s2 < 8; s2 += 2) {
-        mma_16816(sc[nt], qa[s2], w[2 * s2], w[2 * s2 + 1]);
-        mma_16816(odd, qa[s2 + 1], w[2 * s2 + 2], w[2 * s2 + 3]);
+      for (int c = 0; c < 2; ++c) {
+        const float s0 = valid0 ? sc[j][c] * score_mul : -INFINITY;
+        const float s1 = valid1 ? sc[j][2 + c] * score_mul : -INFINITY;
+        float tmax = fmaxf(s0, s1);
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 8));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
+        const float nm = fmaxf(m[j][c], tmax);  // > -inf: the tile's first token is valid
+        f[c] = softmax_exp(m[j][c] - nm);
+        m[j][c] = nm;
+        pw[c] = softmax_exp(s0 - nm);
+        pw[2 + c] = softmax_exp(s1 - nm);
+        l[j][c] = l[j][c] * f[c] + pw[c] + pw[2 + c];
       }
 #pragma unroll
-      for (int k = 0; k < 4; ++k) sc[nt][k] += odd[k];
+      for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) o[mt][j][k] *= f[k & 1];
+      // P^T as B fragments of O^T += V^T P^T: the transposes of P's two 8 x 8 blocks.
+      pb[j][0] = transpose_8x8(pack_half2(pw[0], pw[1]));
+      pb[j][1] = transpose_8x8(pack_half2(pw[2], pw[3]));
     }
-    // Online softmax, rows gq (c0, c1) and gq + 8 (c2, c3); columns 8 nt + 2 tq + {0, 1}.
-    float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const bool valid = t0 + 8 * nt + 2 * tq + (k & 1) < n;
-        sc[nt][k] = valid ? sc[nt][k] * score_mul : -INFINITY;
-        tmax[k / 2] = fmaxf(tmax[k / 2], sc[nt][k]);
-      }
-    float f[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-      const float nm = fmaxf(m[r], tmax[r]);  // > -inf: the tile's first token is valid
-      f[r] = softmax_exp(m[r] - nm);
-      m[r] = nm;
-      l[r] *= f[r];
-    }
-#pragma unroll
-    for (int j = 0; j < 16; ++j) o[j][0] *= f[0], o[j][1] *= f[0], o[j][2] *= f[1], o[j][3] *= f[1];
-    float pw[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        pw[nt][k] = softmax_exp(sc[nt][k] - m[k / 2]);
-        l[k / 2] += pw[nt][k];
-      }
-    const unsigned pa[4] = {pack_half2(pw[0][0], pw[0][1]), pack_half2(pw[0][2], pw[0][3]),
-                            pack_half2(pw[1][0], pw[1][1]), pack_half2(pw[1][2], pw[1][3])};
-    // Values: tokens 2 tq + {0, 1} and 8 + 2 tq + {0, 1}, channels 16 gq .. 16 gq + 15.
+    // Values: this thread's tokens 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9 (staged 4 tq .. 4 tq + 3, the
+    // bytes of one word per group), channels 16 gq .. 16 gq + 15.
     unsigned vw[4][8];
+    const unsigned* vstaged = staged + 4 * GK;
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-      decode_row<CV, 16 / CV>(vc, staged + 16 * GK, 2 * tq + (r & 1) + 8 * (r >> 1), 16 * gq / CV, vw[r]);
+    for (int g = 0; g < 16 / CV; ++g) {
+      const int grp = 16 * gq / CV + g;
+      const unsigned word = vstaged[4 * grp + tq];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const unsigned sel = (j & 1) ? 0x7632u : 0x5410u;  // high or low halves of the two tokens' words
-      mma_16816(o[j], pa, __byte_perm(vw[0][j / 2], vw[1][j / 2], sel), __byte_perm(vw[2][j / 2], vw[3][j / 2], sel));
+      for (int r = 0; r < 4; ++r) put_centroid_words<CV>(vc, grp, (word >> (8 * r)) & 255u, vw[r], g);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt) {
+      const unsigned a[4] = {__byte_perm(vw[0][mt], vw[1][mt], 0x5410), __byte_perm(vw[0][mt], vw[1][mt], 0x7632),
+                             __byte_perm(vw[2][mt], vw[3][mt], 0x5410), __byte_perm(vw[2][mt], vw[3][mt], 0x7632)};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mma_16816(o[mt][j], a, pb[j][0], pb[j][1]);
+    }
+    {  // The codes two rounds ahead head for L2 (one 128-byte line per lane).
+      const int ahead = t0 + 2 * warps * Cfg::tile;
+      if (ahead < n && (ahead & 31) == 0 && lane < GK / 4 + GV / 4) {
+        const int blk = (c0 + ahead) / 32;
+        const std::uint8_t* line = lane < GK / 4 ? codes.keys().block_in(next_page, blk, GK * 32) + lane * 128
+                                                 : codes.values().block_in(next_page, blk, GV * 32) + (lane - GK / 4) * 128;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+      }
     }
     __syncwarp();  // every lane is done with this stage before the next tile's copy lands in it
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      l[j][c] += __shfl_xor_sync(0xffffffffu, l[j][c], 4);
+      l[j][c] += __shfl_xor_sync(0xffffffffu, l[j][c], 8);
+      l[j][c] += __shfl_xor_sync(0xffffffffu, l[j][c], 16);
+    }
   __syncthreads();  // the codebooks are done with; their room takes the warps' states
 
-  // The warps' states: wo[warp][head][channel] (channel 16 column + j of tile j), then (m, l).
+  // The warps' states: wo[warp][head][channel], then (m, l).
   float* wo = reinterpret_cast<float*>(grouped_rows_smem);
   float* wml = wo + warps * MG * D;  // [warp][head][2]
   float* fsc = wml + warps * MG * 2;  // [head][full_cap]: the full-precision tokens' weights
   float* fml = fsc + MG * L.full_cap;  // [head][2]
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int h = gq + 8 * r;
+  for (int j = 0; j < NT; ++j) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      wo[(warp * MG + h) * D + 16 * (2 * tq) + j] = o[j][2 * r];
-      wo[(warp * MG + h) * D + 16 * (2 * tq + 1) + j] = o[j][2 * r + 1];
-    }
-    if (tq == 0) wml[(warp * MG + h) * 2] = m[r], wml[(warp * MG + h) * 2 + 1] = l[r];
+    for (int mt = 0; mt < 8; ++mt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        wo[(warp * MG + 8 * j + 2 * tq + (k & 1)) * D + 16 * gq + 2 * mt + (k >> 1)] = o[mt][j][k];
+    if (gq == 0)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        wml[(warp * MG + 8 * j + 2 * tq + c) * 2] = m[j][c];
+        wml[(warp * MG + 8 * j + 2 * tq + c) * 2 + 1] = l[j][c];
+      }
   }
-  // Full-precision tokens (split 0): warp w scores heads w and w + 8 in float.
+  // Full-precision tokens (split 0): warp w scores heads w, w + warps, ... in float.
   const int nfull = split == 0 ? int(seq.full) : 0;
   for (int h = warp; h < group; h += warps) {
     float fm = -INFINITY;
@@ -353,7 +411,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::threads, 1)
   __syncthreads();
 
   // Merge: the warps' coded parts and the full part, per (head, channel).
-  for (int i = tid; i < group * D; i += Cfg::threads) {
+  for (int i = tid; i < group * D; i += threads) {
     const int h = i / D, d = i % D;
     float ref = -FLT_MAX;
     for (int w = 0; w < warps; ++w) ref = softmax_common_reference(ref, wml[(w * MG + h) * 2], wml[(w * MG + h) * 2 + 1]);

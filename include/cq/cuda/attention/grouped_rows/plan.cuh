@@ -21,6 +21,8 @@ struct GroupedRowsLaunch {
   GroupedRowsLayout layout{};
   dim3 grid;
   GroupedRowsKernelFn kernel = nullptr;
+  int threads = 0;
+  std::size_t shared = 0;  // dynamic shared memory of a block
   std::size_t partial = 0;
   std::size_t codebooks = 0;  // the KV heads' half-precision codebooks (HalfCodebooks)
 };
@@ -32,40 +34,49 @@ inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev)
   return s.head_dim == GroupedRowsConfig::head_dim && s.key_bits == 8 && s.value_bits == 8 &&
          (c == 2 || c == 4 || c == 8) && s.value_channels == c &&
          s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group &&
-         GroupedRowsConfig::shared_bytes(s.max_full) <= std::size_t(dev.shared_max);
+         GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads)) <=
+             std::size_t(dev.shared_max);
 }
 
 /// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
 /// it measured faster on the H200 (docs/design/cuda-attention.md, "The grouped-rows kernel"):
-/// groups of 7 or more query heads with enough (sequence, KV head) blocks to fill the device, at
-/// 2c8b; at 4c8b from 8 heads; at 8c8b from 8 heads and up to 8K coded tokens.
+/// groups of 4 or more query heads with (sequence, KV head) blocks for a quarter of the
+/// multiprocessors or more (splits fill the rest); past 8K coded tokens at 2c8b, at 4c8b from 7
+/// heads, at 8c8b from 8; up to 8K tokens only with two blocks per multiprocessor or more (batch
+/// 64 at 4K: there the lane tables' per-block table building weighs most; at batch 16 they win).
 inline bool grouped_rows_preferred(const AttentionShape& s, const DeviceLimits& dev) {
   const int group = s.q_heads / s.kv_heads, c = s.key_channels;
-  if (group < 7 || (long long)s.batch * s.kv_heads < dev.multiprocessors / 2) return false;
-  return c == 2 || (group >= 8 && (c == 4 || s.max_coded <= 8192));
+  const long long items = (long long)s.batch * s.kv_heads;
+  if (group < 4 || 4 * items < dev.multiprocessors) return false;
+  if (s.max_coded <= 8192) return items >= 2LL * dev.multiprocessors;
+  return c == 2 || (c == 4 && group >= 7) || (c == 8 && group >= 8);
 }
 
-/// Calls f.template operator()<C>() for the shape's channels per group (2, 4 or 8; keys and
-/// values alike).
+/// Calls f.template operator()<C, NT>() for the shape's channels per group (2, 4 or 8; keys and
+/// values alike) and column tiles of heads (1 for groups of up to 8, else 2).
 template <class F>
-void with_grouped_channels(const AttentionShape& s, F&& f) {
+void with_grouped_instance(const AttentionShape& s, F&& f) {
+  const bool one = GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads) == 1;
   switch (s.key_channels) {
-    case 2: return f.template operator()<2>();
-    case 4: return f.template operator()<4>();
-    default: return f.template operator()<8>();
+    case 2: return one ? f.template operator()<2, 1>() : f.template operator()<2, 2>();
+    case 4: return one ? f.template operator()<4, 1>() : f.template operator()<4, 2>();
+    default: return one ? f.template operator()<8, 1>() : f.template operator()<8, 2>();
   }
 }
 
 /// The grouped-rows kernel's plan: one block per (sequence, KV head, split), one block per
 /// multiprocessor (the codebooks fill its shared memory); splits until the blocks fill a wave,
 /// at least 256 tokens each (two rounds of the warps' tiles).
-/// Fills `g`; returns the splits. Shared memory: GroupedRowsConfig::shared_bytes(s.max_full);
-/// workspace: `*workspace` bytes (partial states, then the half-precision codebooks).
+/// Fills `g` (kernel, threads, shared memory); returns the splits. Workspace: `*workspace` bytes
+/// (partial states, then the half-precision codebooks).
 inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens,
                              GroupedRowsLaunch& g, std::size_t* workspace) {
-  with_grouped_channels(s, [&]<int C>() { g.kernel = grouped_rows_kernel<C, C>; });
-  const std::size_t smem = GroupedRowsConfig::shared_bytes(s.max_full);
-  allow_shared(reinterpret_cast<const void*>(g.kernel), smem, true);
+  with_grouped_instance(s, [&]<int C, int NT>() {
+    g.kernel = grouped_rows_kernel<C, C, NT>;
+    g.threads = GroupedRowsConfig::warps(NT) * 32;
+    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT);
+  });
+  allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
   const long long items = (long long)s.batch * s.kv_heads;
   CQ_CHECK(items <= 65535, "cuda attention: batch x kv_heads ", items, " exceeds 65535");
   long long splits = max_split_tokens ? (s.max_coded + max_split_tokens - 1LL) / max_split_tokens

@@ -70,12 +70,11 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const float* q = p.q + std::size_t(bh) * D;
   const int nfull = split == 0 ? int(seq.full) : 0;
-  const std::uint8_t* kbase = codes.key_codes + std::size_t(c0 / 32) * GK * 32;
-  const std::uint8_t* vbase = codes.value_codes + std::size_t(c0 / 32) * GV * 32;
+  const CodeRun key_run = codes.keys(), value_run = codes.values();
   // The first round's codes head for L2 while the block builds its tables.
-  if (tid == 0 && n > 0) {
-    if (stages & stage_scan) prefetch_code_blocks<KL, warps * R>(kbase, 0, nblocks);
-    if (stages & stage_hist) prefetch_code_blocks<VL, warps * R>(vbase, 0, nblocks);
+  if (warp == 0 && n > 0) {
+    if (stages & stage_scan) prefetch_code_blocks<KL, warps * R>(key_run, c0 / 32, 0, nblocks, lane);
+    if (stages & stage_hist) prefetch_code_blocks<VL, warps * R>(value_run, c0 / 32, 0, nblocks, lane);
   }
 
   // Prologue (prologue.cuh). The full-precision value rows' loads go out first: thread
@@ -118,8 +117,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   // 2, 3 of `base` (plane offset | column * 4) and puts the code in byte 1. Key selectors carry the
   // token permutation's low two bits; the bits above are word swaps inside a load (kwords) and the
   // loads' order.
-  const bool aligned = ((reinterpret_cast<std::uintptr_t>(codes.key_codes) |
-                         reinterpret_cast<std::uintptr_t>(codes.value_codes)) & 15u) == 0;
+  const bool aligned = codes.aligned16();
   const bool scan = stages & stage_scan;
   int koff[KL::slots][KL::units], voff[VL::slots][VL::units];
   load_offsets<KL, true>(koff, lane);
@@ -137,7 +135,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   LaneTablesBlock k;
   k.split = split, k.b = b, k.kvh = kvh, k.bh = bh, k.D = D, k.tid = tid, k.warp = warp, k.lane = lane;
   k.seq = seq, k.codes = codes, k.n = n, k.nblocks = nblocks, k.scale = scale, k.q = q, k.nfull = nfull;
-  k.key_base = kbase, k.value_base = vbase;
+  k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32;
   LaneTablesShared sh{tab, round_barrier, wbuf, red, full_score, product, code_part, stage, q_shared, vmean, vunscale};
   if (aligned)
     scan_split<Cfg, Rows, true>(L, k, sh, a, my_weights, scan, accumulate, ref, wsum, acc);

@@ -209,8 +209,8 @@ struct LaneTablesBlock {
   float scale;
   const float* q;  // this head's query
   int nfull;       // full-precision tokens (split 0 only)
-  const std::uint8_t* key_base;    // the split's first block of key codes
-  const std::uint8_t* value_base;  // and of value codes
+  CodeRun key_run, value_run;  // the codes, by blocks (params.cuh)
+  int first_block;             // the split's first block
 };
 
 }  // namespace cq::cuda::detail

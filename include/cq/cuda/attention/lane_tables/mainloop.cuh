@@ -122,15 +122,27 @@ __device__ inline void load_unit(unsigned* dst, const std::uint8_t* src) {
   }
 }
 
-/// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at `blk`. A
+/// The page ids of the `R` consecutive blocks from the split's block `blk` (clamped to its last
+/// block), for load_code_blocks; keys and values share them (one page table). Contiguous: nothing.
+/// Looked up a round before the loads that use them, so a load never waits on the page table.
+template <int R>
+__device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, int first, int blk, int nblocks) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? run.page_of(first + min(blk + r, nblocks - 1)) : 0u;
+}
+
+/// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at the split's
+/// block `blk` (block first + blk of the run; in pages, pages pg from block_pages). Contiguous, a
 /// round inside the split needs one address per load (the blocks are immediate offsets from it);
-/// at the split's end, blocks past it load the last block again (their tokens are masked).
+/// in pages, one per block. At the split's end, blocks past it load the last block again (their
+/// tokens are masked).
 template <class Lanes, int R, bool Aligned>
-__device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::words], const std::uint8_t* base,
-                                        const int (&off)[Lanes::slots][Lanes::units], int blk, int nblocks) {
+__device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::words], const CodeRun& run, int first,
+                                        const std::uint32_t (&pg)[R], const int (&off)[Lanes::slots][Lanes::units],
+                                        int blk, int nblocks) {
   constexpr int block_bytes = 32 * Lanes::groups;
-  if (blk + R <= nblocks) {
-    const std::uint8_t* b = base + std::size_t(blk) * block_bytes;
+  if (run.pages == nullptr && blk + R <= nblocks) {
+    const std::uint8_t* b = run.base + std::size_t(first + blk) * block_bytes;
 #pragma unroll
     for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
@@ -142,7 +154,7 @@ __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::
   } else {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const std::uint8_t* b = base + std::size_t(min(blk + r, nblocks - 1)) * block_bytes;
+      const std::uint8_t* b = run.block_in(pg[r], first + min(blk + r, nblocks - 1), block_bytes);
 #pragma unroll
       for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
@@ -152,18 +164,42 @@ __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::
   }
 }
 
-/// Asks L2 to fetch `R` consecutive code blocks (G x 32 bytes each) starting at block `blk`, without
-/// registers (a bulk prefetch, sm_90): the next round's register loads then find their blocks in
-/// L2 or on their way, so fewer DRAM round trips are exposed than the registers alone could cover.
+/// Asks L2 to fetch `R` consecutive code blocks (G x 32 bytes each) starting at the split's block
+/// `blk`, without registers: the next round's register loads then find their blocks in L2 or on
+/// their way, so fewer DRAM round trips are exposed than the registers alone could cover. Called
+/// by one warp. Contiguous: lane 0 asks for the whole range in one bulk prefetch (sm_90). In
+/// pages of 4 blocks or more: one bulk prefetch per page's run of blocks, lane i for the run
+/// starting at block i; in smaller pages: 128-byte line prefetches spread over the lanes (many
+/// small bulk requests queue behind each other).
 template <class Lanes, int R>
-__device__ inline void prefetch_code_blocks(const std::uint8_t* base, int blk, int nblocks) {
+__device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int blk, int nblocks, int lane) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int block_bytes = 32 * Lanes::groups, block_lines = block_bytes / 128;
   const int count = min(R, nblocks - blk);
   if (count <= 0) return;
-  const std::uint8_t* p = base + std::size_t(blk) * (32 * Lanes::groups);
-  if ((reinterpret_cast<std::uintptr_t>(p) & 15u) != 0) return;
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(count * 32 * Lanes::groups))
-               : "memory");
+  if (run.pages == nullptr) {
+    const std::uint8_t* p = run.base + std::size_t(first + blk) * block_bytes;
+    if (lane != 0 || (reinterpret_cast<std::uintptr_t>(p) & 15u) != 0) return;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(count * block_bytes)) : "memory");
+    return;
+  }
+  const int pb = int(run.page_blocks);
+  if (pb >= 4) {
+    for (int r = lane; r < count; r += 32) {
+      const int b = first + blk + r, in_page = b % pb;
+      if (r > 0 && in_page != 0) continue;  // not the start of a page's run
+      const std::uint8_t* p = run.block(b, block_bytes);
+      const int blocks = min(pb - in_page, count - r);
+      if ((reinterpret_cast<std::uintptr_t>(p) & 15u) == 0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(blocks * block_bytes))
+                     : "memory");
+    }
+    return;
+  }
+  for (int i = lane; i < count * block_lines; i += 32) {
+    const std::uint8_t* p = run.block(first + blk + i / block_lines, block_bytes) + (i % block_lines) * 128;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+  }
 #endif
 }
 
@@ -187,22 +223,26 @@ struct LaneAddressing {
 template <bool Rows>
 using LaneWeight = std::conditional_t<Rows, float, unsigned>;
 
-/// Thread 0 asks L2 for round r's blocks, one bulk request per codes array that the stages read.
+/// Warp 0 asks L2 for round r's blocks of each codes array that the stages read.
 template <class Cfg>
 __device__ __forceinline__ void prefetch_round(const LaneTablesBlock& k, bool scan, bool accumulate, int r) {
-  if (k.tid != 0) return;
-  if (scan) prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_base, r * Cfg::round_blocks, k.nblocks);
+  if (k.warp != 0) return;
+  if (scan)
+    prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_run, k.first_block, r * Cfg::round_blocks,
+                                                                    k.nblocks, k.lane);
   if (accumulate)
-    prefetch_code_blocks<typename Cfg::ValueLanes, Cfg::round_blocks>(k.value_base, r * Cfg::round_blocks, k.nblocks);
+    prefetch_code_blocks<typename Cfg::ValueLanes, Cfg::round_blocks>(k.value_run, k.first_block,
+                                                                      r * Cfg::round_blocks, k.nblocks, k.lane);
 }
 
 /// A round's value histograms: its weights (in `weights`) x its value codes (in vq), then vq gets
-/// the codes of the blocks from `next` on (if `reload`). Value-rows mode: weight x centroid pairs
+/// the codes of the blocks from `next` on (in pages next_pages; if `reload`). Value-rows mode: weight x centroid pairs
 /// summed into acc instead.
 template <class Cfg, bool Rows, bool Aligned>
 __device__ __forceinline__ void accumulate_round(
     unsigned (&vq)[Cfg::round][Cfg::ValueLanes::slots][Cfg::ValueLanes::words], const unsigned* weights, int next,
-    bool reload, const LaneTablesBlock& k, const LaneAddressing<Cfg>& a, float (&acc)[Cfg::ValueLanes::slots][2]) {
+    const std::uint32_t (&next_pages)[Cfg::round], bool reload, const LaneTablesBlock& k, const LaneAddressing<Cfg>& a,
+    float (&acc)[Cfg::ValueLanes::slots][2]) {
   using VL = typename Cfg::ValueLanes;
   constexpr int R = Cfg::round;
 #pragma unroll
@@ -242,7 +282,7 @@ __device__ __forceinline__ void accumulate_round(
       }
     }
   }
-  if (reload) load_code_blocks<VL, R, Aligned>(vq, k.value_base, a.voff, next, k.nblocks);
+  if (reload) load_code_blocks<VL, R, Aligned>(vq, k.value_run, k.first_block, next_pages, a.voff, next, k.nblocks);
   __syncwarp();  // the weights buffer is rewritten two rounds on
 }
 
@@ -257,13 +297,20 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
   using VL = typename Cfg::ValueLanes;
   constexpr int R = Cfg::round, round_blocks = Cfg::round_blocks;
   unsigned kq[R][KL::slots][KL::words], vq[R][VL::slots][VL::words];
+  // Paged codes: the pages of this round's blocks (pg) and of the next round's (pg_next).
+  std::uint32_t pg[R], pg_next[R];
+  block_pages(pg_next, k.key_run, k.first_block, k.warp * R, k.nblocks);
   if (k.n > 0) {
-    if (scan) load_code_blocks<KL, R, Aligned>(kq, k.key_base, a.koff, k.warp * R, k.nblocks);
-    if (accumulate) load_code_blocks<VL, R, Aligned>(vq, k.value_base, a.voff, k.warp * R, k.nblocks);
+    if (scan) load_code_blocks<KL, R, Aligned>(kq, k.key_run, k.first_block, pg_next, a.koff, k.warp * R, k.nblocks);
+    if (accumulate)
+      load_code_blocks<VL, R, Aligned>(vq, k.value_run, k.first_block, pg_next, a.voff, k.warp * R, k.nblocks);
   }
   const int rounds = (k.nblocks + round_blocks - 1) / round_blocks;
   for (int round = 0; round < rounds; ++round) {
     const int blk0 = round * round_blocks + k.warp * R;
+#pragma unroll
+    for (int r = 0; r < R; ++r) pg[r] = pg_next[r];
+    block_pages(pg_next, k.key_run, k.first_block, blk0 + round_blocks, k.nblocks);
     // L2 fetches the next round's blocks while this one computes; the register loads for them go
     // out after this round's lookups. (The stage switch is per round, so the lookups carry no
     // predicate.)
@@ -293,7 +340,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
         const float total = reduce_partial_scores(part);
         s[r] = (blk0 + r) * 32 + KL::scored_token(k.lane) < k.n ? total : -FLT_MAX;
       }
-      load_code_blocks<KL, R, Aligned>(kq, k.key_base, a.koff, blk0 + round_blocks, k.nblocks);
+      load_code_blocks<KL, R, Aligned>(kq, k.key_run, k.first_block, pg_next, a.koff, blk0 + round_blocks, k.nblocks);
     } else {
 #pragma unroll
       for (int r = 0; r < R; ++r) s[r] = (blk0 + r) * 32 + KL::scored_token(k.lane) < k.n ? 0.0f : -FLT_MAX;
@@ -330,7 +377,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
         mbarrier_arrive(sh.round_barrier);
       }
       if (accumulate && round > 0)
-        accumulate_round<Cfg, Rows, Aligned>(vq, my_weights + ((round - 1) & 1) * R * 32, blk0, true, k, a, acc);
+        accumulate_round<Cfg, Rows, Aligned>(vq, my_weights + ((round - 1) & 1) * R * 32, blk0, pg, true, k, a, acc);
       mbarrier_wait(sh.round_barrier, unsigned(round) & 1u);
       // Lane l reads warp l's posting (l < warps); the warp reduces only if one is above.
       const float posted = __uint_as_float(atomicOr(round_red + k.lane % Cfg::warps, 0u));
@@ -368,10 +415,11 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
       }
     }
     __syncwarp();
-    if (Rows && accumulate) accumulate_round<Cfg, Rows, Aligned>(vq, weights, blk0 + round_blocks, true, k, a, acc);
+    if (Rows && accumulate)
+      accumulate_round<Cfg, Rows, Aligned>(vq, weights, blk0 + round_blocks, pg_next, true, k, a, acc);
   }
   if (!Rows && accumulate && rounds > 0)
-    accumulate_round<Cfg, Rows, Aligned>(vq, my_weights + ((rounds - 1) & 1) * R * 32, 0, false, k, a, acc);
+    accumulate_round<Cfg, Rows, Aligned>(vq, my_weights + ((rounds - 1) & 1) * R * 32, 0, pg, false, k, a, acc);
 }
 
 }  // namespace cq::cuda::detail
