@@ -18,7 +18,10 @@ namespace cq::cuda {
 /// One run of packed codes (the keys or the values of one (sequence, KV head)) by 32-token blocks:
 /// contiguous (pages == nullptr), block b at base + b x block bytes; or in pages, block b is block
 /// b % page_blocks of page pages[b / page_blocks], page p's run at base + p x page_bytes (base: the
-/// run's offset in page 0 of the pool). Kernels compute every code address through block().
+/// run's offset in page 0 of the pool). Kernels compute every code address through block() (or
+/// page_of, early, and block_in). Shift: pages of a power-of-two number of blocks shift and mask
+/// instead of dividing (a division costs ~20 instructions per block); the lane-tables kernel
+/// divides, its 2c8b instantiation spills with the test and shift.
 struct CodeRun {
   const std::uint8_t* base = nullptr;
   const std::uint32_t* pages = nullptr;
@@ -26,17 +29,25 @@ struct CodeRun {
   std::size_t page_bytes = 0;
 
 #ifdef __CUDACC__
+  template <bool Shift>
+  __device__ __forceinline__ unsigned page_index(unsigned u) const {
+    return Shift && __popc(page_blocks) == 1 ? u >> (__ffs(int(page_blocks)) - 1) : u / page_blocks;
+  }
   /// The id of the page holding block b (0 when contiguous): a load kernels can issue early.
+  template <bool Shift = true>
   __device__ __forceinline__ std::uint32_t page_of(int b) const {
-    return pages == nullptr ? 0u : __ldg(pages + unsigned(b) / page_blocks);
+    return pages == nullptr ? 0u : __ldg(pages + page_index<Shift>(unsigned(b)));
   }
   /// Block b, which lies in page `page` (page_of(b)).
+  template <bool Shift = true>
   __device__ __forceinline__ const std::uint8_t* block_in(std::uint32_t page, int b, int block_bytes) const {
     if (pages == nullptr) return base + std::size_t(b) * block_bytes;
-    return base + std::size_t(page) * page_bytes + std::size_t(unsigned(b) % page_blocks) * block_bytes;
+    const unsigned u = unsigned(b), in_page = u - page_index<Shift>(u) * page_blocks;
+    return base + std::size_t(page) * page_bytes + std::size_t(in_page) * block_bytes;
   }
+  template <bool Shift = true>
   __device__ __forceinline__ const std::uint8_t* block(int b, int block_bytes) const {
-    return block_in(page_of(b), b, block_bytes);
+    return block_in<Shift>(page_of<Shift>(b), b, block_bytes);
   }
 #endif
 };

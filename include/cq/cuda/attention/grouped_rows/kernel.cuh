@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, i
 /// (cp.async, 16-byte pieces, or 4-byte ones for code buffers off 16-byte alignment); the
 /// caller commits and waits.
 template <int GK, int GV>
-__device__ __forceinline__ void stage_tile_codes(const DeviceKVCodes& codes, std::uint32_t page, int t, bool wide,
-                                                 unsigned dst, int lane) {
-  const std::uint8_t* kb = codes.keys().block_in(page, t / 32, GK * 32) + t % 32;  // group g at + 32 g
-  const std::uint8_t* vb = codes.values().block_in(page, t / 32, GV * 32) + t % 32;
+__device__ __forceinline__ void stage_tile_codes(const CodeRun& keys, const CodeRun& values, std::uint32_t page, int t,
+                                                 bool wide, unsigned dst, int lane) {
+  const std::uint8_t* kb = keys.block_in(page, t / 32, GK * 32) + t % 32;  // group g at + 32 g
+  const std::uint8_t* vb = values.block_in(page, t / 32, GV * 32) + t % 32;
   if (wide) {
     for (int g = lane; g < GK + GV; g += 32) {
       const std::uint8_t* src = g < GK ? kb + 32 * g : vb + 32 * (g - GK);
@@ -255,16 +255,17 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   const bool wide = codes.aligned16();
   // Paged codes: the page of the tile after next is looked up a tile ahead, so the page-table
   // load is not waited for when its tile's copy goes out.
-  const CodeRun key_run = codes.keys();
+  const CodeRun key_run = codes.keys(), value_run = codes.values();
   auto page_of_tile = [&](int tile) { return tile < tiles ? key_run.page_of((c0 + tile * Cfg::tile) / 32) : 0u; };
-  if (warp < tiles) stage_tile_codes<GK, GV>(codes, page_of_tile(warp), c0 + warp * Cfg::tile, wide, stages_at, lane);
+  if (warp < tiles)
+    stage_tile_codes<GK, GV>(key_run, value_run, page_of_tile(warp), c0 + warp * Cfg::tile, wide, stages_at, lane);
   asm volatile("cp.async.commit_group;" ::: "memory");
   std::uint32_t next_page = page_of_tile(warp + warps);
   const int row0 = staged_token(gq), e = gq & 1;  // this thread's key rows: staged tokens row0, row0 + 2
   for (int tile = warp, i = 0; tile < tiles; tile += warps, ++i) {
     const int t0 = tile * Cfg::tile;
     if (tile + warps < tiles)
-      stage_tile_codes<GK, GV>(codes, next_page, c0 + t0 + warps * Cfg::tile, wide,
+      stage_tile_codes<GK, GV>(key_run, value_run, next_page, c0 + t0 + warps * Cfg::tile, wide,
                                stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
     asm volatile("cp.async.commit_group;" ::: "memory");
     next_page = page_of_tile(tile + 2 * warps);
@@ -349,8 +350,8 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
       const int ahead = t0 + 2 * warps * Cfg::tile;
       if (ahead < n && (ahead & 31) == 0 && lane < GK / 4 + GV / 4) {
         const int blk = (c0 + ahead) / 32;
-        const std::uint8_t* line = lane < GK / 4 ? codes.keys().block_in(next_page, blk, GK * 32) + lane * 128
-                                                 : codes.values().block_in(next_page, blk, GV * 32) + (lane - GK / 4) * 128;
+        const std::uint8_t* line = lane < GK / 4 ? key_run.block_in(next_page, blk, GK * 32) + lane * 128
+                                                 : value_run.block_in(next_page, blk, GV * 32) + (lane - GK / 4) * 128;
         asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
       }
     }
