@@ -30,9 +30,8 @@
 /// shared memory, and 16 warps (8 for groups of 9-16 heads, whose two column tiles need twice the
 /// registers) take 16-token tiles in turn, each staging its next tile's codes by cp.async (through
 /// the page table when the codes are paged) while it computes the current one, each with its own
-/// online softmax; the warps'
-/// states merge in shared memory, then the full-precision tokens (split 0) join, by the rule of
-/// cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
+/// online softmax; the warps' states merge in shared memory, then the full-precision tokens
+/// (split 0) join, by the rule of cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
 /// combine_kernel (combine.cuh). Half-precision operands are a little less accurate than the
 /// lane-tables kernel's float tables; both are tested to 1e-3 of the oracle (tests/cuda).
 
