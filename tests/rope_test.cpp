@@ -114,6 +114,43 @@ TEST_CASE("RoPE: every variant rotates like transformers' formulas, to positions
   }
 }
 
+TEST_CASE("RoPE: queries turned back to anchors and keys turned by the step table score like R(pos) k, to 10^6") {
+  // What attention does with coded pre-RoPE keys: q . R(p) k = (R(a)^T q) . R(p - a) k, the
+  // anchor a exact in double every step_period positions (RopeStepper::jump), R(t) from
+  // Rope::steps().
+  const std::size_t D = 128;
+  const auto x = test::random_normal(D, 1), q = test::random_normal(D, 2);
+  double qn = 0.0, xn = 0.0;
+  for (std::size_t d = 0; d < D; ++d) qn += double(q[d]) * q[d], xn += double(x[d]) * x[d];
+  for (const RopeConfig& c : variants()) {
+    CAPTURE(describe(c));
+    const Rope rope(c, D);
+    const RopeSteps rs = rope.steps();
+    REQUIRE(rs.period == RopeStepper::resync);
+    for (std::size_t first : {std::size_t{0}, std::size_t{4096 + 32}, std::size_t{999000}}) {
+      CAPTURE(first);
+      RopeStepper st(rope, first);
+      std::vector<float> qr(D);
+      double worst = 0.0;
+      for (std::size_t a = first; a < first + 40 * rs.period; a += rs.period, st.jump()) {
+        rope_rotate_back(rope, st, 0.5f, q.data(), 1, qr.data());
+        for (std::size_t t = 0; t < rs.period; ++t) {
+          double got = 0.0;
+          for (std::size_t d = 0; d < D; ++d) {
+            const float k = d < rs.rotary_dim ? x[d] * rs.cos(t)[d] + x[rs.partner(d)] * rs.sin(t)[d] : x[d];
+            got += double(qr[d]) * k;
+          }
+          const auto want = direct_rotate(c, D, x, a + t);
+          double w = 0.0;
+          for (std::size_t d = 0; d < D; ++d) w += 0.5 * q[d] * want[d];
+          worst = std::max(worst, std::abs(got - w) / (0.5 * std::sqrt(qn * xn)));
+        }
+      }
+      CHECK(worst < 1e-6);
+    }
+  }
+}
+
 TEST_CASE("RoPE: invalid settings are refused, naming the field") {
   RopeConfig c;
   c.theta = 0.0;

@@ -7,6 +7,7 @@
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
+#include "cq/rope.hpp"
 #include "cq/views.hpp"
 
 #include <concepts>
@@ -46,7 +47,9 @@ concept quantizer_backend =
 ///    of float queries with float, fp16 or bf16 rows;
 ///  - the grouped forms for the query heads of a GQA group, heads innermost: `score_lut_heads`,
 ///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `score_rows_heads`, `max_lanes`,
-///    `exp_sum_lanes`.
+///    `exp_sum_lanes`;
+///  - pre-RoPE keys: `score_rope_codes` (keys rotated by a step table, dotted with queries turned
+///    back to their anchors) and `rope_rows` (the rotated keys as rows).
 template <class B, class T>
 concept attention_ops_for =
     element_type<T> && requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f,
@@ -59,7 +62,7 @@ template <class B>
 concept attention_backend =
     attention_ops_for<B, float> && attention_ops_for<B, half> && attention_ops_for<B, bfloat16> &&
     requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f, std::size_t n, float x,
-             MatrixView<float> out) {
+             MatrixView<float> out, const RopeSteps& rs) {
       B::score_lut(cb, cq, x, f, n);
       B::score_codes(cq, n, codes, n, n, f);
       B::add_histogram(codes, n, n, cq, f, n);
@@ -77,6 +80,8 @@ concept attention_backend =
       B::score_rows_heads(cq, n, cq, n, n, f);
       B::max_lanes(cq, n, n, f);
       B::exp_sum_lanes(f, n, n, cq, f);
+      B::score_rope_codes(cb, codes, n, n, rs, cq, n, f, n);
+      B::rope_rows(cb, codes, n, n, rs, f);
     };
 
 }  // namespace cq

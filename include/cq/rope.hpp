@@ -66,12 +66,35 @@ inline std::string describe(const RopeConfig& r) {
   return s;
 }
 
+/// The rotations of the first `period` steps of a Rope, per rotary channel (a view into the Rope):
+/// a key at position anchor + t rotates as R(anchor) R(t) (both turn the same planes), so
+/// attention rotates the query back by the anchor once per `period` tokens and each key by R(t)
+/// from this table. With x' = R(t) x: x'_c = x_c cos[t][c] + x_partner(c) sin[t][c], partner(c)
+/// the other channel of c's pair; sin carries the sign (-sin on a pair's first channel, +sin on
+/// its second). No attention factor: that goes with the anchor.
+/// Layout: (period, 2, rotary_dim): cos then signed sin.
+struct RopeSteps {
+  const float* table = nullptr;
+  RopeStyle style = RopeStyle::rotate_half;
+  std::size_t rotary_dim = 0, head_dim = 0, period = 0;
+  const float* cos(std::size_t t) const { return table + t * 2 * rotary_dim; }
+  const float* sin(std::size_t t) const { return table + (t * 2 + 1) * rotary_dim; }
+  /// The other channel of channel c's pair (c < rotary_dim).
+  std::size_t partner(std::size_t c) const {
+    if (style == RopeStyle::interleaved) return c ^ 1;
+    const std::size_t h = rotary_dim / 2;
+    return c < h ? c + h : c - h;
+  }
+};
+
 /// The rotation of one model's keys: RopeConfig resolved for a head dimension (inverse
 /// frequencies, attention factor), validated once.
 class Rope {
  public:
   /// Most rotation pairs a head may have (rotary_dim <= 512): steppers keep their tables inline.
   static constexpr std::size_t max_pairs = 256;
+  /// Positions between exact anchors (RopeStepper) and the length of the step table (steps()).
+  static constexpr std::size_t step_period = 16;
 
   Rope() = default;
   /// Throws cq::Error naming the field when the configuration is invalid for `head_dim`.
@@ -101,6 +124,17 @@ class Rope {
     scale_ = cfg.scaling == RopeScaling::yarn
                  ? (cfg.attention_factor > 0.0 ? cfg.attention_factor : 0.1 * std::log(cfg.factor) + 1.0)
                  : 1.0;
+    steps_.resize(step_period * 2 * r);
+    for (std::size_t t = 0; t < step_period; ++t)
+      for (std::size_t i = 0; i < pairs(); ++i) {
+        std::size_t a, b;
+        pair(i, a, b);
+        const double ang = double(t) * inv_freq_[i];
+        float* cs = steps_.data() + t * 2 * r;
+        cs[a] = cs[b] = static_cast<float>(std::cos(ang));
+        cs[r + a] = static_cast<float>(-std::sin(ang));
+        cs[r + b] = static_cast<float>(std::sin(ang));
+      }
   }
 
   const RopeConfig& config() const { return cfg_; }
@@ -111,6 +145,8 @@ class Rope {
   const std::vector<double>& inv_freq() const { return inv_freq_; }
   /// The factor cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
   double scale() const { return scale_; }
+  /// R(t) for t < step_period, exact in double rounded to float.
+  RopeSteps steps() const { return {steps_.data(), cfg_.style, rotary_, dim_, step_period}; }
 
   /// Channels (a, b) of rotation pair i: x_a' = x_a cos - x_b sin, x_b' = x_b cos + x_a sin.
   void pair(std::size_t i, std::size_t& a, std::size_t& b) const {
@@ -184,6 +220,7 @@ class Rope {
   std::size_t dim_ = 0, rotary_ = 0;
   std::vector<double> inv_freq_;
   double scale_ = 1.0;
+  std::vector<float> steps_;  // see RopeSteps
 };
 
 /// cos/sin (times the attention factor) of consecutive positions without a sincos per token. An
@@ -193,7 +230,7 @@ class Rope {
 /// tables inline: constructing one allocates nothing.
 class RopeStepper {
  public:
-  static constexpr int resync = 16;
+  static constexpr int resync = static_cast<int>(Rope::step_period);
   RopeStepper(const Rope& rope, std::size_t first_pos) : n_(rope.pairs()) { reset(rope, first_pos); }
 
   /// Moves to `pos` (any position) with exact anchors.
@@ -210,6 +247,12 @@ class RopeStepper {
     }
     since_anchor_ = 0;
     refresh_float();
+  }
+  /// Moves resync positions ahead at once; only at an anchor (after reset or a previous jump).
+  void jump() {
+    CQ_ASSERT(since_anchor_ == 0);
+    since_anchor_ = resync - 1;
+    advance();
   }
   /// cos / sin of the current position, one per pair, as float.
   const float* cos() const { return cf_.data(); }
@@ -271,6 +314,26 @@ inline void rope_rotate_stepped(const Rope& rope, const RopeStepper& st, float* 
       x[2 * j + 1] = b * c[j] + a * s[j];
     }
   }
+}
+
+/// Turns vectors back by a stepper's current rotation and scales them: out = scale * R(pos)^T in,
+/// so that out . k = scale * in . R(pos) k. in and out are (head_dim, lanes): `lanes` vectors
+/// side by side; channels past rotary_dim are only scaled.
+inline void rope_rotate_back(const Rope& rope, const RopeStepper& st, float scale, const float* __restrict in,
+                             std::size_t lanes, float* __restrict out) {
+  const float* c = st.cos();
+  const float* s = st.sin();
+  for (std::size_t i = 0; i < rope.pairs(); ++i) {
+    std::size_t a, b;
+    rope.pair(i, a, b);
+    const float ci = scale * c[i], si = scale * s[i];
+    for (std::size_t l = 0; l < lanes; ++l) {
+      const float xa = in[a * lanes + l], xb = in[b * lanes + l];
+      out[a * lanes + l] = xa * ci + xb * si;
+      out[b * lanes + l] = xb * ci - xa * si;
+    }
+  }
+  for (std::size_t d = rope.rotary_dim() * lanes; d < rope.head_dim() * lanes; ++d) out[d] = scale * in[d];
 }
 
 }  // namespace cq

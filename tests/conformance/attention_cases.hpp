@@ -75,6 +75,23 @@ inline std::vector<AttentionCase> attention_cases(std::size_t every = 1) {
     special(AttentionCase::of(64, 4, 4, 0, 0, 1, {300}).with_queries(2).with_rope(r));
     special(AttentionCase::of(64, 2, 8, 32, 0, 8, {545}).with_rope(r));
     special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2100}).with_queries(3).with_rope(r));  // grouped, pre-RoPE
+    // Partial rotary_dim, group widths 2..16, odd head counts and code widths, on the per-head
+    // and grouped paths; rotary_dim 24 is outside the SIMD kernels' shapes (the scalar fallback).
+    RopeConfig partial = r;
+    partial.rotary_dim = 64;
+    special(AttentionCase::of(128, 8, 8, 32, 4, 1, {1100, 70}).with_rope(partial));
+    special(AttentionCase::of(128, 16, 8, 32, 0, 3, {777}).with_rope(partial));
+    partial.rotary_dim = 96;
+    special(AttentionCase::of(128, 8, 8, 32, 0, 8, {1300, 45}).with_rope(partial));  // grouped
+    partial.rotary_dim = 32;
+    special(AttentionCase::of(64, 2, 8, 0, 0, 2, {333}).with_queries(2).with_rope(partial));
+    partial.rotary_dim = 24;
+    special(AttentionCase::of(64, 4, 8, 32, 0, 1, {200}).with_rope(partial));
+    RopeConfig yarn = r;
+    yarn.scaling = RopeScaling::yarn;
+    yarn.factor = 4.0;
+    special(AttentionCase::of(128, 16, 8, 32, 0, 4, {1500}).with_rope(yarn));  // grouped, C = 16
+    special(AttentionCase::of(64, 4, 10, 32, 4, 1, {301}).with_rope(yarn));     // 10-bit codes
   }
   special(AttentionCase::of(128, 8, 8, 32, 4, 7, {700, 1, 2500}).with_pages(32));
   special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2500, 600}).with_pages(256));

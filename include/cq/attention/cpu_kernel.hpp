@@ -16,9 +16,11 @@
 /// lazily: accumulators are rescaled only when a score exceeds the reference by more than 16, so
 /// almost never. Coded tokens are walked in steps of at most 512 that never cross a page.
 ///
-/// Keys stored before RoPE (view.rope set) are decoded and rotated to their positions here: coded
-/// keys token by token in L1 (no table), full-precision rows once per KV head for all its query
-/// heads.
+/// Keys stored before RoPE (view.rope set) are rotated here. Coded keys (no table): a key at
+/// position anchor + t rotates as R(anchor) R(t), so the queries are turned back by R(anchor) once
+/// per 16 tokens and each key is decoded and rotated by R(t) from the Rope's step table, in
+/// registers (Backend::score_rope_codes; grouped: Backend::rope_rows, then one dot per token for
+/// all heads). Full-precision rows are rotated once per KV head for all its query heads.
 
 #include "cq/attention/head_view.hpp"
 #include "cq/attention/problem.hpp"
@@ -256,8 +258,9 @@ class HeadAttention {
     }
     const bool decode_keys = !use_lut && !rope_fused;  // dequantise-then-attend
     const bool decode_values = !fused_;
-    // Scratch rows: a step of decoded keys and values, or one key row for rope_fused.
-    const std::size_t rows_needed = decode_keys || decode_values ? 2 * superblock * D : rope_fused ? D : 0;
+    // Scratch rows: a step of decoded keys and values, or the anchored queries (2, heads, D) for
+    // rope_fused.
+    const std::size_t rows_needed = decode_keys || decode_values ? 2 * superblock * D : rope_fused ? 2 * heads_ * D : 0;
     sc.scores.resize(std::max(sc.scores.size(), heads_ * superblock));
     sc.rows.resize(std::max(sc.rows.size(), rows_needed));
     std::optional<RopeStepper> stepper;
@@ -275,7 +278,13 @@ class HeadAttention {
       if (decode_values) Backend::decode(kv_.value_codebook, vc, in_page, MatrixView<float>(vrows, n, D));
       if (decode_keys && kv_.rope)
         for (std::size_t i = 0; i < n; ++i, stepper->advance()) rope_rotate_stepped(*kv_.rope, *stepper, krows + i * D);
-      if (rope_fused) rope_scores(kc, in_page, n, *stepper, krows, sc.scores.data(), sc);
+      if (rope_fused)
+        for (std::size_t b = 0; b < n; b += block_tokens) {
+          const std::size_t m = std::min(block_tokens, n - b);
+          anchor_queries(*stepper, m, nullptr, 0, krows);
+          Backend::score_rope_codes(kcb, kc, in_page + b, m, kv_.rope->steps(), krows, heads_, sc.scores.data() + b,
+                                    superblock);
+        }
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
         if (use_lut) {
@@ -308,16 +317,18 @@ class HeadAttention {
     PieceScratch& sc = piece_scratch();
     sc.scores.resize(std::max(sc.scores.size(), superblock * L));
     std::optional<RopeStepper> stepper;
-    float* qt = nullptr;
+    float *qt = nullptr, *qr = nullptr;
     if (kv_.rope) {
-      // Pre-RoPE keys: decoded and rotated once per token (a step's rows in scratch), then scored
-      // against every head at once; the queries, scaled, transposed to lanes (dim, L).
+      // Pre-RoPE keys: decoded and rotated by the step table once per token (a block's rows in
+      // scratch), then scored against every head at once; the queries transposed to lanes
+      // (dim, L), turned back to each step period's anchor.
       stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
-      sc.rows.resize(std::max(sc.rows.size(), block_tokens * D + D * L));
+      sc.rows.resize(std::max(sc.rows.size(), block_tokens * D + 3 * D * L));
       qt = sc.rows.data() + block_tokens * D;
+      qr = qt + D * L;
       std::fill(qt, qt + D * L, 0.0f);
       for (std::size_t h = 0; h < heads_; ++h)
-        for (std::size_t d = 0; d < D; ++d) qt[d * L + h] = scale_ * q_[h * D + d];
+        for (std::size_t d = 0; d < D; ++d) qt[d * L + h] = q_[h * D + d];
     } else {
       sc.lut.resize(std::max(sc.lut.size(), kcb.groups * K * L));
       Backend::score_lut_heads(kcb, q_, heads_, L, scale_, sc.lut.data());
@@ -333,8 +344,12 @@ class HeadAttention {
         // 32 rows at a time, so the decoded keys stay in L1 between decoding and scoring.
         for (std::size_t b = 0; b < n; b += block_tokens) {
           const std::size_t m = std::min(block_tokens, n - b);
-          decode_rotated(kc, in_page + b, m, *stepper, sc.rows.data(), sc);
-          Backend::score_rows_heads(qt, L, sc.rows.data(), m, D, s + b * L);
+          const std::size_t per = Rope::step_period;
+          anchor_queries(*stepper, m, qt, L, qr);
+          Backend::rope_rows(kcb, kc, in_page + b, m, kv_.rope->steps(), sc.rows.data());
+          for (std::size_t p = 0; p * per < m; ++p)
+            Backend::score_rows_heads(qr + p * D * L, L, sc.rows.data() + p * per * D, std::min(per, m - p * per), D,
+                                      s + (b + p * per) * L);
         }
       } else {
         Backend::score_codes_heads(sc.lut.data(), K, L, kc, in_page, n, s);
@@ -352,39 +367,17 @@ class HeadAttention {
     }
   }
 
-  // Decodes n pre-RoPE coded keys into rows (n, head_dim) and rotates each to its position.
-  void decode_rotated(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper,
-                      float* rows, PieceScratch& sc) const {
-    const CodebookView& kcb = kv_.key_codebook;
-    const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
-    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
-    std::uint32_t* cd = sc.codes.data();
-    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
-    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
-      float* k = rows + i * D;
-      for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + cd[i * G + g]) * C, C, k + g * C);
-      rope_rotate_stepped(*kv_.rope, stepper, k);
-    }
-  }
-
-  // Scores of pre-RoPE coded keys for the fused methods, token by token in L1: the key's
-  // centroids are copied into one scratch row, rotated to the token's position and dotted with
-  // each head's query. (Decoding a step of rows first, then rotating it in place, made three
-  // passes over 256 KiB of rows through L2.)
-  // Head h's score of token i goes to scores[h * superblock + i].
-  void rope_scores(const ConstPackedCodesView& codes, std::size_t first, std::size_t n, RopeStepper& stepper, float* k,
-                   float* scores, PieceScratch& sc) const {
-    const CodebookView& kcb = kv_.key_codebook;
-    const std::size_t D = kv_.head_dim, G = kcb.groups, C = kcb.channels, K = kcb.num_centroids();
-    sc.codes.resize(std::max(sc.codes.size(), superblock * G));
-    std::uint32_t* cd = sc.codes.data();
-    for (std::size_t g = 0; g < G; ++g) load_group_codes(codes, g, first, n, cd + g, G);
-    for (std::size_t i = 0; i < n; ++i, stepper.advance()) {
-      const std::uint32_t* code = cd + i * G;
-      for (std::size_t g = 0; g < G; ++g) put_centroid(kcb.centroids + (g * K + code[g]) * C, C, k + g * C);
-      rope_rotate_stepped(*kv_.rope, stepper, k);
-      for (std::size_t h = 0; h < heads_; ++h)
-        scores[h * superblock + i] = scale_ * Backend::template dot<float>(q_ + h * D, k, D);
+  // Queries turned back to the anchors of the (at most) two step periods of a 32-token block that
+  // starts at the stepper's position: qr (2, heads, head_dim) or, transposed to lanes, qr (2,
+  // head_dim, lanes) from base (head_dim, lanes); the stepper ends at the next block's anchor.
+  void anchor_queries(RopeStepper& stepper, std::size_t m, const float* base, std::size_t lanes, float* qr) const {
+    const std::size_t D = kv_.head_dim, per = Rope::step_period;
+    static_assert(block_tokens == 2 * Rope::step_period, "cq: a code block spans two RoPE step periods");
+    for (std::size_t p = 0; p * per < m; ++p, stepper.jump()) {
+      float* out = qr + p * std::max(heads_, lanes) * D;
+      if (lanes) rope_rotate_back(*kv_.rope, stepper, scale_, base, lanes, out);
+      else
+        for (std::size_t h = 0; h < heads_; ++h) rope_rotate_back(*kv_.rope, stepper, scale_, q_ + h * D, 1, out + h * D);
     }
   }
 

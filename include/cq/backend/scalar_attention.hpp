@@ -15,6 +15,7 @@
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
+#include "cq/rope.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -136,6 +137,42 @@ struct ScalarAttentionOps {
         for (std::size_t d = 0; d < dim; ++d) s += qt[d * L + h] * rows[i * dim + d];
         scores[i * L + h] = s;
       }
+  }
+
+  /// Pre-RoPE keys against queries turned back to their anchors (rope_rotate_back): for i < n
+  /// (n <= 2 * rs.period), with k the decoded key of token first + i and t = i % rs.period:
+  /// scores[h * stride + i] = qr[((i / rs.period) * heads + h) * dim ..] . R(t) k. Codes and
+  /// queries (2, heads, dim) as the key codebook's dim.
+  static void score_rope_codes(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                               const RopeSteps& rs, const float* qr, std::size_t heads, float* scores,
+                               std::size_t stride) {
+    const std::size_t D = cb.dim();
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = 0; h < heads; ++h) {
+        const float* q = qr + ((i / rs.period) * heads + h) * D;
+        float s = 0.0f;
+        for (std::size_t c = 0; c < D; ++c) s += q[c] * rope_channel(cb, codes, first + i, rs, i % rs.period, c);
+        scores[h * stride + i] = s;
+      }
+  }
+
+  /// rows[i * dim + c] = (R(i % rs.period) k)_c for i < n, k the decoded key of token first + i.
+  static void rope_rows(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                        const RopeSteps& rs, float* rows) {
+    const std::size_t D = cb.dim();
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t c = 0; c < D; ++c) rows[i * D + c] = rope_channel(cb, codes, first + i, rs, i % rs.period, c);
+  }
+
+  /// Channel c of token `token`'s decoded key rotated by R(t).
+  static float rope_channel(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t token,
+                            const RopeSteps& rs, std::size_t t, std::size_t c) {
+    auto key = [&](std::size_t d) {
+      const std::size_t g = d / cb.channels;
+      return cb.centroids[(g * cb.num_centroids() + codes.get(token, g)) * cb.channels + d % cb.channels];
+    };
+    if (c >= rs.rotary_dim) return key(c);
+    return key(c) * rs.cos(t)[c] + key(rs.partner(c)) * rs.sin(t)[c];
   }
 
   /// Per lane h < L: m[h] = max over i < n of x[i * L + h].

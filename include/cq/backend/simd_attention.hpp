@@ -10,6 +10,7 @@
 
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/backend/simd_group_attention.hpp"
+#include "cq/backend/simd_rope_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/bit_packing.hpp"
 #include "cq/detail/simd_isa.hpp"
@@ -24,7 +25,7 @@
 namespace cq::backend {
 
 template <class Isa>
-struct SimdAttentionOps : SimdGroupOps<Isa> {
+struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
   using vf = typename Isa::vf;
   using vi = typename Isa::vi;
   static constexpr int W = Isa::width;

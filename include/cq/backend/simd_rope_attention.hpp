@@ -1,0 +1,255 @@
+#pragma once
+/// The pre-RoPE key primitives of the SIMD backend (inherited by backend::Simd<Isa>): coded keys
+/// decoded, rotated by the step table and dotted with the anchor-rotated queries in registers,
+/// never written as rows. Contracts: backend/scalar_attention.hpp.
+///
+/// Work in 8-channel vectors (AVX2 width, also under AVX-512: a key is only 16 of them). With
+/// rotate_half, vector j of the first half pairs element-wise with vector j + r/16 of the second
+/// half, so a pair of vectors rotates with one cos and one sin vector:
+///   k1' = k1 cos - k2 sin,  k2' = k2 cos + k1 sin;
+/// interleaved pairs are neighbouring lanes (one in-lane swap). A vector of channels is one
+/// centroid (C = 8), two (4), four (2) or half of one (16). Scores of 8 tokens are summed
+/// horizontally at once (transpose-add). Other shapes (C = 1 or odd, rotary_dim or head_dim not a
+/// multiple of 16 / 8, code widths over 16 bits) take the scalar reference.
+
+#include "cq/backend/scalar_attention.hpp"
+#include "cq/codebook.hpp"
+#include "cq/config.hpp"
+#include "cq/detail/bit_packing.hpp"
+#include "cq/detail/simd_isa.hpp"
+#include "cq/packed_codes.hpp"
+#include "cq/rope.hpp"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace cq::backend {
+
+struct SimdRopeOps {
+  static void score_rope_codes(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                               const RopeSteps& rs, const float* qr, std::size_t heads, float* scores,
+                               std::size_t stride) {
+#if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
+    if (fast_shape(cb, rs, n)) {
+      with_offsets(cb, codes, first, [&]<int C>(const std::uint32_t* cd) {
+        for (std::size_t h = 0; h < heads; h += 2) {
+          if (h + 1 < heads) score_fixed<C, 2, 1>(cb, cd, n, rs, qr, heads, h, scores, stride);
+          else score_fixed<C, 1, 2>(cb, cd, n, rs, qr, heads, h, scores, stride);
+        }
+      });
+      return;
+    }
+#endif
+    ScalarAttentionOps::score_rope_codes(cb, codes, first, n, rs, qr, heads, scores, stride);
+  }
+
+  static void rope_rows(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
+                        const RopeSteps& rs, float* rows) {
+#if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
+    if (fast_shape(cb, rs, n)) {
+      with_offsets(cb, codes, first, [&]<int C>(const std::uint32_t* cd) { rows_fixed<C>(cb, cd, n, rs, rows); });
+      return;
+    }
+#endif
+    ScalarAttentionOps::rope_rows(cb, codes, first, n, rs, rows);
+  }
+
+#if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
+ private:
+  static constexpr std::size_t max_groups = 128;  // a block's code offsets sit on the stack
+
+  static bool fast_shape(const CodebookView& cb, const RopeSteps& rs, std::size_t n) {
+    const std::size_t C = cb.channels, D = cb.dim();
+    return (C == 2 || C == 4 || C == 8 || C == 16) && D % 8 == 0 && rs.rotary_dim % 16 == 0 && D == rs.head_dim &&
+           n <= 2 * rs.period && rs.period % 8 == 0 &&  cb.groups <= max_groups;
+  }
+
+  // Calls f.template operator()<C>(off) with off (groups, 32): the element offset
+  // (g * K + code) * C of each code of the block, token `first` first.
+  template <class F>
+  static void with_offsets(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, F&& f) {
+    CQ_ASSERT(first % block_tokens == 0);
+    const std::size_t block = first / block_tokens, C = cb.channels, K = cb.num_centroids();
+    alignas(64) std::uint32_t off[max_groups * block_tokens];
+    for (std::size_t g = 0; g < cb.groups; ++g) {
+      std::uint32_t* o = off + g * block_tokens;
+      const __m256i base = _mm256_set1_epi32(static_cast<int>(g * K));
+      const __m128i shift = _mm_cvtsi32_si128(C == 2 ? 1 : C == 4 ? 2 : C == 8 ? 3 : 4);
+      if (codes.bits == 8) {
+        const std::uint8_t* ch = codes.chunk(block, g);
+        for (std::size_t t = 0; t < block_tokens; t += 8) {
+          const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ch + t)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o + t), _mm256_sll_epi32(_mm256_add_epi32(c, base), shift));
+        }
+      } else {
+        cq::detail::unpack_chunk(codes.chunk(block, g), codes.bits, o);
+        for (std::size_t t = 0; t < block_tokens; t += 8) {
+          const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(o + t));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o + t), _mm256_sll_epi32(_mm256_add_epi32(c, base), shift));
+        }
+      }
+    }
+    switch (C) {
+      case 2: return f.template operator()<2>(static_cast<const std::uint32_t*>(off));
+      case 4: return f.template operator()<4>(static_cast<const std::uint32_t*>(off));
+      case 8: return f.template operator()<8>(static_cast<const std::uint32_t*>(off));
+      default: return f.template operator()<16>(static_cast<const std::uint32_t*>(off));
+    }
+  }
+
+  // Channels [8j, 8j + 8) of the key whose offsets are off[g * 32] (see with_offsets).
+  template <int C>
+  static CQ_ALWAYS_INLINE __m256 key_vector(const float* cent, const std::uint32_t* off, std::size_t j) {
+    constexpr std::size_t B = block_tokens;
+    if constexpr (C == 8) {
+      return _mm256_loadu_ps(cent + off[j * B]);
+    } else if constexpr (C == 16) {
+      return _mm256_loadu_ps(cent + off[(j / 2) * B] + (j % 2) * 8);
+    } else if constexpr (C == 4) {
+      const std::uint32_t* o = off + 2 * j * B;
+      return _mm256_set_m128(_mm_loadu_ps(cent + o[B]), _mm_loadu_ps(cent + o[0]));
+    } else {
+      const std::uint32_t* o = off + 4 * j * B;
+      auto pair = [&](std::size_t k) {
+        const double* p = reinterpret_cast<const double*>(cent + o[k * B]);
+        const double* q = reinterpret_cast<const double*>(cent + o[(k + 1) * B]);
+        return _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(p), q));
+      };
+      return _mm256_set_m128(pair(2), pair(0));
+    }
+  }
+
+  // The 8 horizontal sums of v[0..7], in order.
+  static CQ_ALWAYS_INLINE __m256 sums8(const __m256* v) {
+    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+
+  // Heads h0 .. h0 + H - 1 over the n tokens of the block, U tokens at a time (they share the
+  // query loads; H * U <= 2 keeps the accumulators and rotated keys in registers).
+  template <int C, int H, int U>
+  static void score_fixed(const CodebookView& cb, const std::uint32_t* cd, std::size_t n, const RopeSteps& rs,
+                          const float* qr, std::size_t heads, std::size_t h0, float* scores, std::size_t stride) {
+    static_assert(8 % U == 0, "cq: tokens per step divide the 8 of a horizontal sum");
+    const std::size_t D = cb.dim(), r = rs.rotary_dim;
+    const float* cent = cb.centroids;
+    const bool half = rs.style == RopeStyle::rotate_half;
+    alignas(32) __m256 part[H][8];
+    for (std::size_t i0 = 0; i0 < n; i0 += 8) {
+      const std::size_t take = std::min<std::size_t>(8, n - i0);
+      for (std::size_t u0 = 0; u0 < 8; u0 += U) {
+        if (u0 >= take) {  // past the end: zeros for the horizontal sums
+          for (int h = 0; h < H; ++h)
+            for (int u = 0; u < U; ++u) part[h][u0 + u] = _mm256_setzero_ps();
+          continue;
+        }
+        const std::size_t i = i0 + u0;  // the U tokens share one step period (U divides 8)
+        const std::uint32_t* ct[U];
+        const float *cs[U], *sn[U], *q[H];
+        for (int u = 0; u < U; ++u) {
+          ct[u] = cd + i + u;
+          cs[u] = rs.cos((i + u) % rs.period);
+          sn[u] = rs.sin((i + u) % rs.period);
+        }
+        for (int h = 0; h < H; ++h) q[h] = qr + ((i / rs.period) * heads + h0 + h) * D;
+        __m256 a[H][U], b[H][U];
+        for (int h = 0; h < H; ++h)
+          for (int u = 0; u < U; ++u) a[h][u] = b[h][u] = _mm256_setzero_ps();
+        if (half) {
+          const std::size_t hv = r / 16;  // vector pairs
+          for (std::size_t j = 0; j < hv; ++j) {
+            __m256 r1[U], r2[U];
+            for (int u = 0; u < U; ++u) {
+              const __m256 k1 = key_vector<C>(cent, ct[u], j), k2 = key_vector<C>(cent, ct[u], j + hv);
+              const __m256 c = _mm256_loadu_ps(cs[u] + 8 * j), s = _mm256_loadu_ps(sn[u] + 8 * j);  // s: -sin
+              r1[u] = _mm256_fmadd_ps(k2, s, _mm256_mul_ps(k1, c));
+              r2[u] = _mm256_fnmadd_ps(k1, s, _mm256_mul_ps(k2, c));
+            }
+            for (int h = 0; h < H; ++h) {
+              const __m256 q1 = _mm256_loadu_ps(q[h] + 8 * j), q2 = _mm256_loadu_ps(q[h] + 8 * (j + hv));
+              for (int u = 0; u < U; ++u) {
+                a[h][u] = _mm256_fmadd_ps(q1, r1[u], a[h][u]);
+                b[h][u] = _mm256_fmadd_ps(q2, r2[u], b[h][u]);
+              }
+            }
+          }
+        } else {
+          for (std::size_t j = 0; j < r / 8; ++j) {
+            __m256 rk[U];
+            for (int u = 0; u < U; ++u) {
+              const __m256 k = key_vector<C>(cent, ct[u], j);
+              const __m256 sw = _mm256_permute_ps(k, 0xB1);  // pair partners
+              rk[u] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(sn[u] + 8 * j), _mm256_mul_ps(k, _mm256_loadu_ps(cs[u] + 8 * j)));
+            }
+            for (int h = 0; h < H; ++h) {
+              const __m256 qv = _mm256_loadu_ps(q[h] + 8 * j);
+              for (int u = 0; u < U; ++u) {
+                if (j % 2) b[h][u] = _mm256_fmadd_ps(qv, rk[u], b[h][u]);
+                else a[h][u] = _mm256_fmadd_ps(qv, rk[u], a[h][u]);
+              }
+            }
+          }
+        }
+        for (std::size_t j = r / 8; j < D / 8; ++j) {  // channels that do not rotate
+          __m256 k[U];
+          for (int u = 0; u < U; ++u) k[u] = key_vector<C>(cent, ct[u], j);
+          for (int h = 0; h < H; ++h) {
+            const __m256 qv = _mm256_loadu_ps(q[h] + 8 * j);
+            for (int u = 0; u < U; ++u) {
+              if (j % 2) b[h][u] = _mm256_fmadd_ps(qv, k[u], b[h][u]);
+              else a[h][u] = _mm256_fmadd_ps(qv, k[u], a[h][u]);
+            }
+          }
+        }
+        for (int h = 0; h < H; ++h)
+          for (int u = 0; u < U; ++u) part[h][u0 + u] = _mm256_add_ps(a[h][u], b[h][u]);
+      }
+      for (int h = 0; h < H; ++h) {
+        float* out = scores + (h0 + h) * stride + i0;
+        const __m256 s = sums8(part[h]);
+        if (take == 8) {
+          _mm256_storeu_ps(out, s);
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, s);
+          std::copy_n(tmp, take, out);
+        }
+      }
+    }
+  }
+
+  template <int C>
+  static void rows_fixed(const CodebookView& cb, const std::uint32_t* cd, std::size_t n, const RopeSteps& rs, float* rows) {
+    const std::size_t D = cb.dim(), r = rs.rotary_dim;
+    const float* cent = cb.centroids;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t t = i % rs.period;
+      const std::uint32_t* ct = cd + i;
+      const float* cs = rs.cos(t);
+      const float* sn = rs.sin(t);
+      float* row = rows + i * D;
+      if (rs.style == RopeStyle::rotate_half) {
+        const std::size_t hv = r / 16;
+        for (std::size_t j = 0; j < hv; ++j) {
+          const __m256 k1 = key_vector<C>(cent, ct, j), k2 = key_vector<C>(cent, ct, j + hv);
+          const __m256 c = _mm256_loadu_ps(cs + 8 * j), s = _mm256_loadu_ps(sn + 8 * j);
+          _mm256_storeu_ps(row + 8 * j, _mm256_fmadd_ps(k2, s, _mm256_mul_ps(k1, c)));
+          _mm256_storeu_ps(row + 8 * (j + hv), _mm256_fnmadd_ps(k1, s, _mm256_mul_ps(k2, c)));
+        }
+      } else {
+        for (std::size_t j = 0; j < r / 8; ++j) {
+          const __m256 k = key_vector<C>(cent, ct, j);
+          const __m256 sw = _mm256_permute_ps(k, 0xB1);
+          _mm256_storeu_ps(row + 8 * j,
+                           _mm256_fmadd_ps(sw, _mm256_loadu_ps(sn + 8 * j), _mm256_mul_ps(k, _mm256_loadu_ps(cs + 8 * j))));
+        }
+      }
+      for (std::size_t j = r / 8; j < D / 8; ++j) _mm256_storeu_ps(row + 8 * j, key_vector<C>(cent, ct, j));
+    }
+  }
+#endif
+};
+
+}  // namespace cq::backend
