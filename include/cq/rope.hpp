@@ -72,13 +72,15 @@ inline std::string describe(const RopeConfig& r) {
 /// from this table. With x' = R(t) x: x'_c = x_c cos[t][c] + x_partner(c) sin[t][c], partner(c)
 /// the other channel of c's pair; sin carries the sign (-sin on a pair's first channel, +sin on
 /// its second). No attention factor: that goes with the anchor.
-/// Layout: (period, 2, rotary_dim): cos then signed sin.
+/// Layout: (period, 2, row) floats: cos then signed sin, each row of rotary_dim floats padded to a
+/// multiple of 8 (32-byte aligned rows).
 struct RopeSteps {
   const float* table = nullptr;
   RopeStyle style = RopeStyle::rotate_half;
   std::size_t rotary_dim = 0, head_dim = 0, period = 0;
-  const float* cos(std::size_t t) const { return table + t * 2 * rotary_dim; }
-  const float* sin(std::size_t t) const { return table + (t * 2 + 1) * rotary_dim; }
+  std::size_t row() const { return (rotary_dim + 7) / 8 * 8; }
+  const float* cos(std::size_t t) const { return table + t * 2 * row(); }
+  const float* sin(std::size_t t) const { return table + (t * 2 + 1) * row(); }
   /// The other channel of channel c's pair (c < rotary_dim).
   std::size_t partner(std::size_t c) const {
     if (style == RopeStyle::interleaved) return c ^ 1;
@@ -124,16 +126,17 @@ class Rope {
     scale_ = cfg.scaling == RopeScaling::yarn
                  ? (cfg.attention_factor > 0.0 ? cfg.attention_factor : 0.1 * std::log(cfg.factor) + 1.0)
                  : 1.0;
-    steps_.resize(step_period * 2 * r);
+    const std::size_t row = (r + 7) / 8 * 8;
+    steps_.resize(step_period * 2 * row / 8);
     for (std::size_t t = 0; t < step_period; ++t)
       for (std::size_t i = 0; i < pairs(); ++i) {
         std::size_t a, b;
         pair(i, a, b);
         const double ang = double(t) * inv_freq_[i];
-        float* cs = steps_.data() + t * 2 * r;
+        float* cs = reinterpret_cast<float*>(steps_.data()) + t * 2 * row;
         cs[a] = cs[b] = static_cast<float>(std::cos(ang));
-        cs[r + a] = static_cast<float>(-std::sin(ang));
-        cs[r + b] = static_cast<float>(std::sin(ang));
+        cs[row + a] = static_cast<float>(-std::sin(ang));
+        cs[row + b] = static_cast<float>(std::sin(ang));
       }
   }
 
@@ -146,7 +149,7 @@ class Rope {
   /// The factor cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
   double scale() const { return scale_; }
   /// R(t) for t < step_period, exact in double rounded to float.
-  RopeSteps steps() const { return {steps_.data(), cfg_.style, rotary_, dim_, step_period}; }
+  RopeSteps steps() const { return {reinterpret_cast<const float*>(steps_.data()), cfg_.style, rotary_, dim_, step_period}; }
 
   /// Channels (a, b) of rotation pair i: x_a' = x_a cos - x_b sin, x_b' = x_b cos + x_a sin.
   void pair(std::size_t i, std::size_t& a, std::size_t& b) const {
@@ -220,7 +223,10 @@ class Rope {
   std::size_t dim_ = 0, rotary_ = 0;
   std::vector<double> inv_freq_;
   double scale_ = 1.0;
-  std::vector<float> steps_;  // see RopeSteps
+  struct alignas(32) Floats8 {
+    float f[8];
+  };
+  std::vector<Floats8> steps_;  // see RopeSteps
 };
 
 /// cos/sin (times the attention factor) of consecutive positions without a sincos per token. An
@@ -321,17 +327,30 @@ inline void rope_rotate_stepped(const Rope& rope, const RopeStepper& st, float* 
 /// side by side; channels past rotary_dim are only scaled.
 inline void rope_rotate_back(const Rope& rope, const RopeStepper& st, float scale, const float* __restrict in,
                              std::size_t lanes, float* __restrict out) {
-  const float* c = st.cos();
-  const float* s = st.sin();
-  for (std::size_t i = 0; i < rope.pairs(); ++i) {
-    std::size_t a, b;
-    rope.pair(i, a, b);
+  const float* __restrict c = st.cos();
+  const float* __restrict s = st.sin();
+  const std::size_t n = rope.pairs();
+  // Pair i's channels are (a, b) = (i, i + n) or (2i, 2i + 1); both forms kept apart so the loops
+  // vectorise.
+  auto turn = [&](std::size_t i, std::size_t a, std::size_t b) {
     const float ci = scale * c[i], si = scale * s[i];
     for (std::size_t l = 0; l < lanes; ++l) {
       const float xa = in[a * lanes + l], xb = in[b * lanes + l];
       out[a * lanes + l] = xa * ci + xb * si;
       out[b * lanes + l] = xb * ci - xa * si;
     }
+  };
+  if (rope.config().style == RopeStyle::rotate_half) {
+    if (lanes == 1)
+      for (std::size_t i = 0; i < n; ++i) {
+        const float ci = scale * c[i], si = scale * s[i], xa = in[i], xb = in[i + n];
+        out[i] = xa * ci + xb * si;
+        out[i + n] = xb * ci - xa * si;
+      }
+    else
+      for (std::size_t i = 0; i < n; ++i) turn(i, i, i + n);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) turn(i, 2 * i, 2 * i + 1);
   }
   for (std::size_t d = rope.rotary_dim() * lanes; d < rope.head_dim() * lanes; ++d) out[d] = scale * in[d];
 }

@@ -142,19 +142,20 @@ struct SimdGroupOps {
                                float* scores) {
     detail_group::with_lanes(L, [&]<int N>() {
       using namespace detail_group;
-      // Four rows at a time share each query lane vector.
+      // R rows at a time share each query lane vector: R accumulator chains keep both FMA pipes
+      // busy (four chains wait on the FMA latency); a 16-lane vector is two registers under AVX2.
+      constexpr std::size_t R = sizeof(V<N>) <= 32 ? 8 : 4;
       std::size_t i = 0;
-      for (; i + 4 <= n; i += 4) {
-        V<N> a0{}, a1{}, a2{}, a3{};
-        const float *r0 = rows + i * dim, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim;
+      for (; i + R <= n; i += R) {
+        V<N> a[R];
+        for (std::size_t r = 0; r < R; ++r) a[r] = V<N>{};
+        const float* r0 = rows + i * dim;
         for (std::size_t d = 0; d < dim; ++d) {
-          const V<N> qv = load<N>(qt + d * N);
-          a0 += qv * r0[d], a1 += qv * r1[d], a2 += qv * r2[d], a3 += qv * r3[d];
+          V<N> qv = load<N>(qt + d * N);
+          if constexpr (sizeof(V<N>) <= 32) __asm__("" : "+x"(qv));  // loaded once, not folded into each FMA
+          for (std::size_t r = 0; r < R; ++r) a[r] += qv * r0[r * dim + d];
         }
-        store<N>(scores + i * N, a0);
-        store<N>(scores + (i + 1) * N, a1);
-        store<N>(scores + (i + 2) * N, a2);
-        store<N>(scores + (i + 3) * N, a3);
+        for (std::size_t r = 0; r < R; ++r) store<N>(scores + (i + r) * N, a[r]);
       }
       for (; i < n; ++i) {
         V<N> a{};

@@ -57,11 +57,12 @@ struct SimdRopeOps {
 #if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
  private:
   static constexpr std::size_t max_groups = 128;  // a block's code offsets sit on the stack
+  static constexpr std::size_t period = Rope::step_period;
 
   static bool fast_shape(const CodebookView& cb, const RopeSteps& rs, std::size_t n) {
     const std::size_t C = cb.channels, D = cb.dim();
     return (C == 2 || C == 4 || C == 8 || C == 16) && D % 8 == 0 && rs.rotary_dim % 16 == 0 && D == rs.head_dim &&
-           n <= 2 * rs.period && rs.period % 8 == 0 &&  cb.groups <= max_groups;
+           rs.period == period && n <= 2 * period &&  cb.groups <= max_groups;
   }
 
   // Calls f.template operator()<C>(off) with off (groups, 32): the element offset
@@ -119,6 +120,10 @@ struct SimdRopeOps {
     }
   }
 
+  // Keeps a loaded vector in a register: GCC otherwise folds its load into every instruction that
+  // uses it, loading it again each time, and loads are what these loops are short of.
+  static CQ_ALWAYS_INLINE void in_register(__m256& v) { __asm__("" : "+x"(v)); }
+
   // The 8 horizontal sums of v[0..7], in order.
   static CQ_ALWAYS_INLINE __m256 sums8(const __m256* v) {
     const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
@@ -132,7 +137,7 @@ struct SimdRopeOps {
   template <int C, int H, int U>
   static void score_fixed(const CodebookView& cb, const std::uint32_t* cd, std::size_t n, const RopeSteps& rs,
                           const float* qr, std::size_t heads, std::size_t h0, float* scores, std::size_t stride) {
-    static_assert(8 % U == 0, "cq: tokens per step divide the 8 of a horizontal sum");
+    static_assert(8 % U == 0 && period % 8 == 0, "cq: tokens per step divide the 8 of a horizontal sum and a period");
     const std::size_t D = cb.dim(), r = rs.rotary_dim;
     const float* cent = cb.centroids;
     const bool half = rs.style == RopeStyle::rotate_half;
@@ -150,10 +155,10 @@ struct SimdRopeOps {
         const float *cs[U], *sn[U], *q[H];
         for (int u = 0; u < U; ++u) {
           ct[u] = cd + i + u;
-          cs[u] = rs.cos((i + u) % rs.period);
-          sn[u] = rs.sin((i + u) % rs.period);
+          cs[u] = rs.cos((i + u) % period);
+          sn[u] = rs.sin((i + u) % period);
         }
-        for (int h = 0; h < H; ++h) q[h] = qr + ((i / rs.period) * heads + h0 + h) * D;
+        for (int h = 0; h < H; ++h) q[h] = qr + ((i / period) * heads + h0 + h) * D;
         __m256 a[H][U], b[H][U];
         for (int h = 0; h < H; ++h)
           for (int u = 0; u < U; ++u) a[h][u] = b[h][u] = _mm256_setzero_ps();
@@ -163,12 +168,16 @@ struct SimdRopeOps {
             __m256 r1[U], r2[U];
             for (int u = 0; u < U; ++u) {
               const __m256 k1 = key_vector<C>(cent, ct[u], j), k2 = key_vector<C>(cent, ct[u], j + hv);
-              const __m256 c = _mm256_loadu_ps(cs[u] + 8 * j), s = _mm256_loadu_ps(sn[u] + 8 * j);  // s: -sin
+              __m256 c = _mm256_loadu_ps(cs[u] + 8 * j), s = _mm256_loadu_ps(sn[u] + 8 * j);  // s: -sin
+              in_register(c);
+              in_register(s);
               r1[u] = _mm256_fmadd_ps(k2, s, _mm256_mul_ps(k1, c));
               r2[u] = _mm256_fnmadd_ps(k1, s, _mm256_mul_ps(k2, c));
             }
             for (int h = 0; h < H; ++h) {
-              const __m256 q1 = _mm256_loadu_ps(q[h] + 8 * j), q2 = _mm256_loadu_ps(q[h] + 8 * (j + hv));
+              __m256 q1 = _mm256_loadu_ps(q[h] + 8 * j), q2 = _mm256_loadu_ps(q[h] + 8 * (j + hv));
+              in_register(q1);
+              in_register(q2);
               for (int u = 0; u < U; ++u) {
                 a[h][u] = _mm256_fmadd_ps(q1, r1[u], a[h][u]);
                 b[h][u] = _mm256_fmadd_ps(q2, r2[u], b[h][u]);
@@ -184,7 +193,8 @@ struct SimdRopeOps {
               rk[u] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(sn[u] + 8 * j), _mm256_mul_ps(k, _mm256_loadu_ps(cs[u] + 8 * j)));
             }
             for (int h = 0; h < H; ++h) {
-              const __m256 qv = _mm256_loadu_ps(q[h] + 8 * j);
+              __m256 qv = _mm256_loadu_ps(q[h] + 8 * j);
+              in_register(qv);
               for (int u = 0; u < U; ++u) {
                 if (j % 2) b[h][u] = _mm256_fmadd_ps(qv, rk[u], b[h][u]);
                 else a[h][u] = _mm256_fmadd_ps(qv, rk[u], a[h][u]);
@@ -225,7 +235,7 @@ struct SimdRopeOps {
     const std::size_t D = cb.dim(), r = rs.rotary_dim;
     const float* cent = cb.centroids;
     for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t t = i % rs.period;
+      const std::size_t t = i % period;
       const std::uint32_t* ct = cd + i;
       const float* cs = rs.cos(t);
       const float* sn = rs.sin(t);
