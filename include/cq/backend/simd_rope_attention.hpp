@@ -32,9 +32,11 @@ struct SimdRopeOps {
 #if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
     if (fast_shape(cb, rs, n)) {
       with_offsets(cb, codes, first, [&]<int C>(const std::uint32_t* cd) {
-        for (std::size_t h = 0; h < heads; h += 2) {
-          if (h + 1 < heads) score_fixed<C, 2, 1>(cb, cd, n, rs, qr, heads, h, scores, stride);
-          else score_fixed<C, 1, 2>(cb, cd, n, rs, qr, heads, h, scores, stride);
+        // Up to four heads share each rotated key; a single head takes two tokens at a time.
+        for (std::size_t h = 0; h < heads;) {
+          if (heads - h >= 4) score_fixed<C, 4, 1>(cb, cd, n, rs, qr, heads, h, scores, stride), h += 4;
+          else if (heads - h >= 2) score_fixed<C, 2, 1>(cb, cd, n, rs, qr, heads, h, scores, stride), h += 2;
+          else score_fixed<C, 1, 2>(cb, cd, n, rs, qr, heads, h, scores, stride), h += 1;
         }
       });
       return;
@@ -133,7 +135,7 @@ struct SimdRopeOps {
   }
 
   // Heads h0 .. h0 + H - 1 over the n tokens of the block, U tokens at a time (they share the
-  // query loads; H * U <= 2 keeps the accumulators and rotated keys in registers).
+  // query loads; H * U <= 4 keeps the accumulators and rotated keys in registers).
   template <int C, int H, int U>
   static void score_fixed(const CodebookView& cb, const std::uint32_t* cd, std::size_t n, const RopeSteps& rs,
                           const float* qr, std::size_t heads, std::size_t h0, float* scores, std::size_t stride) {
