@@ -19,8 +19,10 @@
 /// Keys stored before RoPE (view.rope set) are rotated here. Coded keys (no table): a key at
 /// position anchor + t rotates as R(anchor) R(t), so the queries are turned back by R(anchor) once
 /// per 16 tokens and each key is decoded and rotated by R(t) from the Rope's step table, in
-/// registers (Backend::score_rope_codes; grouped: Backend::rope_rows, then one dot per token for
-/// all heads). Full-precision rows are rotated once per KV head for all its query heads.
+/// registers for up to four heads at a time (Backend::score_rope_codes); grouped items of more
+/// heads rotate each key once into rows and score them with the heads in lanes
+/// (Backend::rope_rows, score_rows_heads). Full-precision rows are rotated once per KV head for
+/// all its query heads.
 
 #include "cq/attention/head_view.hpp"
 #include "cq/attention/problem.hpp"

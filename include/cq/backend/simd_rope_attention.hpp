@@ -8,7 +8,8 @@
 /// half, so a pair of vectors rotates with one cos and one sin vector:
 ///   k1' = k1 cos - k2 sin,  k2' = k2 cos + k1 sin;
 /// interleaved pairs are neighbouring lanes (one in-lane swap). A vector of channels is one
-/// centroid (C = 8), two (4), four (2) or half of one (16). Scores of 8 tokens are summed
+/// centroid (C = 8), two (4), four (2) or half of one (16). Up to four heads share each rotated
+/// key (one head: two tokens share the query loads instead). Scores of 8 tokens are summed
 /// horizontally at once (transpose-add). Other shapes (C = 1 or odd, rotary_dim or head_dim not a
 /// multiple of 16 / 8, code widths over 16 bits) take the scalar reference.
 
