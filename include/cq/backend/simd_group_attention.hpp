@@ -152,7 +152,8 @@ struct SimdGroupOps {
         const float* r0 = rows + i * dim;
         for (std::size_t d = 0; d < dim; ++d) {
           V<N> qv = load<N>(qt + d * N);
-          if constexpr (sizeof(V<N>) <= 32) __asm__("" : "+x"(qv));  // loaded once, not folded into each FMA
+          if constexpr (sizeof(V<N>) == 16 || sizeof(V<N>) == 32)  // SSE/AVX registers (clang has none for 8 bytes)
+            __asm__("" : "+x"(qv));                                // loaded once, not folded into each FMA
           for (std::size_t r = 0; r < R; ++r) a[r] += qv * r0[r * dim + d];
         }
         for (std::size_t r = 0; r < R; ++r) store<N>(scores + (i + r) * N, a[r]);
