@@ -29,7 +29,6 @@
 #include "cq/attention/softmax_state.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/aligned_buffer.hpp"
-#include "cq/detail/centroid_copy.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
 #include "cq/rope.hpp"
@@ -38,7 +37,6 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <vector>
 
 namespace cq::detail {
 
@@ -67,7 +65,6 @@ struct HeadState {
 /// run never calls an executor, so no other work can run on this thread while it is in use.
 struct PieceScratch {
   AlignedBuffer<float> lut, scores, rows;
-  std::vector<std::uint32_t> codes;
 };
 inline PieceScratch& piece_scratch() {
   thread_local PieceScratch s;

@@ -82,7 +82,7 @@ struct SimdRopeOps {
       if (codes.bits == 8) {
         const std::uint8_t* ch = codes.chunk(block, g);
         for (std::size_t t = 0; t < block_tokens; t += 8) {
-          const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ch + t)));
+          const __m256i c = cq::detail::Avx2Isa::load_u8(ch + t);
           _mm256_store_si256(reinterpret_cast<__m256i*>(o + t), _mm256_sll_epi32(_mm256_add_epi32(c, base), shift));
         }
       } else {
