@@ -187,14 +187,16 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
   last_error = e.what();
   return 1;
 }
-/// Moves the codes into pages of `page_tokens` tokens (a multiple of 32) with the CPU cache's
+/// Moves the codes into pages of `page_tokens` tokens (a power of two, 32 or more) with the CPU cache's
 /// layout (cache/layout.hpp: per page, every KV head's key run, then its value run), the pages of
 /// all sequences shuffled over one pool (an engine's pool after some churn; `in_order`: each
 /// sequence's pages consecutive instead), read through page tables; 0 goes back to each (sequence,
 /// KV head)'s contiguous buffers.
 int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
   auto* h = static_cast<Handle*>(handle);
-  CQ_CHECK(page_tokens >= 0 && page_tokens % 32 == 0, "cqb_set_pages: ", page_tokens, " is not a multiple of 32");
+  CQ_CHECK(page_tokens >= 0 && (page_tokens == 0 || (page_tokens >= 32 && (page_tokens & (page_tokens - 1)) == 0)),
+           "cqb_set_pages: ", page_tokens, " is not a power of two from 32 on");
+  h->batch_desc.page_tokens = page_tokens;
   if (page_tokens == 0) {
     h->codes.upload(h->contiguous.data(), h->contiguous.size());
     CQ_CUDA_CHECK(cudaDeviceSynchronize());
@@ -225,7 +227,6 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
       c.key_codes = h->pool.data() + cl.key_offset(kvh);
       c.value_codes = h->pool.data() + cl.value_offset(kvh);
       c.pages = h->page_table.data() + s * per_seq;
-      c.page_blocks = std::uint32_t(P / block_tokens);
       c.page_bytes = cl.page_bytes();
       codes.push_back(c);
     }

@@ -260,6 +260,23 @@ TEST_CASE("cuda fused attention: code buffers, code pools and centroid tables of
     }
 }
 
+TEST_CASE("cuda fused attention: pages of a size the kernels cannot address are refused") {
+  // Page addresses are a shift and a mask (params.cuh): pages must be a power of two of tokens
+  // from 32 on; a batch claiming 96 or 16 is refused before anything launches.
+  require_device();
+  const test::AttentionCase c = test::AttentionCase::of(128, 8, 8, 0, 0, 1, {500}).with_seed(5).with_pages(64);
+  const auto cc = test::build_case<float>(c);
+  const GpuCase g = gpu_case(c, cc);
+  for (int claimed : {96, 16, -64})
+    for (gpu_test::Kernel kernel : all_kernels) {
+      if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
+      CAPTURE(claimed);
+      CAPTURE(int(kernel));
+      CHECK_THROWS_WITH_AS(gpu_attention(c, g, kernel, {.pages = true, .claimed_page_tokens = claimed}),
+                           doctest::Contains("page_tokens"), cq::Error);
+    }
+}
+
 TEST_CASE("cuda fused attention: value codebooks far outside half precision's range match the oracle") {
   // The 2c8b value-rows mode keeps centroids as half pairs, scaled per group by a power of two:
   // values near 1e6 would overflow half (65504) and values near 1e-6 would fall into its

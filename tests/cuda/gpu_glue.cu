@@ -183,7 +183,9 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
         c.key_codes = pool + v.key_codes.offset;
         c.value_codes = pool + v.value_codes.offset;
         c.pages = d.page_tables.data() + table_at[s * H + h];
-        c.page_blocks = std::uint32_t(v.key_codes.page_tokens / block_tokens);
+        CQ_CHECK(d.batch.page_tokens == 0 || d.batch.page_tokens == int(v.key_codes.page_tokens),
+                 "gpu_test: a batch's pages must all hold the same number of tokens");
+        d.batch.page_tokens = int(v.key_codes.page_tokens);
         c.page_bytes = v.key_codes.page_bytes;
         codes.push_back(c);
       } else {
@@ -215,6 +217,7 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
   b.sequences = d.sequences.data();
   b.key_codebooks = d.key_views.data();
   b.value_codebooks = d.value_views.data();
+  if (how.claimed_page_tokens) b.page_tokens = how.claimed_page_tokens;
   return d;
 }
 

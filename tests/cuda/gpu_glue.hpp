@@ -41,10 +41,12 @@ bool kernel_serves(Kernel kernel, const HostBatch& batch);
 /// How the device holds a batch's codes: each (sequence, KV head)'s copied into contiguous buffers,
 /// or the CPU cache's code pool copied byte for byte with the sequences' page tables (pages);
 /// misaligned: every code buffer (or the pool) 4 bytes and every centroid table one float past a
-/// 16-byte boundary (the kernels' narrow-load paths).
+/// 16-byte boundary (the kernels' narrow-load paths); claimed_page_tokens: the batch claims pages
+/// of this size instead of the true one (FusedAttention::run must refuse a size it cannot read).
 struct DeviceCodes {
   bool pages = false;
   bool misaligned = false;
+  int claimed_page_tokens = 0;
 };
 
 /// Fused attention on device 0 for the last token of each sequence; q and the result are

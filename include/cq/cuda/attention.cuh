@@ -10,8 +10,8 @@
 /// (combine.cuh, general/merge.cuh).
 ///
 /// Codes are read in contiguous buffers per (sequence, KV head) or in the pages of a pool with the
-/// CPU cache's layout, through page tables (params.cuh, DeviceKVCodes): a page copied between
-/// host and device is valid on both sides.
+/// CPU cache's layout, through page tables (params.cuh, DeviceKVCodes; pages of a power of two of
+/// tokens from 32 on): a page copied between host and device is valid on both sides.
 ///
 /// plan(shape) chooses the kernel, splits and shared memory once per batch shape (plan.cuh);
 /// run(batch, plan, stream) only launches, so a decode step can be captured in a CUDA graph.
@@ -178,6 +178,9 @@ class FusedAttention {
              "cuda attention: the batch (", batch.batch, " sequences, ", batch.q_heads, "/", batch.kv_heads,
              " heads, head_dim ", batch.head_dim, ") is not the plan's (", s.batch, ", ", s.q_heads, "/", s.kv_heads,
              ", ", s.head_dim, ")");
+    const int pt = batch.page_tokens;
+    CQ_CHECK(pt == 0 || (pt >= 32 && (pt & (pt - 1)) == 0), "cuda attention: page_tokens ", pt,
+             " must be 0 (contiguous codes) or a power of two from 32 on");
     void* workspace = p.workspace;
     if (!workspace) {
       CQ_CHECK(workspace_.size() >= p.workspace_bytes, "cuda attention: the plan needs ", p.workspace_bytes,

@@ -16,55 +16,51 @@
 namespace cq::cuda {
 
 /// One run of packed codes (the keys or the values of one (sequence, KV head)) by 32-token blocks:
-/// contiguous (pages == nullptr), block b at base + b x block bytes; or in pages, block b is block
-/// b % page_blocks of page pages[b / page_blocks], page p's run at base + p x page_bytes (base: the
-/// run's offset in page 0 of the pool). Kernels compute every code address through block() (or
-/// page_of, early, and block_in). Shift: pages of a power-of-two number of blocks shift and mask
-/// instead of dividing (a division costs ~20 instructions per block); the lane-tables kernel
-/// divides, its 2c8b instantiation spills with the test and shift.
+/// contiguous (pages == nullptr), block b at base + b x block bytes; or in pages of 2^page_shift
+/// blocks, block b is block b mod 2^page_shift of page pages[b >> page_shift], page p's run at
+/// base + p x page_bytes (base: the run's offset in page 0 of the pool). Kernels compute every code
+/// address through block() (or page_of, early, and block_in). Pages are a power of two of blocks so
+/// that an address costs a shift and a mask, not a division (~20 instructions, per block and per
+/// prefetched line: in the lane-tables kernel, whose work per block is short, that dominated).
 struct CodeRun {
   const std::uint8_t* base = nullptr;
   const std::uint32_t* pages = nullptr;
-  std::uint32_t page_blocks = 0;
   std::size_t page_bytes = 0;
+  int page_shift = 0;
 
 #ifdef __CUDACC__
-  template <bool Shift>
-  __device__ __forceinline__ unsigned page_index(unsigned u) const {
-    return Shift && __popc(page_blocks) == 1 ? u >> (__ffs(int(page_blocks)) - 1) : u / page_blocks;
-  }
   /// The id of the page holding block b (0 when contiguous): a load kernels can issue early.
-  template <bool Shift = true>
   __device__ __forceinline__ std::uint32_t page_of(int b) const {
-    return pages == nullptr ? 0u : __ldg(pages + page_index<Shift>(unsigned(b)));
+    return pages == nullptr ? 0u : __ldg(pages + (unsigned(b) >> page_shift));
   }
   /// Block b, which lies in page `page` (page_of(b)).
-  template <bool Shift = true>
   __device__ __forceinline__ const std::uint8_t* block_in(std::uint32_t page, int b, int block_bytes) const {
     if (pages == nullptr) return base + std::size_t(b) * block_bytes;
-    const unsigned u = unsigned(b), in_page = u - page_index<Shift>(u) * page_blocks;
+    const unsigned in_page = unsigned(b) & ((1u << page_shift) - 1u);
     return base + std::size_t(page) * page_bytes + std::size_t(in_page) * block_bytes;
   }
-  template <bool Shift = true>
   __device__ __forceinline__ const std::uint8_t* block(int b, int block_bytes) const {
-    return block_in<Shift>(page_of<Shift>(b), b, block_bytes);
+    return block_in(page_of(b), b, block_bytes);
   }
+  /// 32-token blocks per page.
+  __device__ __forceinline__ int page_blocks() const { return 1 << page_shift; }
 #endif
 };
 
 /// One (sequence, KV head)'s codes, keys and values, in the packed layout (packed_codes.hpp):
 /// contiguous buffers of its coded tokens, or runs in the pages of a pool with the CPU cache's
 /// layout (cache/layout.hpp: a page holds every KV head's key run, then its value run), listed in
-/// token order by a page table (pages, page_blocks = page_tokens / 32) that keys and values share.
+/// token order by a page table (pages; the batch's page_tokens tokens each) that keys and values
+/// share.
 struct DeviceKVCodes {
   const std::uint8_t* key_codes = nullptr;    // contiguous codes, or the key run's offset in page 0
   const std::uint8_t* value_codes = nullptr;  // likewise the value run's
   const std::uint32_t* pages = nullptr;       // page ids in token order; nullptr: contiguous
-  std::uint32_t page_blocks = 0;              // 32-token blocks per page
   std::size_t page_bytes = 0;                 // bytes from one page to the next
 
-  CQ_HOST_DEVICE CodeRun keys() const { return {key_codes, pages, page_blocks, page_bytes}; }
-  CQ_HOST_DEVICE CodeRun values() const { return {value_codes, pages, page_blocks, page_bytes}; }
+  /// The runs, in pages of 2^page_shift blocks (AttentionBatch::page_shift).
+  CQ_HOST_DEVICE CodeRun keys(int page_shift) const { return {key_codes, pages, page_bytes, page_shift}; }
+  CQ_HOST_DEVICE CodeRun values(int page_shift) const { return {value_codes, pages, page_bytes, page_shift}; }
   /// Whether every block of both runs starts 16-byte aligned (the kernels' wide loads).
   CQ_HOST_DEVICE bool aligned16() const {
     const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(key_codes) | reinterpret_cast<std::uintptr_t>(value_codes);
@@ -91,6 +87,14 @@ struct AttentionBatch {
   const float* q = nullptr;                 // [batch][q_heads][head_dim]
   float* out = nullptr;                     // [batch][q_heads][head_dim]
   float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
+  /// Tokens per page of the paged codes (every paged entry of `codes` has pages of this size): 0
+  /// when every entry is contiguous, else a power of two from 32 on (FusedAttention::run checks).
+  int page_tokens = 0;
+
+#ifdef __CUDACC__
+  /// log2 of the 32-token blocks per page (0 when contiguous).
+  __device__ __forceinline__ int page_shift() const { return page_tokens ? __ffs(page_tokens) - 6 : 0; }
+#endif
 };
 
 namespace detail {

@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
   // with coalesced 4-byte loads (the next block's words are loaded while this one is scored),
   // then lane = token reads its codes from shared memory and sums table entries.
   const int kwords = L.key_groups * kbits, vwords = L.value_groups * vbits;  // 4-byte words per 32-token block
-  const CodeRun kruns = codes.keys(), vruns = codes.values();
+  const CodeRun kruns = codes.keys(p.page_shift()), vruns = codes.values(p.page_shift());
   auto kblock = [&](int blk) { return reinterpret_cast<const std::uint32_t*>(kruns.block(c0 / 32 + blk, 4 * kwords)); };
   auto vblock = [&](int blk) { return reinterpret_cast<const std::uint32_t*>(vruns.block(c0 / 32 + blk, 4 * vwords)); };
   float lmax[HG];

@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   const bool wide = codes.aligned16();
   // Paged codes: the page of the tile after next is looked up a tile ahead, so the page-table
   // load is not waited for when its tile's copy goes out.
-  const CodeRun key_run = codes.keys(), value_run = codes.values();
+  const CodeRun key_run = codes.keys(p.page_shift()), value_run = codes.values(p.page_shift());
   auto page_of_tile = [&](int tile) { return tile < tiles ? key_run.page_of((c0 + tile * Cfg::tile) / 32) : 0u; };
   if (warp < tiles)
     stage_tile_codes<GK, GV>(key_run, value_run, page_of_tile(warp), c0 + warp * Cfg::tile, wide, stages_at, lane);

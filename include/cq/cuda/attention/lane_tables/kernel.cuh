@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const float* q = p.q + std::size_t(bh) * D;
   const int nfull = split == 0 ? int(seq.full) : 0;
-  const CodeRun key_run = codes.keys(), value_run = codes.values();
+  const CodeRun key_run = codes.keys(p.page_shift()), value_run = codes.values(p.page_shift());
   // The first round's codes head for L2 while the block builds its tables.
   if (warp == 0 && n > 0) {
     if (stages & stage_scan) prefetch_code_blocks<KL, warps * R>(key_run, c0 / 32, 0, nblocks, lane);

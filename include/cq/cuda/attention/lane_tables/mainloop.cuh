@@ -128,7 +128,7 @@ __device__ inline void load_unit(unsigned* dst, const std::uint8_t* src) {
 template <int R>
 __device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, int first, int blk, int nblocks) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? run.template page_of<false>(first + min(blk + r, nblocks - 1)) : 0u;
+  for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? run.page_of(first + min(blk + r, nblocks - 1)) : 0u;
 }
 
 /// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at the split's
@@ -154,7 +154,7 @@ __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::
   } else {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const std::uint8_t* b = run.template block_in<false>(pg[r], first + min(blk + r, nblocks - 1), block_bytes);
+      const std::uint8_t* b = run.block_in(pg[r], first + min(blk + r, nblocks - 1), block_bytes);
 #pragma unroll
       for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
@@ -170,7 +170,8 @@ __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::
 /// by one warp. Contiguous: lane 0 asks for the whole range in one bulk prefetch (sm_90). In
 /// pages of 4 blocks or more: one bulk prefetch per page's run of blocks, lane i for the run
 /// starting at block i; in smaller pages: 128-byte line prefetches spread over the lanes (many
-/// small bulk requests queue behind each other).
+/// small bulk requests queue behind each other). The lanes look their pages up here: page ids held
+/// in registers a round ahead spill in the main loop, which cost more than the wait they save.
 template <class Lanes, int R>
 __device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int blk, int nblocks, int lane) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -183,12 +184,12 @@ __device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int b
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(count * block_bytes)) : "memory");
     return;
   }
-  const int pb = int(run.page_blocks);
+  const int pb = run.page_blocks();
   if (pb >= 4) {
     for (int r = lane; r < count; r += 32) {
-      const int b = first + blk + r, in_page = b % pb;
+      const int b = first + blk + r, in_page = b & (pb - 1);
       if (r > 0 && in_page != 0) continue;  // not the start of a page's run
-      const std::uint8_t* p = run.template block<false>(b, block_bytes);
+      const std::uint8_t* p = run.block(b, block_bytes);
       const int blocks = min(pb - in_page, count - r);
       if ((reinterpret_cast<std::uintptr_t>(p) & 15u) == 0)
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(blocks * block_bytes))
@@ -197,7 +198,7 @@ __device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int b
     return;
   }
   for (int i = lane; i < count * block_lines; i += 32) {
-    const std::uint8_t* p = run.template block<false>(first + blk + i / block_lines, block_bytes) + (i % block_lines) * 128;
+    const std::uint8_t* p = run.block(first + blk + i / block_lines, block_bytes) + (i % block_lines) * 128;
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
   }
 #endif
