@@ -132,17 +132,18 @@ __device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, i
 }
 
 /// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at the split's
-/// block `blk` (block first + blk of the run; in pages, pages pg from block_pages). Contiguous, a
-/// round inside the split needs one address per load (the blocks are immediate offsets from it);
-/// in pages, one per block. At the split's end, blocks past it load the last block again (their
-/// tokens are masked).
+/// block `blk` (block first + blk of the run; in pages, pages pg from block_pages). When the R
+/// blocks lie in the split and in one page (or the codes are contiguous), one address serves every
+/// load (the blocks are immediate offsets from it); otherwise one per block. At the split's end,
+/// blocks past it load the last block again (their tokens are masked).
 template <class Lanes, int R, bool Aligned>
 __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::words], const CodeRun& run, int first,
                                         const std::uint32_t (&pg)[R], const int (&off)[Lanes::slots][Lanes::units],
                                         int blk, int nblocks) {
   constexpr int block_bytes = 32 * Lanes::groups;
-  if (run.pages == nullptr && blk + R <= nblocks) {
-    const std::uint8_t* b = run.base + std::size_t(first + blk) * block_bytes;
+  const int b0 = first + blk;
+  if (blk + R <= nblocks && (run.pages == nullptr || (b0 & (run.page_blocks() - 1)) + R <= run.page_blocks())) {
+    const std::uint8_t* b = run.block_in(pg[0], b0, block_bytes);
 #pragma unroll
     for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
