@@ -4,14 +4,16 @@ A/B driver behind the kernel-version tables of docs/design/cuda-attention.md. Bu
 and after a change) and run this once per library in the same device call.
 
     python3 bench/cuda/time_cq.py --lib LIB.so [--shape B,HQ,HKV,CTX] [--C 8] [--kernel 2] [--stages] [--chain N]
-                                  [--pages P [--rounds R] [--in-order]]
+                                  [--pages P [--rounds R] [--in-order] [--append]]
 
 --stages also times the stage subsets bench.py uses for its time split (stage bits: 1 score tables,
 2 key scan, 4 value histograms, 8 window, 16 histogram x codebook). --chain N times N runs issued
 back to back between two events and reports the time per run: the GPU's time, without the host's
 launch latency that a single short run waits for (both matter to a decode step; they differ at
 batch 1 and short contexts). --pages P times the same codes in contiguous buffers and in pages of P
-tokens (shuffled over the pool, or each sequence's in order with --in-order), alternating for R rounds, and checks that both give the same output.
+tokens (shuffled over the pool, or each sequence's in order with --in-order), alternating for R rounds, and checks that both give the same output;
+--append then times cuda::encode_into_pages of one new token per sequence into those pages (a decode step's
+append) and reports it against the paged decode.
 """
 
 import argparse
@@ -35,6 +37,9 @@ def main():
                     help="also time the codes in shuffled pages of this many tokens, alternating with contiguous "
                          "buffers for --rounds rounds (and check both give the same output)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--append", action="store_true",
+                    help="with --pages: also time encoding one new token per sequence into the pages "
+                         "(cuda::encode_into_pages, fp16 rows) against the paged decode")
     ap.add_argument("--in-order", action="store_true", help="each sequence's pages consecutive (default: shuffled)")
     a = ap.parse_args()
     lib = bench.load(a.lib)
@@ -65,6 +70,12 @@ def main():
               f"{med[a.pages]:.4f} ms, "
               f"pages / contiguous {med[a.pages] / med[0]:.3f}, outputs {'identical' if same else 'DIFFER'} "
               f"(splits {lib.cqb_splits(h)}, medians of {a.rounds} rounds)")
+        if a.append:
+            ms = lib.cqb_append_ms(h, a.reps, stream)
+            if ms < 0:
+                raise SystemExit(lib.cqb_last_error().decode())
+            print(f"C={a.C} {a.shape}: append (encode one token per sequence into pages of {a.pages}) {ms:.4f} ms, "
+                  f"{100 * ms / med[a.pages]:.1f}% of the paged decode")
         lib.cqb_destroy(h)
         return
     out = [f"C={a.C} {a.shape}: {bench.median_ms(lambda: runs(31), a.reps) / a.chain:.4f} ms"]

@@ -10,6 +10,7 @@
 #include "gpu_glue.hpp"
 
 #include <cstdlib>
+#include <tuple>
 
 using namespace cq;
 
@@ -66,6 +67,158 @@ TEST_CASE("cuda encode: codes equal the CPU reference (ties aside), partial chun
         for (std::size_t g = 0; g < cb.groups(); ++g)
           if (t < 10 || t >= 20) REQUIRE(v2.get(t, g) == base.get(t, g));
     }
+}
+
+namespace {
+
+/// One configuration of the paged-encode test: a CPU cache of three sequences (sinks 4, window 8,
+/// appended in uneven chunks), then every coded row encoded on the GPU into a copy of its code pool
+/// whose codes at those rows were all flipped beforehand. The GPU's pool must be the CPU's, byte
+/// for byte, once ties (a code the CPU did not pick that is as near) are set to the CPU's choice.
+template <element_type T>
+void check_paged_encode(std::size_t D, std::size_t C, int bits, std::size_t P, bool heads_outer, std::size_t rows_per_call,
+                        std::uint64_t seed) {
+  constexpr std::size_t H = 4, sinks = 4;
+  KVCodebooks codebooks(1, H, D, std::vector<LayerSpec>{{{C, bits}, {C, bits}}}, KeyRope::post);
+  for (std::size_t h = 0; h < H; ++h)
+    codebooks.set(0, h, test::random_codebook(D, C, bits, seed + 2 * h), test::random_codebook(D, C, bits, seed + 2 * h + 1));
+  PagedCacheOptions o;
+  o.page_tokens = P;
+  o.full_page_rows = 16;
+  o.window = 8;
+  o.sinks = sinks;
+  o.max_sequences = 3;
+  const std::vector<std::size_t> lengths = {3, 150, 333};
+  const MemoryPlan plan(codebooks, o, sizeof(T));
+  PagedKVCache<T> cache(codebooks, plan.pool_for(lengths.size(), 333, 41));
+  const std::size_t width = H * D;
+  std::vector<std::vector<T>> keys, values;
+  std::vector<SeqId> seqs;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    const SeqId s = cache.add_sequence();
+    seqs.push_back(s);
+    keys.push_back(test::convert<T>(test::random_normal(lengths[i] * width, seed + 10 + i)));
+    values.push_back(test::convert<T>(test::random_normal(lengths[i] * width, seed + 20 + i)));
+    for (std::size_t t = 0; t < lengths[i];) {
+      const std::size_t take = std::min<std::size_t>(lengths[i] - t, 1 + (t * 7 + seed) % 41);
+      cache.append(0, s, ConstMatrixView<T>(keys[i].data() + t * width, take, width),
+                   ConstMatrixView<T>(values[i].data() + t * width, take, width));
+      t += take;
+    }
+  }
+  const KVHeadView<T> v0 = cache.head_view(0, seqs[0], 0);
+  const CodePageLayout layout{P, H, packed_code_bytes(block_tokens, D / C, bits), packed_code_bytes(block_tokens, D / C, bits)};
+  REQUIRE(layout.page_bytes() == v0.key_codes.page_bytes);
+  std::vector<std::uint8_t> cpu(v0.key_codes.pool, v0.key_codes.pool + cache.memory().codes);
+  const std::size_t pages = cpu.size() / layout.page_bytes();
+  // The batch: every coded row (token slots from the sequences' page tables), two padding rows
+  // (slot -1) and one past the pool (skipped), in [rows][H][D] or [H][rows][D].
+  std::vector<std::int64_t> slots;
+  std::vector<const T*> kin, vin;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    const PagedCodesView& c = cache.head_view(0, seqs[i], 0).key_codes;
+    for (std::size_t t = sinks; t < lengths[i]; ++t) {
+      slots.push_back(std::int64_t(c.pages[(t - sinks) / P]) * std::int64_t(P) + std::int64_t((t - sinks) % P));
+      kin.push_back(keys[i].data() + t * width);
+      vin.push_back(values[i].data() + t * width);
+    }
+  }
+  const std::size_t coded = slots.size();
+  for (std::int64_t extra : {std::int64_t(-1), std::int64_t(pages * P), std::int64_t(-1)}) {
+    slots.push_back(extra);
+    kin.push_back(keys[2].data());
+    vin.push_back(values[2].data());
+  }
+  const std::size_t rows = slots.size();
+  std::vector<T> kb(rows * width), vb(rows * width);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t h = 0; h < H; ++h)
+      for (std::size_t d = 0; d < D; ++d) {
+        const std::size_t at = heads_outer ? (h * rows + r) * D + d : r * width + h * D + d;
+        kb[at] = kin[r][h * D + d];
+        vb[at] = vin[r][h * D + d];
+      }
+  auto code_view = [&](std::uint8_t* pool, std::int64_t slot, std::size_t h, bool value) {
+    const std::size_t page = std::size_t(slot) / P;
+    return PackedCodesView(pool + page * layout.page_bytes() + (value ? layout.value_offset(h) : layout.key_offset(h)), P,
+                           D / C, bits);
+  };
+  std::vector<std::uint8_t> start = cpu;  // every code the batch writes, flipped
+  const std::uint32_t all = (1u << bits) - 1;
+  for (std::size_t r = 0; r < coded; ++r)
+    for (std::size_t h = 0; h < H; ++h)
+      for (bool value : {false, true}) {
+        const PackedCodesView c = code_view(start.data(), slots[r], h, value);
+        for (std::size_t g = 0; g < D / C; ++g) c.set(std::size_t(slots[r]) % P, g, c.get(std::size_t(slots[r]) % P, g) ^ all);
+      }
+  gpu_test::PagedEncodeInput in;
+  in.keys = kb.data();
+  in.values = vb.data();
+  in.element_bytes = sizeof(T);
+  in.bf16 = std::same_as<T, bfloat16>;
+  in.rows = rows;
+  in.row_stride = heads_outer ? D : width;
+  in.head_stride = heads_outer ? rows * D : D;
+  in.elements = kb.size();
+  in.slots = slots;
+  for (std::size_t h = 0; h < H; ++h) {
+    in.key_codebooks.push_back(&codebooks.key(0, h));
+    in.value_codebooks.push_back(&codebooks.value(0, h));
+  }
+  // In one call, or in calls of rows_per_call rows, each over the previous call's pool.
+  std::vector<std::uint8_t> got = start;
+  for (std::size_t r0 = 0; r0 < rows; r0 += rows_per_call) {
+    gpu_test::PagedEncodeInput part = in;
+    part.rows = std::min(rows_per_call, rows - r0);
+    part.keys = kb.data() + r0 * in.row_stride;
+    part.values = vb.data() + r0 * in.row_stride;
+    part.elements = kb.size() - r0 * in.row_stride;
+    part.slots.assign(slots.begin() + std::ptrdiff_t(r0), slots.begin() + std::ptrdiff_t(r0 + part.rows));
+    got = gpu_test::encode_into_pages(got, layout, part);
+  }
+  REQUIRE(got.size() == cpu.size());
+  std::size_t ties = 0;
+  for (std::size_t r = 0; r < coded; ++r)
+    for (std::size_t h = 0; h < H; ++h)
+      for (bool value : {false, true}) {
+        const PackedCodesView g_codes = code_view(got.data(), slots[r], h, value);
+        const PackedCodesView c_codes = code_view(cpu.data(), slots[r], h, value);
+        const Codebook& cb = value ? codebooks.value(0, h) : codebooks.key(0, h);
+        std::vector<float> x(D);
+        for (std::size_t d = 0; d < D; ++d) x[d] = float((value ? vin : kin)[r][h * D + d]);
+        const std::size_t t = std::size_t(slots[r]) % P;
+        for (std::size_t g = 0; g < D / C; ++g)
+          if (g_codes.get(t, g) != c_codes.get(t, g)) {
+            ++ties;
+            REQUIRE(test::is_nearest(cb, x.data(), g, g_codes.get(t, g)));
+            g_codes.set(t, g, c_codes.get(t, g));
+          }
+      }
+  CAPTURE(D);
+  CAPTURE(C);
+  CAPTURE(bits);
+  CAPTURE(heads_outer);
+  CAPTURE(rows_per_call);
+  CHECK(ties <= 2 + coded * H * 2 * (D / C) / 1000);
+  CHECK(got == cpu);  // every written code is the CPU's; nothing else changed (padding, out of range)
+}
+
+}  // namespace
+
+TEST_CASE("cuda encode into pages: the CPU cache's code pool, byte for byte (ties aside), from fp32, fp16 and bf16 rows") {
+  require_device();
+  std::uint64_t seed = 300;
+  for (const auto& [D, C, bits, P] : {std::tuple<std::size_t, std::size_t, int, std::size_t>{128, 8, 8, 64},
+                                      {128, 4, 8, 32},
+                                      {128, 2, 8, 64},
+                                      {128, 2, 4, 256},
+                                      {64, 1, 3, 64}})
+    for (bool heads_outer : {false, true})
+      for (std::size_t per_call : {std::size_t(1000), std::size_t(61)}) {  // one call, or a decode step's worth per call
+        check_paged_encode<float>(D, C, bits, P, heads_outer, per_call, ++seed);
+        check_paged_encode<half>(D, C, bits, P, heads_outer, per_call, ++seed);
+        check_paged_encode<bfloat16>(D, C, bits, P, heads_outer, per_call, ++seed);
+      }
 }
 
 TEST_CASE("cuda decode is bit-identical to the CPU decode") {

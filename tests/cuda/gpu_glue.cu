@@ -43,6 +43,57 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
 
 namespace {
 
+template <class T>
+std::vector<std::uint8_t> encode_into_pages_as(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
+                                               const PagedEncodeInput& in) {
+  const std::size_t H = in.key_codebooks.size();
+  CQ_CHECK(H == layout.kv_heads && in.value_codebooks.size() == H && H > 0, "gpu_test: codebooks for ", H,
+           " heads, layout of ", layout.kv_heads);
+  std::vector<cuda::DeviceCodebook> dcb;
+  std::vector<cuda::DeviceCodebookView> kv, vv;
+  for (std::size_t h = 0; h < H; ++h) {
+    dcb.emplace_back(*in.key_codebooks[h]);
+    kv.push_back(dcb.back().view());
+    dcb.emplace_back(*in.value_codebooks[h]);
+    vv.push_back(dcb.back().view());
+  }
+  cuda::DeviceBuffer<cuda::DeviceCodebookView> dkv(kv), dvv(vv);
+  cuda::DeviceBuffer<T> keys(static_cast<const T*>(in.keys), in.elements), values(static_cast<const T*>(in.values), in.elements);
+  cuda::DeviceBuffer<std::int64_t> slots(in.slots);
+  cuda::DeviceBuffer<std::uint8_t> dpool(pool);
+  cuda::PagedEncode<T> p;
+  p.keys = keys.data();
+  p.values = values.data();
+  p.rows = in.rows;
+  p.row_stride = in.row_stride;
+  p.head_stride = in.head_stride;
+  p.slots = slots.data();
+  p.key_codebooks = dkv.data();
+  p.value_codebooks = dvv.data();
+  p.kv_heads = int(H);
+  p.head_dim = int(in.key_codebooks[0]->dim());
+  p.key_channels = int(in.key_codebooks[0]->channels());
+  p.key_bits = in.key_codebooks[0]->bits();
+  p.value_channels = int(in.value_codebooks[0]->channels());
+  p.value_bits = in.value_codebooks[0]->bits();
+  p.pool = dpool.data();
+  p.layout = layout;
+  p.pages = pool.size() / layout.page_bytes();
+  cuda::encode_into_pages(p);
+  return dpool.to_host();
+}
+
+}  // namespace
+
+std::vector<std::uint8_t> encode_into_pages(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
+                                            const PagedEncodeInput& in) {
+  if (in.element_bytes == 4) return encode_into_pages_as<float>(pool, layout, in);
+  CQ_CHECK(in.element_bytes == 2, "gpu_test: elements of ", in.element_bytes, " bytes");
+  return in.bf16 ? encode_into_pages_as<__nv_bfloat16>(pool, layout, in) : encode_into_pages_as<__half>(pool, layout, in);
+}
+
+namespace {
+
 /// Everything an AttentionBatch built from host head views points to, in device memory.
 struct DeviceBatch {
   std::vector<cuda::DeviceCodebook> key_codebooks, value_codebooks;

@@ -4,6 +4,7 @@
 // (compiled by nvcc) never sees doctest.
 
 #include <cq/attention/head_view.hpp>
+#include <cq/cache/layout.hpp>
 #include <cq/codebook.hpp>
 
 #include <cstdint>
@@ -53,6 +54,24 @@ struct DeviceCodes {
 /// [sequence][q_heads][head_dim].
 std::vector<float> attention(const HostBatch& batch, const std::vector<float>& q, float scale,
                              Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr);
+
+/// Rows for cuda::encode_into_pages: host bytes of `rows` rows of `kv_heads` x head_dim elements
+/// (float, fp16 or bf16: `element_bytes` 4 or 2, `bf16` choosing between the 16-bit ones) at
+/// row_stride / head_stride elements, their slots, and the codebooks of each KV head.
+struct PagedEncodeInput {
+  const void* keys = nullptr;
+  const void* values = nullptr;
+  std::size_t element_bytes = 4;
+  bool bf16 = false;
+  std::size_t rows = 0, row_stride = 0, head_stride = 0, elements = 0;  // elements: of each of keys, values
+  std::vector<std::int64_t> slots;
+  std::vector<const Codebook*> key_codebooks, value_codebooks;  // [kv_heads]
+};
+
+/// Copies `pool` (one layer's code pages with `layout`) to device 0, encodes the rows into it with
+/// cuda::encode_into_pages and returns it.
+std::vector<std::uint8_t> encode_into_pages(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
+                                            const PagedEncodeInput& in);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

@@ -1,10 +1,12 @@
 #pragma once
-/// cq's CUDA backend (compile with nvcc): encode, decode, fused decode attention over codes and
-/// batched k-means calibration, on device memory the caller owns and on the caller's streams.
+/// cq's CUDA backend (compile with nvcc): encode, decode, encoding into a paged code pool, fused
+/// decode attention over codes (contiguous or paged) and batched k-means calibration, on device
+/// memory the caller owns and on the caller's streams.
 
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/codebook.cuh"
 #include "cq/cuda/quantizer.cuh"
 #include "cq/cuda/attention.cuh"
+#include "cq/cuda/cache/encode_pages.cuh"
 #include "cq/cuda/kmeans.cuh"

@@ -12,7 +12,7 @@ class CudaError : public Error {
  public:
   /// `what` failed: "call cudaMalloc(...)", "launch of encode_kernel", ...
   CudaError(const char* what, cudaError_t code, const char* file, int line)
-      : Error(detail::concat("CUDA ", what, " failed: ", cudaGetErrorName(code), " (", cudaGetErrorString(code), ") at ",
+      : Error(cq::detail::concat("CUDA ", what, " failed: ", cudaGetErrorName(code), " (", cudaGetErrorString(code), ") at ",
                              file, ":", line)),
         code_(code) {}
   cudaError_t code() const { return code_; }

@@ -5,6 +5,7 @@
 /// catastrophically in float once |x| is large next to the distances (see backend/simd.hpp).
 
 #include <cfloat>
+#include <cstddef>
 
 namespace cq::cuda::detail {
 
@@ -26,6 +27,20 @@ __device__ inline unsigned nearest_centroid(const float (&x)[C], const float* ce
     }
   }
   return code;
+}
+
+/// Group g's K centroids of C channels (of a codebook's table `centroids`, [group][K][C]) for a
+/// block's searches: staged in the block's shared memory `smem` when Shared (every thread of the
+/// block must call this), else read where they are.
+template <int C, bool Shared>
+__device__ inline const float* block_group_centroids(const float* centroids, unsigned g, unsigned K, float* smem) {
+  const float* cents = centroids + std::size_t(g) * K * C;
+  if constexpr (Shared) {
+    for (unsigned i = threadIdx.x; i < K * C; i += blockDim.x) smem[i] = cents[i];
+    __syncthreads();
+    return smem;
+  }
+  return cents;
 }
 
 }  // namespace cq::cuda::detail

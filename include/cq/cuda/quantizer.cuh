@@ -33,12 +33,7 @@ __global__ void encode_kernel(DeviceCodebookView cb, const float* __restrict__ x
   extern __shared__ float smem[];
   const unsigned g = blockIdx.y;
   const unsigned K = 1u << cb.bits;
-  const float* cents = cb.centroids + std::size_t(g) * K * C;
-  if constexpr (Shared) {
-    for (unsigned i = threadIdx.x; i < K * C; i += blockDim.x) smem[i] = cents[i];
-    __syncthreads();
-    cents = smem;
-  }
+  const float* cents = block_group_centroids<C, Shared>(cb.centroids, g, K, smem);
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::size_t block = (first / 32) + std::size_t(blockIdx.x) * encode_warps + warp;  // 32-token block index
   const std::size_t token = block * 32 + lane;                                             // absolute token

@@ -1,0 +1,156 @@
+#pragma once
+/// Encoding new K/V rows straight into a paged code pool on the device, in-stream: the step of a
+/// decode (one row per sequence) or a prefill chunk (many) that turns the model's new keys and
+/// values into CQ codes where attention reads them (attention.cuh, DeviceKVCodes with a page
+/// table).
+///
+/// Where rows go is a slot mapping, as in vLLM's cache writes: row i goes to token slot slots[i]
+/// of the pool, i.e. token slots[i] % page_tokens of page slots[i] / page_tokens; a negative slot
+/// is padding and writes nothing. The pool has the CPU cache's page layout (cache/layout.hpp,
+/// CodePageLayout), so the codes written here equal, byte for byte, those cq::PagedKVCache writes
+/// on the host for the same rows (ties between equidistant centroids aside: both take the lowest
+/// index of a direct squared distance, in float, nearest.cuh).
+///
+/// One block per (KV head, group, 128 rows) and side (keys, values): the group's centroids in
+/// shared memory, a thread per row searching them, its code written into the packed chunk in place
+/// (byte stores for 8-bit codes; 32-bit atomics otherwise, since the rows of a prefill chunk share
+/// chunks). The pool's other codes are kept.
+
+#include "cq/cache/layout.hpp"
+#include "cq/cuda/codebook.cuh"
+#include "cq/cuda/error.cuh"
+#include "cq/cuda/nearest.cuh"
+#include "cq/cuda/quantizer.cuh"
+#include "cq/error.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+namespace cq::cuda {
+
+/// Row element types the device encoder reads: the model's dtype.
+template <class T>
+concept device_element = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
+
+/// One call's rows and where their codes go. Rows: key (and value) of row i, KV head h at
+/// keys + i x row_stride + h x head_stride (elements; [tokens, kv_heads, head_dim] is row_stride =
+/// kv_heads x head_dim, head_stride = head_dim; one sequence's [kv_heads, tokens, head_dim] is
+/// row_stride = head_dim, head_stride = tokens x head_dim). All pointers are device memory.
+template <device_element T>
+struct PagedEncode {
+  const T* keys = nullptr;
+  const T* values = nullptr;
+  std::size_t rows = 0, row_stride = 0, head_stride = 0;
+  const std::int64_t* slots = nullptr;  // [rows]: token slot in the pool; < 0: padding, skipped
+  const DeviceCodebookView* key_codebooks = nullptr;    // [kv_heads]
+  const DeviceCodebookView* value_codebooks = nullptr;  // [kv_heads]
+  int kv_heads = 0, head_dim = 0;
+  int key_channels = 0, key_bits = 0, value_channels = 0, value_bits = 0;  // every head's codebooks'
+  std::uint8_t* pool = nullptr;  // page p at pool + p x layout.page_bytes() (one layer's code pages)
+  CodePageLayout layout;         // page_tokens (a multiple of 32), kv_heads, block bytes
+  std::size_t pages = 0;         // pages in the pool: slots at or past pages x page_tokens are skipped
+};
+
+namespace detail {
+
+inline constexpr int encode_pages_rows = 128;  // rows (threads) per block
+
+__device__ inline float element_to_float(float x) { return x; }
+__device__ inline float element_to_float(__half x) { return __half2float(x); }
+__device__ inline float element_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/// Writes a `bits`-bit code at position i (< 32) of a packed chunk (packed_codes.hpp: code i at bit
+/// i x bits of the chunk's little-endian bit stream), leaving the other codes' bits as they are
+/// even while other threads write theirs.
+__device__ inline void write_code_atomic(std::uint8_t* chunk, unsigned i, int bits, std::uint32_t code) {
+  if (bits == 8) {
+    chunk[i] = static_cast<std::uint8_t>(code);
+    return;
+  }
+  auto* words = reinterpret_cast<unsigned*>(chunk);
+  const unsigned bit = i * unsigned(bits), w = bit / 32, s = bit % 32;
+  const unsigned long long mask = ((1ull << bits) - 1) << s, placed = static_cast<unsigned long long>(code) << s;
+  atomicAnd(words + w, ~unsigned(mask));
+  atomicOr(words + w, unsigned(placed));
+  if (s + unsigned(bits) > 32) {  // the code straddles into the next word
+    atomicAnd(words + w + 1, ~unsigned(mask >> 32));
+    atomicOr(words + w + 1, unsigned(placed >> 32));
+  }
+}
+
+/// Side `values` (0: keys, 1: values) of KV head blockIdx.z, group blockIdx.y, rows blockIdx.x x 128 on.
+template <int C, bool Shared, device_element T>
+__global__ void __launch_bounds__(encode_pages_rows) encode_pages_kernel(PagedEncode<T> p, int values) {
+  extern __shared__ float smem[];
+  const int h = int(blockIdx.z), g = int(blockIdx.y);
+  const DeviceCodebookView cb = values ? p.value_codebooks[h] : p.key_codebooks[h];
+  const unsigned K = 1u << cb.bits;
+  const float* cents = block_group_centroids<C, Shared>(cb.centroids, unsigned(g), K, smem);
+  const std::size_t row = std::size_t(blockIdx.x) * encode_pages_rows + threadIdx.x;
+  if (row >= p.rows) return;
+  const std::int64_t slot = p.slots[row];
+  const std::size_t P = p.layout.page_tokens;
+  if (slot < 0 || std::size_t(slot) >= p.pages * P) return;
+  const T* x = (values ? p.values : p.keys) + row * p.row_stride + std::size_t(h) * p.head_stride + std::size_t(g) * C;
+  float xv[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) xv[c] = element_to_float(x[c]);
+  const unsigned code = nearest_centroid<C>(xv, cents, K);
+  const std::size_t page = std::size_t(slot) / P, t = std::size_t(slot) % P;
+  const std::size_t run = values ? p.layout.value_offset(std::size_t(h)) : p.layout.key_offset(std::size_t(h));
+  std::uint8_t* chunk = p.pool + page * p.layout.page_bytes() + run +
+                        ((t / block_tokens) * cb.groups + std::size_t(g)) * 4u * unsigned(cb.bits);
+  write_code_atomic(chunk, unsigned(t % block_tokens), cb.bits, code);
+}
+
+}  // namespace detail
+
+/// Encodes p.rows new key and value rows into the code pool, on `stream`: no allocation, no host
+/// synchronization (graph-capturable). Throws cq::Error, launching nothing, when the shapes
+/// disagree: head_dim not channels x groups of the codebooks' configuration, unsupported channels
+/// (1, 2, 4, 8, 16, 32) or bits (1..16), a layout whose page_tokens is not a positive multiple of
+/// 32 or whose block bytes do not match the codebooks, or a grid too large. The device codebook views must have the configuration the call states (not
+/// checked: they are device memory).
+template <device_element T>
+void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
+  const auto& L = p.layout;
+  CQ_CHECK(p.kv_heads > 0 && p.head_dim > 0 && std::size_t(p.kv_heads) == L.kv_heads, "cuda::encode_into_pages: ",
+           p.kv_heads, " KV heads of head_dim ", p.head_dim, " against a page layout of ", L.kv_heads, " heads");
+  CQ_CHECK(L.page_tokens > 0 && L.page_tokens % block_tokens == 0, "cuda::encode_into_pages: page_tokens ",
+           L.page_tokens, " is not a positive multiple of ", block_tokens);
+  CQ_CHECK(p.kv_heads <= 65535, "cuda::encode_into_pages: ", p.kv_heads, " KV heads exceed the grid's 65535");
+  auto check_side = [&](int channels, int bits, std::size_t block_bytes, const char* what) {
+    check_code_bits(bits, "cuda::encode_into_pages: codebook");
+    CQ_CHECK(channels > 0 && p.head_dim % channels == 0, "cuda::encode_into_pages: ", what, ": head_dim ", p.head_dim,
+             " is not a multiple of ", channels, " channels");
+    const std::size_t groups = std::size_t(p.head_dim / channels);
+    CQ_CHECK(block_bytes == groups * 4u * std::size_t(bits), "cuda::encode_into_pages: ", what,
+             ": the layout's block bytes ", block_bytes, " are not ", groups, " groups x ", 4 * bits, " bytes");
+  };
+  check_side(p.key_channels, p.key_bits, L.key_block_bytes, "keys");
+  check_side(p.value_channels, p.value_bits, L.value_block_bytes, "values");
+  if (p.rows == 0) return;
+  const std::size_t blocks = (p.rows + detail::encode_pages_rows - 1) / detail::encode_pages_rows;
+  auto launch = [&](int channels, int bits, int values) {
+    detail::with_codec_channels(std::size_t(channels), [&]<int C>() {
+      const dim3 grid(unsigned(cq::detail::checked_limit(blocks, INT_MAX, "cuda::encode_into_pages: row blocks")),
+                      unsigned(p.head_dim / C), unsigned(p.kv_heads));
+      const std::size_t smem = (std::size_t{1} << bits) * C * sizeof(float);
+      if (smem <= 48 * 1024)
+        detail::encode_pages_kernel<C, true, T><<<grid, detail::encode_pages_rows, smem, stream>>>(p, values);
+      else
+        detail::encode_pages_kernel<C, false, T><<<grid, detail::encode_pages_rows, 0, stream>>>(p, values);
+      CQ_CUDA_CHECK_LAUNCH(encode_pages_kernel);
+    });
+  };
+  launch(p.key_channels, p.key_bits, 0);
+  launch(p.value_channels, p.value_bits, 1);
+}
+
+}  // namespace cq::cuda
