@@ -116,7 +116,7 @@ void check_paged_encode(std::size_t D, std::size_t C, int bits, std::size_t P, b
   std::vector<std::int64_t> slots;
   std::vector<const T*> kin, vin;
   for (std::size_t i = 0; i < lengths.size(); ++i) {
-    const PagedCodesView& c = cache.head_view(0, seqs[i], 0).key_codes;
+    const PagedCodesView c = cache.head_view(0, seqs[i], 0).key_codes;  // its page table lives in the cache
     for (std::size_t t = sinks; t < lengths[i]; ++t) {
       slots.push_back(std::int64_t(c.pages[(t - sinks) / P]) * std::int64_t(P) + std::int64_t((t - sinks) % P));
       kin.push_back(keys[i].data() + t * width);

@@ -115,8 +115,9 @@ __global__ void __launch_bounds__(encode_pages_rows) encode_pages_kernel(PagedEn
 /// synchronization (graph-capturable). Throws cq::Error, launching nothing, when the shapes
 /// disagree: head_dim not channels x groups of the codebooks' configuration, unsupported channels
 /// (1, 2, 4, 8, 16, 32) or bits (1..16), a layout whose page_tokens is not a positive multiple of
-/// 32 or whose block bytes do not match the codebooks, or a grid too large. The device codebook views must have the configuration the call states (not
-/// checked: they are device memory).
+/// 32, whose heads differ from kv_heads or whose block bytes do not match the codebooks, or a grid
+/// too large. The device codebook views must have the configuration the call states (not checked:
+/// they are device memory).
 template <device_element T>
 void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
   const auto& L = p.layout;
@@ -140,7 +141,8 @@ void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
   auto launch = [&](int channels, int bits, int values) {
     detail::with_codec_channels(std::size_t(channels), [&]<int C>() {
       const dim3 grid(unsigned(cq::detail::checked_limit(blocks, INT_MAX, "cuda::encode_into_pages: row blocks")),
-                      unsigned(p.head_dim / C), unsigned(p.kv_heads));
+                      unsigned(cq::detail::checked_limit(std::size_t(p.head_dim / C), 65535, "cuda::encode_into_pages: groups")),
+                      unsigned(p.kv_heads));
       const std::size_t smem = (std::size_t{1} << bits) * C * sizeof(float);
       if (smem <= 48 * 1024)
         detail::encode_pages_kernel<C, true, T><<<grid, detail::encode_pages_rows, smem, stream>>>(p, values);
