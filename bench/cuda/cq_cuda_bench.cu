@@ -207,7 +207,6 @@ double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
   p.slots = dslots.data();
   p.key_codebooks = h->kviews.data();
   p.value_codebooks = h->vviews.data();
-  p.kv_heads = h->kv_heads;
   p.head_dim = D;
   p.key_channels = p.value_channels = h->C;
   p.key_bits = p.value_bits = h->bits;
@@ -253,8 +252,7 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
 /// KV head)'s contiguous buffers.
 int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
   auto* h = static_cast<Handle*>(handle);
-  CQ_CHECK(page_tokens >= 0 && (page_tokens == 0 || (page_tokens >= 32 && (page_tokens & (page_tokens - 1)) == 0)),
-           "cqb_set_pages: ", page_tokens, " is not a power of two from 32 on");
+  CQ_CHECK(cuda::valid_page_tokens(page_tokens), "cqb_set_pages: ", page_tokens, " is not a power of two from 32 on");
   h->batch_desc.page_tokens = page_tokens;
   if (page_tokens == 0) {
     h->codes.upload(h->contiguous.data(), h->contiguous.size());

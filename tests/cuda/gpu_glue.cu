@@ -70,7 +70,6 @@ std::vector<std::uint8_t> encode_into_pages_as(const std::vector<std::uint8_t>& 
   p.slots = slots.data();
   p.key_codebooks = dkv.data();
   p.value_codebooks = dvv.data();
-  p.kv_heads = int(H);
   p.head_dim = int(in.key_codebooks[0]->dim());
   p.key_channels = int(in.key_codebooks[0]->channels());
   p.key_bits = in.key_codebooks[0]->bits();

@@ -178,8 +178,7 @@ class FusedAttention {
              "cuda attention: the batch (", batch.batch, " sequences, ", batch.q_heads, "/", batch.kv_heads,
              " heads, head_dim ", batch.head_dim, ") is not the plan's (", s.batch, ", ", s.q_heads, "/", s.kv_heads,
              ", ", s.head_dim, ")");
-    const int pt = batch.page_tokens;
-    CQ_CHECK(pt == 0 || (pt >= 32 && (pt & (pt - 1)) == 0), "cuda attention: page_tokens ", pt,
+    CQ_CHECK(valid_page_tokens(batch.page_tokens), "cuda attention: page_tokens ", batch.page_tokens,
              " must be 0 (contiguous codes) or a power of two from 32 on");
     void* workspace = p.workspace;
     if (!workspace) {

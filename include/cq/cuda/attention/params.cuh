@@ -77,6 +77,12 @@ struct DeviceSequence {
   const float* full_values = nullptr;
 };
 
+/// Whether the attention kernels can read codes in pages of `page_tokens` tokens: 0 (contiguous) or
+/// a power of two from 32 on (CodeRun: addresses by shift and mask).
+constexpr bool valid_page_tokens(int page_tokens) {
+  return page_tokens == 0 || (page_tokens >= 32 && (page_tokens & (page_tokens - 1)) == 0);
+}
+
 /// Everything one launch reads (device pointers) and its shape.
 struct AttentionBatch {
   int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0;

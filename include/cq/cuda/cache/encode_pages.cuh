@@ -22,6 +22,7 @@
 #include "cq/cuda/nearest.cuh"
 #include "cq/cuda/quantizer.cuh"
 #include "cq/error.hpp"
+#include "cq/packed_codes.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -48,9 +49,9 @@ struct PagedEncode {
   const T* values = nullptr;
   std::size_t rows = 0, row_stride = 0, head_stride = 0;
   const std::int64_t* slots = nullptr;  // [rows]: token slot in the pool; < 0: padding, skipped
-  const DeviceCodebookView* key_codebooks = nullptr;    // [kv_heads]
-  const DeviceCodebookView* value_codebooks = nullptr;  // [kv_heads]
-  int kv_heads = 0, head_dim = 0;
+  const DeviceCodebookView* key_codebooks = nullptr;    // [layout.kv_heads]
+  const DeviceCodebookView* value_codebooks = nullptr;  // [layout.kv_heads]
+  int head_dim = 0;
   int key_channels = 0, key_bits = 0, value_channels = 0, value_bits = 0;  // every head's codebooks'
   std::uint8_t* pool = nullptr;  // page p at pool + p x layout.page_bytes() (one layer's code pages)
   CodePageLayout layout;         // page_tokens (a multiple of 32), kv_heads, block bytes
@@ -104,9 +105,8 @@ __global__ void __launch_bounds__(encode_pages_rows) encode_pages_kernel(PagedEn
   const unsigned code = nearest_centroid<C>(xv, cents, K);
   const std::size_t page = std::size_t(slot) / P, t = std::size_t(slot) % P;
   const std::size_t run = values ? p.layout.value_offset(std::size_t(h)) : p.layout.key_offset(std::size_t(h));
-  std::uint8_t* chunk = p.pool + page * p.layout.page_bytes() + run +
-                        ((t / block_tokens) * cb.groups + std::size_t(g)) * 4u * unsigned(cb.bits);
-  write_code_atomic(chunk, unsigned(t % block_tokens), cb.bits, code);
+  const PackedCodesView codes(p.pool + page * p.layout.page_bytes() + run, P, cb.groups, cb.bits);
+  write_code_atomic(codes.chunk(t / block_tokens, std::size_t(g)), unsigned(t % block_tokens), cb.bits, code);
 }
 
 }  // namespace detail
@@ -115,24 +115,24 @@ __global__ void __launch_bounds__(encode_pages_rows) encode_pages_kernel(PagedEn
 /// synchronization (graph-capturable). Throws cq::Error, launching nothing, when the shapes
 /// disagree: head_dim not channels x groups of the codebooks' configuration, unsupported channels
 /// (1, 2, 4, 8, 16, 32) or bits (1..16), a layout whose page_tokens is not a positive multiple of
-/// 32, whose heads differ from kv_heads or whose block bytes do not match the codebooks, or a grid
+/// 32, without heads, or whose block bytes do not match the codebooks, or a grid
 /// too large. The device codebook views must have the configuration the call states (not checked:
 /// they are device memory).
 template <device_element T>
 void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
   const auto& L = p.layout;
-  CQ_CHECK(p.kv_heads > 0 && p.head_dim > 0 && std::size_t(p.kv_heads) == L.kv_heads, "cuda::encode_into_pages: ",
-           p.kv_heads, " KV heads of head_dim ", p.head_dim, " against a page layout of ", L.kv_heads, " heads");
+  CQ_CHECK(L.kv_heads > 0 && p.head_dim > 0, "cuda::encode_into_pages: ", L.kv_heads, " KV heads of head_dim ",
+           p.head_dim);
   CQ_CHECK(L.page_tokens > 0 && L.page_tokens % block_tokens == 0, "cuda::encode_into_pages: page_tokens ",
            L.page_tokens, " is not a positive multiple of ", block_tokens);
-  CQ_CHECK(p.kv_heads <= 65535, "cuda::encode_into_pages: ", p.kv_heads, " KV heads exceed the grid's 65535");
+  CQ_CHECK(L.kv_heads <= 65535, "cuda::encode_into_pages: ", L.kv_heads, " KV heads exceed the grid's 65535");
   auto check_side = [&](int channels, int bits, std::size_t block_bytes, const char* what) {
     check_code_bits(bits, "cuda::encode_into_pages: codebook");
     CQ_CHECK(channels > 0 && p.head_dim % channels == 0, "cuda::encode_into_pages: ", what, ": head_dim ", p.head_dim,
              " is not a multiple of ", channels, " channels");
     const std::size_t groups = std::size_t(p.head_dim / channels);
-    CQ_CHECK(block_bytes == groups * 4u * std::size_t(bits), "cuda::encode_into_pages: ", what,
-             ": the layout's block bytes ", block_bytes, " are not ", groups, " groups x ", 4 * bits, " bytes");
+    CQ_CHECK(block_bytes == packed_code_bytes(block_tokens, groups, bits), "cuda::encode_into_pages: ", what,
+             ": the layout's block bytes ", block_bytes, " are not those of ", groups, " groups of ", bits, "-bit codes");
   };
   check_side(p.key_channels, p.key_bits, L.key_block_bytes, "keys");
   check_side(p.value_channels, p.value_bits, L.value_block_bytes, "values");
@@ -142,7 +142,7 @@ void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
     detail::with_codec_channels(std::size_t(channels), [&]<int C>() {
       const dim3 grid(unsigned(cq::detail::checked_limit(blocks, INT_MAX, "cuda::encode_into_pages: row blocks")),
                       unsigned(cq::detail::checked_limit(std::size_t(p.head_dim / C), 65535, "cuda::encode_into_pages: groups")),
-                      unsigned(p.kv_heads));
+                      unsigned(L.kv_heads));
       const std::size_t smem = (std::size_t{1} << bits) * C * sizeof(float);
       if (smem <= 48 * 1024)
         detail::encode_pages_kernel<C, true, T><<<grid, detail::encode_pages_rows, smem, stream>>>(p, values);
