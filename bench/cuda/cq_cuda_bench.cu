@@ -151,8 +151,12 @@ void* cqb_create(int batch, int q_heads, int kv_heads, int ctx, int C, int bits,
   h->q = cuda::DeviceBuffer<float>(std::size_t(batch) * q_heads * D);
   make_synthetic(h->q.data(), 1, std::size_t(batch) * q_heads, D, 9);
   h->out = cuda::DeviceBuffer<float>(std::size_t(batch) * q_heads * D);
-  h->batch_desc = {batch, q_heads, kv_heads, D, h->codes.data(), h->seqs.data(), h->kviews.data(), h->vviews.data(),
-                   h->q.data(), h->out.data(), 0.0f};
+  h->batch_desc = {};
+  h->batch_desc.batch = batch, h->batch_desc.q_heads = q_heads, h->batch_desc.kv_heads = kv_heads;
+  h->batch_desc.head_dim = D;
+  h->batch_desc.codes = h->codes.data(), h->batch_desc.sequences = h->seqs.data();
+  h->batch_desc.key_codebooks = h->kviews.data(), h->batch_desc.value_codebooks = h->vviews.data();
+  h->batch_desc.q = h->q.data(), h->batch_desc.out = h->out.data();
   h->shape = {batch, q_heads, kv_heads, D, C, bits, C, bits, coded, window};
   h->plan = h->fa.plan(h->shape);
   // Bytes one call must read: codes (K and V), the window rows, q and out. Codebooks are read

@@ -9,7 +9,10 @@
 #include "../conformance/attention_cases.hpp"
 #include "gpu_glue.hpp"
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <tuple>
 
 using namespace cq;
@@ -71,6 +74,36 @@ TEST_CASE("cuda encode: codes equal the CPU reference (ties aside), partial chun
 
 namespace {
 
+/// Rows for the slot-mapped writes: row r's keys and values (kin[r], vin[r]: H x D elements) laid
+/// out as [rows][H][D], or [H][rows][D] with heads_outer, into kb / vb, and the input naming them
+/// with `slots` (codebooks left to the caller).
+template <element_type T>
+gpu_test::PagedEncodeInput slot_rows(const std::vector<const T*>& kin, const std::vector<const T*>& vin, std::size_t H,
+                                     std::size_t D, bool heads_outer, const std::vector<std::int64_t>& slots,
+                                     std::vector<T>& kb, std::vector<T>& vb) {
+  const std::size_t rows = slots.size(), width = H * D;
+  kb.assign(rows * width, T(0.0f));
+  vb.assign(rows * width, T(0.0f));
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t h = 0; h < H; ++h)
+      for (std::size_t d = 0; d < D; ++d) {
+        const std::size_t at = heads_outer ? (h * rows + r) * D + d : r * width + h * D + d;
+        kb[at] = kin[r][h * D + d];
+        vb[at] = vin[r][h * D + d];
+      }
+  gpu_test::PagedEncodeInput in;
+  in.keys = kb.data();
+  in.values = vb.data();
+  in.element_bytes = sizeof(T);
+  in.bf16 = std::same_as<T, bfloat16>;
+  in.rows = rows;
+  in.row_stride = heads_outer ? D : width;
+  in.head_stride = heads_outer ? rows * D : D;
+  in.elements = kb.size();
+  in.slots = slots;
+  return in;
+}
+
 /// One configuration of the paged-encode test: a CPU cache of three sequences (sinks 4, window 8,
 /// appended in uneven chunks), then every coded row encoded on the GPU into a copy of its code pool
 /// whose codes at those rows were all flipped beforehand. The GPU's pool must be the CPU's, byte
@@ -130,14 +163,8 @@ void check_paged_encode(std::size_t D, std::size_t C, int bits, std::size_t P, b
     vin.push_back(values[2].data());
   }
   const std::size_t rows = slots.size();
-  std::vector<T> kb(rows * width), vb(rows * width);
-  for (std::size_t r = 0; r < rows; ++r)
-    for (std::size_t h = 0; h < H; ++h)
-      for (std::size_t d = 0; d < D; ++d) {
-        const std::size_t at = heads_outer ? (h * rows + r) * D + d : r * width + h * D + d;
-        kb[at] = kin[r][h * D + d];
-        vb[at] = vin[r][h * D + d];
-      }
+  std::vector<T> kb, vb;
+  gpu_test::PagedEncodeInput in = slot_rows(kin, vin, H, D, heads_outer, slots, kb, vb);
   auto code_view = [&](std::uint8_t* pool, std::int64_t slot, std::size_t h, bool value) {
     const std::size_t page = std::size_t(slot) / P;
     return PackedCodesView(pool + page * layout.page_bytes() + (value ? layout.value_offset(h) : layout.key_offset(h)), P,
@@ -151,16 +178,6 @@ void check_paged_encode(std::size_t D, std::size_t C, int bits, std::size_t P, b
         const PackedCodesView c = code_view(start.data(), slots[r], h, value);
         for (std::size_t g = 0; g < D / C; ++g) c.set(std::size_t(slots[r]) % P, g, c.get(std::size_t(slots[r]) % P, g) ^ all);
       }
-  gpu_test::PagedEncodeInput in;
-  in.keys = kb.data();
-  in.values = vb.data();
-  in.element_bytes = sizeof(T);
-  in.bf16 = std::same_as<T, bfloat16>;
-  in.rows = rows;
-  in.row_stride = heads_outer ? D : width;
-  in.head_stride = heads_outer ? rows * D : D;
-  in.elements = kb.size();
-  in.slots = slots;
   for (std::size_t h = 0; h < H; ++h) {
     in.key_codebooks.push_back(&codebooks.key(0, h));
     in.value_codebooks.push_back(&codebooks.value(0, h));
@@ -240,15 +257,18 @@ namespace {
 
 // A case's sequences as the GPU serves them (those with a token: an empty sequence has no query)
 // and their queries, in the order of the case's query rows.
-struct GpuCase {
-  gpu_test::HostBatch batch;
+
+template <class T = float>
+struct GpuCaseOf {
+  gpu_test::HostBatchOf<T> batch;
   std::vector<float> q;  // [sequence][q_heads][D]
 };
 
-GpuCase gpu_case(const test::AttentionCase& c, const test::CaseCache<float>& cc) {
+template <class T>
+GpuCaseOf<T> gpu_case(const test::AttentionCase& c, const test::CaseCache<T>& cc) {
   REQUIRE(c.queries == 1);
   REQUIRE(!c.rope);
-  GpuCase g;
+  GpuCaseOf<T> g;
   g.batch.q_heads = int(cc.q_heads);
   const std::size_t qw = cc.q_heads * c.D;
   for (std::size_t i = 0; i < cc.seqs.size(); ++i) {
@@ -260,7 +280,7 @@ GpuCase gpu_case(const test::AttentionCase& c, const test::CaseCache<float>& cc)
   return g;
 }
 
-std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCase& g, gpu_test::Kernel kernel,
+std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>& g, gpu_test::Kernel kernel,
                                  gpu_test::DeviceCodes codes = {}) {
   return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, codes);
 }
@@ -271,7 +291,7 @@ constexpr gpu_test::DeviceCodes both_storages[] = {{.pages = false}, {.pages = t
 // ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
 double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {}) {
   const auto cc = test::build_case<float>(c);
-  const GpuCase g = gpu_case(c, cc);
+  const auto g = gpu_case(c, cc);
   const std::vector<float> got = gpu_attention(c, g, kernel, codes);
   std::vector<double> ref;
   const std::size_t qw = cc.q_heads * c.D;
@@ -292,7 +312,7 @@ double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_te
 std::pair<double, double> half_sum_error(const test::AttentionCase& c) {
   const auto cc = test::build_case<float>(c);
   REQUIRE(cc.seqs.size() == 1);
-  const GpuCase g = gpu_case(c, cc);
+  const auto g = gpu_case(c, cc);
   const std::vector<float> got = gpu_attention(c, g, gpu_test::Kernel::lane_tables);
   const std::size_t n = cc.cache->length(cc.seqs[0]);
   const float scale = 1.0f / std::sqrt(float(c.D));
@@ -353,7 +373,7 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     // The GPU reads keys after RoPE and serves one query per sequence.
     if (c.rope || c.queries > 1) continue;
     const auto cc = test::build_case<float>(c);
-    const GpuCase g = gpu_case(c, cc);
+    const auto g = gpu_case(c, cc);
     // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
     // the plan admits) also through the lane-tables kernel, and those at head_dim 128 with 2, 4
     // or 8 channels and groups of up to 16 heads through the grouped-rows kernel. Each with its
@@ -419,7 +439,7 @@ TEST_CASE("cuda fused attention: pages of a size the kernels cannot address are 
   require_device();
   const test::AttentionCase c = test::AttentionCase::of(128, 8, 8, 0, 0, 1, {500}).with_seed(5).with_pages(64);
   const auto cc = test::build_case<float>(c);
-  const GpuCase g = gpu_case(c, cc);
+  const auto g = gpu_case(c, cc);
   for (int claimed : {96, 16, -64})
     for (gpu_test::Kernel kernel : all_kernels) {
       if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
@@ -518,6 +538,196 @@ TEST_CASE("cuda fused attention: equal weights on one code fill the fixed-point 
         CHECK(got[d] == doctest::Approx(vcb.centroid(d / C, 0, d % C)).epsilon(1e-5));
       }
     }
+}
+
+namespace {
+
+// Rounds x to the nearest value of dtype t (what the GPU reads of a query of that dtype).
+std::vector<float> rounded(std::vector<float> x, DType t) {
+  for (float& v : x) v = t == DType::f16 ? float(half(v)) : t == DType::bf16 ? float(bfloat16(v)) : v;
+  return x;
+}
+
+// log sum_p exp(scale q . k_p) over every position p < n of sequence s, head h, with the keys as
+// attention sees them (PagedKVCache::read_token), in double: the reference log-sum-exp.
+template <class T>
+double reference_lse(const PagedKVCache<T>& cache, SeqId s, std::size_t h, const float* q, std::size_t D, float scale) {
+  const std::size_t n = cache.length(s);
+  std::vector<float> k(D), v(D);
+  std::vector<double> sc(n);
+  double m = -std::numeric_limits<double>::infinity();
+  for (std::size_t p = 0; p < n; ++p) {
+    cache.read_token(0, s, h, p, k.data(), v.data());
+    double dot = 0.0;
+    for (std::size_t d = 0; d < D; ++d) dot += double(q[d]) * k[d];
+    sc[p] = scale * dot;
+    m = std::max(m, sc[p]);
+  }
+  double sum = 0.0;
+  for (double x : sc) sum += std::exp(x - m);
+  return m + std::log(sum);
+}
+
+// One precision setting over a sample of the shared cases in a cache of element type T: rows in
+// the cache's own full-precision pages, codes in its code pages, q in dtype qt; outputs in float
+// within 1e-3 of the oracle (the cache's rows and the rounded q), the log-sum-exp within 1e-3 of
+// the reference, and outputs in dtype ot equal to the float outputs rounded (to one unit of ot).
+template <class T>
+void check_precision(DType qt, DType ot, std::size_t every, double& worst, double& worst_lse, std::size_t& runs) {
+  for (const test::AttentionCase& c : test::attention_cases(every)) {
+    if (c.rope || c.queries > 1) continue;
+    auto cc = test::build_case<T>(c);
+    cc.q = rounded(cc.q, qt);
+    const auto g = gpu_case(c, cc);
+    const float scale = 1.0f / std::sqrt(float(c.D));
+    for (gpu_test::Kernel kernel : all_kernels) {
+      if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
+      CAPTURE(c.name());
+      CAPTURE(int(kernel));
+      CAPTURE(dtype_name(qt));
+      CAPTURE(dtype_name(ot));
+      const gpu_test::DeviceCodes how{.pages = true, .full_pages = true};
+      std::vector<float> lse;
+      const std::vector<float> out = gpu_test::attention(g.batch, g.q, scale, kernel, how, nullptr, {qt, DType::f32, &lse});
+      worst = std::max(worst, test::check_against_oracle(c, cc, out, 1e-3));
+      // Log-sum-exp: GPU rows are the sequences with a query, in order.
+      std::size_t row = 0;
+      for (std::size_t i = 0; i < cc.seqs.size(); ++i) {
+        if (cc.indptr[i + 1] == cc.indptr[i]) continue;
+        for (std::size_t hq = 0; hq < cc.q_heads; ++hq) {
+          const double ref = reference_lse(*cc.cache, cc.seqs[i], hq / c.group, g.q.data() + (row * cc.q_heads + hq) * c.D,
+                                           c.D, scale);
+          const double e = std::fabs(double(lse[row * cc.q_heads + hq]) - ref);
+          CHECK(e < 1e-3);
+          worst_lse = std::max(worst_lse, e);
+        }
+        ++row;
+      }
+      if (ot != DType::f32) {
+        const std::vector<float> low = gpu_test::attention(g.batch, g.q, scale, kernel, how, nullptr, {qt, ot, nullptr});
+        const float unit = ot == DType::f16 ? 0x1p-10f : 0x1p-7f;  // one unit in the last place, relative
+        std::size_t off = 0;
+        for (std::size_t i = 0; i < out.size(); ++i)
+          if (!(std::fabs(low[i] - out[i]) <= unit * std::fabs(out[i]) + 1e-7f)) ++off;
+        CHECK(off == 0);
+      }
+      ++runs;
+    }
+  }
+}
+
+// A decode step's full-precision rows written on the device into a copy of the CPU cache's pool
+// whose held rows were overwritten first: the CPU's pool again, byte for byte.
+template <class T>
+void check_full_rows_write(std::uint64_t seed, bool heads_outer) {
+  const test::AttentionCase c = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {300, 45, 1}).with_seed(seed);
+  const auto cc = test::build_case<T>(c);
+  const std::size_t H = c.kv_heads, D = c.D;
+  const KVHeadView<T> v0 = cc.cache->head_view(0, cc.seqs[0], 0);
+  const std::size_t F = v0.recent_keys.page_rows;
+  const FullPageLayout layout{F, H, D, sizeof(T)};
+  REQUIRE(layout.page_elements() == v0.recent_keys.page_stride);
+  const auto* base = reinterpret_cast<const std::uint8_t*>(v0.recent_keys.pool);
+  const std::vector<std::uint8_t> cpu(base, base + cc.cache->memory().full);
+  std::vector<std::int64_t> slots;
+  std::vector<std::vector<T>> rows_k, rows_v;  // [row][H * D], gathered from the views
+  for (SeqId s : cc.seqs) {
+    const KVHeadView<T> v = cc.cache->head_view(0, s, 0);
+    auto add = [&](const PagedRowsView<T>& kv, bool sink, std::size_t pos) {
+      const std::size_t i = pos - kv.first;
+      slots.push_back(std::int64_t(kv.pages[i / F]) * std::int64_t(F) + std::int64_t(i % F));
+      std::vector<T> k(H * D), x(H * D);
+      for (std::size_t h = 0; h < H; ++h) {
+        const KVHeadView<T> w = cc.cache->head_view(0, s, h);
+        std::copy_n((sink ? w.sink_keys : w.recent_keys).at(pos), D, k.begin() + std::ptrdiff_t(h * D));
+        std::copy_n((sink ? w.sink_values : w.recent_values).at(pos), D, x.begin() + std::ptrdiff_t(h * D));
+      }
+      rows_k.push_back(std::move(k));
+      rows_v.push_back(std::move(x));
+    };
+    for (std::size_t p = 0; p < v.sink_keys.rows; ++p) add(v.sink_keys, true, p);
+    for (std::size_t p = v.recent_keys.first; p < v.recent_keys.first + v.recent_keys.rows; ++p)
+      add(v.recent_keys, false, p);
+  }
+  const std::size_t held = slots.size(), pages = cpu.size() / layout.page_bytes();
+  for (std::int64_t extra : {std::int64_t(-1), std::int64_t(pages * F)}) {  // padding, past the pool
+    slots.push_back(extra);
+    rows_k.push_back(std::vector<T>(H * D, T(7.0f)));
+    rows_v.push_back(std::vector<T>(H * D, T(7.0f)));
+  }
+  std::vector<const T*> kin, vin;
+  for (std::size_t r = 0; r < slots.size(); ++r) kin.push_back(rows_k[r].data()), vin.push_back(rows_v[r].data());
+  std::vector<T> kb, vb;
+  const gpu_test::PagedEncodeInput in = slot_rows(kin, vin, H, D, heads_outer, slots, kb, vb);
+  std::vector<std::uint8_t> start = cpu;  // every held row overwritten
+  for (std::size_t r = 0; r < held; ++r)
+    for (std::size_t h = 0; h < H; ++h)
+      for (std::size_t off : {layout.key_offset(h), layout.value_offset(h)}) {
+        const std::size_t page = std::size_t(slots[r]) / F, row = std::size_t(slots[r]) % F;
+        std::memset(start.data() + (page * layout.page_elements() + off + row * D) * sizeof(T), 0x5A, D * sizeof(T));
+      }
+  REQUIRE(start != cpu);
+  CHECK(gpu_test::write_full_rows(start, layout, in) == cpu);
+}
+
+}  // namespace
+
+TEST_CASE("cuda write_full_rows: the CPU cache's full-precision pool, byte for byte, fp32, fp16 and bf16") {
+  require_device();
+  for (bool heads_outer : {false, true}) {
+    check_full_rows_write<float>(401, heads_outer);
+    check_full_rows_write<half>(402, heads_outer);
+    check_full_rows_write<bfloat16>(403, heads_outer);
+  }
+}
+
+TEST_CASE("cuda fused attention on the CPU cache's own pages: rows in fp16/bf16/fp32 pages, queries and outputs in the model's dtype, log-sum-exp") {
+  require_device();
+  double worst = 0.0, worst_lse = 0.0;
+  std::size_t runs = 0;
+  const std::size_t every = quick() ? 24 : 4;
+  check_precision<half>(DType::f16, DType::f16, every, worst, worst_lse, runs);
+  check_precision<bfloat16>(DType::bf16, DType::bf16, every, worst, worst_lse, runs);
+  check_precision<float>(DType::f16, DType::f16, every, worst, worst_lse, runs);
+  check_precision<half>(DType::bf16, DType::f32, every * 3, worst, worst_lse, runs);
+  check_precision<float>(DType::f32, DType::bf16, every * 3, worst, worst_lse, runs);
+  MESSAGE(runs, " case x kernel x precision runs on the cache's pages; largest relative error ", worst,
+          ", largest log-sum-exp error ", worst_lse);
+  CHECK(runs > 0);
+}
+
+TEST_CASE("cuda decode step (append + attention) captured in a CUDA graph: 100 replays equal the eager run") {
+  require_device();
+  for (gpu_test::Kernel kernel : {gpu_test::Kernel::automatic, gpu_test::Kernel::general}) {
+    // A sink-only sequence (its newest row is a sink: no code), short and long ones, GQA 4.
+    const test::AttentionCase c = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {300, 45, 2, 2100}).with_seed(77);
+    const auto cc = test::build_case<half>(c);
+    const auto g = gpu_case(c, cc);
+    const std::size_t H = c.kv_heads, D = c.D, S = c.sinks;
+    std::vector<half> keys, values;
+    std::vector<std::int64_t> code_slots, full_slots;
+    for (SeqId s : cc.seqs) {  // each sequence's newest row, from where the cache holds it
+      const std::size_t p = cc.cache->length(s) - 1;
+      for (std::size_t h = 0; h < H; ++h) {
+        const KVHeadView<half> v = cc.cache->head_view(0, s, h);
+        const bool sink = p < S;
+        const half* k = sink ? v.sink_keys.at(p) : v.recent_keys.at(p);
+        const half* x = sink ? v.sink_values.at(p) : v.recent_values.at(p);
+        keys.insert(keys.end(), k, k + D);
+        values.insert(values.end(), x, x + D);
+        if (h > 0) continue;
+        const PagedRowsView<half>& r = sink ? v.sink_keys : v.recent_keys;
+        const std::size_t i = p - r.first, F = r.page_rows, P = v.key_codes.page_tokens;
+        full_slots.push_back(std::int64_t(r.pages[i / F]) * std::int64_t(F) + std::int64_t(i % F));
+        code_slots.push_back(sink ? -1 : std::int64_t(v.key_codes.pages[(p - S) / P]) * std::int64_t(P) + std::int64_t((p - S) % P));
+      }
+    }
+    const gpu_test::GraphStep step = gpu_test::append_attend_graph(g.batch, g.q, 1.0f / std::sqrt(float(D)), kernel, keys,
+                                                                   values, code_slots, full_slots, 100);
+    CAPTURE(int(kernel));
+    test::check_against_oracle(c, cc, step.out, 1e-3);
+    CHECK(step.differing_replays == 0);
+  }
 }
 
 TEST_CASE("cuda batched k-means: MSE matches the CPU fit, objective never increases") {

@@ -8,6 +8,7 @@
 #pragma nv_diag_default 20012
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 namespace cq::gpu_test {
@@ -43,52 +44,74 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
 
 namespace {
 
+/// The rows and slots of a PagedEncodeInput on the device (T: float, __half or __nv_bfloat16).
 template <class T>
-std::vector<std::uint8_t> encode_into_pages_as(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
-                                               const PagedEncodeInput& in) {
-  const std::size_t H = in.key_codebooks.size();
-  CQ_CHECK(H == layout.kv_heads && in.value_codebooks.size() == H && H > 0, "gpu_test: codebooks for ", H,
-           " heads, layout of ", layout.kv_heads);
-  std::vector<cuda::DeviceCodebook> dcb;
-  std::vector<cuda::DeviceCodebookView> kv, vv;
-  for (std::size_t h = 0; h < H; ++h) {
-    dcb.emplace_back(*in.key_codebooks[h]);
-    kv.push_back(dcb.back().view());
-    dcb.emplace_back(*in.value_codebooks[h]);
-    vv.push_back(dcb.back().view());
-  }
-  cuda::DeviceBuffer<cuda::DeviceCodebookView> dkv(kv), dvv(vv);
-  cuda::DeviceBuffer<T> keys(static_cast<const T*>(in.keys), in.elements), values(static_cast<const T*>(in.values), in.elements);
-  cuda::DeviceBuffer<std::int64_t> slots(in.slots);
-  cuda::DeviceBuffer<std::uint8_t> dpool(pool);
-  cuda::PagedEncode<T> p;
-  p.keys = keys.data();
-  p.values = values.data();
-  p.rows = in.rows;
-  p.row_stride = in.row_stride;
-  p.head_stride = in.head_stride;
-  p.slots = slots.data();
-  p.key_codebooks = dkv.data();
-  p.value_codebooks = dvv.data();
-  p.head_dim = int(in.key_codebooks[0]->dim());
-  p.key_channels = int(in.key_codebooks[0]->channels());
-  p.key_bits = in.key_codebooks[0]->bits();
-  p.value_channels = int(in.value_codebooks[0]->channels());
-  p.value_bits = in.value_codebooks[0]->bits();
-  p.pool = dpool.data();
-  p.layout = layout;
-  p.pages = pool.size() / layout.page_bytes();
-  cuda::encode_into_pages(p);
-  return dpool.to_host();
+struct DeviceRows {
+  cuda::DeviceBuffer<T> keys, values;
+  cuda::DeviceBuffer<std::int64_t> slots;
+  cuda::SlotRows<T> view;
+  explicit DeviceRows(const PagedEncodeInput& in)
+      : keys(static_cast<const T*>(in.keys), in.elements), values(static_cast<const T*>(in.values), in.elements),
+        slots(in.slots), view{keys.data(), values.data(), in.rows, in.row_stride, in.head_stride, slots.data()} {}
+};
+
+/// f.template operator()<T>() for the input's element type.
+template <class F>
+std::vector<std::uint8_t> with_element(const PagedEncodeInput& in, F&& f) {
+  if (in.element_bytes == 4) return f.template operator()<float>();
+  CQ_CHECK(in.element_bytes == 2, "gpu_test: elements of ", in.element_bytes, " bytes");
+  return in.bf16 ? f.template operator()<__nv_bfloat16>() : f.template operator()<__half>();
 }
 
 }  // namespace
 
 std::vector<std::uint8_t> encode_into_pages(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
                                             const PagedEncodeInput& in) {
-  if (in.element_bytes == 4) return encode_into_pages_as<float>(pool, layout, in);
-  CQ_CHECK(in.element_bytes == 2, "gpu_test: elements of ", in.element_bytes, " bytes");
-  return in.bf16 ? encode_into_pages_as<__nv_bfloat16>(pool, layout, in) : encode_into_pages_as<__half>(pool, layout, in);
+  return with_element(in, [&]<class T>() {
+    const std::size_t H = in.key_codebooks.size();
+    CQ_CHECK(H == layout.kv_heads && in.value_codebooks.size() == H && H > 0, "gpu_test: codebooks for ", H,
+             " heads, layout of ", layout.kv_heads);
+    std::vector<cuda::DeviceCodebook> dcb;
+    std::vector<cuda::DeviceCodebookView> kv, vv;
+    for (std::size_t h = 0; h < H; ++h) {
+      dcb.emplace_back(*in.key_codebooks[h]);
+      kv.push_back(dcb.back().view());
+      dcb.emplace_back(*in.value_codebooks[h]);
+      vv.push_back(dcb.back().view());
+    }
+    cuda::DeviceBuffer<cuda::DeviceCodebookView> dkv(kv), dvv(vv);
+    DeviceRows<T> rows(in);
+    cuda::DeviceBuffer<std::uint8_t> dpool(pool);
+    cuda::PagedEncode<T> p;
+    static_cast<cuda::SlotRows<T>&>(p) = rows.view;
+    p.key_codebooks = dkv.data();
+    p.value_codebooks = dvv.data();
+    p.head_dim = int(in.key_codebooks[0]->dim());
+    p.key_channels = int(in.key_codebooks[0]->channels());
+    p.key_bits = in.key_codebooks[0]->bits();
+    p.value_channels = int(in.value_codebooks[0]->channels());
+    p.value_bits = in.value_codebooks[0]->bits();
+    p.pool = dpool.data();
+    p.layout = layout;
+    p.pages = pool.size() / layout.page_bytes();
+    cuda::encode_into_pages(p);
+    return dpool.to_host();
+  });
+}
+
+std::vector<std::uint8_t> write_full_rows(const std::vector<std::uint8_t>& pool, const FullPageLayout& layout,
+                                          const PagedEncodeInput& in) {
+  return with_element(in, [&]<class T>() {
+    DeviceRows<T> rows(in);
+    cuda::DeviceBuffer<std::uint8_t> dpool(pool);
+    cuda::PagedRowWrite<T> p;
+    static_cast<cuda::SlotRows<T>&>(p) = rows.view;
+    p.pool = reinterpret_cast<T*>(dpool.data());
+    p.layout = layout;
+    p.pages = pool.size() / layout.page_bytes();
+    cuda::write_full_rows(p);
+    return dpool.to_host();
+  });
 }
 
 namespace {
@@ -101,6 +124,8 @@ struct DeviceBatch {
   std::vector<cuda::DeviceBuffer<std::uint8_t>> code_buffers;  // contiguous codes, or the code pools
   cuda::DeviceBuffer<std::uint32_t> page_tables;
   std::vector<cuda::DeviceBuffer<float>> full_rows;
+  cuda::DeviceBuffer<std::uint8_t> full_pool;       // full_pages: the cache's full-precision pool
+  cuda::DeviceBuffer<std::uint32_t> full_tables;    // full_pages: sink and recent page tables
   cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
   cuda::DeviceBuffer<cuda::DeviceSequence> sequences;
   cuda::AttentionBatch batch;  // q and out left for the caller
@@ -108,7 +133,8 @@ struct DeviceBatch {
 };
 
 /// What the last token of each sequence reads, checked against its views.
-std::vector<VisibleTokens> visible_parts(const HostBatch& hb) {
+template <class T>
+std::vector<VisibleTokens> visible_parts(const HostBatchOf<T>& hb) {
   CQ_CHECK(!hb.lengths.empty() && !hb.views.empty() && hb.views.size() % hb.lengths.size() == 0,
            "gpu_test: ", hb.views.size(), " head views for ", hb.lengths.size(), " sequences");
   const std::size_t H = hb.views.size() / hb.lengths.size();
@@ -116,7 +142,7 @@ std::vector<VisibleTokens> visible_parts(const HostBatch& hb) {
   for (std::size_t s = 0; s < hb.lengths.size(); ++s) {
     CQ_CHECK(hb.lengths[s] >= 1, "gpu_test: sequence ", s, " is empty (no last token to attend from)");
     for (std::size_t h = 0; h < H; ++h) {
-      const KVHeadView<float>& v = hb.views[s * H + h];
+      const KVHeadView<T>& v = hb.views[s * H + h];
       cq::detail::check_head_view(v, "gpu_test");
       CQ_CHECK(v.rope == nullptr, "gpu_test: the GPU reads keys after RoPE");
       CQ_CHECK(v.key_codebook.centroids == hb.views[h].key_codebook.centroids &&
@@ -129,8 +155,9 @@ std::vector<VisibleTokens> visible_parts(const HostBatch& hb) {
   return vis;
 }
 
-cuda::AttentionShape shape_of(const HostBatch& hb, const std::vector<VisibleTokens>& vis) {
-  const KVHeadView<float>& v = hb.views[0];
+template <class T>
+cuda::AttentionShape shape_of(const HostBatchOf<T>& hb, const std::vector<VisibleTokens>& vis) {
+  const KVHeadView<T>& v = hb.views[0];
   cuda::AttentionShape s;
   s.batch = int(hb.lengths.size());
   s.q_heads = hb.q_heads;
@@ -151,8 +178,10 @@ cuda::AttentionShape shape_of(const HostBatch& hb, const std::vector<VisibleToke
 /// head the codes its last token reads, copied page by page into a contiguous buffer (the packed
 /// layout of a page is that of its tokens) or, with `pages`, read in the CPU cache's pool (copied
 /// to the device as it is) through the sequence's page table; and its sinks and window as
-/// [kv_head][full][D] rows.
-DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
+/// [kv_head][full][D] float rows or, with `full_pages`, read in the CPU cache's full-precision pool
+/// (copied to the device as it is) through the sequence's sink and recent page tables.
+template <class T>
+DeviceBatch device_batch(const HostBatchOf<T>& hb, gpu_test::DeviceCodes how) {
   const bool misaligned = how.misaligned;
   const std::vector<VisibleTokens> vis = visible_parts(hb);
   DeviceBatch d;
@@ -195,7 +224,7 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
     std::vector<std::size_t> pool_bytes;
     std::vector<std::uint32_t> tables;
     for (std::size_t i = 0; i < hb.views.size(); ++i) {
-      const KVHeadView<float>& v = hb.views[i];
+      const KVHeadView<T>& v = hb.views[i];
       CQ_CHECK(v.key_codes.pool == v.value_codes.pool && v.key_codes.pages == v.value_codes.pages &&
                    v.key_codes.page_bytes == v.value_codes.page_bytes && v.key_codes.page_tokens == v.value_codes.page_tokens,
                "gpu_test: keys and values of a head view must share the pool and page table");
@@ -217,6 +246,39 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
     tables.push_back(0);  // never empty
     d.page_tables = cuda::DeviceBuffer<std::uint32_t>(tables);
   }
+  // Full-precision pages: the one pool every view reads, copied up to its last page used, and
+  // each sequence's sink and recent tables (KV heads share them, as in PagedKVCache).
+  std::vector<std::size_t> sink_at, recent_at;  // [sequence]: offsets in full_tables
+  if (how.full_pages) {
+    const PagedRowsView<T>& r0 = hb.views[0].recent_keys;
+    const std::size_t F = r0.page_rows, stride = r0.page_stride;
+    std::vector<std::uint32_t> tables;
+    std::uint32_t last_page = 0;
+    for (std::size_t s = 0; s < B; ++s) {
+      const KVHeadView<T>& v = hb.views[s * H];
+      for (std::size_t h = 0; h < H; ++h) {
+        const KVHeadView<T>& w = hb.views[s * H + h];
+        for (const PagedRowsView<T>* r : {&w.sink_keys, &w.sink_values, &w.recent_keys, &w.recent_values})
+          CQ_CHECK(r->pool == r0.pool && r->page_rows == F && r->page_stride == stride && r->row_stride == D,
+                   "gpu_test: the views' rows are not in one full-precision pool");
+        CQ_CHECK(w.sink_keys.offset == h * 2 * F * D && w.sink_values.offset == (h * 2 + 1) * F * D &&
+                     w.recent_keys.offset == h * 2 * F * D && w.recent_values.offset == (h * 2 + 1) * F * D,
+                 "gpu_test: KV head ", h, "'s rows are not where FullPageLayout puts them");
+      }
+      for (const PagedRowsView<T>* r : {&v.sink_keys, &v.recent_keys}) {
+        (r == &v.sink_keys ? sink_at : recent_at).push_back(tables.size());
+        const std::size_t n = (r->rows + F - 1) / F;
+        for (std::size_t i = 0; i < n; ++i) last_page = std::max(last_page, r->pages[i]);
+        tables.insert(tables.end(), r->pages, r->pages + n);
+      }
+    }
+    tables.push_back(0);  // never empty
+    d.full_tables = cuda::DeviceBuffer<std::uint32_t>(tables);
+    const std::size_t bytes = (std::size_t(last_page) + 1) * stride * sizeof(T);
+    d.full_pool = cuda::DeviceBuffer<std::uint8_t>(bytes);
+    d.full_pool.upload(reinterpret_cast<const std::uint8_t*>(r0.pool), bytes);
+    d.batch.full_pages = {d.full_pool.data(), dtype_of<T>, std::uint32_t(F), stride * sizeof(T)};
+  }
   std::vector<cuda::DeviceKVCodes> codes;
   std::vector<cuda::DeviceSequence> sequences;
   for (std::size_t s = 0; s < B; ++s) {
@@ -224,7 +286,7 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
     const std::size_t full = t.full();
     std::vector<float> keys(H * full * D), values(H * full * D);  // [kv_head][full][D]
     for (std::size_t h = 0; h < H; ++h) {
-      const KVHeadView<float>& v = hb.views[s * H + h];
+      const KVHeadView<T>& v = hb.views[s * H + h];
       // Coded tokens are code indices 0 .. coded - 1 (position sinks + i).
       if (how.pages) {
         const std::size_t k = std::size_t(std::find(pools.begin(), pools.end(), v.key_codes.pool) - pools.begin());
@@ -243,18 +305,30 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
         d.code_buffers.push_back(device_codes(v.value_codes, t.coded()));
         codes.push_back({d.code_buffers[d.code_buffers.size() - 2].data() + shift, d.code_buffers.back().data() + shift});
       }
-      for (std::size_t j = 0; j < full; ++j) {  // the sinks, then the window
+      for (std::size_t j = 0; j < full && !how.full_pages; ++j) {  // the sinks, then the window
         const std::size_t pos = j < t.sink_end ? j : t.window_begin + (j - t.sink_end);
-        const float* k = j < t.sink_end ? v.sink_keys.at(pos) : v.recent_keys.at(pos);
-        const float* x = j < t.sink_end ? v.sink_values.at(pos) : v.recent_values.at(pos);
-        std::copy_n(k, D, keys.begin() + std::ptrdiff_t((h * full + j) * D));
-        std::copy_n(x, D, values.begin() + std::ptrdiff_t((h * full + j) * D));
+        const T* k = j < t.sink_end ? v.sink_keys.at(pos) : v.recent_keys.at(pos);
+        const T* x = j < t.sink_end ? v.sink_values.at(pos) : v.recent_values.at(pos);
+        for (std::size_t i = 0; i < D; ++i) {
+          keys[(h * full + j) * D + i] = to_float(k[i]);
+          values[(h * full + j) * D + i] = to_float(x[i]);
+        }
       }
     }
-    d.full_rows.emplace_back(keys);
-    d.full_rows.emplace_back(values);
-    sequences.push_back({std::uint32_t(t.coded()), std::uint32_t(full), d.full_rows[d.full_rows.size() - 2].data(),
-                         d.full_rows.back().data()});
+    cuda::DeviceSequence seq{std::uint32_t(t.coded()), std::uint32_t(full)};
+    if (how.full_pages) {
+      const KVHeadView<T>& v = hb.views[s * H];
+      seq.sink_pages = d.full_tables.data() + sink_at[s];
+      seq.recent_pages = d.full_tables.data() + recent_at[s];
+      seq.sinks = std::uint32_t(t.sink_end);
+      seq.recent_row = std::uint32_t(t.window_begin - v.recent_keys.first);
+    } else {
+      d.full_rows.emplace_back(keys);
+      d.full_rows.emplace_back(values);
+      seq.full_keys = d.full_rows[d.full_rows.size() - 2].data();
+      seq.full_values = d.full_rows.back().data();
+    }
+    sequences.push_back(seq);
   }
   d.codes = cuda::DeviceBuffer<cuda::DeviceKVCodes>(codes);
   d.sequences = cuda::DeviceBuffer<cuda::DeviceSequence>(sequences);
@@ -273,7 +347,8 @@ DeviceBatch device_batch(const HostBatch& hb, gpu_test::DeviceCodes how) {
 
 }  // namespace
 
-bool kernel_serves(Kernel kernel, const HostBatch& batch) {
+template <class T>
+bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch) {
   if (kernel != Kernel::lane_tables && kernel != Kernel::grouped_rows) return true;
   const cuda::AttentionShape shape = shape_of(batch, visible_parts(batch));
   const cuda::DeviceLimits dev = cuda::DeviceLimits::current();
@@ -281,14 +356,49 @@ bool kernel_serves(Kernel kernel, const HostBatch& batch) {
                                        : cuda::detail::grouped_rows_apply(shape, dev);
 }
 
-std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, float scale, Kernel kernel,
-                             DeviceCodes codes, int* splits_used) {
+namespace {
+
+/// Host bytes of `x` as elements of `t` (f32, f16, bf16; rounded to nearest), and back.
+std::vector<std::uint8_t> to_bytes(const std::vector<float>& x, DType t) {
+  std::vector<std::uint8_t> b(x.size() * dtype_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    if (t == DType::f32) std::memcpy(b.data() + 4 * i, &x[i], 4);
+    else {
+      const std::uint16_t u = t == DType::f16 ? Eigen::numext::bit_cast<std::uint16_t>(half(x[i]))
+                                              : Eigen::numext::bit_cast<std::uint16_t>(bfloat16(x[i]));
+      std::memcpy(b.data() + 2 * i, &u, 2);
+    }
+  }
+  return b;
+}
+std::vector<float> from_bytes(const std::vector<std::uint8_t>& b, DType t) {
+  std::vector<float> x(b.size() / dtype_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    if (t == DType::f32) std::memcpy(&x[i], b.data() + 4 * i, 4);
+    else {
+      std::uint16_t u;
+      std::memcpy(&u, b.data() + 2 * i, 2);
+      x[i] = t == DType::f16 ? float(Eigen::numext::bit_cast<half>(u)) : float(Eigen::numext::bit_cast<bfloat16>(u));
+    }
+  }
+  return x;
+}
+
+}  // namespace
+
+template <class T>
+std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>& q, float scale, Kernel kernel,
+                             DeviceCodes codes, int* splits_used, Precision precision) {
   DeviceBatch d = device_batch(hb, codes);
   CQ_CHECK(q.size() == std::size_t(d.shape.batch) * d.shape.q_heads * d.shape.head_dim, "gpu_test: q has ", q.size(),
            " floats for ", d.shape.batch, " sequences of ", d.shape.q_heads, " heads of ", d.shape.head_dim);
-  cuda::DeviceBuffer<float> dq(q), dout(q.size());
+  cuda::DeviceBuffer<std::uint8_t> dq(to_bytes(q, precision.q)), dout(q.size() * dtype_size(precision.out));
+  cuda::DeviceBuffer<float> dlse(std::size_t(d.shape.batch) * d.shape.q_heads);
   d.batch.q = dq.data();
+  d.batch.q_type = precision.q;
   d.batch.out = dout.data();
+  d.batch.out_type = precision.out;
+  d.batch.lse = precision.lse ? dlse.data() : nullptr;
   d.batch.scale = scale;
   cuda::FusedAttention fa;
   fa.set_kernel(kernel == Kernel::general        ? cuda::AttentionKernel::general
@@ -298,8 +408,134 @@ std::vector<float> attention(const HostBatch& hb, const std::vector<float>& q, f
   const cuda::AttentionPlan plan = fa.plan(d.shape);
   fa.run(d.batch, plan);
   if (splits_used) *splits_used = plan.splits;
-  return dout.to_host();
+  if (precision.lse) *precision.lse = dlse.to_host();
+  return from_bytes(dout.to_host(), precision.out);
 }
+
+namespace {
+
+template <class T>
+struct device_type_of {
+  using type = T;
+};
+template <>
+struct device_type_of<half> {
+  using type = __half;
+};
+template <>
+struct device_type_of<bfloat16> {
+  using type = __nv_bfloat16;
+};
+
+}  // namespace
+
+template <class T>
+GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>& q, float scale, Kernel kernel,
+                              const std::vector<T>& keys, const std::vector<T>& values,
+                              const std::vector<std::int64_t>& code_slots, const std::vector<std::int64_t>& full_slots,
+                              int replays) {
+  using DT = typename device_type_of<T>::type;
+  static_assert(sizeof(DT) == sizeof(T));
+  DeviceBatch d = device_batch(hb, DeviceCodes{.pages = true, .full_pages = true});
+  const std::size_t B = hb.lengths.size(), H = std::size_t(d.shape.kv_heads), D = std::size_t(d.shape.head_dim);
+  CQ_CHECK(code_slots.size() == B && full_slots.size() == B && keys.size() == B * H * D && values.size() == keys.size(),
+           "gpu_test: one new row per sequence");
+  CQ_CHECK(d.code_buffers.size() == 1, "gpu_test: one code pool");
+  const KVHeadView<T>& v0 = hb.views[0];
+  const std::size_t P = v0.key_codes.page_tokens, F = v0.recent_keys.page_rows;
+  const CodePageLayout cl{P, H, packed_code_bytes(block_tokens, v0.key_codebook.groups, v0.key_codebook.bits),
+                          packed_code_bytes(block_tokens, v0.value_codebook.groups, v0.value_codebook.bits)};
+  const FullPageLayout fl{F, H, D, sizeof(T)};
+  CQ_CHECK(cl.page_bytes() == v0.key_codes.page_bytes && fl.page_elements() == v0.recent_keys.page_stride,
+           "gpu_test: the pools' layouts are not the cache's");
+  cuda::DeviceBuffer<std::uint8_t>& code_pool = d.code_buffers[0];
+  // The rows' codes flipped and full rows overwritten, so the step must write them.
+  std::vector<std::uint8_t> codes = code_pool.to_host(), full = d.full_pool.to_host();
+  for (std::size_t r = 0; r < B; ++r)
+    for (std::size_t h = 0; h < H; ++h) {
+      if (code_slots[r] >= 0) {
+        const std::size_t page = std::size_t(code_slots[r]) / P, t = std::size_t(code_slots[r]) % P;
+        for (bool value : {false, true}) {
+          const CodebookView& cb = value ? v0.value_codebook : v0.key_codebook;
+          const PackedCodesView c(codes.data() + page * cl.page_bytes() + (value ? cl.value_offset(h) : cl.key_offset(h)),
+                                  P, cb.groups, cb.bits);
+          for (std::size_t g = 0; g < cb.groups; ++g) c.set(t, g, c.get(t, g) ^ ((1u << cb.bits) - 1));
+        }
+      }
+      const std::size_t page = std::size_t(full_slots[r]) / F, row = std::size_t(full_slots[r]) % F;
+      for (std::size_t off : {fl.key_offset(h), fl.value_offset(h)})
+        std::memset(full.data() + (page * fl.page_elements() + off + row * D) * sizeof(T), 0x5A, D * sizeof(T));
+    }
+  code_pool.upload(codes.data(), codes.size());
+  d.full_pool.upload(full.data(), full.size());
+
+  cudaStream_t stream;
+  CQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cuda::DeviceBuffer<DT> dk(reinterpret_cast<const DT*>(keys.data()), keys.size()),
+      dv(reinterpret_cast<const DT*>(values.data()), values.size());
+  cuda::DeviceBuffer<std::int64_t> dcs(code_slots), dfs(full_slots);
+  cuda::PagedEncode<DT> pe;
+  pe.keys = dk.data(), pe.values = dv.data();
+  pe.rows = B, pe.row_stride = H * D, pe.head_stride = D;
+  pe.slots = dcs.data();
+  pe.key_codebooks = d.key_views.data(), pe.value_codebooks = d.value_views.data();
+  pe.head_dim = int(D);
+  pe.key_channels = int(v0.key_codebook.channels), pe.key_bits = v0.key_codebook.bits;
+  pe.value_channels = int(v0.value_codebook.channels), pe.value_bits = v0.value_codebook.bits;
+  pe.pool = code_pool.data(), pe.layout = cl, pe.pages = code_pool.size() / cl.page_bytes();
+  cuda::PagedRowWrite<DT> pw;
+  pw.keys = dk.data(), pw.values = dv.data();
+  pw.rows = B, pw.row_stride = H * D, pw.head_stride = D;
+  pw.slots = dfs.data();
+  pw.pool = reinterpret_cast<DT*>(d.full_pool.data()), pw.layout = fl, pw.pages = d.full_pool.size() / fl.page_bytes();
+  cuda::DeviceBuffer<float> dq(q), dout(q.size());
+  d.batch.q = dq.data();
+  d.batch.out = dout.data();
+  d.batch.scale = scale;
+  cuda::FusedAttention fa;
+  fa.set_kernel(kernel == Kernel::general ? cuda::AttentionKernel::general : cuda::AttentionKernel::automatic);
+  const cuda::AttentionPlan plan = fa.plan(d.shape);  // plans (and the workspace) before any capture
+  auto step = [&] {
+    cuda::encode_into_pages(pe, stream);
+    cuda::write_full_rows(pw, stream);
+    fa.run(d.batch, plan, stream);
+  };
+  step();
+  CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  GraphStep result;
+  result.out = dout.to_host();
+  const std::vector<std::uint8_t> codes0 = code_pool.to_host(), full0 = d.full_pool.to_host();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CQ_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  step();
+  CQ_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  CQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < replays; ++i) {
+    CQ_CUDA_CHECK(cudaMemsetAsync(dout.data(), 0xFF, dout.size() * sizeof(float), stream));
+    CQ_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> out = dout.to_host();
+    const bool same_out = std::memcmp(out.data(), result.out.data(), out.size() * sizeof(float)) == 0;
+    if (!same_out || code_pool.to_host() != codes0 || d.full_pool.to_host() != full0) ++result.differing_replays;
+  }
+  CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CQ_CUDA_CHECK(cudaGraphDestroy(graph));
+  CQ_CUDA_CHECK(cudaStreamDestroy(stream));
+  return result;
+}
+
+#define CQ_GPU_TEST_INSTANTIATE(T)                                                                                  \
+  template bool kernel_serves<T>(Kernel, const HostBatchOf<T>&);                                                    \
+  template std::vector<float> attention<T>(const HostBatchOf<T>&, const std::vector<float>&, float, Kernel,         \
+                                           DeviceCodes, int*, Precision);                                          \
+  template GraphStep append_attend_graph<T>(const HostBatchOf<T>&, const std::vector<float>&, float, Kernel,        \
+                                            const std::vector<T>&, const std::vector<T>&,                           \
+                                            const std::vector<std::int64_t>&, const std::vector<std::int64_t>&, int);
+CQ_GPU_TEST_INSTANTIATE(float)
+CQ_GPU_TEST_INSTANTIATE(half)
+CQ_GPU_TEST_INSTANTIATE(bfloat16)
+#undef CQ_GPU_TEST_INSTANTIATE
 
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,
                                   int dim, int channels, int bits, int iterations, std::uint64_t seed,

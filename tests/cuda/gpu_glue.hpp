@@ -6,6 +6,7 @@
 #include <cq/attention/head_view.hpp>
 #include <cq/cache/layout.hpp>
 #include <cq/codebook.hpp>
+#include <cq/dtype.hpp>
 
 #include <cstdint>
 #include <string>
@@ -27,33 +28,49 @@ std::vector<float> decode(const Codebook& cb, const std::vector<std::uint8_t>& c
 enum class Kernel { automatic, general, lane_tables, grouped_rows };
 
 /// A batch as the CPU holds it: one view per (sequence, KV head), sequence-major, as
-/// PagedKVCache::head_view returns them (keys after RoPE; every sequence of a KV head shares its
+/// PagedKVCache<T>::head_view returns them (keys after RoPE; every sequence of a KV head shares its
 /// codebooks), and each sequence's length. The GPU serves each sequence's last token.
-struct HostBatch {
-  std::vector<KVHeadView<float>> views;  // [sequence][kv_head]
-  std::vector<std::size_t> lengths;      // [sequence], each >= 1
+template <class T>
+struct HostBatchOf {
+  std::vector<KVHeadView<T>> views;  // [sequence][kv_head]
+  std::vector<std::size_t> lengths;  // [sequence], each >= 1
   int q_heads = 0;
 };
+using HostBatch = HostBatchOf<float>;
 
 /// Whether `kernel` serves this batch on device 0 (the plan's own rule; general and automatic:
-/// always).
-bool kernel_serves(Kernel kernel, const HostBatch& batch);
+/// always). T: float, half or bfloat16.
+template <class T>
+bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch);
 
 /// How the device holds a batch's codes: each (sequence, KV head)'s copied into contiguous buffers,
 /// or the CPU cache's code pool copied byte for byte with the sequences' page tables (pages);
 /// misaligned: every code buffer (or the pool) 4 bytes and every centroid table one float past a
 /// 16-byte boundary (the kernels' narrow-load paths); claimed_page_tokens: the batch claims pages
-/// of this size instead of the true one (FusedAttention::run must refuse a size it cannot read).
+/// of this size instead of the true one (FusedAttention::run must refuse a size it cannot read);
+/// full_pages: the sinks' and windows' rows read in the CPU cache's full-precision pool (copied
+/// byte for byte, in the cache's element type) through the sequences' sink and recent page
+/// tables, instead of float rows per sequence.
 struct DeviceCodes {
   bool pages = false;
   bool misaligned = false;
   int claimed_page_tokens = 0;
+  bool full_pages = false;
+};
+
+/// The dtypes of the queries (the float q rounded to it on the host) and outputs (converted back
+/// to float for the caller), and where to put the log-sum-exp per (sequence, query head) if wanted.
+struct Precision {
+  DType q = DType::f32, out = DType::f32;
+  std::vector<float>* lse = nullptr;
 };
 
 /// Fused attention on device 0 for the last token of each sequence; q and the result are
-/// [sequence][q_heads][head_dim].
-std::vector<float> attention(const HostBatch& batch, const std::vector<float>& q, float scale,
-                             Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr);
+/// [sequence][q_heads][head_dim]. T: float, half or bfloat16.
+template <class T>
+std::vector<float> attention(const HostBatchOf<T>& batch, const std::vector<float>& q, float scale,
+                             Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr,
+                             Precision precision = {});
 
 /// Rows for cuda::encode_into_pages: host bytes of `rows` rows of `kv_heads` x head_dim elements
 /// (float, fp16 or bf16: `element_bytes` 4 or 2, `bf16` choosing between the 16-bit ones) at
@@ -72,6 +89,29 @@ struct PagedEncodeInput {
 /// cuda::encode_into_pages and returns it.
 std::vector<std::uint8_t> encode_into_pages(const std::vector<std::uint8_t>& pool, const CodePageLayout& layout,
                                             const PagedEncodeInput& in);
+
+/// Copies `pool` (one layer's full-precision pages with `layout`) to device 0, writes the rows of
+/// `in` (codebooks unused) into it with cuda::write_full_rows and returns it.
+std::vector<std::uint8_t> write_full_rows(const std::vector<std::uint8_t>& pool, const FullPageLayout& layout,
+                                          const PagedEncodeInput& in);
+
+/// One decode step's append and attention, as an engine captures it in a CUDA graph. Each
+/// sequence's newest row (keys, values: [sequence][kv_heads x head_dim], the rows the cache holds
+/// for it) is written into the device copies of the cache's pools by cuda::encode_into_pages (its
+/// code slot; -1 for a sink row) and cuda::write_full_rows (its full-precision slot), then fused
+/// attention runs with q; the pools start with those rows' codes flipped and full rows
+/// overwritten. Runs once eagerly, then captures the three calls in a graph and replays it
+/// `replays` times (the output buffer poisoned before each): the eager output, and how many
+/// replays differed from the eager run in the output or either pool, byte for byte.
+struct GraphStep {
+  std::vector<float> out;
+  int differing_replays = 0;
+};
+template <class T>
+GraphStep append_attend_graph(const HostBatchOf<T>& batch, const std::vector<float>& q, float scale, Kernel kernel,
+                              const std::vector<T>& keys, const std::vector<T>& values,
+                              const std::vector<std::int64_t>& code_slots, const std::vector<std::int64_t>& full_slots,
+                              int replays);
 
 /// Batched k-means: x [jobs][n][dim]; returns codebooks [jobs] and objectives [jobs][groups][iterations + 1].
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,

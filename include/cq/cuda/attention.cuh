@@ -11,7 +11,11 @@
 ///
 /// Codes are read in contiguous buffers per (sequence, KV head) or in the pages of a pool with the
 /// CPU cache's layout, through page tables (params.cuh, DeviceKVCodes; pages of a power of two of
-/// tokens from 32 on): a page copied between host and device is valid on both sides.
+/// tokens from 32 on): a page copied between host and device is valid on both sides. The sinks'
+/// and windows' rows likewise: float rows per sequence, or the full-precision pages of the CPU
+/// cache's layout in f32, f16 or bf16 (FullRowPages). Queries and outputs are f32, f16 or bf16;
+/// an optional log-sum-exp per (sequence, query head) lets an engine merge the result with
+/// attention over other tokens.
 ///
 /// plan(shape) chooses the kernel, splits and shared memory once per batch shape (plan.cuh);
 /// run(batch, plan, stream) only launches, so a decode step can be captured in a CUDA graph.
@@ -29,6 +33,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <utility>
 #include <vector>
@@ -39,11 +44,26 @@ class FusedAttention;
 
 namespace detail {
 
+/// Queries of type t (f16 or bf16) as floats: n elements from src into dst.
+__global__ void queries_to_float_kernel(const void* src, DType t, std::size_t n, float* dst) {
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    dst[i] = load_element(src, t, i);
+}
+
 /// Launches a plan on `stream` with only the `stages` of it switched on (AttentionStage; timing
 /// experiments); `workspace` holds plan.workspace_bytes. Allocates nothing.
-inline void launch(const AttentionBatch& batch, const AttentionPlan& plan, void* workspace, cudaStream_t stream,
+inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* workspace, cudaStream_t stream,
                    unsigned stages) {
   auto* base = static_cast<unsigned char*>(workspace);
+  AttentionBatch batch = in;
+  if (batch.q_type != DType::f32) {  // the kernels read f32 queries (AttentionBatch::query)
+    const std::size_t n = std::size_t(batch.batch) * batch.q_heads * batch.head_dim;
+    float* q = reinterpret_cast<float*>(base + plan.queries);
+    queries_to_float_kernel<<<unsigned(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(batch.q, batch.q_type, n, q);
+    CQ_CUDA_CHECK_LAUNCH(queries_to_float_kernel);
+    batch.q = q;
+    batch.q_type = DType::f32;
+  }
   auto at = [&](std::size_t offset) { return offset == no_buffer ? nullptr : reinterpret_cast<float*>(base + offset); };
   if (plan.kernel == AttentionKernel::grouped_rows) {
     const GroupedRowsLaunch& g = plan.grouped_rows;
@@ -121,7 +141,10 @@ class FusedAttention {
 
   /// Runs a plan on `batch` (whose batch size and heads are the plan's). Code pointers must be
   /// 4-byte aligned (16-byte aligned ones, as cudaMalloc returns, take the lane-tables kernel's
-  /// wide loads). Allocates nothing.
+  /// wide loads). Allocates nothing. Throws cq::Error, launching nothing, if the batch is not the
+  /// plan's shape, q or out is unset, a dtype is not F32/F16/BF16, page_tokens is not 0 or a power
+  /// of two from 32 on, or full_pages (when set) has rows per page not a power of two, pages too
+  /// small for every head's rows, not a multiple of 16 bytes or over 4 GiB, or a pool off 16 bytes.
   void run(const AttentionBatch& batch, const AttentionPlan& p, cudaStream_t stream = nullptr) {
     launch_checked(batch, p, stream, detail::stage_all);
   }
@@ -180,6 +203,23 @@ class FusedAttention {
              ", ", s.head_dim, ")");
     CQ_CHECK(valid_page_tokens(batch.page_tokens), "cuda attention: page_tokens ", batch.page_tokens,
              " must be 0 (contiguous codes) or a power of two from 32 on");
+    CQ_CHECK(batch.q != nullptr && batch.out != nullptr, "cuda attention: q (", batch.q, ") and out (", batch.out,
+             ") must be set");
+    CQ_CHECK(attention_dtype(batch.q_type) && attention_dtype(batch.out_type), "cuda attention: q is ",
+             dtype_name(batch.q_type), " and out ", dtype_name(batch.out_type), "; each must be F32, F16 or BF16");
+    if (const FullRowPages& f = batch.full_pages; f.pool != nullptr) {
+      const std::size_t need = std::size_t(batch.kv_heads) * 2 * f.page_rows * std::size_t(batch.head_dim) *
+                               (attention_dtype(f.type) ? dtype_size(f.type) : 0);
+      CQ_CHECK(attention_dtype(f.type), "cuda attention: full_pages.type is ", dtype_name(f.type),
+               "; it must be F32, F16 or BF16");
+      CQ_CHECK(f.page_rows >= 1 && (f.page_rows & (f.page_rows - 1)) == 0, "cuda attention: full_pages.page_rows ",
+               f.page_rows, " must be a power of two");
+      CQ_CHECK(f.page_bytes >= need && f.page_bytes % 16 == 0 && f.page_bytes < (std::size_t{1} << 32),
+               "cuda attention: full_pages.page_bytes ", f.page_bytes, " must hold ", need,
+               " bytes (every KV head's key and value rows), be a multiple of 16 and below 4 GiB");
+      CQ_CHECK(reinterpret_cast<std::uintptr_t>(f.pool) % 16 == 0, "cuda attention: full_pages.pool ", f.pool,
+               " must be 16-byte aligned");
+    }
     void* workspace = p.workspace;
     if (!workspace) {
       CQ_CHECK(workspace_.size() >= p.workspace_bytes, "cuda attention: the plan needs ", p.workspace_bytes,

@@ -48,7 +48,7 @@ __global__ void combine_kernel(AttentionBatch p, int splits, const float* __rest
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.0f, den = 0.0f;
     merge_splits(src, splits, D, d, m, num, den);
-    p.out[std::size_t(bh) * D + d] = den > 0.0f ? num / den : 0.0f;
+    p.write_output(std::size_t(bh), d, num, m, den);
   }
 }
 

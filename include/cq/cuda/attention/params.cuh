@@ -4,12 +4,18 @@
 ///
 /// A sequence's tokens are split as cq/attention/problem.hpp says: coded tokens (positions sinks ..
 /// sinks + coded - 1, as codes, contiguous or paged) and full-precision tokens (the sinks and the
-/// window, as float rows; not paged yet). The launch serves one query per sequence, the last one,
-/// with keys after RoPE.
+/// window: float rows per sequence, or rows in full-precision pages in the model's dtype). The
+/// launch serves one query per sequence, the last one, with keys after RoPE; queries and outputs
+/// are f32, f16 or bf16, arithmetic is in float.
 
 #include "cq/config.hpp"
 #include "cq/cuda/codebook.cuh"
+#include "cq/dtype.hpp"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -68,14 +74,66 @@ struct DeviceKVCodes {
   }
 };
 
-/// One sequence: how many coded tokens, and its full-precision tokens (sinks, then the window;
-/// keys after RoPE) as [kv_heads][full][head_dim] floats.
+/// One sequence: how many coded tokens, and where its `full` full-precision tokens (sinks, then
+/// the window; keys after RoPE) are: [kv_heads][full][head_dim] floats at full_keys / full_values
+/// when the batch has no full-precision pool (AttentionBatch::full_pages), else rows of that pool:
+/// row j < sinks is row j of the sink pages, row j >= sinks is row recent_row + (j - sinks) of the
+/// recent pages (as PagedKVCache keeps them: recent_row = window_begin - recent_first).
 struct DeviceSequence {
   std::uint32_t coded = 0;
   std::uint32_t full = 0;
   const float* full_keys = nullptr;
   const float* full_values = nullptr;
+  const std::uint32_t* sink_pages = nullptr;    // page ids of positions 0, page_rows, ...
+  const std::uint32_t* recent_pages = nullptr;  // page ids of the recent rows, in order
+  std::uint32_t sinks = 0;                      // of the full rows, how many are sinks
+  std::uint32_t recent_row = 0;                 // the window's first row among the recent rows
 };
+
+/// A pool of full-precision pages with the CPU cache's layout (cache/layout.hpp, FullPageLayout:
+/// per page, every KV head's page_rows key rows then its page_rows value rows, head_dim elements
+/// each, pages page_bytes apart). pool == nullptr: the sequences' rows are float arrays instead.
+struct FullRowPages {
+  const void* pool = nullptr;    // the first page (of the layer)
+  DType type = DType::f32;       // f32, f16 or bf16 (the cache's element type)
+  std::uint32_t page_rows = 0;   // rows per page and head (PagedCacheOptions::full_page_rows), a power of two
+  std::size_t page_bytes = 0;    // FullPageLayout::page_bytes()
+};
+
+/// Whether the attention kernels read and write tensors of this element type.
+constexpr bool attention_dtype(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+
+#ifdef __CUDACC__
+/// Element i of a tensor of type `t` (f32, f16 or bf16), as float. Plain loads, not __ldg: the
+/// compiler treats read-only-path loads as free to speculate and hoisted loop-invariant ones (a
+/// query row read once per key row) out of their loop, past the loop's guard, reading beyond the
+/// tensor's end (compute-sanitizer initcheck showed it); L1 serves these reads either way.
+__device__ __forceinline__ float load_element(const void* p, DType t, std::size_t i) {
+  if (t == DType::f16) return __half2float(static_cast<const __half*>(p)[i]);
+  if (t == DType::bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+/// Elements i .. i + 3 as one load: the address 16-byte (f32) or 8-byte (f16, bf16) aligned.
+__device__ __forceinline__ float4 load_element4(const void* p, DType t, std::size_t i) {
+  if (t == DType::f32) return __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + i));
+  const uint2 w = __ldg(reinterpret_cast<const uint2*>(static_cast<const unsigned short*>(p) + i));
+  float2 a, b;
+  if (t == DType::f16) {
+    a = __half22float2(*reinterpret_cast<const __half2*>(&w.x));
+    b = __half22float2(*reinterpret_cast<const __half2*>(&w.y));
+  } else {
+    a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
+    b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
+  }
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+/// Stores v as element i of a tensor of type `t` (rounded to nearest).
+__device__ __forceinline__ void store_element(void* p, DType t, std::size_t i, float v) {
+  if (t == DType::f16) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else if (t == DType::bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(p)[i] = v;
+}
+#endif
 
 /// Whether the attention kernels can read codes in pages of `page_tokens` tokens: 0 (contiguous) or
 /// a power of two from 32 on (CodeRun: addresses by shift and mask).
@@ -90,9 +148,15 @@ struct AttentionBatch {
   const DeviceSequence* sequences = nullptr;  // [batch]
   const DeviceCodebookView* key_codebooks = nullptr;    // [kv_heads]
   const DeviceCodebookView* value_codebooks = nullptr;  // [kv_heads]
-  const float* q = nullptr;                 // [batch][q_heads][head_dim]
-  float* out = nullptr;                     // [batch][q_heads][head_dim]
+  const void* q = nullptr;                  // [batch][q_heads][head_dim], q_type
+  void* out = nullptr;                      // [batch][q_heads][head_dim], out_type
+  DType q_type = DType::f32, out_type = DType::f32;  // f32, f16 or bf16
+  /// Optional [batch][q_heads] floats: log of the sum of exp(score) over the tokens attended
+  /// (natural log, scores scaled; -inf when none), so an engine can merge cq's attention with its
+  /// own over other tokens (cascade / shared-prefix attention), as FlashAttention's softmax_lse.
+  float* lse = nullptr;
   float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
+  FullRowPages full_pages;                  // the sinks' and windows' rows in pages (optional)
   /// Tokens per page of the paged codes (every paged entry of `codes` has pages of this size): 0
   /// when every entry is contiguous, else a power of two from 32 on (FusedAttention::run checks).
   int page_tokens = 0;
@@ -100,8 +164,81 @@ struct AttentionBatch {
 #ifdef __CUDACC__
   /// log2 of the 32-token blocks per page (0 when contiguous).
   __device__ __forceinline__ int page_shift() const { return page_tokens ? __ffs(page_tokens) - 6 : 0; }
+  /// Element i of the queries. Kernels see f32 queries only: FusedAttention::run converts f16 and
+  /// bf16 ones into its workspace first (one small launch), so no kernel carries a branch per dtype
+  /// in its query loads.
+  __device__ __forceinline__ float query(std::size_t i) const { return static_cast<const float*>(q)[i]; }
+  /// Writes the output of (sequence x query head) bh: channel d is o_d / total (0 when total is
+  /// 0), and, with d == 0, its log-sum-exp m + log(total) (scores relative to reference m).
+  __device__ __forceinline__ void write_output(std::size_t bh, int d, float o, float m, float total) const {
+    store_element(out, out_type, bh * std::size_t(head_dim) + d, total > 0.0f ? o / total : 0.0f);
+    if (lse != nullptr && d == 0) lse[bh] = total > 0.0f ? m + logf(total) : -INFINITY;
+  }
 #endif
 };
+
+#ifdef __CUDACC__
+/// The full-precision rows of one (sequence, KV head), wherever they are (DeviceSequence): row j's
+/// key and value, and their elements as float.
+struct FullRows {
+  const unsigned char* keys = nullptr;    // row 0 (float rows), or the head's key rows in page 0
+  const unsigned char* values = nullptr;  // likewise its value rows
+  const std::uint32_t* sink_pages = nullptr;
+  const std::uint32_t* recent_pages = nullptr;
+  std::uint32_t sinks = 0, recent_row = 0, row_shift = 0;  // row_shift: log2 of the rows per page
+  std::uint32_t page_bytes = 0, row_bytes = 0;             // FusedAttention::run checks pages < 4 GiB
+  DType type = DType::f32;
+  bool paged = false;
+
+  /// Sequence b's rows of KV head kvh. Reads the sequence record here, not at kernel start, so its
+  /// fields are not held in registers across a kernel's main loop.
+  __device__ static FullRows of(const AttentionBatch& p, int b, int kvh) {
+    const DeviceSequence& s = p.sequences[b];
+    FullRows r;
+    const std::size_t D = std::size_t(p.head_dim);
+    r.paged = p.full_pages.pool != nullptr;
+    if (!r.paged) {
+      r.keys = reinterpret_cast<const unsigned char*>(s.full_keys + std::size_t(kvh) * s.full * D);
+      r.values = reinterpret_cast<const unsigned char*>(s.full_values + std::size_t(kvh) * s.full * D);
+      r.row_bytes = std::uint32_t(D * sizeof(float));
+      return r;
+    }
+    const FullRowPages& f = p.full_pages;
+    r.type = f.type;
+    r.row_bytes = std::uint32_t(D * (f.type == DType::f32 ? 4 : 2));
+    r.row_shift = unsigned(__ffs(int(f.page_rows)) - 1);
+    r.page_bytes = std::uint32_t(f.page_bytes);
+    r.keys = static_cast<const unsigned char*>(f.pool) + std::size_t(kvh) * 2 * f.page_rows * r.row_bytes;
+    r.values = r.keys + f.page_rows * r.row_bytes;
+    r.sink_pages = s.sink_pages, r.recent_pages = s.recent_pages;
+    r.sinks = s.sinks, r.recent_row = s.recent_row;
+    return r;
+  }
+  /// Bytes from `keys` (or `values`) to row j.
+  __device__ __forceinline__ std::size_t offset(int j) const {
+    if (!paged) return std::size_t(j) * row_bytes;
+    const bool sink = unsigned(j) < sinks;
+    const unsigned i = sink ? unsigned(j) : recent_row + (unsigned(j) - sinks);
+    const std::uint32_t page = __ldg((sink ? sink_pages : recent_pages) + (i >> row_shift));
+    return std::size_t(page) * page_bytes + std::size_t(i & ((1u << row_shift) - 1u)) * row_bytes;
+  }
+  __device__ __forceinline__ const void* key(int j) const { return keys + offset(j); }
+  __device__ __forceinline__ const void* value(int j) const { return values + offset(j); }
+  /// Element d of a row, as float.
+  __device__ __forceinline__ float at(const void* row, int d) const { return load_element(row, type, d); }
+  /// Elements d .. d + 3 of a row (d % 4 == 0) in one load when vec() (else four).
+  __device__ __forceinline__ float4 at4(const void* row, int d, bool vec) const {
+    if (vec) return load_element4(row, type, d);
+    return make_float4(at(row, d), at(row, d + 1), at(row, d + 2), at(row, d + 3));
+  }
+  /// Whether every row can be read four elements at a time (head_dim a multiple of 4): pages are
+  /// 64-byte aligned; float rows need 16-byte aligned arrays.
+  __device__ __forceinline__ bool vec(int head_dim) const {
+    return head_dim % 4 == 0 &&
+           (paged || ((reinterpret_cast<std::uintptr_t>(keys) | reinterpret_cast<std::uintptr_t>(values)) & 15u) == 0);
+  }
+};
+#endif
 
 namespace detail {
 

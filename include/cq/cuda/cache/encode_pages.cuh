@@ -39,16 +39,23 @@ namespace cq::cuda {
 template <class T>
 concept device_element = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
 
-/// One call's rows and where their codes go. Rows: key (and value) of row i, KV head h at
-/// keys + i x row_stride + h x head_stride (elements; [tokens, kv_heads, head_dim] is row_stride =
-/// kv_heads x head_dim, head_stride = head_dim; one sequence's [kv_heads, tokens, head_dim] is
-/// row_stride = head_dim, head_stride = tokens x head_dim). All pointers are device memory.
+/// One call's new rows and their slots (encode_into_pages, write_full_rows): key (and value) of
+/// row i, KV head h at keys + i x row_stride + h x head_stride (elements; [tokens, kv_heads,
+/// head_dim] is row_stride = kv_heads x head_dim, head_stride = head_dim; one sequence's [kv_heads,
+/// tokens, head_dim] is row_stride = head_dim, head_stride = tokens x head_dim); slots[i] is where
+/// row i goes (each call says in what), negative for padding. All pointers are device memory.
 template <device_element T>
-struct PagedEncode {
+struct SlotRows {
   const T* keys = nullptr;
   const T* values = nullptr;
   std::size_t rows = 0, row_stride = 0, head_stride = 0;
-  const std::int64_t* slots = nullptr;  // [rows]: token slot in the pool; < 0: padding, skipped
+  const std::int64_t* slots = nullptr;  // [rows]
+};
+
+/// One call's rows and where their codes go: slots are token slots of the code pool (token
+/// slot % page_tokens of page slot / page_tokens).
+template <device_element T>
+struct PagedEncode : SlotRows<T> {
   const DeviceCodebookView* key_codebooks = nullptr;    // [layout.kv_heads]
   const DeviceCodebookView* value_codebooks = nullptr;  // [layout.kv_heads]
   int head_dim = 0;

@@ -156,14 +156,15 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
       for (int h = 0; h < HG; ++h) lmax[h] = 0.0f;
   }
   // Full-precision tokens (split 0): a warp per token, lanes over head_dim.
+  const FullRows rows = FullRows::of(p, b, kvh);
   for (int j = warp; j < nfull; j += general_warps) {
-    const float* k = seq.full_keys + (std::size_t(kvh) * seq.full + j) * D;
+    const void* k = rows.key(j);
 #pragma unroll
     for (int h = 0; h < HG; ++h) {
       float s = 0.0f;
       if (stages & stage_full) {
-        const float* q = p.q + (std::size_t(b) * p.q_heads + h0 + h) * D;
-        for (int d = lane; d < D; d += 32) s = fmaf(q[d], k[d], s);
+        const std::size_t q0 = (std::size_t(b) * p.q_heads + h0 + h) * D;
+        for (int d = lane; d < D; d += 32) s = fmaf(p.query(q0 + d), rows.at(k, d), s);
         s = scale * warp_sum(s);
       }
       if (lane == 0) score[h * L.score_stride() + L.split_tokens + j] = s;
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
     for (int j = 0; j < nfull; ++j) {
       const float wj = softmax_exp(sd[j] - ref[h]);
       total += wj;
-      o = fmaf(wj, seq.full_values[(std::size_t(kvh) * seq.full + j) * D + d], o);
+      o = fmaf(wj, rows.at(rows.value(j), d), o);
     }
     float* dst = partial + (slot0 + std::size_t(h) * gridDim.x) * (2 + D);
     if (d == 0) {

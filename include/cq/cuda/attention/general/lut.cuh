@@ -18,12 +18,12 @@ __global__ void score_table_kernel(AttentionBatch p, int key_groups, int key_cen
   const DeviceCodebookView kcb = p.key_codebooks[kvh];
   const int C = int(kcb.channels);
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
-  const float* q = p.q + std::size_t(bh) * D;
+  const std::size_t q0 = std::size_t(bh) * D;
   for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < key_groups * key_centroids; e += gridDim.x * blockDim.x) {
     const int g = e / key_centroids, j = e % key_centroids;
     const float* tcol = kcb.transposed + std::size_t(g) * C * kcb.padded_centroids + j;
     float s = 0.0f;
-    for (int c = 0; c < C; ++c) s = fmaf(q[g * C + c], tcol[std::size_t(c) * kcb.padded_centroids], s);
+    for (int c = 0; c < C; ++c) s = fmaf(p.query(q0 + g * C + c), tcol[std::size_t(c) * kcb.padded_centroids], s);
     lut[std::size_t(bh) * key_groups * key_centroids + e] = scale * s;
   }
 }

@@ -51,7 +51,7 @@ __global__ void general_merge_kernel(AttentionBatch p, int splits, int value_gro
     const float* hrow = hist + g * value_centroids;
     const float* tcol = vcb.transposed + (std::size_t(g) * Cv + c) * vcb.padded_centroids;
     for (int j = 0; j < value_centroids; ++j) num = fmaf(hrow[j], tcol[j], num);
-    p.out[std::size_t(bh) * D + d] = den > 0.0f ? num / den : 0.0f;
+    p.write_output(std::size_t(bh), d, num, m, den);
   }
 }
 

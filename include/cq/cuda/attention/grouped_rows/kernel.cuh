@@ -105,11 +105,15 @@ struct HalfCodebooks {
 __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, int key_channels, int value_channels,
                                                              unsigned char* __restrict__ out) {
   const int g = blockIdx.x, which = blockIdx.y, h = blockIdx.z, C = which ? value_channels : key_channels;
-  if (g >= GroupedRowsConfig::head_dim / C) return;
+  float* scales = reinterpret_cast<float*>(out + std::size_t(h) * HalfCodebooks::bytes + 4 * HalfCodebooks::halves) +
+                  64 * which;
+  if (g >= GroupedRowsConfig::head_dim / C) {  // no such group: its scale slot (read by the kernel) is 1
+    if (threadIdx.x == 0) scales[g] = 1.0f;
+    return;
+  }
   const float* src = (which ? p.value_codebooks : p.key_codebooks)[h].centroids + std::size_t(g) * 256 * C;
   unsigned char* base = out + std::size_t(h) * HalfCodebooks::bytes;
   __half* dst = reinterpret_cast<__half*>(base) + which * HalfCodebooks::halves + g * 256 * C;
-  float* scales = reinterpret_cast<float*>(base + 4 * HalfCodebooks::halves) + 64 * which;
   __shared__ float red[8];
   const int n = 256 * C;
   float m = 0.0f;
@@ -199,7 +203,8 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   const int c0 = split * L.split_tokens;
   const int n = max(0, min(int(seq.coded), c0 + L.split_tokens) - c0);
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
-  const float* q = p.q + (std::size_t(b) * p.q_heads + std::size_t(kvh) * group) * D;  // the group's queries
+  const std::size_t q0 = (std::size_t(b) * p.q_heads + std::size_t(kvh) * group) * D;  // the group's queries
+  auto q = [&](int i) { return p.query(q0 + i); };
 
   {  // This KV head's half-precision codebooks and scales (half_codebooks_kernel) into shared memory.
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   // whole centroids. Each channel is divided by its key group's scale, then all scaled by qs
   // into half's range.
   float qmax = 0.0f;
-  for (int i = lane; i < group * D; i += 32) qmax = fmaxf(qmax, fabsf(q[i] / kscale[(i % D) / CK]));
+  for (int i = lane; i < group * D; i += 32) qmax = fmaxf(qmax, fabsf(q(i) / kscale[(i % D) / CK]));
   for (int o = 16; o > 0; o >>= 1) qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, o));
   const float qs = range_scale(qmax);
   unsigned qb[NT][8][2];
@@ -229,7 +234,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
       float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (h < group)
 #pragma unroll
-        for (int k = 0; k < 4; ++k) x[k] = q[h * D + ch + k] / kscale[(ch + k) / CK] * qs;
+        for (int k = 0; k < 4; ++k) x[k] = q(h * D + ch + k) / kscale[(ch + k) / CK] * qs;
       qb[j][s][0] = pack_half2(x[0], x[1]);
       qb[j][s][1] = pack_half2(x[2], x[3]);
     }
@@ -388,12 +393,13 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   }
   // Full-precision tokens (split 0): warp w scores heads w, w + warps, ... in float.
   const int nfull = split == 0 ? int(seq.full) : 0;
+  const FullRows rows = FullRows::of(p, b, kvh);
   for (int h = warp; h < group; h += warps) {
     float fm = -INFINITY;
     for (int j = lane; j < nfull; j += 32) {
-      const float* k = seq.full_keys + (std::size_t(kvh) * seq.full + j) * D;
+      const void* k = rows.key(j);
       float s = 0.0f;
-      for (int d = 0; d < D; ++d) s = fmaf(q[h * D + d], k[d], s);
+      for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
       s *= scale;
       fsc[h * L.full_cap + j] = s;
       fm = fmaxf(fm, s);
@@ -428,13 +434,13 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
       const float f = softmax_merge_factor(fref, fsum, ref);
       float acc = 0.0f;
       for (int j = 0; j < nfull; ++j)
-        acc = fmaf(fsc[h * L.full_cap + j], seq.full_values[(std::size_t(kvh) * seq.full + j) * D + d], acc);
+        acc = fmaf(fsc[h * L.full_cap + j], rows.at(rows.value(j), d), acc);
       num = fmaf(f, acc, num);
       den = fmaf(f, fsum, den);
     }
     const int bh = b * p.q_heads + kvh * group + h;
     if (gridDim.x == 1) {
-      p.out[std::size_t(bh) * D + d] = den > 0.0f ? num / den : 0.0f;
+      p.write_output(std::size_t(bh), d, num, ref, den);
     } else {
       float* dst = partial + (std::size_t(bh) * gridDim.x + split) * (2 + D);
       if (d == 0) dst[0] = ref, dst[1] = den;

@@ -147,7 +147,7 @@ __device__ __forceinline__ void write_out(const AttentionBatch& p, const LaneTab
     for (int part = 0; part < parts; ++part) full_part += sh.product[part * k.D + d];
     const float o = (codes_part ? sh.code_part[d] * mp.coded_factor : 0.0f) + full_part * mp.full_factor;
     if (gridDim.y == 1) {  // one split: the block's result is the output (no combine_kernel)
-      p.out[std::size_t(k.bh) * k.D + d] = mp.total > 0.0f ? o / mp.total : 0.0f;
+      p.write_output(std::size_t(k.bh), d, o, mp.m, mp.total);
       continue;
     }
     float* dst = partial + (std::size_t(k.bh) * gridDim.y + k.split) * (2 + k.D);

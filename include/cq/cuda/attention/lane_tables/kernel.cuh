@@ -68,7 +68,6 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const int c0 = split * L.split_tokens;
   const int n = max(0, min(int(seq.coded), c0 + L.split_tokens) - c0), nblocks = (n + 31) / 32;
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
-  const float* q = p.q + std::size_t(bh) * D;
   const int nfull = split == 0 ? int(seq.full) : 0;
   const CodeRun key_run = codes.keys(p.page_shift()), value_run = codes.values(p.page_shift());
   // The first round's codes head for L2 while the block builds its tables.
@@ -81,19 +80,19 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   // (vpart, d) takes channel d of rows vpart, vpart + parts, ...
   const int parts = threads / D, vpart = tid / D, vd = tid % D;
   constexpr int vchunk = 8;  // value rows per thread and load batch
-  const float* full_v = seq.full_values + std::size_t(kvh) * seq.full * D + vd;
+  const FullRows rows = FullRows::of(p, b, kvh);
   float vfirst[vchunk];
 #pragma unroll
   for (int k = 0; k < vchunk; ++k) {
     const int j = vpart + k * parts;
-    vfirst[k] = vpart < parts && j < nfull ? __ldg(full_v + std::size_t(j) * D) : 0.0f;
+    vfirst[k] = vpart < parts && j < nfull ? rows.at(rows.value(j), vd) : 0.0f;
   }
-  const bool full_vec = (reinterpret_cast<std::uintptr_t>(seq.full_keys) & 15u) == 0;
+  const bool full_vec = rows.vec(D);
   const bool full_scores = stages & stage_full;
-  const FullKeyRows<Cfg> load_full_keys{seq, kvh, D, lane, nfull, full_vec, full_scores};
+  const FullKeyRows<Cfg> load_full_keys{rows, D, lane, nfull, full_vec, full_scores};
 
   if constexpr (!Rows) for_each_hist_quad<VL, threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
-  for (int d = tid; d < D; d += threads) q_shared[d] = q[d];
+  for (int d = tid; d < D; d += threads) q_shared[d] = p.query(std::size_t(bh) * D + d);
   if (tid == 0) mbarrier_init(round_barrier, warps);
   __syncthreads();
   score_full_keys<Cfg>(load_full_keys, q_shared, full_score, red, scale, nfull, warp, lane, D);
@@ -101,7 +100,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const bool tables = n > 0 && (stages & stage_lut);
   if (tables) stage_score_tables<Cfg>(p.key_codebooks[kvh].centroids, stage, q_shared, scale, D, tid);
   __syncthreads();
-  const float full_max = weigh_full_values<Cfg, vchunk>(vfirst, full_v, full_score, red, product, vpart, parts, nfull, D, tid);
+  const float full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, D, tid);
   if (tables) fill_columns<KL, threads, 0>(tab, stage, tid);
   __syncthreads();
   const bool accumulate = stages & stage_hist;
@@ -134,7 +133,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   unsigned* my_weights = wbuf + warp * 2 * R * 32;  // two rounds' weights
   LaneTablesBlock k;
   k.split = split, k.b = b, k.kvh = kvh, k.bh = bh, k.D = D, k.tid = tid, k.warp = warp, k.lane = lane;
-  k.seq = seq, k.codes = codes, k.n = n, k.nblocks = nblocks, k.scale = scale, k.q = q, k.nfull = nfull;
+  k.codes = codes, k.n = n, k.nblocks = nblocks, k.scale = scale, k.nfull = nfull;
   k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32;
   LaneTablesShared sh{tab, round_barrier, wbuf, red, full_score, product, code_part, stage, q_shared, vmean, vunscale};
   if (aligned)

@@ -203,11 +203,9 @@ struct LaneTablesShared {
 /// as the kernel computes it, for the main loop and the epilogue.
 struct LaneTablesBlock {
   int split, b, kvh, bh, D, tid, warp, lane;
-  DeviceSequence seq;
   DeviceKVCodes codes;
   int n, nblocks;  // the split's coded tokens and 32-token blocks
   float scale;
-  const float* q;  // this head's query
   int nfull;       // full-precision tokens (split 0 only)
   CodeRun key_run, value_run;  // the codes, by blocks (params.cuh)
   int first_block;             // the split's first block

@@ -66,8 +66,8 @@ __device__ inline void with_centroid_rows(int C, const float* cent, F&& f) {
 /// (`scores`).
 template <class Cfg>
 struct FullKeyRows {
-  const DeviceSequence& seq;
-  const int &kvh, &D, &lane, &nfull;
+  const FullRows& rows;
+  const int &D, &lane, &nfull;
   const bool &vec, &scores;
 
   __device__ __forceinline__ void operator()(float4 (&kr)[4][2], int j0) const {
@@ -76,11 +76,8 @@ struct FullKeyRows {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = j0 + k * Cfg::warps, d = 4 * (lane + 32 * h);
-        const float* row = seq.full_keys + (std::size_t(kvh) * seq.full + j) * D + d;
         kr[k][h] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (scores && j < nfull && d < D)
-          kr[k][h] = vec ? __ldg(reinterpret_cast<const float4*>(row))
-                         : make_float4(__ldg(row), __ldg(row + 1), __ldg(row + 2), __ldg(row + 3));
+        if (scores && j < nfull && d < D) kr[k][h] = rows.at4(rows.key(j), d, vec);
       }
   }
 };
@@ -120,10 +117,10 @@ __device__ __forceinline__ void score_full_keys(const LoadKeys& load_keys, const
 
 /// The full-precision tokens' maximum (from the warps' maxima in red[2 warps ..]), returned, and
 /// their values weighted relative to it: thread (vpart, d) sums channel d of rows vpart,
-/// vpart + parts, ... (the first `Chunk` of them loaded at block start, in `first`; `values` points
-/// at channel d of row 0) into product[tid].
+/// vpart + parts, ... (the first `Chunk` of them loaded at block start, in `first`; the rest from
+/// `rows`, channel `vd`) into product[tid].
 template <class Cfg, int Chunk>
-__device__ __forceinline__ float weigh_full_values(const float* first, const float* values,
+__device__ __forceinline__ float weigh_full_values(const float* first, const FullRows& rows, int vd,
                                                    const float* full_score, const float* red, float* product,
                                                    const int& vpart, const int& parts, int nfull, int D, int tid) {
   float full_max = -FLT_MAX;
@@ -139,7 +136,7 @@ __device__ __forceinline__ float weigh_full_values(const float* first, const flo
       float vv[Chunk];
 #pragma unroll
       for (int k = 0; k < Chunk; ++k)
-        vv[k] = j0 + k * parts < nfull ? __ldg(values + std::size_t(j0 + k * parts) * D) : 0.0f;
+        vv[k] = j0 + k * parts < nfull ? rows.at(rows.value(j0 + k * parts), vd) : 0.0f;
 #pragma unroll
       for (int k = 0; k < Chunk; ++k)
         if (j0 + k * parts < nfull) acc = fmaf(softmax_exp(full_score[j0 + k * parts] - full_max), vv[k], acc);
