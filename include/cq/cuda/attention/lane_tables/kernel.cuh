@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const bool tables = n > 0 && (stages & stage_lut);
   if (tables) stage_score_tables<Cfg>(p.key_codebooks[kvh].centroids, stage, q_shared, scale, D, tid);
   __syncthreads();
-  const float full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, D, tid);
+  const float full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, tid);
   if (tables) fill_columns<KL, threads, 0>(tab, stage, tid);
   __syncthreads();
   const bool accumulate = stages & stage_hist;

@@ -122,7 +122,7 @@ __device__ __forceinline__ void score_full_keys(const LoadKeys& load_keys, const
 template <class Cfg, int Chunk>
 __device__ __forceinline__ float weigh_full_values(const float* first, const FullRows& rows, int vd,
                                                    const float* full_score, const float* red, float* product,
-                                                   const int& vpart, const int& parts, int nfull, int D, int tid) {
+                                                   const int& vpart, const int& parts, int nfull, int tid) {
   float full_max = -FLT_MAX;
   for (int w = 0; w < Cfg::warps; ++w) full_max = fmaxf(full_max, red[2 * Cfg::warps + w]);
   if (vpart < parts) {
