@@ -68,10 +68,8 @@ struct Handle {
   std::vector<std::uint8_t> host_kcodes, host_vcodes;  // the one head's codes every buffer copies
   cuda::DeviceBuffer<std::uint8_t> pool;               // cqb_set_pages: the code pages
   cuda::DeviceBuffer<std::uint32_t> page_table;
-  CodePageLayout page_layout{};           // cqb_set_pages: the pool's layout and size
-  std::size_t pool_pages = 0;
-  std::vector<std::uint32_t> page_ids;    // sequence s's pages: [s x pages_per_seq, ...)
-  std::size_t pages_per_seq = 0;
+  CodePageLayout page_layout{};           // cqb_set_pages: the pool's layout
+  std::vector<std::uint32_t> page_ids;    // sequence s's pages: [s x page_ids.size() / batch, ...)
   cuda::DeviceBuffer<cuda::DeviceSequence> seqs;
   cuda::DeviceBuffer<float> q, out;
   cuda::AttentionBatch batch_desc;
@@ -190,14 +188,14 @@ int cqb_run(void* handle, unsigned stages, std::uint64_t stream) try {
 /// slot of each sequence's last coded token), over `reps` runs timed by events on `stream`.
 double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
   auto* h = static_cast<Handle*>(handle);
-  CQ_CHECK(h->pool_pages > 0, "cqb_append_ms: call cqb_set_pages first");
+  CQ_CHECK(!h->page_ids.empty(), "cqb_append_ms: call cqb_set_pages first");
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   constexpr int D = 128;
   const std::size_t B = std::size_t(h->batch), H = std::size_t(h->kv_heads), P = h->page_layout.page_tokens;
-  const std::size_t last = std::size_t(h->ctx - h->window) - 1;
+  const std::size_t last = std::size_t(h->ctx - h->window) - 1, per_seq = h->page_ids.size() / B;
   std::vector<std::int64_t> slots;
   for (std::size_t s = 0; s < B; ++s)
-    slots.push_back(std::int64_t(h->page_ids[s * h->pages_per_seq + last / P]) * std::int64_t(P) + std::int64_t(last % P));
+    slots.push_back(std::int64_t(h->page_ids[s * per_seq + last / P]) * std::int64_t(P) + std::int64_t(last % P));
   std::vector<__half> rows(B * H * D);
   for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = __float2half(float((i * 2654435761u) % 2001) / 1000.0f - 1.0f);
   cuda::DeviceBuffer<__half> keys(rows), values(rows);
@@ -216,7 +214,7 @@ double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
   p.key_bits = p.value_bits = h->bits;
   p.pool = h->pool.data();
   p.layout = h->page_layout;
-  p.pages = h->pool_pages;
+  p.pages = h->pool.size() / h->page_layout.page_bytes();
   cudaEvent_t e0, e1;
   CQ_CUDA_CHECK(cudaEventCreate(&e0));
   CQ_CUDA_CHECK(cudaEventCreate(&e1));
@@ -282,9 +280,7 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
   h->pool = cuda::DeviceBuffer<std::uint8_t>(pool);
   h->page_table = cuda::DeviceBuffer<std::uint32_t>(ids);  // sequence s's pages: [s x per_seq, ...)
   h->page_layout = cl;
-  h->pool_pages = pages;
   h->page_ids = ids;
-  h->pages_per_seq = per_seq;
   std::vector<cuda::DeviceKVCodes> codes;
   for (std::size_t s = 0; s < std::size_t(h->batch); ++s)
     for (std::size_t kvh = 0; kvh < std::size_t(h->kv_heads); ++kvh) {

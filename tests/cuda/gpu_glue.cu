@@ -474,9 +474,9 @@ GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>
   cuda::DeviceBuffer<DT> dk(reinterpret_cast<const DT*>(keys.data()), keys.size()),
       dv(reinterpret_cast<const DT*>(values.data()), values.size());
   cuda::DeviceBuffer<std::int64_t> dcs(code_slots), dfs(full_slots);
+  const cuda::SlotRows<DT> rows{dk.data(), dv.data(), B, H * D, D, nullptr};  // [sequence][kv_heads][D]
   cuda::PagedEncode<DT> pe;
-  pe.keys = dk.data(), pe.values = dv.data();
-  pe.rows = B, pe.row_stride = H * D, pe.head_stride = D;
+  static_cast<cuda::SlotRows<DT>&>(pe) = rows;
   pe.slots = dcs.data();
   pe.key_codebooks = d.key_views.data(), pe.value_codebooks = d.value_views.data();
   pe.head_dim = int(D);
@@ -484,8 +484,7 @@ GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>
   pe.value_channels = int(v0.value_codebook.channels), pe.value_bits = v0.value_codebook.bits;
   pe.pool = code_pool.data(), pe.layout = cl, pe.pages = code_pool.size() / cl.page_bytes();
   cuda::PagedRowWrite<DT> pw;
-  pw.keys = dk.data(), pw.values = dv.data();
-  pw.rows = B, pw.row_stride = H * D, pw.head_stride = D;
+  static_cast<cuda::SlotRows<DT>&>(pw) = rows;
   pw.slots = dfs.data();
   pw.pool = reinterpret_cast<DT*>(d.full_pool.data()), pw.layout = fl, pw.pages = d.full_pool.size() / fl.page_bytes();
   cuda::DeviceBuffer<float> dq(q), dout(q.size());

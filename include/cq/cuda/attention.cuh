@@ -208,10 +208,10 @@ class FusedAttention {
     CQ_CHECK(attention_dtype(batch.q_type) && attention_dtype(batch.out_type), "cuda attention: q is ",
              dtype_name(batch.q_type), " and out ", dtype_name(batch.out_type), "; each must be F32, F16 or BF16");
     if (const FullRowPages& f = batch.full_pages; f.pool != nullptr) {
-      const std::size_t need = std::size_t(batch.kv_heads) * 2 * f.page_rows * std::size_t(batch.head_dim) *
-                               (attention_dtype(f.type) ? dtype_size(f.type) : 0);
       CQ_CHECK(attention_dtype(f.type), "cuda attention: full_pages.type is ", dtype_name(f.type),
                "; it must be F32, F16 or BF16");
+      const std::size_t need =
+          std::size_t(batch.kv_heads) * 2 * f.page_rows * std::size_t(batch.head_dim) * dtype_size(f.type);
       CQ_CHECK(f.page_rows >= 1 && (f.page_rows & (f.page_rows - 1)) == 0, "cuda attention: full_pages.page_rows ",
                f.page_rows, " must be a power of two");
       CQ_CHECK(f.page_bytes >= need && f.page_bytes % 16 == 0 && f.page_bytes < (std::size_t{1} << 32),
