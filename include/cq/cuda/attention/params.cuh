@@ -10,10 +10,8 @@
 
 #include "cq/config.hpp"
 #include "cq/cuda/codebook.cuh"
+#include "cq/cuda/elements.cuh"
 #include "cq/dtype.hpp"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstddef>
@@ -103,38 +101,6 @@ struct FullRowPages {
 /// Whether the attention kernels read and write tensors of this element type.
 constexpr bool attention_dtype(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
 
-#ifdef __CUDACC__
-/// Element i of a tensor of type `t` (f32, f16 or bf16), as float. Plain loads, not __ldg: the
-/// compiler treats read-only-path loads as free to speculate and hoisted loop-invariant ones (a
-/// query row read once per key row) out of their loop, past the loop's guard, reading beyond the
-/// tensor's end (compute-sanitizer initcheck showed it); L1 serves these reads either way.
-__device__ __forceinline__ float load_element(const void* p, DType t, std::size_t i) {
-  if (t == DType::f16) return __half2float(static_cast<const __half*>(p)[i]);
-  if (t == DType::bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
-/// Elements i .. i + 3 as one load: the address 16-byte (f32) or 8-byte (f16, bf16) aligned.
-__device__ __forceinline__ float4 load_element4(const void* p, DType t, std::size_t i) {
-  if (t == DType::f32) return __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + i));
-  const uint2 w = __ldg(reinterpret_cast<const uint2*>(static_cast<const unsigned short*>(p) + i));
-  float2 a, b;
-  if (t == DType::f16) {
-    a = __half22float2(*reinterpret_cast<const __half2*>(&w.x));
-    b = __half22float2(*reinterpret_cast<const __half2*>(&w.y));
-  } else {
-    a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
-    b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
-  }
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-/// Stores v as element i of a tensor of type `t` (rounded to nearest).
-__device__ __forceinline__ void store_element(void* p, DType t, std::size_t i, float v) {
-  if (t == DType::f16) static_cast<__half*>(p)[i] = __float2half_rn(v);
-  else if (t == DType::bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else static_cast<float*>(p)[i] = v;
-}
-#endif
-
 /// Whether the attention kernels can read codes in pages of `page_tokens` tokens: 0 (contiguous) or
 /// a power of two from 32 on (CodeRun: addresses by shift and mask).
 constexpr bool valid_page_tokens(int page_tokens) {
@@ -179,16 +145,18 @@ struct AttentionBatch {
 
 #ifdef __CUDACC__
 /// The full-precision rows of one (sequence, KV head), wherever they are (DeviceSequence): row j's
-/// key and value, and their elements as float.
+/// key and value, and their elements as float. T is the rows' element type and Paged whether they
+/// are in pages (float rows per sequence otherwise), both fixed at compile time:
+/// visit_full_rows chooses, once, around a loop.
+template <device_element T, bool Paged>
 struct FullRows {
   const unsigned char* keys = nullptr;    // row 0 (float rows), or the head's key rows in page 0
   const unsigned char* values = nullptr;  // likewise its value rows
   const std::uint32_t* sink_pages = nullptr;
   const std::uint32_t* recent_pages = nullptr;
   std::uint32_t sinks = 0, recent_row = 0, row_shift = 0;  // row_shift: log2 of the rows per page
-  std::uint32_t page_bytes = 0, row_bytes = 0;             // FusedAttention::run checks pages < 4 GiB
-  DType type = DType::f32;
-  bool paged = false;
+  std::uint32_t page_bytes = 0;                            // FusedAttention::run checks pages < 4 GiB
+  std::uint32_t row_bytes = 0;
 
   /// Sequence b's rows of KV head kvh. Reads the sequence record here, not at kernel start, so its
   /// fields are not held in registers across a kernel's main loop.
@@ -196,48 +164,59 @@ struct FullRows {
     const DeviceSequence& s = p.sequences[b];
     FullRows r;
     const std::size_t D = std::size_t(p.head_dim);
-    r.paged = p.full_pages.pool != nullptr;
-    if (!r.paged) {
+    r.row_bytes = std::uint32_t(D * sizeof(T));
+    if constexpr (!Paged) {
       r.keys = reinterpret_cast<const unsigned char*>(s.full_keys + std::size_t(kvh) * s.full * D);
       r.values = reinterpret_cast<const unsigned char*>(s.full_values + std::size_t(kvh) * s.full * D);
-      r.row_bytes = std::uint32_t(D * sizeof(float));
-      return r;
+    } else {
+      const FullRowPages& f = p.full_pages;
+      r.row_shift = unsigned(__ffs(int(f.page_rows)) - 1);
+      r.page_bytes = std::uint32_t(f.page_bytes);
+      r.keys = static_cast<const unsigned char*>(f.pool) + std::size_t(kvh) * 2 * f.page_rows * r.row_bytes;
+      r.values = r.keys + f.page_rows * r.row_bytes;
+      r.sink_pages = s.sink_pages, r.recent_pages = s.recent_pages;
+      r.sinks = s.sinks, r.recent_row = s.recent_row;
     }
-    const FullRowPages& f = p.full_pages;
-    r.type = f.type;
-    r.row_bytes = std::uint32_t(D * (f.type == DType::f32 ? 4 : 2));
-    r.row_shift = unsigned(__ffs(int(f.page_rows)) - 1);
-    r.page_bytes = std::uint32_t(f.page_bytes);
-    r.keys = static_cast<const unsigned char*>(f.pool) + std::size_t(kvh) * 2 * f.page_rows * r.row_bytes;
-    r.values = r.keys + f.page_rows * r.row_bytes;
-    r.sink_pages = s.sink_pages, r.recent_pages = s.recent_pages;
-    r.sinks = s.sinks, r.recent_row = s.recent_row;
     return r;
   }
   /// Bytes from `keys` (or `values`) to row j.
   __device__ __forceinline__ std::size_t offset(int j) const {
-    if (!paged) return std::size_t(j) * row_bytes;
-    const bool sink = unsigned(j) < sinks;
-    const unsigned i = sink ? unsigned(j) : recent_row + (unsigned(j) - sinks);
-    const std::uint32_t page = __ldg((sink ? sink_pages : recent_pages) + (i >> row_shift));
-    return std::size_t(page) * page_bytes + std::size_t(i & ((1u << row_shift) - 1u)) * row_bytes;
+    if constexpr (!Paged) {
+      return std::size_t(j) * row_bytes;
+    } else {
+      const bool sink = unsigned(j) < sinks;
+      const unsigned i = sink ? unsigned(j) : recent_row + (unsigned(j) - sinks);
+      const std::uint32_t page = (sink ? sink_pages : recent_pages)[i >> row_shift];
+      return std::size_t(page) * page_bytes + std::size_t(i & ((1u << row_shift) - 1u)) * row_bytes;
+    }
   }
-  __device__ __forceinline__ const void* key(int j) const { return keys + offset(j); }
-  __device__ __forceinline__ const void* value(int j) const { return values + offset(j); }
+  __device__ __forceinline__ const T* key(int j) const { return reinterpret_cast<const T*>(keys + offset(j)); }
+  __device__ __forceinline__ const T* value(int j) const { return reinterpret_cast<const T*>(values + offset(j)); }
   /// Element d of a row, as float.
-  __device__ __forceinline__ float at(const void* row, int d) const { return load_element(row, type, d); }
+  __device__ __forceinline__ static float at(const T* row, int d) { return element_to_float(row[d]); }
   /// Elements d .. d + 3 of a row (d % 4 == 0) in one load when vec() (else four).
-  __device__ __forceinline__ float4 at4(const void* row, int d, bool vec) const {
-    if (vec) return load_element4(row, type, d);
+  __device__ __forceinline__ static float4 at4(const T* row, int d, bool vec) {
+    if (vec) return load_float4(row, std::size_t(d));
     return make_float4(at(row, d), at(row, d + 1), at(row, d + 2), at(row, d + 3));
   }
   /// Whether every row can be read four elements at a time (head_dim a multiple of 4): pages are
   /// 64-byte aligned; float rows need 16-byte aligned arrays.
   __device__ __forceinline__ bool vec(int head_dim) const {
     return head_dim % 4 == 0 &&
-           (paged || ((reinterpret_cast<std::uintptr_t>(keys) | reinterpret_cast<std::uintptr_t>(values)) & 15u) == 0);
+           (Paged || ((reinterpret_cast<std::uintptr_t>(keys) | reinterpret_cast<std::uintptr_t>(values)) & 15u) == 0);
   }
 };
+
+/// Calls f(rows) with sequence b's rows of KV head kvh as the FullRows type they have in this
+/// batch (float rows, or pages of f32, f16 or bf16 rows).
+template <class F>
+__device__ __forceinline__ void visit_full_rows(const AttentionBatch& p, int b, int kvh, F&& f) {
+  if (p.full_pages.pool == nullptr) {
+    f(FullRows<float, false>::of(p, b, kvh));
+    return;
+  }
+  visit_element_type(p.full_pages.type, [&](auto t) { f(FullRows<decltype(t), true>::of(p, b, kvh)); });
+}
 #endif
 
 namespace detail {

@@ -18,26 +18,20 @@
 
 #include "cq/cache/layout.hpp"
 #include "cq/cuda/codebook.cuh"
+#include "cq/cuda/elements.cuh"
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/nearest.cuh"
 #include "cq/cuda/quantizer.cuh"
 #include "cq/error.hpp"
 #include "cq/packed_codes.hpp"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <concepts>
 #include <cstddef>
 #include <cstdint>
 
 namespace cq::cuda {
-
-/// Row element types the device encoder reads: the model's dtype.
-template <class T>
-concept device_element = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
 
 /// One call's new rows and their slots (encode_into_pages, write_full_rows): key (and value) of
 /// row i, KV head h at keys + i x row_stride + h x head_stride (elements; [tokens, kv_heads,
@@ -67,11 +61,16 @@ struct PagedEncode : SlotRows<T> {
 
 namespace detail {
 
-inline constexpr int encode_pages_rows = 128;  // rows (threads) per block
-
-__device__ inline float element_to_float(float x) { return x; }
-__device__ inline float element_to_float(__half x) { return __half2float(x); }
-__device__ inline float element_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+/// Threads per block of encode_pages_kernel: 128 rows of one thread, or 64 rows of 8 (a block
+/// stages its group's centroids once for as many rows either way: fewer rows per block would
+/// multiply the staging, which then costs more than the searches).
+template <int Lanes>
+inline constexpr int encode_pages_threads = Lanes == 1 ? 128 : 64 * Lanes;
+/// Blocks of one-thread searches per multiprocessor up to which each row's search is shared by 8
+/// threads instead: a decode step over few (group, head) pairs fills the device only so, and one
+/// thread's serial scan of 256 centroids is then the whole time; past it (many heads, or many
+/// rows) the blocks fill the device already and 8x the threads only add scheduling.
+inline constexpr std::size_t encode_pages_shared_search_blocks_per_sm = 4;
 
 /// Writes a `bits`-bit code at position i (< 32) of a packed chunk (packed_codes.hpp: code i at bit
 /// i x bits of the chunk's little-endian bit stream), leaving the other codes' bits as they are
@@ -92,24 +91,34 @@ __device__ inline void write_code_atomic(std::uint8_t* chunk, unsigned i, int bi
   }
 }
 
-/// Side `values` (0: keys, 1: values) of KV head blockIdx.z, group blockIdx.y, rows blockIdx.x x 128 on.
-template <int C, bool Shared, device_element T>
-__global__ void __launch_bounds__(encode_pages_rows) encode_pages_kernel(PagedEncode<T> p, int values) {
+/// Group blockIdx.y of a block's rows from blockIdx.x x rows per block on, each row's search shared
+/// by Lanes threads (nearest_centroid_lanes): of side `side` (0: keys, 1: values) of KV head
+/// blockIdx.z, or with side 2 (both sides in one launch: same channels and bits) of side
+/// blockIdx.z / kv_heads, KV head blockIdx.z % kv_heads.
+template <int C, bool Shared, int Lanes, device_element T>
+__global__ void __launch_bounds__(encode_pages_threads<Lanes>) encode_pages_kernel(PagedEncode<T> p, int side) {
   extern __shared__ float smem[];
-  const int h = int(blockIdx.z), g = int(blockIdx.y);
+  const int heads = int(p.layout.kv_heads), g = int(blockIdx.y);
+  const int values = side == 2 ? int(blockIdx.z) / heads : side, h = side == 2 ? int(blockIdx.z) % heads : int(blockIdx.z);
   const DeviceCodebookView cb = values ? p.value_codebooks[h] : p.key_codebooks[h];
   const unsigned K = 1u << cb.bits;
   const float* cents = block_group_centroids<C, Shared>(cb.centroids, unsigned(g), K, smem);
-  const std::size_t row = std::size_t(blockIdx.x) * encode_pages_rows + threadIdx.x;
-  if (row >= p.rows) return;
-  const std::int64_t slot = p.slots[row];
+  const std::size_t first_row = std::size_t(blockIdx.x) * (encode_pages_threads<Lanes> / Lanes);
+  const std::size_t row = first_row + threadIdx.x / Lanes;
+  // A warp wholly past the rows leaves (no shuffle waits for it); so does a one-lane row that
+  // writes nothing. Other rows that write nothing search (zeros) with their warp: its shuffles
+  // need every lane.
+  if (first_row + threadIdx.x / 32 * (32 / Lanes) >= p.rows) return;
   const std::size_t P = p.layout.page_tokens;
-  if (slot < 0 || std::size_t(slot) >= p.pages * P) return;
+  const std::int64_t slot = row < p.rows ? p.slots[row] : -1;
+  const bool write = slot >= 0 && std::size_t(slot) < p.pages * P;
+  if (Lanes == 1 && !write) return;
   const T* x = (values ? p.values : p.keys) + row * p.row_stride + std::size_t(h) * p.head_stride + std::size_t(g) * C;
   float xv[C];
 #pragma unroll
-  for (int c = 0; c < C; ++c) xv[c] = element_to_float(x[c]);
-  const unsigned code = nearest_centroid<C>(xv, cents, K);
+  for (int c = 0; c < C; ++c) xv[c] = write ? element_to_float(x[c]) : 0.0f;
+  const unsigned code = nearest_centroid_lanes<C, Lanes>(xv, cents, K);
+  if (!write || threadIdx.x % Lanes != 0) return;
   const std::size_t page = std::size_t(slot) / P, t = std::size_t(slot) % P;
   const std::size_t run = values ? p.layout.value_offset(std::size_t(h)) : p.layout.key_offset(std::size_t(h));
   const PackedCodesView codes(p.pool + page * p.layout.page_bytes() + run, P, cb.groups, cb.bits);
@@ -132,7 +141,7 @@ void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
            p.head_dim);
   CQ_CHECK(L.page_tokens > 0 && L.page_tokens % block_tokens == 0, "cuda::encode_into_pages: page_tokens ",
            L.page_tokens, " is not a positive multiple of ", block_tokens);
-  CQ_CHECK(L.kv_heads <= 65535, "cuda::encode_into_pages: ", L.kv_heads, " KV heads exceed the grid's 65535");
+  CQ_CHECK(L.kv_heads <= 32767, "cuda::encode_into_pages: ", L.kv_heads, " KV heads exceed the grid's 32767 (x 2 sides)");
   auto check_side = [&](int channels, int bits, std::size_t block_bytes, const char* what) {
     check_code_bits(bits, "cuda::encode_into_pages: codebook");
     CQ_CHECK(channels > 0 && p.head_dim % channels == 0, "cuda::encode_into_pages: ", what, ": head_dim ", p.head_dim,
@@ -144,22 +153,42 @@ void encode_into_pages(const PagedEncode<T>& p, cudaStream_t stream = nullptr) {
   check_side(p.key_channels, p.key_bits, L.key_block_bytes, "keys");
   check_side(p.value_channels, p.value_bits, L.value_block_bytes, "values");
   if (p.rows == 0) return;
-  const std::size_t blocks = (p.rows + detail::encode_pages_rows - 1) / detail::encode_pages_rows;
-  auto launch = [&](int channels, int bits, int values) {
+  int device = 0, sms = 0;
+  CQ_CUDA_CHECK(cudaGetDevice(&device));
+  CQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto launch = [&](int channels, int bits, int side) {
+    // Each row's search by 8 threads when one-thread searches would leave the device idle and the
+    // codebook is large (the scan is the latency), else by one.
+    const std::size_t one_lane_blocks = (p.rows + detail::encode_pages_threads<1> - 1) / detail::encode_pages_threads<1> *
+                                        std::size_t(p.head_dim / channels) * L.kv_heads * (side == 2 ? 2 : 1);
+    const bool shared_search =
+        bits >= 6 && one_lane_blocks <= detail::encode_pages_shared_search_blocks_per_sm * std::size_t(sms);
+    const int threads = shared_search ? detail::encode_pages_threads<8> : detail::encode_pages_threads<1>;
+    const std::size_t rows_per_block = std::size_t(threads / (shared_search ? 8 : 1));
+    const std::size_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
     detail::with_codec_channels(std::size_t(channels), [&]<int C>() {
       const dim3 grid(unsigned(cq::detail::checked_limit(blocks, INT_MAX, "cuda::encode_into_pages: row blocks")),
                       unsigned(cq::detail::checked_limit(std::size_t(p.head_dim / C), 65535, "cuda::encode_into_pages: groups")),
-                      unsigned(L.kv_heads));
+                      unsigned(L.kv_heads * (side == 2 ? 2 : 1)));
       const std::size_t smem = (std::size_t{1} << bits) * C * sizeof(float);
-      if (smem <= 48 * 1024)
-        detail::encode_pages_kernel<C, true, T><<<grid, detail::encode_pages_rows, smem, stream>>>(p, values);
+      const bool staged = smem <= 48 * 1024;
+      if (staged && shared_search)
+        detail::encode_pages_kernel<C, true, 8, T><<<grid, threads, smem, stream>>>(p, side);
+      else if (staged)
+        detail::encode_pages_kernel<C, true, 1, T><<<grid, threads, smem, stream>>>(p, side);
+      else if (shared_search)
+        detail::encode_pages_kernel<C, false, 8, T><<<grid, threads, 0, stream>>>(p, side);
       else
-        detail::encode_pages_kernel<C, false, T><<<grid, detail::encode_pages_rows, 0, stream>>>(p, values);
+        detail::encode_pages_kernel<C, false, 1, T><<<grid, threads, 0, stream>>>(p, side);
       CQ_CUDA_CHECK_LAUNCH(encode_pages_kernel);
     });
   };
-  launch(p.key_channels, p.key_bits, 0);
-  launch(p.value_channels, p.value_bits, 1);
+  if (p.key_channels == p.value_channels && p.key_bits == p.value_bits) {
+    launch(p.key_channels, p.key_bits, 2);  // one launch: a decode step's launches are a good part of its time
+  } else {
+    launch(p.key_channels, p.key_bits, 0);
+    launch(p.value_channels, p.value_bits, 1);
+  }
 }
 
 }  // namespace cq::cuda

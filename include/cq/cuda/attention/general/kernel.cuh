@@ -156,25 +156,26 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
       for (int h = 0; h < HG; ++h) lmax[h] = 0.0f;
   }
   // Full-precision tokens (split 0): a warp per token, lanes over head_dim.
-  const FullRows rows = FullRows::of(p, b, kvh);
-  for (int j = warp; j < nfull; j += general_warps) {
-    const void* k = rows.key(j);
+  if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
+    for (int j = warp; j < nfull; j += general_warps) {
+      const auto* k = rows.key(j);
 #pragma unroll
-    for (int h = 0; h < HG; ++h) {
-      float s = 0.0f;
-      if (stages & stage_full) {
-        const std::size_t q0 = (std::size_t(b) * p.q_heads + h0 + h) * D;
-        for (int d = lane; d < D; d += 32) s = fmaf(p.query(q0 + d), rows.at(k, d), s);
-        s = scale * warp_sum(s);
+      for (int h = 0; h < HG; ++h) {
+        float s = 0.0f;
+        if (stages & stage_full) {
+          const std::size_t q0 = (std::size_t(b) * p.q_heads + h0 + h) * D;
+          for (int d = lane; d < D; d += 32) s = fmaf(p.query(q0 + d), rows.at(k, d), s);
+          s = scale * warp_sum(s);
+        }
+        if (lane == 0) score[h * L.score_stride() + L.split_tokens + j] = s;
+        // A full-precision token raises the reference only to within full_reach of itself: the
+        // coded tokens' fixed-point weights stay relative to their own maximum (a dominant sink
+        // would round them all to zero), and the full-precision weights, in float, stay below
+        // e^full_reach.
+        lmax[h] = fmaxf(lmax[h], s - full_reach);
       }
-      if (lane == 0) score[h * L.score_stride() + L.split_tokens + j] = s;
-      // A full-precision token raises the reference only to within full_reach of itself: the
-      // coded tokens' fixed-point weights stay relative to their own maximum (a dominant sink
-      // would round them all to zero), and the full-precision weights, in float, stay below
-      // e^full_reach.
-      lmax[h] = fmaxf(lmax[h], s - full_reach);
     }
-  }
+  });
   // Block maximum per head: the reference the weights are taken against (coded weights <= 1).
 #pragma unroll
   for (int h = 0; h < HG; ++h) {
@@ -247,11 +248,13 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
     total *= 1.0f / L.unit;
     float o = 0.0f;
     const float* sd = score + h * L.score_stride() + L.split_tokens;
-    for (int j = 0; j < nfull; ++j) {
-      const float wj = softmax_exp(sd[j] - ref[h]);
-      total += wj;
-      o = fmaf(wj, rows.at(rows.value(j), d), o);
-    }
+    if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
+      for (int j = 0; j < nfull; ++j) {
+        const float wj = softmax_exp(sd[j] - ref[h]);
+        total += wj;
+        o = fmaf(wj, rows.at(rows.value(j), d), o);
+      }
+    });
     float* dst = partial + (slot0 + std::size_t(h) * gridDim.x) * (2 + D);
     if (d == 0) {
       dst[0] = total > 0.0f ? ref[h] : -FLT_MAX;

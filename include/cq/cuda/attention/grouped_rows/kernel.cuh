@@ -393,17 +393,18 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   }
   // Full-precision tokens (split 0): warp w scores heads w, w + warps, ... in float.
   const int nfull = split == 0 ? int(seq.full) : 0;
-  const FullRows rows = FullRows::of(p, b, kvh);
   for (int h = warp; h < group; h += warps) {
     float fm = -INFINITY;
-    for (int j = lane; j < nfull; j += 32) {
-      const void* k = rows.key(j);
-      float s = 0.0f;
-      for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
-      s *= scale;
-      fsc[h * L.full_cap + j] = s;
-      fm = fmaxf(fm, s);
-    }
+    if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
+      for (int j = lane; j < nfull; j += 32) {
+        const auto* k = rows.key(j);
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
+        s *= scale;
+        fsc[h * L.full_cap + j] = s;
+        fm = fmaxf(fm, s);
+      }
+    });
     for (int off = 16; off > 0; off >>= 1) fm = fmaxf(fm, __shfl_xor_sync(0xffffffffu, fm, off));
     float fl = 0.0f;
     for (int j = lane; j < nfull; j += 32) {
@@ -433,8 +434,9 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
     if (nfull > 0 && fsum > 0.0f) {
       const float f = softmax_merge_factor(fref, fsum, ref);
       float acc = 0.0f;
-      for (int j = 0; j < nfull; ++j)
-        acc = fmaf(fsc[h * L.full_cap + j], rows.at(rows.value(j), d), acc);
+      visit_full_rows(p, b, kvh, [&](const auto& rows) {
+        for (int j = 0; j < nfull; ++j) acc = fmaf(fsc[h * L.full_cap + j], rows.at(rows.value(j), d), acc);
+      });
       num = fmaf(f, acc, num);
       den = fmaf(f, fsum, den);
     }

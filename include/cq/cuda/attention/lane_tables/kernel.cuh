@@ -31,6 +31,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 namespace cq::cuda::detail {
 
@@ -80,27 +81,33 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   // (vpart, d) takes channel d of rows vpart, vpart + parts, ...
   const int parts = threads / D, vpart = tid / D, vd = tid % D;
   constexpr int vchunk = 8;  // value rows per thread and load batch
-  const FullRows rows = FullRows::of(p, b, kvh);
-  float vfirst[vchunk];
+  float vfirst[vchunk] = {};
+  if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
 #pragma unroll
-  for (int k = 0; k < vchunk; ++k) {
-    const int j = vpart + k * parts;
-    vfirst[k] = vpart < parts && j < nfull ? rows.at(rows.value(j), vd) : 0.0f;
-  }
-  const bool full_vec = rows.vec(D);
+    for (int k = 0; k < vchunk; ++k) {
+      const int j = vpart + k * parts;
+      if (vpart < parts && j < nfull) vfirst[k] = rows.at(rows.value(j), vd);
+    }
+  });
   const bool full_scores = stages & stage_full;
-  const FullKeyRows<Cfg> load_full_keys{rows, D, lane, nfull, full_vec, full_scores};
 
   if constexpr (!Rows) for_each_hist_quad<VL, threads>(tab, tid, [](uint4& h) { h = make_uint4(0u, 0u, 0u, 0u); });
   for (int d = tid; d < D; d += threads) q_shared[d] = p.query(std::size_t(bh) * D + d);
   if (tid == 0) mbarrier_init(round_barrier, warps);
   __syncthreads();
-  score_full_keys<Cfg>(load_full_keys, q_shared, full_score, red, scale, nfull, warp, lane, D);
+  visit_full_rows(p, b, kvh, [&](const auto& rows) {
+    const bool vec = rows.vec(D);
+    const FullKeyRows<Cfg, std::decay_t<decltype(rows)>> load_full_keys{rows, D, lane, nfull, vec, full_scores};
+    score_full_keys<Cfg>(load_full_keys, q_shared, full_score, red, scale, nfull, warp, lane, D);
+  });
   // This head's score tables (staged; copied into the lanes' columns after the next barrier).
   const bool tables = n > 0 && (stages & stage_lut);
   if (tables) stage_score_tables<Cfg>(p.key_codebooks[kvh].centroids, stage, q_shared, scale, D, tid);
   __syncthreads();
-  const float full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, tid);
+  float full_max = -FLT_MAX;
+  visit_full_rows(p, b, kvh, [&](const auto& rows) {
+    full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, tid);
+  });
   if (tables) fill_columns<KL, threads, 0>(tab, stage, tid);
   __syncthreads();
   const bool accumulate = stages & stage_hist;

@@ -64,9 +64,9 @@ __device__ inline void with_centroid_rows(int C, const float* cent, F&& f) {
 /// j0 + 3 warps, this lane's 4-channel pieces of each (D <= 256: at most two per lane), as
 /// 16-byte loads when the rows are aligned (`vec`); zeros past the rows or with stage_full off
 /// (`scores`).
-template <class Cfg>
+template <class Cfg, class Rows>
 struct FullKeyRows {
-  const FullRows& rows;
+  const Rows& rows;
   const int &D, &lane, &nfull;
   const bool &vec, &scores;
 
@@ -119,8 +119,8 @@ __device__ __forceinline__ void score_full_keys(const LoadKeys& load_keys, const
 /// their values weighted relative to it: thread (vpart, d) sums channel d of rows vpart,
 /// vpart + parts, ... (the first `Chunk` of them loaded at block start, in `first`; the rest from
 /// `rows`, channel `vd`) into product[tid].
-template <class Cfg, int Chunk>
-__device__ __forceinline__ float weigh_full_values(const float* first, const FullRows& rows, int vd,
+template <class Cfg, int Chunk, class Rows>
+__device__ __forceinline__ float weigh_full_values(const float* first, const Rows& rows, int vd,
                                                    const float* full_score, const float* red, float* product,
                                                    const int& vpart, const int& parts, int nfull, int tid) {
   float full_max = -FLT_MAX;
