@@ -37,7 +37,7 @@ def load(path):
     lib.cqb_set_split_tokens.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.cqb_set_pages.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.cqb_append_ms.restype = ctypes.c_double
-    lib.cqb_append_ms.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    lib.cqb_append_ms.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
     lib.cqb_last_error.restype = ctypes.c_char_p
     lib.cqb_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.cqb_calibrate.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]

@@ -185,8 +185,11 @@ int cqb_run(void* handle, unsigned stages, std::uint64_t stream) try {
 
 /// The median time in ms of cuda::encode_into_pages of one new token per sequence (fp16 rows
 /// [batch][kv_heads][128]: a decode step's keys and values) into the pages of cqb_set_pages (the
-/// slot of each sequence's last coded token), over `reps` runs timed by events on `stream`.
-double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
+/// slot of each sequence's last coded token), over `reps` runs timed by events on `stream`. With
+/// `with_rows`, each run also writes the same rows into a pool of fp16 full-precision pages (a
+/// page of 16 rows per sequence: the window's newest row) by cuda::write_full_rows, as a decode
+/// step appends a token to its window.
+double cqb_append_ms(void* handle, int reps, std::uint64_t stream, int with_rows) try {
   auto* h = static_cast<Handle*>(handle);
   CQ_CHECK(!h->page_ids.empty(), "cqb_append_ms: call cqb_set_pages first");
   const auto st = reinterpret_cast<cudaStream_t>(stream);
@@ -215,6 +218,16 @@ double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
   p.pool = h->pool.data();
   p.layout = h->page_layout;
   p.pages = h->pool.size() / h->page_layout.page_bytes();
+  cuda::PagedRowWrite<__half> w;
+  static_cast<cuda::SlotRows<__half>&>(w) = p;
+  w.layout = FullPageLayout{16, H, D, sizeof(__half)};
+  w.pages = B;
+  cuda::DeviceBuffer<__half> full_pool(B * w.layout.page_elements());
+  std::vector<std::int64_t> row_slots;
+  for (std::size_t s = 0; s < B; ++s) row_slots.push_back(std::int64_t(s * 16 + (s * 7) % 16));
+  cuda::DeviceBuffer<std::int64_t> drow_slots(row_slots);
+  w.pool = full_pool.data();
+  w.slots = drow_slots.data();
   cudaEvent_t e0, e1;
   CQ_CUDA_CHECK(cudaEventCreate(&e0));
   CQ_CUDA_CHECK(cudaEventCreate(&e1));
@@ -222,6 +235,7 @@ double cqb_append_ms(void* handle, int reps, std::uint64_t stream) try {
   for (int r = 0; r < reps + 3; ++r) {  // 3 warm-up runs
     CQ_CUDA_CHECK(cudaEventRecord(e0, st));
     cuda::encode_into_pages(p, st);
+    if (with_rows) cuda::write_full_rows(w, st);
     CQ_CUDA_CHECK(cudaEventRecord(e1, st));
     CQ_CUDA_CHECK(cudaEventSynchronize(e1));
     float t = 0.0f;

@@ -13,7 +13,8 @@ launch latency that a single short run waits for (both matter to a decode step; 
 batch 1 and short contexts). --pages P times the same codes in contiguous buffers and in pages of P
 tokens (shuffled over the pool, or each sequence's in order with --in-order), alternating for R rounds, and checks that both give the same output;
 --append then times cuda::encode_into_pages of one new token per sequence into those pages (a decode step's
-append) and reports it against the paged decode.
+append), alone and followed by cuda::write_full_rows of the same rows into fp16 window pages, and reports each
+against the paged decode.
 """
 
 import argparse
@@ -71,11 +72,14 @@ def main():
               f"pages / contiguous {med[a.pages] / med[0]:.3f}, outputs {'identical' if same else 'DIFFER'} "
               f"(splits {lib.cqb_splits(h)}, medians of {a.rounds} rounds)")
         if a.append:
-            ms = lib.cqb_append_ms(h, a.reps, stream)
-            if ms < 0:
-                raise SystemExit(lib.cqb_last_error().decode())
-            print(f"C={a.C} {a.shape}: append (encode one token per sequence into pages of {a.pages}) {ms:.4f} ms, "
-                  f"{100 * ms / med[a.pages]:.1f}% of the paged decode")
+            for with_rows in (0, 1):
+                ms = lib.cqb_append_ms(h, a.reps, stream, with_rows)
+                if ms < 0:
+                    raise SystemExit(lib.cqb_last_error().decode())
+                what = "encode one token per sequence into pages of " + str(a.pages)
+                if with_rows:
+                    what += " + write its rows into fp16 window pages"
+                print(f"C={a.C} {a.shape}: append ({what}) {ms:.4f} ms, {100 * ms / med[a.pages]:.1f}% of the paged decode")
         lib.cqb_destroy(h)
         return
     out = [f"C={a.C} {a.shape}: {bench.median_ms(lambda: runs(31), a.reps) / a.chain:.4f} ms"]
