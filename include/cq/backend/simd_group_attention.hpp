@@ -202,7 +202,9 @@ struct SimdGroupOps {
 
  private:
   // lut (g, j) = scale * (q_h[g] . centroid[g][j]) for every head h in the lanes: the queries
-  // transposed to (dim, N), then C multiply-adds of a lane vector per centroid.
+  // transposed to (dim, N), then C multiply-adds of a lane vector per centroid, four centroids at
+  // a time (one centroid's C multiply-adds are a dependent chain: alone, the build waits on the
+  // FMA latency, which made it the largest fixed cost of a grouped item at 4K tokens).
   template <int N>
   static void lut_lanes(const CodebookView& cb, const float* q, std::size_t heads, float scale, float* lut) {
     using namespace detail_group;
@@ -216,7 +218,18 @@ struct SimdGroupOps {
       }
       const float* cent = cb.centroids + g * KC * C;
       float* row = lut + g * K * N;
-      for (std::size_t j = 0; j < KC; ++j) {
+      constexpr std::size_t J = 4;
+      std::size_t j = 0;
+      for (; j + J <= KC; j += J) {
+        V<N> acc[J];
+        for (auto& a : acc) a = V<N>{};
+        for (std::size_t c = 0; c < C; ++c) {
+          const V<N> qc = qv[c];
+          for (std::size_t r = 0; r < J; ++r) acc[r] += qc * cent[(j + r) * C + c];
+        }
+        for (std::size_t r = 0; r < J; ++r) store<N>(row + (j + r) * N, acc[r]);
+      }
+      for (; j < KC; ++j) {
         V<N> acc = V<N>{};
         for (std::size_t c = 0; c < C; ++c) acc += qv[c] * cent[j * C + c];
         store<N>(row + j * N, acc);
@@ -289,6 +302,27 @@ struct SimdGroupOps {
                             std::size_t out_stride) {
     using namespace detail_group;
     const std::size_t C = cb.channels, K = cb.padded_centroids, KC = cb.num_centroids();
+    // The usual group widths with the C accumulators in registers (a run-time C keeps them on the
+    // stack, a load and a store per multiply-add); the same sums in the same order either way.
+    auto fixed = [&]<std::size_t Cc>() {
+      for (std::size_t g = 0; g < cb.groups; ++g) {
+        V<N> acc[Cc];
+        for (auto& a : acc) a = V<N>{};
+        const float* cent = cb.centroids + g * KC * Cc;
+        const float* h = hist + g * K * N;
+        for (std::size_t j = 0; j < KC; ++j) {
+          const V<N> hv = load<N>(h + j * N);
+          for (std::size_t c = 0; c < Cc; ++c) acc[c] += hv * cent[j * Cc + c];
+        }
+        for (std::size_t c = 0; c < Cc; ++c)
+          for (std::size_t hd = 0; hd < heads; ++hd) out[hd * out_stride + g * Cc + c] += acc[c][hd];
+      }
+    };
+    if (N <= 8) {
+      if (C == 8) return fixed.template operator()<8>();
+      if (C == 4) return fixed.template operator()<4>();
+      if (C == 2) return fixed.template operator()<2>();
+    }
     LaneRows<N> acc(C);
     for (std::size_t g = 0; g < cb.groups; ++g) {
       for (std::size_t c = 0; c < C; ++c) acc[c] = V<N>{};
