@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 // 16-lane vectors pass between these inline helpers also when only AVX2 is enabled (two registers
 // each); GCC notes that such a vector's ABI would differ under AVX-512. That matters only when
@@ -304,19 +305,23 @@ struct SimdGroupOps {
     const std::size_t C = cb.channels, K = cb.padded_centroids, KC = cb.num_centroids();
     // The usual group widths with the C accumulators in registers (a run-time C keeps them on the
     // stack, a load and a store per multiply-add); the same sums in the same order either way.
-    auto fixed = [&]<std::size_t Cc>() {
+    // `width` is C, as a compile-time constant where it can be.
+    auto run = [&](auto& acc, auto width) {
       for (std::size_t g = 0; g < cb.groups; ++g) {
-        V<N> acc[Cc];
-        for (auto& a : acc) a = V<N>{};
-        const float* cent = cb.centroids + g * KC * Cc;
+        for (std::size_t c = 0; c < width; ++c) acc[c] = V<N>{};
+        const float* cent = cb.centroids + g * KC * width;
         const float* h = hist + g * K * N;
         for (std::size_t j = 0; j < KC; ++j) {
           const V<N> hv = load<N>(h + j * N);
-          for (std::size_t c = 0; c < Cc; ++c) acc[c] += hv * cent[j * Cc + c];
+          for (std::size_t c = 0; c < width; ++c) acc[c] += hv * cent[j * width + c];
         }
-        for (std::size_t c = 0; c < Cc; ++c)
-          for (std::size_t hd = 0; hd < heads; ++hd) out[hd * out_stride + g * Cc + c] += acc[c][hd];
+        for (std::size_t c = 0; c < width; ++c)
+          for (std::size_t hd = 0; hd < heads; ++hd) out[hd * out_stride + g * width + c] += acc[c][hd];
       }
+    };
+    auto fixed = [&]<std::size_t Cc>() {
+      V<N> acc[Cc];
+      run(acc, std::integral_constant<std::size_t, Cc>{});
     };
     if (N <= 8) {
       if (C == 8) return fixed.template operator()<8>();
@@ -324,17 +329,7 @@ struct SimdGroupOps {
       if (C == 2) return fixed.template operator()<2>();
     }
     LaneRows<N> acc(C);
-    for (std::size_t g = 0; g < cb.groups; ++g) {
-      for (std::size_t c = 0; c < C; ++c) acc[c] = V<N>{};
-      const float* cent = cb.centroids + g * KC * C;
-      const float* h = hist + g * K * N;
-      for (std::size_t j = 0; j < KC; ++j) {
-        const V<N> hv = load<N>(h + j * N);
-        for (std::size_t c = 0; c < C; ++c) acc[c] += hv * cent[j * C + c];
-      }
-      for (std::size_t c = 0; c < C; ++c)
-        for (std::size_t hd = 0; hd < heads; ++hd) out[hd * out_stride + g * C + c] += acc[c][hd];
-    }
+    run(acc, C);
   }
 };
 
