@@ -24,10 +24,6 @@ namespace cq::cuda {
 template <class T>
 concept device_element = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
 
-/// The DType of a device element type.
-template <device_element T>
-inline constexpr DType dtype_of = std::same_as<T, float> ? DType::f32 : std::same_as<T, __half> ? DType::f16 : DType::bf16;
-
 /// Calls f(T{}) with T the device element type of t (float for F32, __half for F16,
 /// __nv_bfloat16 for BF16; t must be one of them: callers check attention_dtype or the like).
 template <class F>
