@@ -113,10 +113,12 @@ __global__ void __launch_bounds__(encode_pages_threads<Lanes>) encode_pages_kern
   const std::int64_t slot = row < p.rows ? p.slots[row] : -1;
   const bool write = slot >= 0 && std::size_t(slot) < p.pages * P;
   if (Lanes == 1 && !write) return;
-  const T* x = (values ? p.values : p.keys) + row * p.row_stride + std::size_t(h) * p.head_stride + std::size_t(g) * C;
-  float xv[C];
+  float xv[C] = {};
+  if (write) {
+    const T* x = (values ? p.values : p.keys) + row * p.row_stride + std::size_t(h) * p.head_stride + std::size_t(g) * C;
 #pragma unroll
-  for (int c = 0; c < C; ++c) xv[c] = write ? element_to_float(x[c]) : 0.0f;
+    for (int c = 0; c < C; ++c) xv[c] = element_to_float(x[c]);
+  }
   const unsigned code = nearest_centroid_lanes<C, Lanes>(xv, cents, K);
   if (!write || threadIdx.x % Lanes != 0) return;
   const std::size_t page = std::size_t(slot) / P, t = std::size_t(slot) % P;
