@@ -44,10 +44,11 @@ class FusedAttention;
 
 namespace detail {
 
-/// Queries of type t (f16 or bf16) as floats: n elements from src into dst.
-__global__ void queries_to_float_kernel(const void* src, DType t, std::size_t n, float* dst) {
+/// Queries of element type T (__half or __nv_bfloat16) as floats: n elements from src into dst.
+template <device_element T>
+__global__ void queries_to_float_kernel(const T* src, std::size_t n, float* dst) {
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
-    dst[i] = load_element(src, t, i);
+    dst[i] = element_to_float(src[i]);
 }
 
 /// Launches a plan on `stream` with only the `stages` of it switched on (AttentionStage; timing
@@ -59,7 +60,11 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
   if (batch.q_type != DType::f32) {  // the kernels read f32 queries (AttentionBatch::query)
     const std::size_t n = std::size_t(batch.batch) * batch.q_heads * batch.head_dim;
     float* q = reinterpret_cast<float*>(base + plan.queries);
-    queries_to_float_kernel<<<unsigned(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(batch.q, batch.q_type, n, q);
+    visit_element_type(batch.q_type, [&](auto t) {
+      using T = decltype(t);
+      queries_to_float_kernel<T><<<unsigned(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
+          static_cast<const T*>(batch.q), n, q);
+    });
     CQ_CUDA_CHECK_LAUNCH(queries_to_float_kernel);
     batch.q = q;
     batch.q_type = DType::f32;
@@ -69,13 +74,13 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     const GroupedRowsLaunch& g = plan.grouped_rows;
     float* partial = at(g.partial);
     unsigned char* codebooks = base + g.codebooks;
-    half_codebooks_kernel<<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
+    half_codebooks_kernel<><<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
         batch, plan.shape.key_channels, plan.shape.value_channels, codebooks);
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
     g.kernel<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
     CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
     if (plan.splits > 1) {
-      combine_kernel<<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
+      combine_kernel<><<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
       CQ_CUDA_CHECK_LAUNCH(combine_kernel);
     }
     return;
@@ -86,7 +91,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     t.kernel<<<t.grid, t.threads, plan.shared_bytes, stream>>>(batch, t.layout, partial, stages);
     CQ_CUDA_CHECK_LAUNCH(lane_tables_kernel);
     if (plan.splits > 1) {  // one split writes the output itself
-      combine_kernel<<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
+      combine_kernel<><<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
       CQ_CUDA_CHECK_LAUNCH(combine_kernel);
     }
     return;
@@ -95,7 +100,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
   const GeneralLayout& L = g.layout;
   float* luts = at(g.luts);
   if (g.lut_blocks > 0) {
-    score_table_kernel<<<dim3(g.lut_blocks, unsigned(batch.batch * batch.q_heads)), 256, 0, stream>>>(
+    score_table_kernel<><<<dim3(g.lut_blocks, unsigned(batch.batch * batch.q_heads)), 256, 0, stream>>>(
         batch, L.key_groups, L.key_centroids, luts);
     CQ_CUDA_CHECK_LAUNCH(score_table_kernel);
   }

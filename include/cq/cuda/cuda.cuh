@@ -3,6 +3,11 @@
 /// writing rows into full-precision pages, fused decode attention over codes and rows (contiguous
 /// or paged) and batched k-means calibration, on device memory the caller owns and on the caller's
 /// streams.
+///
+/// Every kernel in these headers is a template (those without a parameter of their own take a
+/// defaulted one): a plain __global__ function defined in a header would be defined again in every
+/// translation unit that includes it, and a program with two such units would not link. Template
+/// instantiations are emitted once per program. (tests/cuda builds two units that include this.)
 
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"

@@ -51,14 +51,6 @@ __device__ __forceinline__ float4 load_float4(const T* p, std::size_t i) {
   }
 }
 
-/// Element i of a tensor of type `t` (f32, f16 or bf16), as float: for one-off loads; loops use
-/// the typed functions.
-__device__ __forceinline__ float load_element(const void* p, DType t, std::size_t i) {
-  if (t == DType::f16) return __half2float(static_cast<const __half*>(p)[i]);
-  if (t == DType::bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
-
 /// Stores v as element i of a tensor of type `t` (rounded to nearest).
 __device__ __forceinline__ void store_element(void* p, DType t, std::size_t i, float v) {
   if (t == DType::f16) static_cast<__half*>(p)[i] = __float2half_rn(v);

@@ -41,6 +41,7 @@ __device__ inline void merge_splits(const float* src, int splits, int D, int d, 
 }
 
 /// Merges the splits of every (sequence, query head): out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s.
+template <class = void>  // a template only so that headers can define it (cuda.cuh)
 __global__ void combine_kernel(AttentionBatch p, int splits, const float* __restrict__ partial) {
   const int bh = blockIdx.x, D = p.head_dim;
   const float* src = partial + std::size_t(bh) * splits * (2 + D);

@@ -12,6 +12,7 @@
 namespace cq::cuda::detail {
 
 /// Score tables of every (sequence, query head): lut[b][hq][g][j] = scale * q_g . centroid_K[g][j].
+template <class = void>  // a template only so that headers can define it (cuda.cuh)
 __global__ void score_table_kernel(AttentionBatch p, int key_groups, int key_centroids, float* __restrict__ lut) {
   const int bh = blockIdx.y, hq = bh % p.q_heads;
   const int kvh = hq / (p.q_heads / p.kv_heads), D = p.head_dim;

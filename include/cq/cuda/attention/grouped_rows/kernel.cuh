@@ -102,6 +102,7 @@ struct HalfCodebooks {
 
 /// Grid (groups, 2, KV heads): block (g, which, h) converts group g of KV head h's key (which =
 /// 0) or value codebook to half precision, scaled by range_scale of its largest magnitude.
+template <class = void>  // a template only so that headers can define it (cuda.cuh)
 __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, int key_channels, int value_channels,
                                                              unsigned char* __restrict__ out) {
   const int g = blockIdx.x, which = blockIdx.y, h = blockIdx.z, C = which ? value_channels : key_channels;
