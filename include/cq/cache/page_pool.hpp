@@ -2,7 +2,8 @@
 /// PageSet: a fixed number of equally sized pages for every layer, with reference counts (pages
 /// are shared between sequences after a fork) and a free list. All its memory is taken once, at
 /// construction, from the engine's std::pmr::memory_resource or from a buffer the engine hands
-/// over; taking and releasing pages never allocates.
+/// over; taking and releasing pages never allocates. The page bytes may be device memory: then a
+/// PageMemory says how pages are zeroed and copied, and the set never touches them itself.
 
 #include "cq/cache/layout.hpp"
 #include "cq/detail/checked.hpp"
@@ -19,15 +20,32 @@
 
 namespace cq {
 
+/// How a PageSet writes page bytes: zeroing a page it hands out, copying a shared page into a fresh
+/// one before a write (copy-on-write). Without one, the bytes are host memory (memset, memcpy). A
+/// cache whose pages live in device memory queues both for its stream instead
+/// (cuda/cache/paged_kv_cache.cuh). Called from commits, which cannot fail: must not throw.
+class PageMemory {
+ public:
+  virtual void zero(std::byte* page, std::size_t bytes) noexcept = 0;
+  virtual void copy(std::byte* to, const std::byte* from, std::size_t bytes) noexcept = 0;
+
+ protected:
+  ~PageMemory() = default;
+};
+
 class PageSet {
  public:
   PageSet() = default;
   /// `pages` pages of layer_bytes[l] bytes for every layer l (each a multiple of 64). The page
   /// bytes come from `external` when it is given (it must hold bytes_for() bytes, 64-byte
   /// aligned; the engine keeps it alive), else from `mem`; the bookkeeping always from `mem`.
+  /// `page_memory` (optional, kept by reference) writes the page bytes: given for device memory,
+  /// which must then be `external`.
   PageSet(std::span<const std::size_t> layer_bytes, std::size_t pages, std::pmr::memory_resource* mem,
-          std::span<std::byte> external = {}, const char* what = "pages")
-      : mem_(mem ? mem : std::pmr::get_default_resource()), what_(what) {
+          std::span<std::byte> external = {}, const char* what = "pages", PageMemory* page_memory = nullptr)
+      : mem_(mem ? mem : std::pmr::get_default_resource()), what_(what), page_memory_(page_memory) {
+    CQ_CHECK(!page_memory || !external.empty() || pages == 0, what_,
+             ": pages written through a PageMemory must be in a buffer the caller supplies");
     CQ_CHECK(pages < UINT32_MAX, what_, ": ", pages, " pages exceed the 32-bit page ids");
     const std::size_t bytes = bytes_for(layer_bytes, pages, what_);
     if (!external.empty() || pages == 0) {
@@ -107,7 +125,22 @@ class PageSet {
     CQ_ASSERT(free_count_ > 0);
     const std::uint32_t id = free_[--free_count_];
     refs_[id] = 1;
-    for (std::size_t l = 0; l < layers_; ++l) std::memset(page(l, id), 0, book_[l]);
+    for (std::size_t l = 0; l < layers_; ++l) {
+      if (page_memory_) page_memory_->zero(page(l, id), book_[l]);
+      else std::memset(page(l, id), 0, book_[l]);
+    }
+    return id;
+  }
+  /// A free page holding a copy of every layer's bytes of page `from`, held once (copy-on-write).
+  /// Requires free_pages() > 0.
+  std::uint32_t take_copy(std::uint32_t from) {
+    CQ_ASSERT(free_count_ > 0);
+    const std::uint32_t id = free_[--free_count_];
+    refs_[id] = 1;
+    for (std::size_t l = 0; l < layers_; ++l) {
+      if (page_memory_) page_memory_->copy(page(l, id), page(l, from), book_[l]);
+      else std::memcpy(page(l, id), page(l, from), book_[l]);
+    }
     return id;
   }
   void retain(std::uint32_t id) { ++refs_[id]; }
@@ -116,14 +149,11 @@ class PageSet {
     if (--refs_[id] == 0) free_[free_count_++] = id;
   }
   std::uint32_t refs(std::uint32_t id) const { return refs_[id]; }
-  /// Copies every layer's bytes of page `from` into page `to`.
-  void copy(std::uint32_t from, std::uint32_t to) const {
-    for (std::size_t l = 0; l < layers_; ++l) std::memcpy(page(l, to), page(l, from), book_[l]);
-  }
 
   /// More pages, keeping every page's id and contents (pool memory only; strong guarantee).
   void grow(std::size_t pages) {
     if (pages <= pages_) return;
+    CQ_CHECK(!page_memory_, what_, ": pages written through a PageMemory (device memory) cannot grow");
     CQ_CHECK(owned_bytes_ > 0 || pages_ == 0, what_, ": an engine-supplied buffer cannot grow");
     PageSet bigger(std::span<const std::size_t>(book_, layers_), pages, mem_, {}, what_);
     for (std::size_t l = 0; l < layers_; ++l)
@@ -140,6 +170,7 @@ class PageSet {
   void swap(PageSet& o) noexcept {
     std::swap(mem_, o.mem_);
     std::swap(what_, o.what_);
+    std::swap(page_memory_, o.page_memory_);
     std::swap(layers_, o.layers_);
     std::swap(book_, o.book_);
     std::swap(data_, o.data_);
@@ -163,6 +194,7 @@ class PageSet {
 
   std::pmr::memory_resource* mem_ = nullptr;
   const char* what_ = "pages";
+  PageMemory* page_memory_ = nullptr;  // nullptr: host bytes
   std::size_t layers_ = 0;
   std::size_t* book_ = nullptr;
   std::byte* data_ = nullptr;

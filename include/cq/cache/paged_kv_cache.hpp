@@ -84,14 +84,7 @@ class PagedKVCache {
   /// Takes the pages `tokens` more tokens of sequence s need in every layer now, so the appends
   /// of a step cannot fail for a full pool halfway through the layers. Throws if the pool cannot
   /// hold them (nothing taken).
-  void reserve(SeqId s, std::size_t tokens) {
-    const auto& q = table_.at(s, "reserve");
-    const std::size_t n = q.max_length();
-    CQ_CHECK(tokens <= max_tokens - n, "reserve: ", tokens, " more tokens overflow sequence ", s);
-    const SequenceTable::Plan p = table_.plan_write(s, n, n + tokens, table_.keep_bound(q, SIZE_MAX, 0), "reserve");
-    table_.check_pages(p.code_take, p.full_take, "reserve", "the tokens");
-    table_.commit(s, p);
-  }
+  void reserve(SeqId s, std::size_t tokens) { table_.commit(s, table_.plan_reserve(s, tokens, max_tokens)); }
 
   /// Pages (code, full-precision) an append of `tokens` rows to sequence s in `layer` would take
   /// from the pool's free lists now.
@@ -125,42 +118,29 @@ class PagedKVCache {
     CQ_CHECK(keys.cols == width && values.cols == width && values.rows == keys.rows, "append: keys are ", keys.rows,
              " x ", keys.cols, " and values ", values.rows, " x ", values.cols,
              "; both must be tokens x (kv_heads * head_dim) = tokens x ", width);
-    check_indptr(seqs, indptr, keys.rows, "append");
+    SequenceTable::check_indptr(seqs, indptr, keys.rows, "append");
     CQ_CHECK(cb_->complete(layer), "append: layer ", layer, " has no codebooks yet (install them in the KVCodebooks)");
     detail::check_finite_rows(keys, "append: keys");
     detail::check_finite_rows(values, "append: values");
-    std::vector<SequenceTable::Plan> plans(seqs.size());
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const auto& q = table_.at(seqs[i], "append");
-      for (std::size_t j = 0; j < i; ++j)
-        CQ_CHECK(seqs[j] != seqs[i], "append: sequence ", seqs[i], " appears twice in one batch");
-      const std::size_t n0 = q.length[layer], m = indptr[i + 1] - indptr[i];
-      CQ_CHECK(m <= max_tokens - n0, "append: ", m, " tokens overflow sequence ", seqs[i], " (", n0, " held)");
-      if (positions)
-        for (std::size_t r = 0; r < m; ++r) {
+    table_.check_append(layer, seqs, indptr, max_tokens, "append");
+    if (positions)
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        const auto& q = table_.at(seqs[i], "append");
+        const std::size_t n0 = q.length[layer];
+        for (std::size_t r = 0; r < indptr[i + 1] - indptr[i]; ++r) {
           const std::size_t want = q.position_offset + n0 + r, got = positions[indptr[i] + r];
           CQ_CHECK(got == want, "append: row ", indptr[i] + r, " of sequence ", seqs[i], " has position ", got,
                    got < want ? " (positions go backwards; " : " (positions skip; ", "the next position is ", want, ")");
         }
-    }
+      }
     // Every sequence's pages are planned before any is taken: the pool must hold them all.
-    std::size_t code_take = 0, full_take = 0;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const auto& q = table_.at(seqs[i], "append");
-      const std::size_t n0 = q.length[layer], n1 = n0 + (indptr[i + 1] - indptr[i]);
-      plans[i] = table_.plan_write(seqs[i], n0, n1, table_.keep_bound(q, layer, n0), "append");
-      code_take += plans[i].code_take;
-      full_take += plans[i].full_take;
-    }
-    table_.check_pages(code_take, full_take, "append", seqs.size() == 1 ? "the rows" : "the batch's rows");
+    const std::vector<SequenceTable::Plan> plans = table_.plan_append(layer, seqs, indptr, max_tokens, "append");
     for (std::size_t i = 0; i < seqs.size(); ++i) {
       const std::size_t n0 = table_.at(seqs[i], "append").length[layer];
       table_.commit(seqs[i], plans[i]);
       write_rows(layer, seqs[i], n0, keys.middle_rows(indptr[i], indptr[i + 1] - indptr[i]),
                  values.middle_rows(indptr[i], indptr[i + 1] - indptr[i]));
-      auto& q = table_.mut(seqs[i], "append");
-      q.length[layer] = plans[i].n1;
-      q.last_begin[layer] = n0;
+      table_.finish_append(seqs[i], layer, plans[i]);
     }
   }
 
@@ -186,7 +166,7 @@ class PagedKVCache {
              " columns; it needs q_heads * head_dim with q_heads a multiple of kv_heads = ", H);
     CQ_CHECK(out.rows == q.rows && out.cols == q.cols, "attend: out is ", out.rows, " x ", out.cols, ", q is ", q.rows,
              " x ", q.cols);
-    check_indptr(seqs, indptr, q.rows, "attend");
+    SequenceTable::check_indptr(seqs, indptr, q.rows, "attend");
     CQ_CHECK(cb_->complete(layer), "attend: layer ", layer, " has no codebooks yet");
     const float scale = detail::resolve_scale(opt.scale, D, "attend");
     const std::size_t group = q.cols / D / H;
@@ -300,15 +280,7 @@ class PagedKVCache {
   /// bookkeeping). codes + full + tables is what the cache took from its memory resource (pools
   /// supplied by the engine aside), a few bytes per layer of fixed descriptors aside.
   MemoryUsage memory() const {
-    MemoryUsage m;
-    const PageSet &c = table_.code_pages(), &f = table_.full_pages();
-    m.codes = c.pages() * c.page_bytes();
-    m.full = f.pages() * f.page_bytes();
-    m.codes_in_use = c.used_pages() * c.page_bytes();
-    m.full_in_use = f.used_pages() * f.page_bytes();
-    m.codebooks = cb_->memory();
-    m.tables = table_.table_bytes();
-    return m;
+    return table_.memory(cb_->memory());
   }
 
   /// More pages for the pool (page contents and ids kept; pools the cache allocated only). For
@@ -323,15 +295,6 @@ class PagedKVCache {
 
   void check_layer(std::size_t layer, const char* what) const {
     CQ_CHECK(layer < cb_->layers(), what, ": layer ", layer, " out of range (layers = ", cb_->layers(), ")");
-  }
-  static void check_indptr(std::span<const SeqId> seqs, std::span<const std::size_t> indptr, std::size_t rows,
-                           const char* what) {
-    CQ_CHECK(indptr.size() == seqs.size() + 1, what, ": indptr has ", indptr.size(), " entries for ", seqs.size(),
-             " sequences (needs sequences + 1)");
-    CQ_CHECK(indptr[0] == 0 && indptr.back() == rows, what, ": indptr must run from 0 to the ", rows,
-             " rows, got ", indptr[0], " .. ", indptr.back());
-    for (std::size_t i = 0; i < seqs.size(); ++i)
-      CQ_CHECK(indptr[i] <= indptr[i + 1], what, ": indptr decreases at entry ", i + 1);
   }
   /// Writes rows [n0, n0 + m) of sequence s in `layer`: sinks to sink pages; every later row coded
   /// into the code pages and copied into the recent pages. The pages exist and are the sequence's

@@ -46,10 +46,14 @@ class SequenceTable {
     std::size_t max_length() const { return length.empty() ? 0 : *std::max_element(length.begin(), length.end()); }
   };
 
-  SequenceTable(const MemoryPlan& plan, const PagedCacheOptions& opt, std::size_t layers)
+  /// `page_memory` (optional): how page bytes are written, when they are not host memory
+  /// (page_pool.hpp); the pool is then opt.pool_memory.
+  SequenceTable(const MemoryPlan& plan, const PagedCacheOptions& opt, std::size_t layers,
+                PageMemory* page_memory = nullptr)
       : opt_(opt), layers_(layers), mem_(opt.memory ? opt.memory : std::pmr::get_default_resource()),
-        code_(plan.code_layer_bytes(), opt.code_pages, mem_, code_memory(plan, opt), "code pages"),
-        full_(plan.full_layer_bytes(), opt.full_pages, mem_, full_memory(plan, opt), "full-precision pages"),
+        code_(plan.code_layer_bytes(), opt.code_pages, mem_, code_memory(plan, opt), "code pages", page_memory),
+        full_(plan.full_layer_bytes(), opt.full_pages, mem_, full_memory(plan, opt), "full-precision pages",
+              page_memory),
         seqs_(mem_), free_ids_(mem_) {
     seqs_.reserve(opt.max_sequences);
     free_ids_.reserve(opt.max_sequences);
@@ -165,6 +169,72 @@ class SequenceTable {
              full_.free_pages(), " of ", full_.pages(), " are free");
   }
 
+  /// Checks a batch's rows per sequence: rows [indptr[i], indptr[i + 1]) of `rows` belong to seqs[i].
+  static void check_indptr(std::span<const SeqId> seqs, std::span<const std::size_t> indptr, std::size_t rows,
+                           const char* what) {
+    CQ_CHECK(indptr.size() == seqs.size() + 1, what, ": indptr has ", indptr.size(), " entries for ", seqs.size(),
+             " sequences (needs sequences + 1)");
+    CQ_CHECK(indptr[0] == 0 && indptr.back() == rows, what, ": indptr must run from 0 to the ", rows,
+             " rows, got ", indptr[0], " .. ", indptr.back());
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      CQ_CHECK(indptr[i] <= indptr[i + 1], what, ": indptr decreases at entry ", i + 1);
+  }
+
+  /// Checks that seqs are live and distinct and that appending rows [indptr[i], indptr[i + 1]) keeps
+  /// each within `max_tokens` tokens in `layer` (indptr checked); throws cq::Error naming `what`.
+  void check_append(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
+                    std::size_t max_tokens, const char* what) const {
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const Sequence& q = at(seqs[i], what);
+      for (std::size_t j = 0; j < i; ++j)
+        CQ_CHECK(seqs[j] != seqs[i], what, ": sequence ", seqs[i], " appears twice in one batch");
+      const std::size_t n0 = q.length[layer], m = indptr[i + 1] - indptr[i];
+      CQ_CHECK(m <= max_tokens - n0, what, ": ", m, " tokens overflow sequence ", seqs[i], " (", n0, " held)");
+    }
+  }
+
+  /// Plans appending rows [indptr[i], indptr[i + 1]) to seqs[i] in `layer` (live, distinct
+  /// sequences of at most `max_tokens` tokens afterwards; indptr checked): one plan per sequence,
+  /// every page of all of them counted against the pool. Throws cq::Error naming `what` (nothing
+  /// visible changed) when a check fails or the pool is full.
+  std::vector<Plan> plan_append(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
+                                std::size_t max_tokens, const char* what) {
+    check_append(layer, seqs, indptr, max_tokens, what);
+    std::vector<Plan> plans(seqs.size());
+    std::size_t code_take = 0, full_take = 0;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const Sequence& q = at(seqs[i], what);
+      const std::size_t n0 = q.length[layer], n1 = n0 + (indptr[i + 1] - indptr[i]);
+      plans[i] = plan_write(seqs[i], n0, n1, keep_bound(q, layer, n0), what);
+      code_take += plans[i].code_take;
+      full_take += plans[i].full_take;
+    }
+    check_pages(code_take, full_take, what, seqs.size() == 1 ? "the rows" : "the batch's rows");
+    return plans;
+  }
+  /// Plans taking the pages `tokens` more tokens of sequence s need in every layer (reserve), with
+  /// at most `max_tokens` tokens afterwards; throws cq::Error (nothing visible changed) on overflow
+  /// or when the pool cannot hold them.
+  Plan plan_reserve(SeqId s, std::size_t tokens, std::size_t max_tokens) {
+    const Sequence& q = at(s, "reserve");
+    const std::size_t n = q.max_length();
+    CQ_CHECK(tokens <= max_tokens - n, "reserve: ", tokens, " more tokens overflow sequence ", s);
+    const Plan p = plan_write(s, n, n + tokens, keep_bound(q, SIZE_MAX, 0), "reserve");
+    check_pages(p.code_take, p.full_take, "reserve", "the tokens");
+    return p;
+  }
+
+  /// Records that `layer` of sequence s now holds plan p's positions, written by an append that
+  /// started at its previous length.
+  void finish_append(SeqId s, std::size_t layer, const Plan& p) noexcept {
+    Sequence& q = seqs_[s];
+    q.last_begin[layer] = q.length[layer];
+    q.length[layer] = p.n1;
+  }
+  /// Pages a commit of plan p takes from the free lists at most (each written once per layer
+  /// through the PageMemory: zeroed, or copied from a shared page).
+  static std::size_t pages_taken(const Plan& p) { return p.code_take + p.full_take + p.drop_recent; }
+
   /// Carries out a plan (cannot fail): releases dropped rows, copies shared pages about to be
   /// written, takes new pages. The caller then writes the rows and sets the lengths.
   void commit(SeqId s, const Plan& p) noexcept {
@@ -217,6 +287,18 @@ class SequenceTable {
     }
   }
 
+  /// Bytes by part (PagedKVCache::memory): the pools, the pages in use, `codebook_bytes`, tables.
+  MemoryUsage memory(std::size_t codebook_bytes) const {
+    MemoryUsage m;
+    m.codes = code_.pages() * code_.page_bytes();
+    m.full = full_.pages() * full_.page_bytes();
+    m.codes_in_use = code_.used_pages() * code_.page_bytes();
+    m.full_in_use = full_.used_pages() * full_.page_bytes();
+    m.codebooks = codebook_bytes;
+    m.tables = table_bytes();
+    return m;
+  }
+
   /// Bytes of tables (sequence records and page tables) taken from the memory resource.
   std::size_t table_bytes() const {
     std::size_t b = seqs_.capacity() * sizeof(Sequence) + free_ids_.capacity() * sizeof(SeqId);
@@ -252,8 +334,7 @@ class SequenceTable {
   static void unshare(std::pmr::vector<std::uint32_t>& t, std::size_t from, PageSet& set) noexcept {
     for (std::size_t i = from; i < t.size(); ++i)
       if (set.refs(t[i]) > 1) {
-        const std::uint32_t fresh = set.take();
-        set.copy(t[i], fresh);
+        const std::uint32_t fresh = set.take_copy(t[i]);
         set.release(t[i]);
         t[i] = fresh;
       }
