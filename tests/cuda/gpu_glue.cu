@@ -4,7 +4,14 @@
 #include "gpu_glue.hpp"
 
 #include <cq/attention/problem.hpp>
-#include <cq/cuda/cuda.cuh>
+// The headers it uses, not the umbrella cuda.cuh, so that edits to the device cache do not rebuild
+// this unit (second_unit.cu includes the umbrella).
+#include <cq/cuda/attention.cuh>
+#include <cq/cuda/cache/encode_pages.cuh>
+#include <cq/cuda/cache/full_pages.cuh>
+#include <cq/cuda/host_elements.cuh>
+#include <cq/cuda/kmeans.cuh>
+#include <cq/cuda/quantizer.cuh>
 #pragma nv_diag_default 20012
 
 #include <algorithm>
@@ -412,29 +419,12 @@ std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>&
   return from_bytes(dout.to_host(), precision.out);
 }
 
-namespace {
-
-template <class T>
-struct device_type_of {
-  using type = T;
-};
-template <>
-struct device_type_of<half> {
-  using type = __half;
-};
-template <>
-struct device_type_of<bfloat16> {
-  using type = __nv_bfloat16;
-};
-
-}  // namespace
-
 template <class T>
 GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>& q, float scale, Kernel kernel,
                               const std::vector<T>& keys, const std::vector<T>& values,
                               const std::vector<std::int64_t>& code_slots, const std::vector<std::int64_t>& full_slots,
                               int replays) {
-  using DT = typename device_type_of<T>::type;
+  using DT = cuda::device_element_t<T>;
   static_assert(sizeof(DT) == sizeof(T));
   DeviceBatch d = device_batch(hb, DeviceCodes{.pages = true, .full_pages = true});
   const std::size_t B = hb.lengths.size(), H = std::size_t(d.shape.kv_heads), D = std::size_t(d.shape.head_dim);

@@ -33,16 +33,21 @@
 
 namespace cq::cuda {
 
-/// One call's new rows and their slots (encode_into_pages, write_full_rows): key (and value) of
-/// row i, KV head h at keys + i x row_stride + h x head_stride (elements; [tokens, kv_heads,
-/// head_dim] is row_stride = kv_heads x head_dim, head_stride = head_dim; one sequence's [kv_heads,
-/// tokens, head_dim] is row_stride = head_dim, head_stride = tokens x head_dim); slots[i] is where
-/// row i goes (each call says in what), negative for padding. All pointers are device memory.
+/// New K/V rows in device memory: the key (and value) of row i, KV head h at keys + i x row_stride
+/// + h x head_stride (elements; [tokens, kv_heads, head_dim] is row_stride = kv_heads x head_dim,
+/// head_stride = head_dim; one sequence's [kv_heads, tokens, head_dim] is row_stride = head_dim,
+/// head_stride = tokens x head_dim).
 template <device_element T>
-struct SlotRows {
+struct DeviceRows {
   const T* keys = nullptr;
   const T* values = nullptr;
   std::size_t rows = 0, row_stride = 0, head_stride = 0;
+};
+
+/// One call's new rows and their slots (encode_into_pages, write_full_rows): slots[i] is where row
+/// i goes (each call says in what), negative for padding. All pointers are device memory.
+template <device_element T>
+struct SlotRows : DeviceRows<T> {
   const std::int64_t* slots = nullptr;  // [rows]
 };
 
