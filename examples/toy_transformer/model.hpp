@@ -117,8 +117,18 @@ class Model {
     rope_ = std::make_unique<RopeTable>(cfg_.max_seq_len, cfg_.head_dim, cfg_.rope_theta);
   }
 
+  /// One block's weights, as nn.Linear stores them: (out_features, in_features).
+  struct Layer {
+    Vec attn_norm, ffn_norm;
+    Mat wq, wk, wv, wo, w1, w2, w3;
+  };
+
   const Config& config() const { return cfg_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const Mat& embeddings() const { return embed_; }     // (vocab, dim)
+  const Layer& layer(int l) const { return layers_[std::size_t(l)]; }
+  const Vec& final_norm() const { return norm_; }      // (dim)
+  const Mat& output() const { return out_; }           // (vocab, dim)
   const RopeTable& rope() const { return *rope_; }
 
   /// Activations captured per layer for calibration: keys before and after RoPE, values.
@@ -175,10 +185,6 @@ class Model {
   }
 
  private:
-  struct Layer {
-    Vec attn_norm, ffn_norm;
-    Mat wq, wk, wv, wo, w1, w2, w3;
-  };
   Mat rms_norm(const Mat& x, const Vec& w) const {
     Mat y(x.rows(), x.cols());
     for (int r = 0; r < x.rows(); ++r) {
