@@ -133,6 +133,76 @@ std::vector<float> DeviceCache<T>::attend(std::size_t layer, std::span<const Seq
 }
 
 template <class T>
+std::vector<float> DeviceCache<T>::decode_steps(std::span<const SeqId> seqs, int q_heads, const std::vector<T>& keys,
+                                                const std::vector<T>& values, const std::vector<float>& q,
+                                                std::size_t steps, int mode, std::size_t max_context, int* captures) {
+  using DT = cuda::device_element_t<T>;
+  cuda::PagedKVCache<T>& cache = *impl_->cache;
+  const cudaStream_t st = impl_->stream;
+  const std::size_t B = seqs.size(), L = cache.codebooks().layers(), H = cache.codebooks().kv_heads(),
+                    D = cache.codebooks().head_dim(), kw = H * D, qw = std::size_t(q_heads) * D;
+  CQ_CHECK(keys.size() == steps * B * kw && values.size() == keys.size() && q.size() == steps * B * qw,
+           "gpu_test: decode_steps inputs have the wrong sizes");
+  // Fixed device buffers: a graph captures their addresses; each step's inputs are copied in.
+  cuda::DeviceBuffer<DT> dk(B * kw), dv(B * kw);
+  cuda::DeviceBuffer<float> dq(B * qw), dout(L * B * qw);
+  std::vector<std::size_t> indptr(B + 1);
+  for (std::size_t i = 0; i <= B; ++i) indptr[i] = i;
+  std::vector<float> result;
+  cudaGraphExec_t exec = nullptr;
+  int captured = 0;
+  auto in_of = [&](std::size_t l) {
+    cuda::DecodeQueries in;
+    in.q_heads = q_heads;
+    in.q = dq.data();
+    in.out = dout.data() + l * B * qw;
+    return in;
+  };
+  const cuda::DeviceRows<DT> rows{dk.data(), dv.data(), B, kw, D};
+  auto layers = [&] {
+    for (std::size_t l = 0; l < L; ++l) {
+      cache.append_step(l, rows);
+      cache.attend_step(l, in_of(l));
+    }
+  };
+  for (std::size_t t = 0; t < steps; ++t) {
+    dk.upload(reinterpret_cast<const DT*>(keys.data()) + t * B * kw, B * kw, st);
+    dv.upload(reinterpret_cast<const DT*>(values.data()) + t * B * kw, B * kw, st);
+    dq.upload(q.data() + t * B * qw, B * qw, st);
+    if (mode == 0) {
+      for (std::size_t l = 0; l < L; ++l) {
+        cache.append(l, seqs, indptr, rows);
+        cache.attend(l, seqs, in_of(l));
+      }
+    } else {
+      const bool moved = cache.begin_decode_step(seqs, max_context);
+      if (mode == 1) {
+        layers();
+      } else {
+        if (moved || !exec) {
+          if (exec) CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+          for (std::size_t l = 0; l < L; ++l) cache.plan_step_attention(l, q_heads);
+          cudaGraph_t graph;
+          CQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+          layers();
+          CQ_CUDA_CHECK(cudaStreamEndCapture(st, &graph));
+          CQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+          CQ_CUDA_CHECK(cudaGraphDestroy(graph));
+          ++captured;
+        }
+        CQ_CUDA_CHECK(cudaGraphLaunch(exec, st));
+      }
+    }
+    impl_->sync();
+    const std::vector<float> out = dout.to_host(st);
+    result.insert(result.end(), out.begin(), out.end());
+  }
+  if (exec) CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  if (captures) *captures = captured;
+  return result;
+}
+
+template <class T>
 std::vector<std::uint8_t> DeviceCache<T>::pool() const {
   const std::span<std::byte> p = impl_->cache->pool();
   std::vector<std::uint8_t> h(p.size());

@@ -41,6 +41,15 @@ class DeviceCache {
   std::vector<float> attend(std::size_t layer, std::span<const SeqId> seqs, int q_heads, const std::vector<float>& q,
                             DType q_type, DType out_type, std::vector<float>* lse = nullptr,
                             std::span<const std::size_t> indptr = {});
+  /// `steps` decode steps of one token for each of seqs in every layer (the same rows in every
+  /// layer): keys and values [step][sequence][kv_heads x head_dim], queries [step][sequence][q_heads
+  /// x head_dim], f32 in and out. mode 0: append and attend per layer; 1: begin_decode_step, then
+  /// append_step and attend_step per layer; 2: the same captured in a CUDA graph at the first step
+  /// and replayed (recaptured when begin_decode_step says its buffers moved). Returns the outputs
+  /// [step][layer][sequence][q_heads x head_dim]; *captures counts the graphs captured.
+  std::vector<float> decode_steps(std::span<const SeqId> seqs, int q_heads, const std::vector<T>& keys,
+                                  const std::vector<T>& values, const std::vector<float>& q, std::size_t steps,
+                                  int mode, std::size_t max_context, int* captures = nullptr);
   /// The device pool, copied to the host: code pages of every layer, then full-precision pages.
   std::vector<std::uint8_t> pool() const;
 

@@ -241,3 +241,52 @@ TEST_CASE("cuda paged cache: options the GPU cannot serve are refused") {
   o.pool_memory = host;
   CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(post, o), "pool_memory names host memory");
 }
+
+TEST_CASE("cuda paged cache: decode steps through begin_decode_step, eager and in a CUDA graph, equal the append/attend calls") {
+  require_gpu();
+  constexpr std::size_t layers = 2, H = 2, D = 128, steps = 40;
+  constexpr int q_heads = 8;
+  KVCodebooks codebooks(layers, H, D, std::vector<LayerSpec>{{{8, 8}, {4, 8}}, {{4, 8}, {8, 8}}}, KeyRope::post);
+  for (std::size_t l = 0; l < layers; ++l)
+    for (std::size_t h = 0; h < H; ++h)
+      codebooks.set(l, h, test::random_codebook(D, l ? 4 : 8, 8, 50 + 4 * l + 2 * h),
+                    test::random_codebook(D, l ? 8 : 4, 8, 51 + 4 * l + 2 * h));
+  PagedCacheOptions o;
+  o.page_tokens = 64;
+  o.full_page_rows = 16;
+  o.window = 8;
+  o.sinks = 4;
+  const PagedCacheOptions opt = MemoryPlan(codebooks, o, sizeof(half)).pool_for(3, 300, 150);
+  const std::vector<std::size_t> prefill = {150, 70, 3};
+  const std::size_t width = H * D, rows = 223;
+  const std::vector<half> pk = test::convert<half>(test::random_normal(rows * width, 61));
+  const std::vector<half> pv = test::convert<half>(test::random_normal(rows * width, 62));
+  const std::vector<half> keys = test::convert<half>(test::random_normal(steps * 3 * width, 63));
+  const std::vector<half> values = test::convert<half>(test::random_normal(steps * 3 * width, 64));
+  const std::vector<float> q = test::random_normal(steps * 3 * q_heads * D, 65);
+  std::vector<std::vector<float>> out(3);
+  std::vector<std::vector<std::uint8_t>> pools(3);
+  int captures = 0;
+  for (int mode = 0; mode < 3; ++mode) {
+    gpu_test::DeviceCache<half> gpu(codebooks, opt);
+    std::vector<SeqId> seqs;
+    for (int i = 0; i < 3; ++i) seqs.push_back(gpu.add_sequence());
+    const std::size_t indptr[4] = {0, 150, 220, 223};
+    for (std::size_t l = 0; l < layers; ++l) gpu.append(l, seqs, indptr, pk, pv);
+    out[std::size_t(mode)] = gpu.decode_steps(seqs, q_heads, keys, values, q, steps, mode, 512, mode == 2 ? &captures : nullptr);
+    pools[std::size_t(mode)] = gpu.pool();
+    CHECK_THROWS_AS(gpu.decode_steps(seqs, q_heads, keys, values, q, 1, 1, 150 + steps), Error);  // past max_context
+  }
+  CHECK(pools[1] == pools[0]);
+  CHECK(pools[2] == pools[0]);
+  CHECK(out[2] == out[1]);  // the same launches, replayed
+  CHECK(captures == 1);     // the step's buffers stayed put
+  double worst = 0.0;       // the step's plan (contexts up to 512) against attend's own
+  const std::size_t n = q_heads * D;
+  for (std::size_t r = 0; r < out[0].size() / n; ++r) {
+    const std::vector<double> ref(out[0].begin() + std::ptrdiff_t(r * n), out[0].begin() + std::ptrdiff_t((r + 1) * n));
+    worst = std::max(worst, test::relative_error(out[1].data() + r * n, ref));
+  }
+  CHECK(worst < 1e-5);
+  MESSAGE("decode steps: the step API against append/attend, largest relative difference ", worst);
+}

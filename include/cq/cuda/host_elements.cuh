@@ -3,7 +3,9 @@
 /// the device types of the same bytes, for host code that hands a cache's rows to kernels. Apart
 /// from elements.cuh so that kernel headers do not pull in Eigen.
 
+#pragma nv_diag_suppress 20012  // Eigen's element types: defaulted __host__ __device__ members
 #include "cq/element.hpp"
+#pragma nv_diag_default 20012
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

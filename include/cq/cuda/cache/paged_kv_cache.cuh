@@ -17,12 +17,15 @@
 ///                                            few tokens of each (speculative verification)
 ///   add_sequence / fork / free_sequence / truncate / reserve   as on the CPU
 ///
+///   begin_decode_step(sequences, max_context), then per layer append_step / attend_step
+///                                            a decode step for a CUDA graph: the host work once per
+///                                            step, the per-layer calls only launch
+///
 /// Everything runs on the stream given at construction, asynchronously: the host plans and
-/// uploads, never waits for the device except when a pinned upload buffer is reused (four calls
-/// later) or a buffer grows. Not capturable in a CUDA graph as a whole (each call uploads what the
-/// host planned); engines that capture a step call encode_into_pages, write_full_rows and
-/// FusedAttention::run themselves on the pools (code_pool, full_pool) with tables they keep in
-/// device memory.
+/// uploads, never waits for the device except when a pinned upload buffer is reused (eight calls
+/// later) or a buffer grows. append and attend upload what the host planned, so they are not
+/// capturable; append_step and attend_step are (a graph per batch size and context bucket, as
+/// engines capture decode).
 ///
 /// Not yet on the GPU: keys coded before RoPE (refused with cq::Error), and a prefill kernel (query
 /// rows are served as decode rows, each reading its codes: right for a few draft tokens, slow for
@@ -31,10 +34,14 @@
 ///
 /// Thread safety: one thread at a time (the host bookkeeping and the upload buffers are shared).
 
+// cq's host headers bring Eigen's element types, whose defaulted __host__ __device__ members nvcc
+// warns about (Eigen's code, not used on the device here).
+#pragma nv_diag_suppress 20012
 #include "cq/attention/problem.hpp"
 #include "cq/cache/memory_plan.hpp"
 #include "cq/cache/sequence_table.hpp"
 #include "cq/cuda/attention.cuh"
+#include "cq/cuda/cache/attention_records.cuh"
 #include "cq/cuda/cache/encode_pages.cuh"
 #include "cq/cuda/cache/full_pages.cuh"
 #include "cq/cuda/cache/page_ops.cuh"
@@ -45,6 +52,7 @@
 #include "cq/element.hpp"
 #include "cq/error.hpp"
 #include "cq/kv_codebooks.hpp"
+#pragma nv_diag_default 20012
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -162,7 +170,7 @@ class PagedKVCache {
       CQ_CHECK(rows.row_stride >= D, "append: row_stride ", rows.row_stride, " is below head_dim ", D);
       CQ_CHECK(rows.rows <= 0x7fffffffu, "append: ", rows.rows, " rows exceed one launch (2^31 - 1)");
     }
-    const LayerOnDevice& cbs = layer_codebooks(layer);  // before anything is committed: it may allocate
+    layer_codebooks(layer);  // before anything is committed: it may allocate
     const std::vector<SequenceTable::Plan> plans = table_.plan_append(layer, seqs, indptr, max_tokens, "append");
     std::size_t taken = 0;
     for (const SequenceTable::Plan& p : plans) taken += SequenceTable::pages_taken(p);
@@ -195,24 +203,8 @@ class PagedKVCache {
     for (std::size_t i = 0; i < seqs.size(); ++i) table_.finish_append(seqs[i], layer, plans[i]);
     unsigned char* dev = flush_page_ops();
     if (rows.rows == 0) return;
-    const LayerSpec& spec = cb_->spec(layer);
-    PagedEncode<device_type> pe;
-    static_cast<SlotRows<device_type>&>(pe) = {rows, reinterpret_cast<const std::int64_t*>(dev + code_at)};
-    pe.key_codebooks = cbs.key_views.data();
-    pe.value_codebooks = cbs.value_views.data();
-    pe.head_dim = int(D);
-    pe.key_channels = int(spec.key.channels), pe.key_bits = spec.key.bits;
-    pe.value_channels = int(spec.value.channels), pe.value_bits = spec.value.bits;
-    pe.pool = reinterpret_cast<std::uint8_t*>(code_pool(layer));
-    pe.layout = plan_.code_layout(layer);
-    pe.pages = table_.code_pages().pages();
-    encode_into_pages(pe, stream_);
-    PagedRowWrite<device_type> pw;
-    static_cast<SlotRows<device_type>&>(pw) = {rows, reinterpret_cast<const std::int64_t*>(dev + full_at)};
-    pw.pool = reinterpret_cast<device_type*>(full_pool(layer));
-    pw.layout = plan_.full_layout(layer);
-    pw.pages = table_.full_pages().pages();
-    write_full_rows(pw, stream_);
+    launch_writes(layer, rows, reinterpret_cast<const std::int64_t*>(dev + code_at),
+                  reinterpret_cast<const std::int64_t*>(dev + full_at));
   }
 
   // ---- attention ----
@@ -246,98 +238,165 @@ class PagedKVCache {
     CQ_CHECK(R >= 1 && R <= 0x7fffffffu, "attend: ", R, " query rows (needs 1 to 2^31 - 1)");
     CQ_CHECK(std::isfinite(in.scale), "attend: scale ", in.scale, " is not finite");
     CQ_CHECK(cb_->complete(layer), "attend: layer ", layer, " has no codebooks yet");
-    const std::size_t S = options().sinks, W = options().window;
-    AttentionShape shape;
-    shape.batch = int(R);
-    shape.q_heads = in.q_heads;
-    shape.kv_heads = int(H);
-    shape.head_dim = int(D);
-    const LayerSpec& spec = cb_->spec(layer);
-    shape.key_channels = int(spec.key.channels), shape.key_bits = spec.key.bits;
-    shape.value_channels = int(spec.value.channels), shape.value_bits = spec.value.bits;
     const LayerOnDevice& cbs = layer_codebooks(layer);
-    std::vector<VisibleTokens> vis(R);  // per query row
-    std::size_t table_entries = 1;      // one spare entry: tables of empty sequences point at it
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const SequenceTable::Sequence& q = table_.at(seqs[i], "attend");
-      const std::size_t n = q.length[layer], rows = indptr[i + 1] - indptr[i];
-      CQ_CHECK(rows <= n, "attend: ", rows, " query rows but sequence ", seqs[i], " holds ", n, " tokens in layer ",
-               layer);
-      for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r) {
-        const std::size_t pos = n - rows + (r - indptr[i]);
-        vis[r] = visible_tokens(pos, S, W);
-        CQ_CHECK(vis[r].window() == 0 || vis[r].window_begin >= q.recent_first, "attend: the window of position ", pos,
-                 " of sequence ", seqs[i], " starts at ", vis[r].window_begin, " but full precision is kept from ",
-                 q.recent_first, " (raise max_rollback to attend this far back)");
-        CQ_CHECK(vis[r].coded() <= 0x7fffffffu && vis[r].full() <= 0x7fffffffu, "attend: sequence ", seqs[i],
-                 " is too long for the kernels (", n, " tokens)");
-        shape.max_coded = std::max(shape.max_coded, int(vis[r].coded()));
-        shape.max_full = std::max(shape.max_full, int(vis[r].full()));
-      }
-      table_entries += q.code.size() + q.sink.size() + q.recent.size();
-    }
+    const detail::QueryRows rows(table_, layer, seqs, indptr, "attend");
     // Plans are kept per shape: the longest coded range rounded up to a page, so consecutive
     // decode steps share one (a plan for longer sequences serves shorter ones).
-    const std::size_t P = options().page_tokens;
-    shape.max_coded = int(std::min<std::size_t>((std::size_t(shape.max_coded) + P - 1) / P * P, 0x7fffffffu));
-    // One upload: per (row, KV head) the code runs, per row its record (rows of one sequence share
-    // its page tables), then the tables.
-    const std::size_t codes_at = 0, seqs_at = R * H * sizeof(DeviceKVCodes);
-    const std::size_t tables_at = seqs_at + R * sizeof(DeviceSequence);
-    unsigned char* blob = uploads_.host(tables_at + table_entries * sizeof(std::uint32_t));
+    const AttentionShape shape = shape_of(layer, R, in.q_heads, round_to_page(std::size_t(rows.max_coded)), rows.max_full);
+    unsigned char* blob = uploads_.host(rows.segment_bytes(H));
     unsigned char* dev = uploads_.device_at(0);
-    auto* codes = reinterpret_cast<DeviceKVCodes*>(blob + codes_at);
-    auto* sequences = reinterpret_cast<DeviceSequence*>(blob + seqs_at);
-    auto* tables = reinterpret_cast<std::uint32_t*>(blob + tables_at);
-    std::size_t used = 1;  // tables[0]: the spare entry
-    auto put_table = [&](const std::pmr::vector<std::uint32_t>& t) {
-      if (t.empty()) return reinterpret_cast<const std::uint32_t*>(dev + tables_at);
-      std::copy(t.begin(), t.end(), tables + used);
-      const auto* at = reinterpret_cast<const std::uint32_t*>(dev + tables_at) + used;
-      used += t.size();
-      return at;
-    };
-    const CodePageLayout& cl = plan_.code_layout(layer);
-    const auto* code_base = reinterpret_cast<const std::uint8_t*>(code_pool(layer));
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const SequenceTable::Sequence& q = table_.at(seqs[i], "attend");
-      const std::uint32_t* code_table = put_table(q.code);
-      const std::uint32_t* sink_table = put_table(q.sink);
-      const std::uint32_t* recent_table = put_table(q.recent);
-      for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r) {
-        for (std::size_t h = 0; h < H; ++h) {
-          DeviceKVCodes& c = codes[r * H + h];
-          c.key_codes = code_base + cl.key_offset(h);
-          c.value_codes = code_base + cl.value_offset(h);
-          c.pages = code_table;
-          c.page_bytes = cl.page_bytes();
-        }
-        DeviceSequence& s = sequences[r];
-        s.coded = std::uint32_t(vis[r].coded());
-        s.full = std::uint32_t(vis[r].full());
-        s.sink_pages = sink_table;
-        s.recent_pages = recent_table;
-        s.sinks = std::uint32_t(vis[r].sink_end);
-        s.recent_row = vis[r].window() > 0 ? std::uint32_t(vis[r].window_begin - q.recent_first) : 0;
-      }
-    }
-    AttentionBatch batch;
-    batch.batch = shape.batch, batch.q_heads = shape.q_heads, batch.kv_heads = shape.kv_heads;
-    batch.head_dim = shape.head_dim;
-    batch.codes = reinterpret_cast<const DeviceKVCodes*>(dev + codes_at);
-    batch.sequences = reinterpret_cast<const DeviceSequence*>(dev + seqs_at);
-    batch.key_codebooks = cbs.key_views.data();
-    batch.value_codebooks = cbs.value_views.data();
-    batch.q = in.q, batch.q_type = in.q_type;
-    batch.out = in.out, batch.out_type = in.out_type;
-    batch.lse = in.lse;
-    batch.scale = in.scale;
-    batch.full_pages = {full_pool(layer), dtype_of<T>, std::uint32_t(options().full_page_rows),
-                        plan_.full_layout(layer).page_bytes()};
-    batch.page_tokens = int(P);
+    AttentionBatch batch = batch_of(layer, shape, cbs, in);
+    rows.write_segment(table_, seqs, indptr, H, plan_.code_layout(layer),
+                       reinterpret_cast<const std::uint8_t*>(code_pool(layer)), blob, dev, batch);
     const AttentionPlan& p = plan_for(shape);  // may grow the workspace: before the upload is queued
     uploads_.send(stream_);
     attention_.run(batch, p, stream_);
+  }
+
+  // ---- a decode step for a CUDA graph ----
+
+  /// Prepares a decode step whose launches a CUDA graph can capture: one new token for each of
+  /// seqs (distinct, live, equally long in every layer) in every layer. Commits the pages on the
+  /// host now (all or nothing: the pool is checked for all sequences first), runs the page writes,
+  /// and uploads the step's slot mapping and every layer's attention records into a buffer kept
+  /// for the steps, whose address stays put while the batch size and the tables fit (it returns
+  /// true when it moved, or the batch shape changed: recapture then). The attention plan is made
+  /// for contexts up to `max_context` tokens (an engine captures a graph per batch size and
+  /// context bucket). Then, on the cache's stream and in a graph if wanted, per layer:
+  /// append_step(layer, rows) and attend_step(layer, queries) launch only (no allocation, no host
+  /// synchronisation). Throws cq::Error, nothing changed, on a bad argument, a sequence longer than
+  /// max_context, or a full pool.
+  bool begin_decode_step(std::span<const SeqId> seqs, std::size_t max_context) {
+    const std::size_t B = seqs.size(), H = cb_->kv_heads(), L = layers_;
+    CQ_CHECK(B >= 1 && B <= 0x7fffffffu, "begin_decode_step: ", B, " sequences (needs 1 to 2^31 - 1)");
+    for (std::size_t l = 0; l < L; ++l)
+      CQ_CHECK(cb_->complete(l), "begin_decode_step: layer ", l, " has no codebooks yet");
+    std::vector<std::size_t> one(B + 1);
+    for (std::size_t i = 0; i <= B; ++i) one[i] = i;
+    std::vector<std::size_t> n(B);
+    for (std::size_t i = 0; i < B; ++i) {
+      const SequenceTable::Sequence& q = table_.at(seqs[i], "begin_decode_step");
+      n[i] = q.length[0];
+      for (std::size_t l = 1; l < L; ++l)
+        CQ_CHECK(q.length[l] == n[i], "begin_decode_step: sequence ", seqs[i], " holds ", q.length[l],
+                 " tokens in layer ", l, " and ", n[i], " in layer 0 (a step appends to every layer)");
+      CQ_CHECK(n[i] + 1 <= max_context, "begin_decode_step: sequence ", seqs[i], " reaches ", n[i] + 1,
+               " tokens, past max_context ", max_context);
+    }
+    table_.check_append(0, seqs, one, max_tokens, "begin_decode_step");
+    for (std::size_t l = 0; l < L; ++l) layer_codebooks(l);
+    // The pages of the new token in every layer, planned for all sequences before any is taken.
+    std::vector<SequenceTable::Plan> reserve(B);
+    std::size_t code_take = 0, full_take = 0, taken = 0;
+    for (std::size_t i = 0; i < B; ++i) {
+      reserve[i] = table_.plan_reserve(seqs[i], 1, max_tokens);
+      code_take += reserve[i].code_take, full_take += reserve[i].full_take;
+      taken += SequenceTable::pages_taken(reserve[i]);
+    }
+    table_.check_pages(code_take, full_take, "begin_decode_step", "the step's tokens");
+    // Every layer's records, sized from the tables as they will be (the pages just planned).
+    const std::size_t S = options().sinks, P = options().page_tokens, F = options().full_page_rows;
+    std::size_t entries = 1;
+    for (const SequenceTable::Plan& p : reserve) entries += p.code_pages + p.sink_pages + p.recent_pages + p.drop_recent;
+    // The step buffer: the slot mapping, then each layer's records at a fixed stride (a graph holds
+    // their addresses; the stride has room for tables that grow), then the page writes (launched
+    // here, never captured).
+    const std::size_t segment = (B * (H * sizeof(DeviceKVCodes) + sizeof(DeviceSequence)) + entries * 4 + 7) / 8 * 8;
+    const bool same_shape = step_.batch == B && step_.max_context == max_context;
+    const std::size_t stride = same_shape && segment <= step_.stride ? step_.stride : segment * 2;
+    const std::size_t slots_at = 0, layers_at = 2 * B * sizeof(std::int64_t), ops_at = layers_at + L * stride;
+    const std::size_t bytes = ops_at + taken * L * sizeof(detail::PageOp);
+    const bool moved = !same_shape || stride != step_.stride || step_buffer_.size() < bytes;
+    if (step_buffer_.size() < bytes) {
+      step_.batch = 0;  // the old buffer's graphs are invalid from here on, whatever happens next
+      step_buffer_ = DeviceBuffer<unsigned char>(bytes * 2);
+    }
+    ops_.reserve(taken * L);
+    uploads_.reserve(bytes);
+    // Commit: the pages, then each layer's bookkeeping of a one-token append (takes no page now).
+    for (std::size_t i = 0; i < B; ++i) table_.commit(seqs[i], reserve[i]);
+    for (std::size_t l = 0; l < L; ++l) {
+      const std::vector<SequenceTable::Plan> plans = table_.plan_append(l, seqs, one, max_tokens, "begin_decode_step");
+      for (std::size_t i = 0; i < B; ++i) {
+        CQ_ASSERT(plans[i].code_take == 0 && plans[i].full_take == 0);  // the reserve took them
+        table_.commit(seqs[i], plans[i]);
+        table_.finish_append(seqs[i], l, plans[i]);
+      }
+    }
+    unsigned char* blob = uploads_.host(bytes);
+    unsigned char* dev = step_buffer_.data();
+    std::memcpy(blob + ops_at, ops_.ops().data(), ops_.ops().size() * sizeof(detail::PageOp));
+    auto* code_slots = reinterpret_cast<std::int64_t*>(blob + slots_at);
+    auto* full_slots = code_slots + B;
+    for (std::size_t i = 0; i < B; ++i) {
+      const SequenceTable::Sequence& q = table_.at(seqs[i], "begin_decode_step");
+      const std::size_t p = n[i];
+      code_slots[i] = p < S ? -1 : std::int64_t(q.code[(p - S) / P]) * std::int64_t(P) + std::int64_t((p - S) % P);
+      const std::size_t row = p < S ? p : p - q.recent_first;
+      full_slots[i] = std::int64_t(p < S ? q.sink[row / F] : q.recent[row / F]) * std::int64_t(F) + std::int64_t(row % F);
+    }
+    step_.layers.assign(L, AttentionBatch{});
+    for (std::size_t l = 0; l < L; ++l) {
+      const detail::QueryRows rows(table_, l, seqs, one, "begin_decode_step");
+      CQ_ASSERT(rows.segment_bytes(H) <= stride);
+      AttentionBatch& b = step_.layers[l];
+      b = batch_of(l, shape_of(l, B, 0, 0, 0), layer_codebooks(l), DecodeQueries{});
+      rows.write_segment(table_, seqs, one, H, plan_.code_layout(l),
+                         reinterpret_cast<const std::uint8_t*>(code_pool(l)), blob + layers_at + l * stride,
+                         dev + layers_at + l * stride, b);
+    }
+    step_.code_slots = reinterpret_cast<const std::int64_t*>(dev + slots_at);
+    step_.full_slots = step_.code_slots + B;
+    step_.max_context = max_context;
+    step_.batch = B;
+    step_.stride = stride;
+    try {
+      uploads_.send_to(dev, stream_);
+      ops_.launch(reinterpret_cast<const detail::PageOp*>(dev + ops_at), stream_);
+    } catch (...) {
+      ops_.clear();
+      throw;
+    }
+    return moved;
+  }
+
+  /// Writes the step's new rows (one per sequence of begin_decode_step, in its order; device
+  /// memory, [sequences, kv_heads, head_dim] with strides) into `layer`: codes and full-precision
+  /// rows. Launches only.
+  void append_step(std::size_t layer, const DeviceRows<device_type>& rows) {
+    check_step(layer, "append_step");
+    CQ_CHECK(rows.rows == step_.batch && rows.keys && rows.values, "append_step: ", rows.rows, " rows for a step of ",
+             step_.batch, " sequences (keys and values must be set)");
+    launch_writes(layer, rows, step_.code_slots, step_.full_slots);
+  }
+
+  /// Decode attention of the step's sequences in `layer` (after append_step): queries and outputs
+  /// [sequences, q_heads, head_dim] (in). Launches only, once the step's plan for this layer's
+  /// codebooks and q_heads exists: plan_step_attention makes it (before a capture; attend_step
+  /// outside a capture makes it itself).
+  void attend_step(std::size_t layer, const DecodeQueries& in) {
+    check_step(layer, "attend_step");
+    CQ_CHECK(in.q && in.out && std::isfinite(in.scale), "attend_step: q and out must be set, scale finite");
+    const AttentionPlan& p = plan_step_attention(layer, in.q_heads);
+    AttentionBatch b = step_.layers[layer];
+    b.q_heads = in.q_heads;
+    b.q = in.q, b.q_type = in.q_type;
+    b.out = in.out, b.out_type = in.out_type;
+    b.lse = in.lse;
+    b.scale = in.scale;
+    attention_.run(b, p, stream_);
+  }
+
+  /// The step's attention plan in `layer` for `q_heads` query heads (made once per step shape and
+  /// codebook configuration; may allocate the workspace: call it for every layer before capturing
+  /// a graph).
+  const AttentionPlan& plan_step_attention(std::size_t layer, int q_heads) {
+    check_step(layer, "plan_step_attention");
+    CQ_CHECK(q_heads > 0 && std::size_t(q_heads) % cb_->kv_heads() == 0, "attend_step: q_heads ", q_heads,
+             " must be a positive multiple of kv_heads = ", cb_->kv_heads());
+    const std::size_t SW = options().sinks + options().window;
+    return plan_for(shape_of(layer, step_.batch, q_heads, round_to_page(step_.max_context),
+                             int(std::min(SW, step_.max_context))));
   }
 
   // ---- pools and memory ----
@@ -435,6 +494,70 @@ class PagedKVCache {
     }
   }
 
+  /// The longest coded range of a plan, rounded up to a page.
+  int round_to_page(std::size_t coded) const {
+    const std::size_t P = options().page_tokens;
+    return int(std::min<std::size_t>((coded + P - 1) / P * P, 0x7fffffffu));
+  }
+  AttentionShape shape_of(std::size_t layer, std::size_t rows, int q_heads, int max_coded, int max_full) const {
+    AttentionShape shape;
+    shape.batch = int(rows);
+    shape.q_heads = q_heads;
+    shape.kv_heads = int(cb_->kv_heads());
+    shape.head_dim = int(cb_->head_dim());
+    const LayerSpec& spec = cb_->spec(layer);
+    shape.key_channels = int(spec.key.channels), shape.key_bits = spec.key.bits;
+    shape.value_channels = int(spec.value.channels), shape.value_bits = spec.value.bits;
+    shape.max_coded = max_coded;
+    shape.max_full = max_full;
+    return shape;
+  }
+  /// An attention batch of `layer` for `shape`'s rows (codes and sequences set by write_segment).
+  AttentionBatch batch_of(std::size_t layer, const AttentionShape& shape, const LayerOnDevice& cbs,
+                          const DecodeQueries& in) const {
+    AttentionBatch batch;
+    batch.batch = shape.batch, batch.q_heads = shape.q_heads, batch.kv_heads = shape.kv_heads;
+    batch.head_dim = shape.head_dim;
+    batch.key_codebooks = cbs.key_views.data();
+    batch.value_codebooks = cbs.value_views.data();
+    batch.q = in.q, batch.q_type = in.q_type;
+    batch.out = in.out, batch.out_type = in.out_type;
+    batch.lse = in.lse;
+    batch.scale = in.scale;
+    batch.full_pages = {full_pool(layer), dtype_of<T>, std::uint32_t(options().full_page_rows),
+                        plan_.full_layout(layer).page_bytes()};
+    batch.page_tokens = int(options().page_tokens);
+    return batch;
+  }
+  void check_step(std::size_t layer, const char* what) const {
+    check_layer(layer, what);
+    CQ_CHECK(step_.batch > 0, what, ": no decode step begun (begin_decode_step)");
+  }
+  /// Launches the codes and full-precision rows of `rows` into `layer`'s pools by slot mappings
+  /// in device memory.
+  void launch_writes(std::size_t layer, const DeviceRows<device_type>& rows, const std::int64_t* code_slots,
+                     const std::int64_t* full_slots) {
+    const LayerOnDevice& cbs = *device_codebooks_[layer];
+    const LayerSpec& spec = cb_->spec(layer);
+    PagedEncode<device_type> pe;
+    static_cast<SlotRows<device_type>&>(pe) = {rows, code_slots};
+    pe.key_codebooks = cbs.key_views.data();
+    pe.value_codebooks = cbs.value_views.data();
+    pe.head_dim = int(cb_->head_dim());
+    pe.key_channels = int(spec.key.channels), pe.key_bits = spec.key.bits;
+    pe.value_channels = int(spec.value.channels), pe.value_bits = spec.value.bits;
+    pe.pool = reinterpret_cast<std::uint8_t*>(code_pool(layer));
+    pe.layout = plan_.code_layout(layer);
+    pe.pages = table_.code_pages().pages();
+    encode_into_pages(pe, stream_);
+    PagedRowWrite<device_type> pw;
+    static_cast<SlotRows<device_type>&>(pw) = {rows, full_slots};
+    pw.pool = reinterpret_cast<device_type*>(full_pool(layer));
+    pw.layout = plan_.full_layout(layer);
+    pw.pages = table_.full_pages().pages();
+    write_full_rows(pw, stream_);
+  }
+
   const AttentionPlan& plan_for(const AttentionShape& s) {
     for (const auto& [shape, plan] : plans_)
       if (shape == s) return plan;
@@ -454,6 +577,14 @@ class PagedKVCache {
   FusedAttention attention_;
   std::vector<std::pair<AttentionShape, AttentionPlan>> plans_;
   std::vector<std::unique_ptr<LayerOnDevice>> device_codebooks_;
+  /// The decode step of begin_decode_step: its slot mapping and every layer's records live in
+  /// step_buffer_, whose address graphs capture.
+  struct Step {
+    std::size_t batch = 0, max_context = 0, stride = 0;  // stride: bytes from one layer's records to the next
+    const std::int64_t *code_slots = nullptr, *full_slots = nullptr;
+    std::vector<AttentionBatch> layers;
+  } step_;
+  DeviceBuffer<unsigned char> step_buffer_;
 };
 
 }  // namespace cq::cuda

@@ -53,13 +53,17 @@ class Uploads {
   }
   /// Copies the host buffer into the device buffer on `stream` (asynchronous).
   void send(cudaStream_t stream) {
-    if (bytes_ == 0) return;
     reserve_device(bytes_);
+    send_to(device_.data(), stream);
+  }
+  /// Copies the host buffer to `device` (the caller's device memory) on `stream` (asynchronous).
+  void send_to(void* device, cudaStream_t stream) {
+    if (bytes_ == 0) return;
     Slot& s = ring_[next_];
     ready(s, bytes_);
     next_ = (next_ + 1) % ring_.size();
     std::memcpy(s.host, blob_.data(), bytes_);
-    CQ_CUDA_CHECK(cudaMemcpyAsync(device_.data(), s.host, bytes_, cudaMemcpyHostToDevice, stream));
+    CQ_CUDA_CHECK(cudaMemcpyAsync(device, s.host, bytes_, cudaMemcpyHostToDevice, stream));
     CQ_CUDA_CHECK(cudaEventRecord(s.event, stream));
     s.pending = true;
   }
