@@ -7,7 +7,8 @@
 // codebooks, window 32, pages of 256), then runs `steps` decode steps, each appending one row per
 // sequence and attending in every layer. Prints per layer and step: the host time inside append
 // and attend (the calls return before the device finishes), the wall time of a step synchronised
-// after every layer (latency), and of steps queued back to back (throughput).
+// after every layer (latency), and of steps queued back to back (throughput); then the same steps
+// through begin_decode_step and one CUDA graph of all layers (synchronised per step, and queued).
 #pragma nv_diag_suppress 20012
 #include <cq/cuda/cache/paged_kv_cache.cuh>
 #pragma nv_diag_default 20012
@@ -74,7 +75,7 @@ int main(int argc, char** argv) try {
   o.full_page_rows = 16;
   o.window = 32;
   const cq::MemoryPlan plan(books, o, sizeof(cq::half));
-  cq::cuda::PagedKVCache<cq::half> cache(books, plan.pool_for(B, ctx + steps + 1, 512), stream);
+  cq::cuda::PagedKVCache<cq::half> cache(books, plan.pool_for(B, ctx + 4 * steps + 4, 512), stream);
   std::vector<cq::SeqId> seqs;
   for (std::size_t b = 0; b < B; ++b) seqs.push_back(cache.add_sequence());
   const std::size_t chunk = 512;
@@ -120,11 +121,45 @@ int main(int argc, char** argv) try {
   for (std::size_t s = 0; s < steps; ++s) step(false);
   CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
   const double throughput = since(t);
+  // The same steps through begin_decode_step and one CUDA graph of every layer's append_step and
+  // attend_step, replayed: host work once per step instead of per layer.
+  cudaGraphExec_t exec = nullptr;
+  auto graph_step = [&] {
+    const bool moved = cache.begin_decode_step(seqs, ctx + 4 * steps + 4);
+    if (moved || !exec) {
+      if (exec) CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      for (std::size_t l = 0; l < layers; ++l) cache.plan_step_attention(l, int(Hq));
+      cudaGraph_t g;
+      CQ_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      for (std::size_t l = 0; l < layers; ++l) {
+        cache.append_step(l, {rows.data(), rows.data(), B, H * D, D});
+        cache.attend_step(l, in);
+      }
+      CQ_CUDA_CHECK(cudaStreamEndCapture(stream, &g));
+      CQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+      CQ_CUDA_CHECK(cudaGraphDestroy(g));
+    }
+    CQ_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  };
+  graph_step();  // warm-up and capture
+  CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  t = Clock::now();
+  for (std::size_t s = 0; s < steps; ++s) {
+    graph_step();
+    CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  const double graph_sync = since(t);
+  t = Clock::now();
+  for (std::size_t s = 0; s < steps; ++s) graph_step();
+  CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const double graph_queued = since(t);
+  CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
   std::printf("batch %zu, %zu/%zu heads, context %zu, CQ-%zuc8b, %zu layers, %zu steps: per layer and step, "
               "host append %.1f us, host attend %.1f us; synchronised per layer %.1f us; queued %.1f us "
-              "(host inside the calls when queued: append %.1f, attend %.1f)\n",
+              "(host inside the calls when queued: append %.1f, attend %.1f); CUDA graph step: synchronised per step "
+              "%.1f us, queued %.1f us per layer\n",
               B, Hq, H, ctx, C, layers, steps, ha, ht, latency / calls, throughput / calls, host_append / calls,
-              host_attend / calls);
+              host_attend / calls, graph_sync / calls, graph_queued / calls);
   CQ_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;
 } catch (const std::exception& e) {
