@@ -24,8 +24,7 @@
 /// Everything runs on the stream given at construction, asynchronously: the host plans and
 /// uploads, never waits for the device except when a pinned upload buffer is reused (eight calls
 /// later) or a buffer grows. append and attend upload what the host planned, so they are not
-/// capturable; append_step and attend_step are (a graph per batch size and context bucket, as
-/// engines capture decode).
+/// capturable; append_step and attend_step are (one live graph per cache: see begin_decode_step).
 ///
 /// Not yet on the GPU: keys coded before RoPE (refused with cq::Error), and a prefill kernel (query
 /// rows are served as decode rows, each reading its codes: right for a few draft tokens, slow for
@@ -128,9 +127,19 @@ class PagedKVCache {
   // ---- sequences (host bookkeeping; fork and truncate write no page) ----
 
   SeqId add_sequence(std::size_t first_position = 0) { return table_.add(first_position); }
-  void free_sequence(SeqId s) { table_.free(s); }
-  SeqId fork(SeqId s) { return table_.fork(s); }
-  void truncate(SeqId s, std::size_t tokens) { table_.truncate(s, tokens); }
+  void free_sequence(SeqId s) {
+    table_.free(s);
+    step_.ready = false;
+  }
+  SeqId fork(SeqId s) {
+    const SeqId d = table_.fork(s);
+    step_.ready = false;
+    return d;
+  }
+  void truncate(SeqId s, std::size_t tokens) {
+    table_.truncate(s, tokens);
+    step_.ready = false;
+  }
   bool live(SeqId s) const { return table_.live(s); }
   std::size_t live_sequences() const { return table_.live_sequences(); }
   std::size_t length(SeqId s, std::size_t layer = 0) const {
@@ -141,6 +150,7 @@ class PagedKVCache {
   /// cache's reserve). Throws if the pool cannot hold them (nothing taken).
   void reserve(SeqId s, std::size_t tokens) {
     const SequenceTable::Plan p = table_.plan_reserve(s, tokens, max_tokens);
+    step_.ready = false;
     ops_.reserve(SequenceTable::pages_taken(p) * layers_);
     uploads_.reserve(SequenceTable::pages_taken(p) * layers_ * sizeof(detail::PageOp));
     table_.commit(s, p);
@@ -201,6 +211,7 @@ class PagedKVCache {
       }
     }
     for (std::size_t i = 0; i < seqs.size(); ++i) table_.finish_append(seqs[i], layer, plans[i]);
+    step_.ready = false;
     unsigned char* dev = flush_page_ops();
     if (rows.rows == 0) return;
     launch_writes(layer, rows, reinterpret_cast<const std::int64_t*>(dev + code_at),
@@ -260,9 +271,13 @@ class PagedKVCache {
   /// host now (all or nothing: the pool is checked for all sequences first), runs the page writes,
   /// and uploads the step's slot mapping and every layer's attention records into a buffer kept
   /// for the steps, whose address stays put while the batch size and the tables fit (it returns
-  /// true when it moved, or the batch shape changed: recapture then). The attention plan is made
-  /// for contexts up to `max_context` tokens (an engine captures a graph per batch size and
-  /// context bucket). Then, on the cache's stream and in a graph if wanted, per layer:
+  /// true when it moved, or the batch size or max_context changed: recapture then). The attention
+  /// plan is made for contexts up to `max_context` tokens, with the step's own workspace. One live
+  /// graph per cache: the step buffer is the cache's, so a step of another batch size or
+  /// max_context moves it (and frees what older graphs read). Between begin_decode_step and the
+  /// step's launches, no other call may change the cache's sequences (append, reserve, fork,
+  /// truncate, free_sequence make the eager step calls refuse; a graph cannot be stopped). Then,
+  /// on the cache's stream and in a graph if wanted, per layer:
   /// append_step(layer, rows) and attend_step(layer, queries) launch only (no allocation, no host
   /// synchronisation). Throws cq::Error, nothing changed, on a bad argument, a sequence longer than
   /// max_context, or a full pool.
@@ -313,7 +328,13 @@ class PagedKVCache {
     }
     ops_.reserve(taken * L);
     uploads_.reserve(bytes);
+    step_.layers.reserve(L);
+    step_.ready = false;
     // Commit: the pages, then each layer's bookkeeping of a one-token append (takes no page now).
+    // What follows allocates little (plans, visible tokens per row) but may throw on a device
+    // error: then the step is invalid (batch 0: the next begin reports a move) and the queued
+    // page writes are dropped rather than replayed into a later call.
+    try {
     for (std::size_t i = 0; i < B; ++i) table_.commit(seqs[i], reserve[i]);
     for (std::size_t l = 0; l < L; ++l) {
       const std::vector<SequenceTable::Plan> plans = table_.plan_append(l, seqs, one, max_tokens, "begin_decode_step");
@@ -350,13 +371,14 @@ class PagedKVCache {
     step_.max_context = max_context;
     step_.batch = B;
     step_.stride = stride;
-    try {
-      uploads_.send_to(dev, stream_);
-      ops_.launch(reinterpret_cast<const detail::PageOp*>(dev + ops_at), stream_);
+    uploads_.send_to(dev, stream_);
+    ops_.launch(reinterpret_cast<const detail::PageOp*>(dev + ops_at), stream_);
     } catch (...) {
       ops_.clear();
+      step_.batch = 0;
       throw;
     }
+    step_.ready = true;
     return moved;
   }
 
@@ -384,7 +406,7 @@ class PagedKVCache {
     b.out = in.out, b.out_type = in.out_type;
     b.lse = in.lse;
     b.scale = in.scale;
-    attention_.run(b, p, stream_);
+    step_attention_.run(b, p, stream_);
   }
 
   /// The step's attention plan in `layer` for `q_heads` query heads (made once per step shape and
@@ -395,7 +417,8 @@ class PagedKVCache {
     CQ_CHECK(q_heads > 0 && std::size_t(q_heads) % cb_->kv_heads() == 0, "attend_step: q_heads ", q_heads,
              " must be a positive multiple of kv_heads = ", cb_->kv_heads());
     const std::size_t SW = options().sinks + options().window;
-    return plan_for(shape_of(layer, step_.batch, q_heads, round_to_page(step_.max_context),
+    return plan_for(step_attention_, step_plans_,
+                    shape_of(layer, step_.batch, q_heads, round_to_page(step_.max_context),
                              int(std::min(SW, step_.max_context))));
   }
 
@@ -531,7 +554,7 @@ class PagedKVCache {
   }
   void check_step(std::size_t layer, const char* what) const {
     check_layer(layer, what);
-    CQ_CHECK(step_.batch > 0, what, ": no decode step begun (begin_decode_step)");
+    CQ_CHECK(step_.ready, what, ": no decode step begun (begin_decode_step), or the cache changed since");
   }
   /// Launches the codes and full-precision rows of `rows` into `layer`'s pools by slot mappings
   /// in device memory.
@@ -558,13 +581,17 @@ class PagedKVCache {
     write_full_rows(pw, stream_);
   }
 
-  const AttentionPlan& plan_for(const AttentionShape& s) {
-    for (const auto& [shape, plan] : plans_)
+  /// A plan of `attention` for shape s, kept in `plans` (the last 16).
+  static const AttentionPlan& plan_for(FusedAttention& attention,
+                                       std::vector<std::pair<AttentionShape, AttentionPlan>>& plans,
+                                       const AttentionShape& s) {
+    for (const auto& [shape, plan] : plans)
       if (shape == s) return plan;
-    if (plans_.size() == 16) plans_.erase(plans_.begin());
-    plans_.emplace_back(s, attention_.plan(s));
-    return plans_.back().second;
+    if (plans.size() == 16) plans.erase(plans.begin());
+    plans.emplace_back(s, attention.plan(s));
+    return plans.back().second;
   }
+  const AttentionPlan& plan_for(const AttentionShape& s) { return plan_for(attention_, plans_, s); }
 
   const KVCodebooks* cb_;
   cudaStream_t stream_;
@@ -576,11 +603,16 @@ class PagedKVCache {
   Uploads uploads_;
   FusedAttention attention_;
   std::vector<std::pair<AttentionShape, AttentionPlan>> plans_;
+  // The decode step's own attention and plans: its workspace, which captured graphs hold, grows
+  // only in plan_step_attention, never because attend() met a larger shape.
+  FusedAttention step_attention_;
+  std::vector<std::pair<AttentionShape, AttentionPlan>> step_plans_;
   std::vector<std::unique_ptr<LayerOnDevice>> device_codebooks_;
   /// The decode step of begin_decode_step: its slot mapping and every layer's records live in
   /// step_buffer_, whose address graphs capture.
   struct Step {
     std::size_t batch = 0, max_context = 0, stride = 0;  // stride: bytes from one layer's records to the next
+    bool ready = false;  // begun, and no sequence changed since (append_step/attend_step may run)
     const std::int64_t *code_slots = nullptr, *full_slots = nullptr;
     std::vector<AttentionBatch> layers;
   } step_;
