@@ -50,12 +50,15 @@ struct QueryRows {
     }
   }
 
-  /// Bytes of the rows' upload segment for `kv_heads` KV heads (a multiple of 8).
-  std::size_t segment_bytes(std::size_t kv_heads) const {
-    const std::size_t b = vis.size() * (kv_heads * sizeof(DeviceKVCodes) + sizeof(DeviceSequence)) +
-                          table_entries * sizeof(std::uint32_t);
+  /// Bytes of an upload segment of `rows` rows, `kv_heads` KV heads and `table_entries` page-table
+  /// entries (a multiple of 8).
+  static std::size_t segment_bytes(std::size_t rows, std::size_t kv_heads, std::size_t table_entries) {
+    const std::size_t b =
+        rows * (kv_heads * sizeof(DeviceKVCodes) + sizeof(DeviceSequence)) + table_entries * sizeof(std::uint32_t);
     return (b + 7) / 8 * 8;
   }
+  /// Bytes of these rows' segment.
+  std::size_t segment_bytes(std::size_t kv_heads) const { return segment_bytes(vis.size(), kv_heads, table_entries); }
 
   /// Writes the segment at `blob` (host), which the device will see at `dev`, for the code pool
   /// of the layer at `code_base` (device); sets batch.codes and batch.sequences.

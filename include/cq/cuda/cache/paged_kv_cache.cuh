@@ -199,16 +199,10 @@ class PagedKVCache {
     std::memcpy(blob, ops_.ops().data(), ops_bytes);
     auto* code_slots = reinterpret_cast<std::int64_t*>(blob + code_at);
     auto* full_slots = reinterpret_cast<std::int64_t*>(blob + full_at);
-    const std::size_t S = options().sinks, P = options().page_tokens, F = options().full_page_rows;
     for (std::size_t i = 0; i < seqs.size(); ++i) {
       const SequenceTable::Sequence& q = table_.at(seqs[i], "append");
-      for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r) {
-        const std::size_t p = n0[i] + (r - indptr[i]);
-        code_slots[r] = p < S ? -1 : std::int64_t(q.code[(p - S) / P]) * std::int64_t(P) + std::int64_t((p - S) % P);
-        const std::size_t row = p < S ? p : p - q.recent_first;
-        const std::uint32_t page = p < S ? q.sink[row / F] : q.recent[row / F];
-        full_slots[r] = std::int64_t(page) * std::int64_t(F) + std::int64_t(row % F);
-      }
+      for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r)
+        slots_of(q, n0[i] + (r - indptr[i]), code_slots[r], full_slots[r]);
     }
     for (std::size_t i = 0; i < seqs.size(); ++i) table_.finish_append(seqs[i], layer, plans[i]);
     step_.ready = false;
@@ -310,13 +304,12 @@ class PagedKVCache {
     }
     table_.check_pages(code_take, full_take, "begin_decode_step", "the step's tokens");
     // Every layer's records, sized from the tables as they will be (the pages just planned).
-    const std::size_t S = options().sinks, P = options().page_tokens, F = options().full_page_rows;
     std::size_t entries = 1;
     for (const SequenceTable::Plan& p : reserve) entries += p.code_pages + p.sink_pages + p.recent_pages + p.drop_recent;
     // The step buffer: the slot mapping, then each layer's records at a fixed stride (a graph holds
     // their addresses; the stride has room for tables that grow), then the page writes (launched
     // here, never captured).
-    const std::size_t segment = (B * (H * sizeof(DeviceKVCodes) + sizeof(DeviceSequence)) + entries * 4 + 7) / 8 * 8;
+    const std::size_t segment = detail::QueryRows::segment_bytes(B, H, entries);
     const bool same_shape = step_.batch == B && step_.max_context == max_context;
     const std::size_t stride = same_shape && segment <= step_.stride ? step_.stride : segment * 2;
     const std::size_t slots_at = 0, layers_at = 2 * B * sizeof(std::int64_t), ops_at = layers_at + L * stride;
@@ -349,13 +342,8 @@ class PagedKVCache {
     std::memcpy(blob + ops_at, ops_.ops().data(), ops_.ops().size() * sizeof(detail::PageOp));
     auto* code_slots = reinterpret_cast<std::int64_t*>(blob + slots_at);
     auto* full_slots = code_slots + B;
-    for (std::size_t i = 0; i < B; ++i) {
-      const SequenceTable::Sequence& q = table_.at(seqs[i], "begin_decode_step");
-      const std::size_t p = n[i];
-      code_slots[i] = p < S ? -1 : std::int64_t(q.code[(p - S) / P]) * std::int64_t(P) + std::int64_t((p - S) % P);
-      const std::size_t row = p < S ? p : p - q.recent_first;
-      full_slots[i] = std::int64_t(p < S ? q.sink[row / F] : q.recent[row / F]) * std::int64_t(F) + std::int64_t(row % F);
-    }
+    for (std::size_t i = 0; i < B; ++i)
+      slots_of(table_.at(seqs[i], "begin_decode_step"), n[i], code_slots[i], full_slots[i]);
     step_.layers.assign(L, AttentionBatch{});
     for (std::size_t l = 0; l < L; ++l) {
       const detail::QueryRows rows(table_, l, seqs, one, "begin_decode_step");
@@ -515,6 +503,17 @@ class PagedKVCache {
       ops_.clear();
       throw;
     }
+  }
+
+  /// Where the row at position p of sequence q goes: its code slot (token slot of the code pool,
+  /// -1 for a sink) and its row slot in the full-precision pool (sink or recent pages), as the CPU
+  /// cache's write_rows places it.
+  void slots_of(const SequenceTable::Sequence& q, std::size_t p, std::int64_t& code_slot,
+                std::int64_t& full_slot) const {
+    const std::size_t S = options().sinks, P = options().page_tokens, F = options().full_page_rows;
+    code_slot = p < S ? -1 : std::int64_t(q.code[(p - S) / P]) * std::int64_t(P) + std::int64_t((p - S) % P);
+    const std::size_t row = p < S ? p : p - q.recent_first;
+    full_slot = std::int64_t(p < S ? q.sink[row / F] : q.recent[row / F]) * std::int64_t(F) + std::int64_t(row % F);
   }
 
   /// The longest coded range of a plan, rounded up to a page.
