@@ -2,13 +2,17 @@
 // cache's host side (page planning, slot mappings, page tables, uploads) costs beside its kernels.
 //
 //   cq_cuda_cache_bench [--batch 64] [--ctx 4096] [--q-heads 32] [--kv-heads 8] [--C 8] [--layers 8] [--steps 30]
+//                       [--pre-rope 0|1]
 //
 // Fills `batch` sequences of `ctx` tokens (fp16 rows, CQ-<C>c8b keys and values with random
 // codebooks, window 32, pages of 256), then runs `steps` decode steps, each appending one row per
 // sequence and attending in every layer. Prints per layer and step: the host time inside append
 // and attend (the calls return before the device finishes), the wall time of a step synchronised
 // after every layer (latency), and of steps queued back to back (throughput); then the same steps
-// through begin_decode_step and one CUDA graph of all layers (synchronised per step, and queued).
+// through begin_decode_step and one CUDA graph of all layers (synchronised per step, and queued);
+// then attention alone, `steps` rounds of every layer's attend queued back to back (device-bound
+// from batch 16: the attention kernels' time). --pre-rope 1: keys appended before RoPE (LLaMA-3's
+// RoPE, theta 500000), rotated inside attention.
 #pragma nv_diag_suppress 20012
 #include <cq/cuda/cache/paged_kv_cache.cuh>
 #pragma nv_diag_default 20012
@@ -38,7 +42,7 @@ __global__ void fill_kernel(__half* x, std::size_t n, std::uint32_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::size_t B = 64, ctx = 4096, Hq = 32, H = 8, C = 8, layers = 8, steps = 30;
+  std::size_t B = 64, ctx = 4096, Hq = 32, H = 8, C = 8, layers = 8, steps = 30, pre_rope = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     const std::size_t v = std::stoul(argv[i + 1]);
@@ -49,13 +53,17 @@ int main(int argc, char** argv) try {
     else if (a == "--C") C = v;
     else if (a == "--layers") layers = v;
     else if (a == "--steps") steps = v;
+    else if (a == "--pre-rope") pre_rope = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
   constexpr std::size_t D = 128;
-  cq::KVCodebooks books(layers, H, D, std::vector<cq::LayerSpec>{{{C, 8}, {C, 8}}}, cq::KeyRope::post);
+  cq::RopeConfig rope;
+  rope.theta = 500000.0;
+  cq::KVCodebooks books(layers, H, D, std::vector<cq::LayerSpec>{{{C, 8}, {C, 8}}},
+                        pre_rope ? cq::KeyRope::pre : cq::KeyRope::post, pre_rope ? rope : cq::RopeConfig{});
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
   for (std::size_t l = 0; l < layers; ++l)
@@ -74,6 +82,7 @@ int main(int argc, char** argv) try {
   o.page_tokens = 256;
   o.full_page_rows = 16;
   o.window = 32;
+  if (pre_rope) o.pre_rope_keys = true, o.rope = rope;
   const cq::MemoryPlan plan(books, o, sizeof(cq::half));
   cq::cuda::PagedKVCache<cq::half> cache(books, plan.pool_for(B, ctx + 4 * steps + 4, 512), stream);
   std::vector<cq::SeqId> seqs;
@@ -154,12 +163,21 @@ int main(int argc, char** argv) try {
   CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
   const double graph_queued = since(t);
   CQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  // Attention alone, queued.
+  for (std::size_t l = 0; l < layers; ++l) cache.attend(l, seqs, in);
+  CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  t = Clock::now();
+  for (std::size_t s = 0; s < steps; ++s)
+    for (std::size_t l = 0; l < layers; ++l) cache.attend(l, seqs, in);
+  CQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const double attend_only = since(t);
   std::printf("batch %zu, %zu/%zu heads, context %zu, CQ-%zuc8b, %zu layers, %zu steps: per layer and step, "
               "host append %.1f us, host attend %.1f us; synchronised per layer %.1f us; queued %.1f us "
               "(host inside the calls when queued: append %.1f, attend %.1f); CUDA graph step: synchronised per step "
-              "%.1f us, queued %.1f us per layer\n",
+              "%.1f us, queued %.1f us per layer; attend alone, queued: %.1f us per layer (%s keys)\n",
               B, Hq, H, ctx, C, layers, steps, ha, ht, latency / calls, throughput / calls, host_append / calls,
-              host_attend / calls, graph_sync / calls, graph_queued / calls);
+              host_attend / calls, graph_sync / calls, graph_queued / calls, attend_only / calls,
+              pre_rope ? "pre-RoPE" : "post-RoPE");
   CQ_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;
 } catch (const std::exception& e) {

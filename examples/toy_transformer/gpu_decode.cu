@@ -245,6 +245,8 @@ Result decode(const Weights& w, const std::vector<std::vector<int>>& windows, co
       o.page_tokens = 64;
       o.full_page_rows = 16;
       o.window = choice.window;
+      o.pre_rope_keys = choice.pre_rope;
+      o.rope.theta = w.rope_theta;  // as the CPU path's cache (caches.hpp)
       const cq::MemoryPlan plan(*choice.codebooks, o, sizeof(float));
       cache = std::make_unique<cq::cuda::PagedKVCache<float>>(*choice.codebooks, plan.pool_for(std::size_t(B), std::size_t(T)),
                                                                stream);
@@ -288,7 +290,8 @@ Result decode(const Weights& w, const std::vector<std::vector<int>>& windows, co
         linear(blas, a.data(), L.wk, k.data(), B, dim, kvw, false);
         linear(blas, a.data(), L.wv, v.data(), B, dim, kvw, false);
         rope_kernel<<<dim3(unsigned(B), unsigned(Hq)), 64, 0, stream>>>(q.data(), Hq, D, cos.data(), sin.data(), pos);
-        rope_kernel<<<dim3(unsigned(B), unsigned(H)), 64, 0, stream>>>(k.data(), H, D, cos.data(), sin.data(), pos);
+        if (!(cache && choice.pre_rope))  // pre-RoPE keys: the cache rotates them inside attention
+          rope_kernel<<<dim3(unsigned(B), unsigned(H)), 64, 0, stream>>>(k.data(), H, D, cos.data(), sin.data(), pos);
         attention(l, pos);
         linear(blas, attn.data(), L.wo, x.data(), B, qw, dim, true);
         rms_norm_kernel<<<unsigned(B), 256, 0, stream>>>(x.data(), L.ffn_norm.data(), a.data(), dim, w.norm_eps);

@@ -13,7 +13,7 @@ namespace toy::gpu {
 /// CPU model's RoPE table, so both sides rotate with the same numbers.
 struct Weights {
   int vocab = 0, dim = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn_hidden = 0, max_len = 0;
-  float norm_eps = 0.0f;
+  float norm_eps = 0.0f, rope_theta = 0.0f;
   std::vector<float> embed, norm, output;  // (vocab, dim), (dim), (vocab, dim)
   struct Layer {
     std::vector<float> attn_norm, ffn_norm, wq, wk, wv, wo, w1, w2, w3;
@@ -23,11 +23,13 @@ struct Weights {
 };
 
 /// The KV cache of a GPU decode: cq's device paged cache (cuda::PagedKVCache<float> over
-/// post-RoPE `codebooks`, `window` recent tokens in full precision), or, without codebooks, fp16
-/// rows read by a plain decode-attention kernel.
+/// `codebooks`, `window` recent tokens in full precision; keys appended before RoPE when pre_rope,
+/// so the codebooks must be pre-RoPE ones, else after it), or, without codebooks, fp16 rows read by
+/// a plain decode-attention kernel.
 struct CacheChoice {
   const cq::KVCodebooks* codebooks = nullptr;
   std::size_t window = 0;
+  bool pre_rope = false;
 };
 
 struct Result {

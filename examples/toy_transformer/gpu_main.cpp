@@ -5,9 +5,9 @@
 //
 //   cq_toy_gpu [--model DIR] [--windows N] [--check]
 //
-// Keys after RoPE (the GPU cache does not take pre-RoPE keys yet), so the post-RoPE codebooks
-// shipped with the model. --check (4 windows) exits 1 unless every GPU perplexity equals the CPU
-// path's to 1e-3 (relative).
+// CQ-4c8b and 8c8b with keys after RoPE (the post-RoPE codebooks shipped with the model) and
+// before it (the pre-RoPE ones: the cache rotates keys inside attention), window 0 and 32.
+// --check (4 windows) exits 1 unless every GPU perplexity equals the CPU path's to 1e-3 (relative).
 #include "caches.hpp"
 #include "gpu_decode.hpp"
 #include "model.hpp"
@@ -36,6 +36,7 @@ gpu::Weights weights_of(const Model& m) {
   gpu::Weights w;
   w.vocab = c.vocab, w.dim = c.dim, w.layers = c.n_layers, w.heads = c.n_heads, w.kv_heads = c.n_kv_heads;
   w.head_dim = c.head_dim, w.ffn_hidden = c.ffn_hidden, w.max_len = c.max_seq_len, w.norm_eps = c.norm_eps;
+  w.rope_theta = c.rope_theta;
   w.embed = flat(m.embeddings());
   w.norm = flat(m.final_norm());
   w.output = flat(m.output());
@@ -73,11 +74,11 @@ double perplexity(const std::vector<double>& nll, const std::vector<std::vector<
 /// The CPU path's NLL per window (the model on the CPU, prefill in one chunk, which equals decoding
 /// token by token: toy_test.cpp).
 std::vector<double> cpu_nll(const Model& model, const std::vector<std::vector<int>>& windows, const cq::KVCodebooks* books,
-                            std::size_t window) {
+                            std::size_t window, bool pre_rope = false) {
   std::vector<double> nll;
   for (const auto& w : windows) {
     std::unique_ptr<ToyCache> cache;
-    if (books) cache = std::make_unique<CQCache>(model, *books, window, false);
+    if (books) cache = std::make_unique<CQCache>(model, *books, window, pre_rope);
     else cache = std::make_unique<FloatCache>(model);
     cache->reset();
     nll.push_back(Model::next_token_nll(model.forward(w, *cache), w));
@@ -117,18 +118,19 @@ int main(int argc, char** argv) try {
     std::printf("| fp32 (CPU) / fp16 rows (GPU) | all | %.4f | %.4f | %+.2e | %.0f | %.0f |\n", cpu, perplexity(r.nll, windows),
                 perplexity(r.nll, windows) / cpu - 1.0, double(r.tokens) / r.seconds, r.kv_bytes / 1024.0);
   }
-  for (const char* cfg : {"4c8b", "8c8b"}) {
-    const cq::KVCodebooks books =
-        cq::io::load_kv_codebooks(dir / "codebooks" / (std::string(cfg) + "-uniform-postrope.safetensors"));
-    for (std::size_t window : {std::size_t(0), std::size_t(32)}) {
-      const double cpu = perplexity(cpu_nll(model, windows, &books, window), windows);
-      const gpu::Result r = gpu::decode(weights, windows, {&books, window});
-      const double gpu_ppl = perplexity(r.nll, windows), diff = gpu_ppl / cpu - 1.0;
-      ok = ok && std::abs(diff) <= 1e-3;
-      std::printf("| CQ-%s post-RoPE | %zu | %.4f | %.4f | %+.2e | %.0f | %.0f |\n", cfg, window, cpu, gpu_ppl, diff,
-                  double(r.tokens) / r.seconds, r.kv_bytes / 1024.0);
+  for (const bool pre : {false, true})
+    for (const char* cfg : {"4c8b", "8c8b"}) {
+      const cq::KVCodebooks books = cq::io::load_kv_codebooks(
+          dir / "codebooks" / (std::string(cfg) + (pre ? "-uniform.safetensors" : "-uniform-postrope.safetensors")));
+      for (std::size_t window : {std::size_t(0), std::size_t(32)}) {
+        const double cpu = perplexity(cpu_nll(model, windows, &books, window, pre), windows);
+        const gpu::Result r = gpu::decode(weights, windows, {&books, window, pre});
+        const double gpu_ppl = perplexity(r.nll, windows), diff = gpu_ppl / cpu - 1.0;
+        ok = ok && std::abs(diff) <= 1e-3;
+        std::printf("| CQ-%s %s | %zu | %.4f | %.4f | %+.2e | %.0f | %.0f |\n", cfg, pre ? "pre-RoPE" : "post-RoPE", window,
+                    cpu, gpu_ppl, diff, double(r.tokens) / r.seconds, r.kv_bytes / 1024.0);
+      }
     }
-  }
   std::printf("\nGPU path against the CPU path within 1e-3 for every CQ row: %s\n", ok ? "yes" : "NO");
   return check && !ok ? 1 : 0;
 } catch (const std::exception& e) {

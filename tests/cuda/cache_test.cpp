@@ -94,11 +94,13 @@ struct Pair {
   }
 };
 
+/// Keys before RoPE (rope set) or after it.
 template <element_type T>
-void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_value, std::size_t P, std::uint64_t seed) {
+void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_value, std::size_t P, std::uint64_t seed,
+                        int q_heads = 8, const RopeConfig* rope = nullptr) {
   constexpr std::size_t H = 2, D = 128;
-  constexpr int q_heads = 8;  // GQA 4
-  KVCodebooks codebooks(layers, H, D, std::vector<LayerSpec>{{{C_key, 8}, {C_value, 8}}}, KeyRope::post);
+  KVCodebooks codebooks(layers, H, D, std::vector<LayerSpec>{{{C_key, 8}, {C_value, 8}}},
+                        rope ? KeyRope::pre : KeyRope::post, rope ? *rope : RopeConfig{});
   for (std::size_t l = 0; l < layers; ++l)
     for (std::size_t h = 0; h < H; ++h)
       codebooks.set(l, h, test::random_codebook(D, C_key, 8, seed + 10 * l + 2 * h),
@@ -109,6 +111,7 @@ void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_val
   o.window = 8;
   o.sinks = 4;
   o.max_rollback = 4;
+  if (rope) o.pre_rope_keys = true, o.rope = *rope;
   const MemoryPlan plan(codebooks, o, sizeof(T));
   const PagedCacheOptions opt = plan.pool_for(5, 420, 60);
   // The CPU cache in zeroed memory, as the device pool starts (pages never taken compare too).
@@ -158,7 +161,7 @@ void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_val
   both.append({a, d}, {3, 40});
   cpu.free_sequence(b);
   gpu.free_sequence(b);
-  const SeqId e = add(10);
+  const SeqId e = add(rope ? 1000003 : 10);  // pre-RoPE: token 0 far along (positions past 10^6)
   cpu.reserve(e, 50);
   gpu.reserve(e, 50);
   both.append({e, c}, {50, 33});
@@ -206,6 +209,7 @@ void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_val
   CHECK_THROWS_AS(gpu.attend(0, std::span<const SeqId>(&g, 1), q_heads, q, DType::f32, DType::f32), Error);  // freed
   CHECK_THROWS_AS(gpu.attend(0, std::span<const SeqId>(&a, 1), 3, q, DType::f32, DType::f32), Error);
   MESSAGE("device cache ", sizeof(T) * 8, "-bit rows, ", D / C_key, "/", D / C_value, " key/value groups, pages of ", P,
+          ", ", q_heads, "/", H, " heads, ", rope ? describe(*rope) + " keys before RoPE" : std::string("keys after RoPE"),
           ": largest relative error ", worst);
 }
 
@@ -219,6 +223,23 @@ TEST_CASE("cuda paged cache: the CPU cache's pools byte for byte and decode atte
   check_device_cache<bfloat16>(2, 4, 2, 32, 12);
   check_device_cache<float>(2, 2, 8, 256, 13);
   check_device_cache<half>(3, 8, 4, 128, 14);
+}
+
+TEST_CASE("cuda paged cache: keys before RoPE, rotated in the kernel, within 1e-3 of the oracle (rotate_half, interleaved partial rotary, YaRN; MHA and GQA)") {
+  require_gpu();
+  RopeConfig llama;  // rotate_half over every channel, theta 500000, llama3 scaling
+  llama.theta = 500000.0;
+  llama.scaling = RopeScaling::llama3;
+  llama.factor = 8.0;
+  check_device_cache<half>(1, 8, 8, 64, 21, 8, &llama);
+  RopeConfig gptj;  // interleaved pairs over the first 64 channels, YaRN (an attention factor)
+  gptj.style = RopeStyle::interleaved;
+  gptj.rotary_dim = 64;
+  gptj.scaling = RopeScaling::yarn;
+  gptj.factor = 4.0;
+  check_device_cache<bfloat16>(2, 4, 4, 32, 22, 2, &gptj);  // MHA
+  RopeConfig plain;
+  check_device_cache<float>(1, 2, 2, 256, 23, 16, &plain);  // GQA 8
 }
 
 TEST_CASE("cuda paged cache: options the GPU cannot serve are refused") {
@@ -235,7 +256,23 @@ TEST_CASE("cuda paged cache: options the GPU cannot serve are refused") {
   CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(post, o), "full_page_rows 12");
   o.full_page_rows = 16;
   o.pre_rope_keys = true;
-  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(post, o), "before RoPE");
+  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(post, o), "fitted on post-RoPE keys");
+  // Keys before RoPE where the rotating kernel does not serve: head_dim 64, key and value groups
+  // unlike, rotate_half over part of the channels.
+  KVCodebooks pre64(1, 1, 64, std::vector<LayerSpec>{{{8, 8}, {8, 8}}}, KeyRope::pre);
+  pre64.set(0, 0, test::random_codebook(64, 8, 8, 1), test::random_codebook(64, 8, 8, 2));
+  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(pre64, o), "head_dim 64");
+  KVCodebooks mixed(1, 1, 128, std::vector<LayerSpec>{{{8, 8}, {4, 8}}}, KeyRope::pre);
+  mixed.set(0, 0, test::random_codebook(128, 8, 8, 1), test::random_codebook(128, 4, 8, 2));
+  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(mixed, o), "values 4c8b");
+  RopeConfig partial;
+  partial.rotary_dim = 64;
+  KVCodebooks half_rotary(1, 1, 128, std::vector<LayerSpec>{{{8, 8}, {8, 8}}}, KeyRope::pre, partial);
+  half_rotary.set(0, 0, test::random_codebook(128, 8, 8, 1), test::random_codebook(128, 8, 8, 2));
+  o.rope = partial;
+  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(half_rotary, o), "rotate_half with rotary_dim 64");
+  o.rope = {};
+  CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(half_rotary, o), "differs from the one");
   o.pre_rope_keys = false;
   std::vector<std::byte> host(1 << 20);
   o.pool_memory = host;

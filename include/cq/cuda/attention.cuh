@@ -9,6 +9,9 @@
 /// histograms, any code width). Splits of long contexts are merged flash-decoding style
 /// (combine.cuh, general/merge.cuh).
 ///
+/// Keys coded before RoPE (AttentionShape::rope_dim, AttentionBatch::rope) are rotated to their
+/// positions inside the grouped-rows kernel, which then serves every group size (MHA included).
+///
 /// Codes are read in contiguous buffers per (sequence, KV head) or in the pages of a pool with the
 /// CPU cache's layout, through page tables (params.cuh, DeviceKVCodes; pages of a power of two of
 /// tokens from 32 on): a page copied between host and device is valid on both sides. The sinks'
@@ -75,7 +78,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     float* partial = at(g.partial);
     unsigned char* codebooks = base + g.codebooks;
     half_codebooks_kernel<><<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
-        batch, plan.shape.key_channels, plan.shape.value_channels, codebooks);
+        batch, plan.shape.key_channels, plan.shape.value_channels, codebooks, g.key_partners);
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
     g.kernel<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
     CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
@@ -208,6 +211,8 @@ class FusedAttention {
              ", ", s.head_dim, ")");
     CQ_CHECK(valid_page_tokens(batch.page_tokens), "cuda attention: page_tokens ", batch.page_tokens,
              " must be 0 (contiguous codes) or a power of two from 32 on");
+    CQ_CHECK((batch.rope != nullptr) == (s.rope_dim > 0), "cuda attention: the batch's rope (", batch.rope,
+             ") must be set exactly when the plan's keys are before RoPE (rope_dim ", s.rope_dim, ")");
     CQ_CHECK(batch.q != nullptr && batch.out != nullptr, "cuda attention: q (", batch.q, ") and out (", batch.out,
              ") must be set");
     CQ_CHECK(attention_dtype(batch.q_type) && attention_dtype(batch.out_type), "cuda attention: q is ",

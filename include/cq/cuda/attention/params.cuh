@@ -5,12 +5,14 @@
 /// A sequence's tokens are split as cq/attention/problem.hpp says: coded tokens (positions sinks ..
 /// sinks + coded - 1, as codes, contiguous or paged) and full-precision tokens (the sinks and the
 /// window: float rows per sequence, or rows in full-precision pages in the model's dtype). The
-/// launch serves one query per sequence, the last one, with keys after RoPE; queries and outputs
-/// are f32, f16 or bf16, arithmetic is in float.
+/// launch serves one query per sequence, the last one, with keys after RoPE (or before it, rotated
+/// in the kernel: AttentionBatch::rope); queries and outputs are f32, f16 or bf16, arithmetic is
+/// in float.
 
 #include "cq/config.hpp"
 #include "cq/cuda/codebook.cuh"
 #include "cq/cuda/elements.cuh"
+#include "cq/cuda/attention/rope.cuh"
 #include "cq/dtype.hpp"
 
 #include <cmath>
@@ -77,6 +79,9 @@ struct DeviceKVCodes {
 /// when the batch has no full-precision pool (AttentionBatch::full_pages), else rows of that pool:
 /// row j < sinks is row j of the sink pages, row j >= sinks is row recent_row + (j - sinks) of the
 /// recent pages (as PagedKVCache keeps them: recent_row = window_begin - recent_first).
+/// With keys coded before RoPE (AttentionBatch::rope), token 0 sits at RoPE position `position`:
+/// coded token i at position + sinks + i, full row j at position + j (j < sinks) or position +
+/// coded + j (the window, after the coded tokens).
 struct DeviceSequence {
   std::uint32_t coded = 0;
   std::uint32_t full = 0;
@@ -86,6 +91,10 @@ struct DeviceSequence {
   const std::uint32_t* recent_pages = nullptr;  // page ids of the recent rows, in order
   std::uint32_t sinks = 0;                      // of the full rows, how many are sinks
   std::uint32_t recent_row = 0;                 // the window's first row among the recent rows
+  std::uint64_t position = 0;                   // RoPE position of token 0 (pre-RoPE keys only)
+
+  /// The RoPE position of full row j.
+  CQ_HOST_DEVICE std::uint64_t full_position(std::uint32_t j) const { return position + (j < sinks ? j : coded + j); }
 };
 
 /// A pool of full-precision pages with the CPU cache's layout (cache/layout.hpp, FullPageLayout:
@@ -126,6 +135,10 @@ struct AttentionBatch {
   /// Tokens per page of the paged codes (every paged entry of `codes` has pages of this size): 0
   /// when every entry is contiguous, else a power of two from 32 on (FusedAttention::run checks).
   int page_tokens = 0;
+  /// Keys (coded and full-precision) stored before RoPE: the kernels rotate each to its position
+  /// (DeviceSequence::position) by this device copy of make_device_rope(...); nullptr: keys after
+  /// RoPE. Set exactly when the plan's shape has rope_dim > 0.
+  const DeviceRope* rope = nullptr;
 
 #ifdef __CUDACC__
   /// log2 of the 32-token blocks per page (0 when contiguous).

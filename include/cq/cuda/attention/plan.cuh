@@ -268,12 +268,21 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
            s.key_channels, " and ", s.value_channels);
   check_code_bits(s.key_bits, "cuda attention: key codes");
   check_code_bits(s.value_bits, "cuda attention: value codes");
-  const bool lanes_ok = lane_tables_apply(s, dev);
+  CQ_CHECK(s.rope_dim >= 0 && s.rope_dim <= s.head_dim && s.rope_dim % 2 == 0, "cuda attention: rope_dim ",
+           s.rope_dim, " must be even and at most head_dim ", s.head_dim);
+  const bool grouped_ok = grouped_rows_apply(s, dev);
+  CQ_CHECK(s.rope_dim == 0 || (grouped_ok && (choice == AttentionKernel::automatic || choice == AttentionKernel::grouped_rows)),
+           "cuda attention: keys before RoPE are rotated by the grouped-rows kernel only, which needs 8-bit key and ",
+           "value codes of 2, 4 or 8 channels alike, head_dim 128, at most 16 query heads per KV head, rotate_half over ",
+           "every channel or interleaved pairs, and the shared memory for ", s.max_full, " full-precision tokens; got ",
+           s.key_bits, "/", s.value_bits, " bits, ", s.key_channels, "/", s.value_channels, " channels, head_dim ",
+           s.head_dim, ", ", s.q_heads / s.kv_heads, " heads per KV head, ", rope_style_name(s.rope_style),
+           " over ", s.rope_dim, " channels");
+  const bool lanes_ok = s.rope_dim == 0 && lane_tables_apply(s, dev);
   CQ_CHECK(choice != AttentionKernel::lane_tables || lanes_ok, "cuda attention: the lane-tables kernel needs 8-bit key ",
            "and value codes with 16, 32 or 64 groups, head_dim <= 256, the shared memory and 1 KiB of reserved shared ",
            "memory per block; got ", s.key_bits, "/", s.value_bits, " bits, ", s.head_dim / s.key_channels, "/",
            s.head_dim / s.value_channels, " groups, ", dev.reserved_shared, " reserved bytes");
-  const bool grouped_ok = grouped_rows_apply(s, dev);
   CQ_CHECK(choice != AttentionKernel::grouped_rows || grouped_ok, "cuda attention: the grouped-rows kernel needs ",
            "8-bit key and value codes with 2, 4 or 8 channels per group, head_dim 128, at most 16 query heads per KV ",
            "head and the shared memory for ", s.max_full, " full-precision tokens; got ", s.key_bits, "/", s.value_bits,
@@ -281,7 +290,7 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
            s.q_heads / s.kv_heads, " heads per KV head");
   AttentionPlan plan;
   plan.shape = s;
-  if (choice == AttentionKernel::grouped_rows ||
+  if (choice == AttentionKernel::grouped_rows || s.rope_dim > 0 ||
       (choice == AttentionKernel::automatic && grouped_ok && grouped_rows_preferred(s, dev))) {
     plan.splits = plan_grouped_rows(s, dev, max_split_tokens, plan.grouped_rows, &plan.workspace_bytes);
     plan.kernel = AttentionKernel::grouped_rows;

@@ -4,6 +4,7 @@
 /// and by each kernel's own planning (grouped_rows/plan.cuh).
 
 #include "cq/cuda/error.cuh"
+#include "cq/rope.hpp"
 
 #include <cuda_runtime.h>
 
@@ -26,6 +27,10 @@ struct AttentionShape {
   int key_channels = 0, key_bits = 0, value_channels = 0, value_bits = 0;
   int max_coded = 0;  // longest coded length in the batch
   int max_full = 0;   // most full-precision tokens of any sequence
+  /// Keys stored before RoPE (AttentionBatch::rope): their rotary channels and pair style; 0: keys
+  /// after RoPE. Only the grouped-rows kernel rotates keys (rotate_half: rope_dim == head_dim).
+  int rope_dim = 0;
+  RopeStyle rope_style = RopeStyle::rotate_half;
   friend bool operator==(const AttentionShape&, const AttentionShape&) = default;
 };
 

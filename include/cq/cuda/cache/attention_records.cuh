@@ -101,6 +101,7 @@ struct QueryRows {
         s.recent_pages = recent_table;
         s.sinks = std::uint32_t(vis[r].sink_end);
         s.recent_row = vis[r].window() > 0 ? std::uint32_t(vis[r].window_begin - q.recent_first) : 0;
+        s.position = q.position_offset;
       }
     }
     batch.codes = reinterpret_cast<const DeviceKVCodes*>(dev);

@@ -26,9 +26,15 @@
 /// later) or a buffer grows. append and attend upload what the host planned, so they are not
 /// capturable; append_step and attend_step are (one live graph per cache: see begin_decode_step).
 ///
-/// Not yet on the GPU: keys coded before RoPE (refused with cq::Error), and a prefill kernel (query
-/// rows are served as decode rows, each reading its codes: right for a few draft tokens, slow for
-/// a long chunk). Rows are not checked for NaN/Inf here (it would cost a synchronisation per
+/// Keys are appended as the model has them: after RoPE (post-RoPE codebooks), or before it
+/// (pre_rope_keys, pre-RoPE codebooks: the CQ paper's configuration): then attention rotates every
+/// key, coded or full-precision, to token t's position t + the sequence's first position, inside
+/// the grouped-rows kernel (which then serves every group size; it needs 8-bit codes of 2, 4 or 8
+/// channels alike for keys and values at head_dim 128, and rotate_half over every channel or
+/// interleaved pairs: checked at construction).
+///
+/// Not yet on the GPU: a prefill kernel (query rows are served as decode rows, each reading its
+/// codes: right for a few draft tokens, slow for a long chunk). Rows are not checked for NaN/Inf here (it would cost a synchronisation per
 /// append); the CPU cache checks them.
 ///
 /// Thread safety: one thread at a time (the host bookkeeping and the upload buffers are shared).
@@ -91,18 +97,41 @@ class PagedKVCache {
   /// must be installed before it is appended to, and are copied to the device then) on `stream`.
   /// The pool is `device_pool` (engine-owned device memory, 64-byte aligned,
   /// MemoryPlan::pool_bytes(opt) bytes) or allocated here. opt.pool_memory must be empty (it names
-  /// host memory). Throws cq::Error naming the option: pre-RoPE keys (not on the GPU yet), page
-  /// sizes the kernels cannot address (page_tokens and full_page_rows must be powers of two), the
-  /// checks of MemoryPlan and the CPU cache.
+  /// host memory). Throws cq::Error naming the option: keys before or after RoPE other than the
+  /// key codebooks were fitted on, a RoPE other than theirs, pre-RoPE keys with codebooks or a RoPE
+  /// the rotating kernel does not serve (see the top), page sizes the kernels cannot address
+  /// (page_tokens and full_page_rows must be powers of two), the checks of MemoryPlan and the CPU
+  /// cache.
   PagedKVCache(const KVCodebooks& codebooks, const PagedCacheOptions& opt, cudaStream_t stream = nullptr,
                std::span<std::byte> device_pool = {})
       : cb_(&codebooks), stream_(stream), plan_(codebooks, opt, sizeof(T)),
         pool_(allocate_pool(plan_, opt, device_pool, stream)),
         table_(plan_, with_pool(opt, device_pool.empty() ? pool_span() : device_pool), codebooks.layers(), &ops_),
         layers_(codebooks.layers()) {
-    CQ_CHECK(!opt.pre_rope_keys && codebooks.key_rope() == KeyRope::post,
-             "cuda paged cache: keys coded before RoPE are not supported on the GPU yet (the cache needs post-RoPE "
-             "keys and codebooks fitted on them; the codebooks' keys are ", key_rope_name(codebooks.key_rope()), ")");
+    CQ_CHECK(codebooks.key_rope() != KeyRope::unknown,
+             "cuda paged cache: the key codebooks do not record whether keys were coded before or after RoPE; ",
+             "re-run cq-calibrate, or stamp the file with --key-rope");
+    const KeyRope want = opt.pre_rope_keys ? KeyRope::pre : KeyRope::post;
+    CQ_CHECK(codebooks.key_rope() == want, "cuda paged cache: the cache takes ", key_rope_name(want),
+             " keys but the key codebooks were fitted on ", key_rope_name(codebooks.key_rope()), " keys");
+    if (opt.pre_rope_keys) {
+      CQ_CHECK(codebooks.rope() == opt.rope, "cuda paged cache: the cache's RoPE (", describe(opt.rope),
+               ") differs from the one the key codebooks were fitted with (", describe(codebooks.rope()), ")");
+      const DeviceRope r = make_device_rope(Rope(opt.rope, codebooks.head_dim()));
+      for (std::size_t l = 0; l < layers_; ++l) {
+        const LayerSpec& sp = codebooks.spec(l);
+        CQ_CHECK(codebooks.head_dim() == 128 && sp.key.bits == 8 && sp.value.bits == 8 &&
+                     sp.key.channels == sp.value.channels &&
+                     (sp.key.channels == 2 || sp.key.channels == 4 || sp.key.channels == 8),
+                 "cuda paged cache: keys before RoPE need head_dim 128 and 8-bit codes of 2, 4 or 8 channels alike ",
+                 "for keys and values (the kernel that rotates keys); layer ", l, " has head_dim ", codebooks.head_dim(),
+                 ", keys ", sp.key.channels, "c", sp.key.bits, "b, values ", sp.value.channels, "c", sp.value.bits, "b");
+      }
+      rope_ = DeviceBuffer<DeviceRope>(&r, 1, stream);
+      CQ_CUDA_CHECK(cudaStreamSynchronize(stream));  // r leaves scope
+      rope_dim_ = int(Rope(opt.rope, codebooks.head_dim()).rotary_dim());
+      rope_style_ = opt.rope.style;
+    }
     CQ_CHECK((opt.page_tokens & (opt.page_tokens - 1)) == 0, "cuda paged cache: page_tokens ", opt.page_tokens,
              " must be a power of two (the kernels address pages by shift and mask)");
     CQ_CHECK((opt.full_page_rows & (opt.full_page_rows - 1)) == 0, "cuda paged cache: full_page_rows ",
@@ -532,6 +561,8 @@ class PagedKVCache {
     shape.value_channels = int(spec.value.channels), shape.value_bits = spec.value.bits;
     shape.max_coded = max_coded;
     shape.max_full = max_full;
+    shape.rope_dim = rope_dim_;
+    shape.rope_style = rope_style_;
     return shape;
   }
   /// An attention batch of `layer` for `shape`'s rows (codes and sequences set by write_segment).
@@ -549,6 +580,7 @@ class PagedKVCache {
     batch.full_pages = {full_pool(layer), dtype_of<T>, std::uint32_t(options().full_page_rows),
                         plan_.full_layout(layer).page_bytes()};
     batch.page_tokens = int(options().page_tokens);
+    batch.rope = rope_dim_ > 0 ? rope_.data() : nullptr;
     return batch;
   }
   void check_step(std::size_t layer, const char* what) const {
@@ -616,6 +648,10 @@ class PagedKVCache {
     std::vector<AttentionBatch> layers;
   } step_;
   DeviceBuffer<unsigned char> step_buffer_;
+  // Pre-RoPE keys: the model's RoPE for the kernels (one DeviceRope), its rotary channels and style.
+  DeviceBuffer<DeviceRope> rope_;
+  int rope_dim_ = 0;
+  RopeStyle rope_style_ = RopeStyle::rotate_half;
 };
 
 }  // namespace cq::cuda

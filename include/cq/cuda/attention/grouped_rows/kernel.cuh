@@ -21,6 +21,13 @@
 /// two key tokens and its four value tokens each share one 32-bit word of a group's staged codes,
 /// so a code costs a quarter or half of a shared load, not a byte load.
 ///
+/// Keys coded before RoPE (the Rope instantiation, AttentionBatch::rope): each decoded key is
+/// rotated to its position in float before its products -- per 16-token tile, the warp computes
+/// the anchor of every pair (one sincos each, exact in fixed-point turns: attention/rope.cuh) and
+/// each thread composes it with the step table's rotation of its two rows' offsets; the permuted
+/// reduction dimension then gives a thread both channels of each of its pairs (key_channel), and
+/// with rotate_half the two groups of a pair share one half-precision scale.
+///
 /// Half precision's range: each codebook group is scaled by a power of two into [2^7, 2^8) before
 /// conversion (values of any magnitude keep 11 significant bits); key scales are folded into the
 /// query, value scales divide the output channels at the end.
@@ -28,8 +35,9 @@
 /// A launch: half_codebooks_kernel converts every KV head's codebooks once into the workspace;
 /// then the grid is (splits, sequences x KV heads): a block copies its KV head's 128 KiB into
 /// shared memory, and 16 warps (8 for groups of 9-16 heads, whose two column tiles need twice the
-/// registers) take 16-token tiles in turn, each staging its next tile's codes by cp.async (through
-/// the page table when the codes are paged) while it computes the current one, each with its own
+/// registers, and for keys rotated in the kernel) take 16-token tiles in turn, each staging its
+/// next tile's codes by cp.async (through the page table when the codes are paged) while it
+/// computes the current one, each with its own
 /// online softmax; the warps' states merge in shared memory, then the full-precision tokens
 /// (split 0) join, by the rule of cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
 /// combine_kernel (combine.cuh). Half-precision operands are a little less accurate than the
@@ -59,16 +67,21 @@ struct GroupedRowsConfig {
   static constexpr int stage_bytes = 2 * 64 * tile;
   /// Column tiles (8 heads each) for a group of `heads` query heads.
   static constexpr int head_tiles(int heads) { return heads <= 8 ? 1 : 2; }
-  /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two.
-  static constexpr int warps(int tiles) { return tiles == 1 ? 16 : 8; }
+  /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two, or
+  /// with keys rotated in the kernel (whose rotation spills at 128 registers).
+  static constexpr int warps(int tiles, bool rope = false) { return tiles == 1 && !rope ? 16 : 8; }
+  /// Bytes of the RoPE step table and the warps' tile anchors (pre-RoPE keys): after the scales.
+  static constexpr std::size_t rope_bytes(int tiles) {
+    return std::size_t(DeviceRope::steps + warps(tiles, true)) * DeviceRope::max_pairs * 2 * 4;
+  }
   /// Dynamic shared memory for `full_cap` full-precision tokens: the two codebooks and the warps'
   /// two code stages (the warps' states and the full tokens' scores reuse them after the main
-  /// loop), then the group scales.
-  static constexpr std::size_t shared_bytes(int full_cap, int tiles) {
-    const int w = warps(tiles), heads = 8 * tiles;
+  /// loop), then the group scales, then (pre-RoPE keys) rope_bytes.
+  static constexpr std::size_t shared_bytes(int full_cap, int tiles, bool rope = false) {
+    const int w = warps(tiles, rope), heads = 8 * tiles;
     const std::size_t merge = std::size_t(w * (heads * head_dim + 2 * heads) + heads * full_cap + 2 * heads) * 4;
     const std::size_t loop = 2u * codebook_bytes + std::size_t(w) * 2 * stage_bytes;
-    return (merge > loop ? merge : loop) + 2 * 64 * 4;
+    return (merge > loop ? merge : loop) + 2 * 64 * 4 + (rope ? rope_bytes(tiles) : 0);
   }
 };
 
@@ -101,10 +114,12 @@ struct HalfCodebooks {
 };
 
 /// Grid (groups, 2, KV heads): block (g, which, h) converts group g of KV head h's key (which =
-/// 0) or value codebook to half precision, scaled by range_scale of its largest magnitude.
+/// 0) or value codebook to half precision, scaled by range_scale of its largest magnitude -- with
+/// rotate_half keys coded before RoPE (key_partners), of the larger of its own and its partner
+/// group's (channels + head_dim / 2), so the two channels of a rotation pair share one scale.
 template <class = void>  // a template only so that headers can define it (cuda.cuh)
 __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, int key_channels, int value_channels,
-                                                             unsigned char* __restrict__ out) {
+                                                             unsigned char* __restrict__ out, bool key_partners = false) {
   const int g = blockIdx.x, which = blockIdx.y, h = blockIdx.z, C = which ? value_channels : key_channels;
   float* scales = reinterpret_cast<float*>(out + std::size_t(h) * HalfCodebooks::bytes + 4 * HalfCodebooks::halves) +
                   64 * which;
@@ -119,6 +134,11 @@ __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, i
   const int n = 256 * C;
   float m = 0.0f;
   for (int i = threadIdx.x; i < n; i += 256) m = fmaxf(m, fabsf(src[i]));
+  if (which == 0 && key_partners) {
+    const int half_groups = GroupedRowsConfig::head_dim / C / 2;
+    const float* partner = src + (g < half_groups ? 1 : -1) * std::ptrdiff_t(half_groups) * 256 * C;
+    for (int i = threadIdx.x; i < n; i += 256) m = fmaxf(m, fabsf(partner[i]));
+  }
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
   __syncthreads();
@@ -182,19 +202,84 @@ __device__ __forceinline__ void put_centroid_words(const __half* cb, int g, unsi
 /// 2 tq + 8, 2 tq + 9) are the four bytes of word tq.
 __device__ __forceinline__ int staged_token(int r) { return 4 * ((r & 7) >> 1) + (r & 1) + 2 * (r >> 3); }
 
-template <int CK, int CV, int NT>
-__global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
+/// The channel of thread tq's i-th key channel (i < 32) in the permuted reduction dimension of
+/// K Q^T: 32 tq + i; with keys rotated in the kernel (Rope), 16 tq + i and 64 + 16 tq + (i - 16),
+/// so that both channels of every rotation pair -- (c, c + 64) with rotate_half, (2 i, 2 i + 1)
+/// interleaved -- are the same thread's.
+template <bool Rope>
+__device__ __forceinline__ int key_channel(int tq, int i) {
+  if constexpr (Rope) return i < 16 ? 16 * tq + i : 48 + 16 * tq + i;
+  return 32 * tq + i;
+}
+
+__device__ __forceinline__ float2 unpack_half2(unsigned w) { return __half22float2(*reinterpret_cast<const __half2*>(&w)); }
+
+/// Where two pairs' (cos, sin) (16 bytes: pairs 2 c and 2 c + 1) sit in shared memory: chunk c of
+/// row t of the step table, or of a warp's anchor (t = 0), is stored at chunk
+/// rope_chunk(c, t) of its row. In rotate_key_words a quarter-warp's eight lanes (two rows of
+/// opposite parity, four tq) read chunks whose low three bits agree; unswizzled they fall on one
+/// bank quad (eight wavefronts per quarter-warp, which made the rotation cost 3x the kernel);
+/// the xor spreads them over all eight.
+__device__ __forceinline__ int rope_chunk(int c, int t) { return c ^ ((2 * (c >> 3) + (t & 1)) & 7); }
+
+/// (cos, sin) of two pairs at anchor + t: the anchor's a = (cos, sin, cos, sin) composed with the
+/// step's t alike (angle addition).
+__device__ __forceinline__ float4 rope_compose(float4 a, float4 t) {
+  return make_float4(a.x * t.x - a.y * t.y, a.y * t.x + a.x * t.y, a.z * t.z - a.w * t.w, a.w * t.z + a.z * t.w);
+}
+
+/// Rotates a thread's decoded key words of its two tile rows (w0, w1: word k holds channels
+/// key_channel<true>(tq, 2 k) and + 1) to the tile's anchor (`anchor`: (cos, sin) per pair, times
+/// the attention factor) plus steps s0 and s1 (`steps`: [t][pair] (cos, sin), DeviceRope::step),
+/// both stored by rope_chunk. In float; the words are half precision before and after.
+__device__ __forceinline__ void rotate_key_words(unsigned (&w0)[16], unsigned (&w1)[16], const float* anchor,
+                                                 const float* steps, int s0, int s1, int tq, bool rotate_half) {
+  constexpr int P = DeviceRope::max_pairs;
+  auto split = [](unsigned& x, unsigned& y, float4 cs) {  // x: channel a of two pairs, y: their channel b
+    const float2 a = unpack_half2(x), b = unpack_half2(y);
+    x = pack_half2(a.x * cs.x - b.x * cs.y, a.y * cs.z - b.y * cs.w);
+    y = pack_half2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);
+  };
+  auto pairs = [](unsigned& x, unsigned& y, float4 cs) {  // x: one pair (a, b), y: the next
+    const float2 u = unpack_half2(x), v = unpack_half2(y);
+    x = pack_half2(u.x * cs.x - u.y * cs.y, u.y * cs.x + u.x * cs.y);
+    y = pack_half2(v.x * cs.z - v.y * cs.w, v.y * cs.z + v.x * cs.w);
+  };
+  if (rotate_half) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {  // words k and k + 8: channels c, c + 1 and c + 64, c + 65; pairs c, c + 1
+      const int c = 8 * tq + k;  // pairs 2 c, 2 c + 1
+      const float4 a = *reinterpret_cast<const float4*>(anchor + 4 * rope_chunk(c, 0));
+      split(w0[k], w0[k + 8], rope_compose(a, *reinterpret_cast<const float4*>(steps + 2 * s0 * P + 4 * rope_chunk(c, s0))));
+      split(w1[k], w1[k + 8], rope_compose(a, *reinterpret_cast<const float4*>(steps + 2 * s1 * P + 4 * rope_chunk(c, s1))));
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; k += 2) {  // words k and k + 1: pairs pr and pr + 1
+      const int c = (k < 8 ? 8 * tq + k : 32 + 8 * tq + (k - 8)) / 2;  // pairs 2 c, 2 c + 1
+      const float4 a = *reinterpret_cast<const float4*>(anchor + 4 * rope_chunk(c, 0));
+      pairs(w0[k], w0[k + 1], rope_compose(a, *reinterpret_cast<const float4*>(steps + 2 * s0 * P + 4 * rope_chunk(c, s0))));
+      pairs(w1[k], w1[k + 1], rope_compose(a, *reinterpret_cast<const float4*>(steps + 2 * s1 * P + 4 * rope_chunk(c, s1))));
+    }
+  }
+}
+
+template <int CK, int CV, int NT, bool Rope>
+__global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope) * 32, 1)
     grouped_rows_kernel(AttentionBatch p, GroupedRowsLayout L, const unsigned char* __restrict__ codebooks,
                         float* __restrict__ partial) {
   using Cfg = GroupedRowsConfig;
-  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT), threads = warps * 32;
+  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT, Rope), threads = warps * 32;
   constexpr int MG = 8 * NT;  // heads a block's fragments hold (the group padded)
   extern __shared__ __align__(16) unsigned char grouped_rows_smem[];
   __half* kc = reinterpret_cast<__half*>(grouped_rows_smem);
   __half* vc = kc + 256 * D;
-  const std::size_t small_at = Cfg::shared_bytes(L.full_cap, NT) - 2 * 64 * 4;
+  const std::size_t small_at = Cfg::shared_bytes(L.full_cap, NT, Rope) - 2 * 64 * 4 - (Rope ? Cfg::rope_bytes(NT) : 0);
   float* kscale = reinterpret_cast<float*>(grouped_rows_smem + small_at);  // [GK]
   float* vscale = kscale + 64;                                             // [GV]
+  // Pre-RoPE keys: the step table [t][pair] (cos, sin), then each warp's tile anchor [pair] (cos, sin).
+  float* rope_steps = vscale + 64;
+  float* anchor = rope_steps + DeviceRope::steps * DeviceRope::max_pairs * 2 + (threadIdx.x / 32) * DeviceRope::max_pairs * 2;
 
   const int group = p.q_heads / p.kv_heads;
   const int split = blockIdx.x, b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
@@ -214,6 +299,13 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
 #pragma unroll 8
     for (int i = tid; i < words; i += threads) dst[i] = __ldg(src + i);
     if (tid < 128) kscale[tid] = reinterpret_cast<const float*>(src + words)[tid];  // kscale, then vscale
+    if constexpr (Rope)  // the step table, chunks placed by rope_chunk
+      for (int i = tid; i < DeviceRope::steps * DeviceRope::max_pairs; i += threads) {
+        const int t = i / DeviceRope::max_pairs, pr = i % DeviceRope::max_pairs;
+        const float* cs = p.rope->step[t][pr];
+        float* dst = rope_steps + 2 * t * DeviceRope::max_pairs + 4 * rope_chunk(pr / 2, t) + 2 * (pr & 1);
+        dst[0] = cs[0], dst[1] = cs[1];
+      }
   }
   __syncthreads();
 
@@ -231,7 +323,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      const int h = 8 * j + gq, ch = 32 * tq + 4 * s;
+      const int h = 8 * j + gq, ch = key_channel<Rope>(tq, 4 * s);
       float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (h < group)
 #pragma unroll
@@ -267,8 +359,15 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
   asm volatile("cp.async.commit_group;" ::: "memory");
   std::uint32_t next_page = page_of_tile(warp + warps);
   const int row0 = staged_token(gq), e = gq & 1;  // this thread's key rows: staged tokens row0, row0 + 2
+  const std::uint64_t position0 = Rope ? seq.position + seq.sinks + std::uint64_t(c0) : 0;  // of coded token c0
+  const bool rotate_half = Rope && p.rope->style == int(RopeStyle::rotate_half);
   for (int tile = warp, i = 0; tile < tiles; tile += warps, ++i) {
     const int t0 = tile * Cfg::tile;
+    if constexpr (Rope) {  // the tile's anchor, pairs lane and lane + 32 (read after the __syncwarp below)
+      const std::uint64_t at = position0 + std::uint64_t(t0);
+      for (int pr = lane; pr < DeviceRope::max_pairs; pr += 32)
+        reinterpret_cast<float2*>(anchor)[2 * rope_chunk(pr / 2, 0) + (pr & 1)] = p.rope->at(pr, at);
+    }
     if (tile + warps < tiles)
       stage_tile_codes<GK, GV>(key_run, value_run, next_page, c0 + t0 + warps * Cfg::tile, wide,
                                stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
@@ -284,11 +383,12 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
       unsigned w0[16], w1[16];
 #pragma unroll
       for (int g = 0; g < 32 / CK; ++g) {
-        const int grp = 32 * tq / CK + g;
+        const int grp = key_channel<Rope>(tq, g * CK) / CK;
         const unsigned word = staged[4 * grp + (row0 >> 2)] >> (8 * e);
         put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
         put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
       }
+      if constexpr (Rope) rotate_key_words(w0, w1, anchor, rope_steps, row0, row0 + 2, tq, rotate_half);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -400,7 +500,18 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT) * 32, 1)
       for (int j = lane; j < nfull; j += 32) {
         const auto* k = rows.key(j);
         float s = 0.0f;
-        for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
+        if constexpr (Rope) {  // rotated to its position pair by pair, with exact sincos
+          const std::uint64_t pos = seq.full_position(std::uint32_t(j));
+          for (int pr = 0; pr < D / 2; ++pr) {
+            const int2 ab = p.rope->channels(pr, D);
+            const float2 cs = p.rope->at(pr, pos);
+            const float ka = rows.at(k, ab.x), kb = rows.at(k, ab.y);
+            s = fmaf(q(h * D + ab.x), ka * cs.x - kb * cs.y, s);
+            s = fmaf(q(h * D + ab.y), kb * cs.x + ka * cs.y, s);
+          }
+        } else {
+          for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
+        }
         s *= scale;
         fsc[h * L.full_cap + j] = s;
         fm = fmaxf(fm, s);

@@ -25,17 +25,21 @@ struct GroupedRowsLaunch {
   std::size_t shared = 0;  // dynamic shared memory of a block
   std::size_t partial = 0;
   std::size_t codebooks = 0;  // the KV heads' half-precision codebooks (HalfCodebooks)
+  bool key_partners = false;  // rotate_half pairs' key groups share a scale (half_codebooks_kernel)
 };
 
 /// Whether the grouped-rows kernel serves a shape on this device (instantiated for equal key and
-/// value channels: CQ-2c8b, 4c8b, 8c8b).
+/// value channels: CQ-2c8b, 4c8b, 8c8b; keys before RoPE with rotate_half over every channel or
+/// interleaved pairs).
 inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev) {
   const int c = s.key_channels;
+  const bool rope_ok = s.rope_dim == 0 || (s.rope_dim % 2 == 0 && s.rope_dim <= s.head_dim &&
+                                           (s.rope_style == RopeStyle::interleaved || s.rope_dim == s.head_dim));
   return s.head_dim == GroupedRowsConfig::head_dim && s.key_bits == 8 && s.value_bits == 8 &&
          (c == 2 || c == 4 || c == 8) && s.value_channels == c &&
-         s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group &&
-         GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads)) <=
-             std::size_t(dev.shared_max);
+         s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group && rope_ok &&
+         GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads),
+                                         s.rope_dim > 0) <= std::size_t(dev.shared_max);
 }
 
 /// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
@@ -52,15 +56,22 @@ inline bool grouped_rows_preferred(const AttentionShape& s, const DeviceLimits& 
   return c == 2 || (c == 4 && group >= 7) || (c == 8 && group >= 8);
 }
 
-/// Calls f.template operator()<C, NT>() for the shape's channels per group (2, 4 or 8; keys and
-/// values alike) and column tiles of heads (1 for groups of up to 8, else 2).
+/// Calls f.template operator()<C, NT, Rope>() for the shape's channels per group (2, 4 or 8; keys
+/// and values alike), column tiles of heads (1 for groups of up to 8, else 2) and whether keys are
+/// rotated in the kernel.
 template <class F>
 void with_grouped_instance(const AttentionShape& s, F&& f) {
-  const bool one = GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads) == 1;
+  auto tiles = [&]<int C, bool Rope>() {
+    return GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads) == 1 ? f.template operator()<C, 1, Rope>()
+                                                                       : f.template operator()<C, 2, Rope>();
+  };
+  auto rope = [&]<int C>() {
+    return s.rope_dim > 0 ? tiles.template operator()<C, true>() : tiles.template operator()<C, false>();
+  };
   switch (s.key_channels) {
-    case 2: return one ? f.template operator()<2, 1>() : f.template operator()<2, 2>();
-    case 4: return one ? f.template operator()<4, 1>() : f.template operator()<4, 2>();
-    default: return one ? f.template operator()<8, 1>() : f.template operator()<8, 2>();
+    case 2: return rope.template operator()<2>();
+    case 4: return rope.template operator()<4>();
+    default: return rope.template operator()<8>();
   }
 }
 
@@ -71,11 +82,12 @@ void with_grouped_instance(const AttentionShape& s, F&& f) {
 /// (partial states, then the half-precision codebooks).
 inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens,
                              GroupedRowsLaunch& g, std::size_t* workspace) {
-  with_grouped_instance(s, [&]<int C, int NT>() {
-    g.kernel = grouped_rows_kernel<C, C, NT>;
-    g.threads = GroupedRowsConfig::warps(NT) * 32;
-    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT);
+  with_grouped_instance(s, [&]<int C, int NT, bool Rope>() {
+    g.kernel = grouped_rows_kernel<C, C, NT, Rope>;
+    g.threads = GroupedRowsConfig::warps(NT, Rope) * 32;
+    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, Rope);
   });
+  g.key_partners = s.rope_dim > 0 && s.rope_style == RopeStyle::rotate_half;
   allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
   const long long items = (long long)s.batch * s.kv_heads;
   CQ_CHECK(items <= 65535, "cuda attention: batch x kv_heads ", items, " exceeds 65535");
