@@ -23,10 +23,11 @@
 ///
 /// Keys coded before RoPE (the Rope instantiation, AttentionBatch::rope): each decoded key is
 /// rotated to its position in float before its products -- per 16-token tile, the warp computes
-/// the anchor of every pair (one sincos each, exact in fixed-point turns: attention/rope.cuh) and
-/// each thread composes it with the step table's rotation of its two rows' offsets; the permuted
-/// reduction dimension then gives a thread both channels of each of its pairs (key_channel), and
-/// with rotate_half the two groups of a pair share one half-precision scale.
+/// (a tile ahead) the anchor of every pair (one sincos each, exact in fixed-point turns:
+/// attention/rope.cuh) and each thread composes it with the step table's rotation of its two
+/// rows' offsets; the permuted reduction dimension then gives a thread both channels of each of its
+/// pairs (key_channel), and with rotate_half the two groups of a pair share one half-precision
+/// scale.
 ///
 /// Half precision's range: each codebook group is scaled by a power of two into [2^7, 2^8) before
 /// conversion (values of any magnitude keep 11 significant bits); key scales are folded into the
@@ -35,11 +36,11 @@
 /// A launch: half_codebooks_kernel converts every KV head's codebooks once into the workspace;
 /// then the grid is (splits, sequences x KV heads): a block copies its KV head's 128 KiB into
 /// shared memory, and 16 warps (8 for groups of 9-16 heads, whose two column tiles need twice the
-/// registers, and for keys rotated in the kernel) take 16-token tiles in turn, each staging its
-/// next tile's codes by cp.async (through the page table when the codes are paged) while it
-/// computes the current one, each with its own
-/// online softmax; the warps' states merge in shared memory, then the full-precision tokens
-/// (split 0) join, by the rule of cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
+/// registers, and for keys rotated in the kernel at 2 channels) take 16-token tiles in turn, each
+/// staging its next tile's codes by cp.async (through the page table when the codes are paged)
+/// while it computes the current one, each with its own online softmax; the warps' states merge in
+/// shared memory, then the full-precision tokens (split 0) join, by the rule of
+/// cq/attention/softmax_state.hpp. One split writes the output; several write partial states for
 /// combine_kernel (combine.cuh). Half-precision operands are a little less accurate than the
 /// lane-tables kernel's float tables; both are tested to 1e-3 of the oracle (tests/cuda).
 
@@ -67,21 +68,23 @@ struct GroupedRowsConfig {
   static constexpr int stage_bytes = 2 * 64 * tile;
   /// Column tiles (8 heads each) for a group of `heads` query heads.
   static constexpr int head_tiles(int heads) { return heads <= 8 ? 1 : 2; }
-  /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two, or
-  /// with keys rotated in the kernel (whose rotation spills at 128 registers).
-  static constexpr int warps(int tiles, bool rope = false) { return tiles == 1 && !rope ? 16 : 8; }
-  /// Bytes of the RoPE step table and the warps' tile anchors (pre-RoPE keys): after the scales.
-  static constexpr std::size_t rope_bytes(int tiles) {
-    return std::size_t(DeviceRope::steps + warps(tiles, true)) * DeviceRope::max_pairs * 2 * 4;
+  /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two. With
+  /// keys rotated in the kernel (rope_channels: the key channels per group; 0 when not rotated)
+  /// the rotation spills at 128 registers, yet measured faster with 16 warps than with 8 of 255
+  /// registers at 4 and 8 channels; at 2 channels 8 warps.
+  static constexpr int warps(int tiles, int rope_channels = 0) { return tiles == 1 && rope_channels != 2 ? 16 : 8; }
+  /// Bytes of the RoPE step table and the warps' two tile anchors (pre-RoPE keys): after the scales.
+  static constexpr std::size_t rope_bytes(int tiles, int rope_channels) {
+    return std::size_t(DeviceRope::steps + 2 * warps(tiles, rope_channels)) * DeviceRope::max_pairs * 2 * 4;
   }
   /// Dynamic shared memory for `full_cap` full-precision tokens: the two codebooks and the warps'
   /// two code stages (the warps' states and the full tokens' scores reuse them after the main
   /// loop), then the group scales, then (pre-RoPE keys) rope_bytes.
-  static constexpr std::size_t shared_bytes(int full_cap, int tiles, bool rope = false) {
-    const int w = warps(tiles, rope), heads = 8 * tiles;
+  static constexpr std::size_t shared_bytes(int full_cap, int tiles, int rope_channels = 0) {
+    const int w = warps(tiles, rope_channels), heads = 8 * tiles;
     const std::size_t merge = std::size_t(w * (heads * head_dim + 2 * heads) + heads * full_cap + 2 * heads) * 4;
     const std::size_t loop = 2u * codebook_bytes + std::size_t(w) * 2 * stage_bytes;
-    return (merge > loop ? merge : loop) + 2 * 64 * 4 + (rope ? rope_bytes(tiles) : 0);
+    return (merge > loop ? merge : loop) + 2 * 64 * 4 + (rope_channels ? rope_bytes(tiles, rope_channels) : 0);
   }
 };
 
@@ -265,21 +268,23 @@ __device__ __forceinline__ void rotate_key_words(unsigned (&w0)[16], unsigned (&
 }
 
 template <int CK, int CV, int NT, bool Rope>
-__global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope) * 32, 1)
+__global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 32, 1)
     grouped_rows_kernel(AttentionBatch p, GroupedRowsLayout L, const unsigned char* __restrict__ codebooks,
                         float* __restrict__ partial) {
   using Cfg = GroupedRowsConfig;
-  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT, Rope), threads = warps * 32;
+  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT, Rope ? CK : 0), threads = warps * 32;
   constexpr int MG = 8 * NT;  // heads a block's fragments hold (the group padded)
   extern __shared__ __align__(16) unsigned char grouped_rows_smem[];
   __half* kc = reinterpret_cast<__half*>(grouped_rows_smem);
   __half* vc = kc + 256 * D;
-  const std::size_t small_at = Cfg::shared_bytes(L.full_cap, NT, Rope) - 2 * 64 * 4 - (Rope ? Cfg::rope_bytes(NT) : 0);
+  const std::size_t small_at =
+      Cfg::shared_bytes(L.full_cap, NT, Rope ? CK : 0) - 2 * 64 * 4 - (Rope ? Cfg::rope_bytes(NT, CK) : 0);
   float* kscale = reinterpret_cast<float*>(grouped_rows_smem + small_at);  // [GK]
   float* vscale = kscale + 64;                                             // [GV]
-  // Pre-RoPE keys: the step table [t][pair] (cos, sin), then each warp's tile anchor [pair] (cos, sin).
+  // Pre-RoPE keys: the step table [t][pair] (cos, sin), then each warp's two tile anchors
+  // [2][pair] (cos, sin): the current tile's, and the next one's, written a tile ahead.
   float* rope_steps = vscale + 64;
-  float* anchor = rope_steps + DeviceRope::steps * DeviceRope::max_pairs * 2 + (threadIdx.x / 32) * DeviceRope::max_pairs * 2;
+  float* anchors = rope_steps + DeviceRope::steps * DeviceRope::max_pairs * 2 + (threadIdx.x / 32) * 4 * DeviceRope::max_pairs;
 
   const int group = p.q_heads / p.kv_heads;
   const int split = blockIdx.x, b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
@@ -361,13 +366,18 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope) * 32, 1)
   const int row0 = staged_token(gq), e = gq & 1;  // this thread's key rows: staged tokens row0, row0 + 2
   const std::uint64_t position0 = Rope ? seq.position + seq.sinks + std::uint64_t(c0) : 0;  // of coded token c0
   const bool rotate_half = Rope && p.rope->style == int(RopeStyle::rotate_half);
+  // The anchor of `tile` (pairs lane and lane + 32) into anchor buffer `buf`, read after the next
+  // __syncwarp: written a tile ahead, so its sincos latency is not waited for.
+  auto put_anchor = [&](int tile, int buf) {
+    const std::uint64_t at = position0 + std::uint64_t(tile * Cfg::tile);
+    for (int pr = lane; pr < DeviceRope::max_pairs; pr += 32)
+      reinterpret_cast<float2*>(anchors + buf * 2 * DeviceRope::max_pairs)[2 * rope_chunk(pr / 2, 0) + (pr & 1)] =
+          p.rope->at(pr, at);
+  };
+  if constexpr (Rope)
+    if (warp < tiles) put_anchor(warp, 0);
   for (int tile = warp, i = 0; tile < tiles; tile += warps, ++i) {
     const int t0 = tile * Cfg::tile;
-    if constexpr (Rope) {  // the tile's anchor, pairs lane and lane + 32 (read after the __syncwarp below)
-      const std::uint64_t at = position0 + std::uint64_t(t0);
-      for (int pr = lane; pr < DeviceRope::max_pairs; pr += 32)
-        reinterpret_cast<float2*>(anchor)[2 * rope_chunk(pr / 2, 0) + (pr & 1)] = p.rope->at(pr, at);
-    }
     if (tile + warps < tiles)
       stage_tile_codes<GK, GV>(key_run, value_run, next_page, c0 + t0 + warps * Cfg::tile, wide,
                                stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
@@ -388,7 +398,11 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope) * 32, 1)
         put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
         put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
       }
-      if constexpr (Rope) rotate_key_words(w0, w1, anchor, rope_steps, row0, row0 + 2, tq, rotate_half);
+      if constexpr (Rope) {
+        rotate_key_words(w0, w1, anchors + (i & 1) * 2 * DeviceRope::max_pairs, rope_steps, row0, row0 + 2, tq,
+                         rotate_half);
+        if (tile + warps < tiles) put_anchor(tile + warps, (i + 1) & 1);  // the other buffer: read last tile
+      }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};

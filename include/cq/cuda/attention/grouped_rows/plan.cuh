@@ -39,7 +39,7 @@ inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev)
          (c == 2 || c == 4 || c == 8) && s.value_channels == c &&
          s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group && rope_ok &&
          GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads),
-                                         s.rope_dim > 0) <= std::size_t(dev.shared_max);
+                                         s.rope_dim > 0 ? c : 0) <= std::size_t(dev.shared_max);
 }
 
 /// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
@@ -84,8 +84,8 @@ inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, i
                              GroupedRowsLaunch& g, std::size_t* workspace) {
   with_grouped_instance(s, [&]<int C, int NT, bool Rope>() {
     g.kernel = grouped_rows_kernel<C, C, NT, Rope>;
-    g.threads = GroupedRowsConfig::warps(NT, Rope) * 32;
-    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, Rope);
+    g.threads = GroupedRowsConfig::warps(NT, Rope ? C : 0) * 32;
+    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, Rope ? C : 0);
   });
   g.key_partners = s.rope_dim > 0 && s.rope_style == RopeStyle::rotate_half;
   allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
