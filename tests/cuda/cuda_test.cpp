@@ -267,7 +267,6 @@ struct GpuCaseOf {
 template <class T>
 GpuCaseOf<T> gpu_case(const test::AttentionCase& c, const test::CaseCache<T>& cc) {
   REQUIRE(c.queries == 1);
-  REQUIRE(!c.rope);
   GpuCaseOf<T> g;
   g.batch.q_heads = int(cc.q_heads);
   const std::size_t qw = cc.q_heads * c.D;
@@ -369,9 +368,11 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
   require_device();
   double worst = 0.0, worst_grouped = 0.0;
   std::size_t run = 0;
+  std::size_t rope_runs = 0;
   for (const test::AttentionCase& c : test::attention_cases(quick() ? 12 : 1)) {
-    // The GPU reads keys after RoPE and serves one query per sequence.
-    if (c.rope || c.queries > 1) continue;
+    // One query per sequence here (several: the paged cache's tests); keys before RoPE go to the
+    // grouped-rows kernel only (kernel_serves).
+    if (c.queries > 1) continue;
     const auto cc = test::build_case<float>(c);
     const auto g = gpu_case(c, cc);
     // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
@@ -388,9 +389,12 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
         double& w = kernel == gpu_test::Kernel::grouped_rows ? worst_grouped : worst;
         w = std::max(w, e);
         ++run;
+        rope_runs += c.rope ? 1 : 0;
       }
   }
-  MESSAGE(run, " case x kernel x storage runs; largest relative error ", worst, " (grouped-rows kernel: ", worst_grouped, ")");
+  MESSAGE(run, " case x kernel x storage runs (", rope_runs, " with keys before RoPE); largest relative error ", worst,
+          " (grouped-rows kernel: ", worst_grouped, ")");
+  CHECK(rope_runs > 0);
   if (!quick()) {
     // A long context across many splits, every kernel, in pages of 32, 64 and 256 tokens.
     const test::AttentionCase long_case = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {40000, 7000}).with_seed(999);
@@ -403,6 +407,15 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
           CAPTURE(codes.pages);
           CHECK(batch_error(long_case.with_pages(page), kernel, codes) < 1e-3);
         }
+    // The same with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
+    RopeConfig llama;
+    llama.theta = 500000.0;
+    llama.scaling = RopeScaling::llama3;
+    llama.factor = 8.0;
+    for (gpu_test::DeviceCodes codes : both_storages) {
+      CAPTURE(codes.pages);
+      CHECK(batch_error(long_case.with_rope(llama), gpu_test::Kernel::grouped_rows, codes) < 1e-3);
+    }
     // Near-uniform attention over many tokens at 2c8b: the output is close to the codebook mean,
     // where the value-rows mode's half precision shows first. Its products of weights and centroids
     // in half carry an error bounded by the unit roundoff times sum_i w_i |v_i|, which is larger than

@@ -135,6 +135,7 @@ struct DeviceBatch {
   cuda::DeviceBuffer<std::uint32_t> full_tables;    // full_pages: sink and recent page tables
   cuda::DeviceBuffer<cuda::DeviceKVCodes> codes;
   cuda::DeviceBuffer<cuda::DeviceSequence> sequences;
+  cuda::DeviceBuffer<cuda::DeviceRope> rope;        // keys before RoPE: the views' RoPE
   cuda::AttentionBatch batch;  // q and out left for the caller
   cuda::AttentionShape shape;
 };
@@ -151,7 +152,7 @@ std::vector<VisibleTokens> visible_parts(const HostBatchOf<T>& hb) {
     for (std::size_t h = 0; h < H; ++h) {
       const KVHeadView<T>& v = hb.views[s * H + h];
       cq::detail::check_head_view(v, "gpu_test");
-      CQ_CHECK(v.rope == nullptr, "gpu_test: the GPU reads keys after RoPE");
+      CQ_CHECK(v.rope == hb.views[0].rope, "gpu_test: the views of one batch must share one RoPE (or none)");
       CQ_CHECK(v.key_codebook.centroids == hb.views[h].key_codebook.centroids &&
                    v.value_codebook.centroids == hb.views[h].value_codebook.centroids,
                "gpu_test: the sequences of KV head ", h, " do not share its codebooks");
@@ -174,6 +175,7 @@ cuda::AttentionShape shape_of(const HostBatchOf<T>& hb, const std::vector<Visibl
   s.key_bits = v.key_codebook.bits;
   s.value_channels = int(v.value_codebook.channels);
   s.value_bits = v.value_codebook.bits;
+  if (v.rope) s.rope_dim = int(v.rope->rotary_dim()), s.rope_style = v.rope->config().style;
   for (const VisibleTokens& t : vis) {
     s.max_coded = std::max(s.max_coded, int(t.coded()));
     s.max_full = std::max(s.max_full, int(t.full()));
@@ -323,11 +325,12 @@ DeviceBatch device_batch(const HostBatchOf<T>& hb, gpu_test::DeviceCodes how) {
       }
     }
     cuda::DeviceSequence seq{std::uint32_t(t.coded()), std::uint32_t(full)};
+    seq.sinks = std::uint32_t(t.sink_end);  // where the window's rows start (positions of pre-RoPE keys)
+    seq.position = hb.views[s * H].position_offset;
     if (how.full_pages) {
       const KVHeadView<T>& v = hb.views[s * H];
       seq.sink_pages = d.full_tables.data() + sink_at[s];
       seq.recent_pages = d.full_tables.data() + recent_at[s];
-      seq.sinks = std::uint32_t(t.sink_end);
       seq.recent_row = std::uint32_t(t.window_begin - v.recent_keys.first);
     } else {
       d.full_rows.emplace_back(keys);
@@ -349,6 +352,11 @@ DeviceBatch device_batch(const HostBatchOf<T>& hb, gpu_test::DeviceCodes how) {
   b.key_codebooks = d.key_views.data();
   b.value_codebooks = d.value_views.data();
   if (how.claimed_page_tokens) b.page_tokens = how.claimed_page_tokens;
+  if (const Rope* r = hb.views[0].rope) {
+    const cuda::DeviceRope host = cuda::make_device_rope(*r);
+    d.rope = cuda::DeviceBuffer<cuda::DeviceRope>(&host, 1);
+    b.rope = d.rope.data();
+  }
   return d;
 }
 
@@ -356,10 +364,12 @@ DeviceBatch device_batch(const HostBatchOf<T>& hb, gpu_test::DeviceCodes how) {
 
 template <class T>
 bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch) {
-  if (kernel != Kernel::lane_tables && kernel != Kernel::grouped_rows) return true;
   const cuda::AttentionShape shape = shape_of(batch, visible_parts(batch));
+  const bool rope = shape.rope_dim > 0;  // keys before RoPE: only the grouped-rows kernel rotates
+  if (kernel == Kernel::general) return !rope;
   const cuda::DeviceLimits dev = cuda::DeviceLimits::current();
-  return kernel == Kernel::lane_tables ? cuda::detail::lane_tables_apply(shape, dev)
+  if (kernel == Kernel::automatic) return !rope || cuda::detail::grouped_rows_apply(shape, dev);
+  return kernel == Kernel::lane_tables ? !rope && cuda::detail::lane_tables_apply(shape, dev)
                                        : cuda::detail::grouped_rows_apply(shape, dev);
 }
 

@@ -39,7 +39,8 @@ struct HostBatchOf {
 using HostBatch = HostBatchOf<float>;
 
 /// Whether `kernel` serves this batch on device 0 (the plan's own rule; general and automatic:
-/// always). T: float, half or bfloat16.
+/// always, but with keys before RoPE only the grouped-rows kernel, automatic included, rotates
+/// them). T: float, half or bfloat16.
 template <class T>
 bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch);
 

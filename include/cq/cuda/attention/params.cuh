@@ -81,7 +81,8 @@ struct DeviceKVCodes {
 /// recent pages (as PagedKVCache keeps them: recent_row = window_begin - recent_first).
 /// With keys coded before RoPE (AttentionBatch::rope), token 0 sits at RoPE position `position`:
 /// coded token i at position + sinks + i, full row j at position + j (j < sinks) or position +
-/// coded + j (the window, after the coded tokens).
+/// coded + j (the window, after the coded tokens) -- so `sinks` must be set then whatever holds
+/// the full rows.
 struct DeviceSequence {
   std::uint32_t coded = 0;
   std::uint32_t full = 0;
@@ -89,7 +90,7 @@ struct DeviceSequence {
   const float* full_values = nullptr;
   const std::uint32_t* sink_pages = nullptr;    // page ids of positions 0, page_rows, ...
   const std::uint32_t* recent_pages = nullptr;  // page ids of the recent rows, in order
-  std::uint32_t sinks = 0;                      // of the full rows, how many are sinks
+  std::uint32_t sinks = 0;                      // of the full rows, how many are sinks (paged rows, or pre-RoPE keys)
   std::uint32_t recent_row = 0;                 // the window's first row among the recent rows
   std::uint64_t position = 0;                   // RoPE position of token 0 (pre-RoPE keys only)
 
