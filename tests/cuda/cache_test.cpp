@@ -14,6 +14,7 @@
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <string>
 
 using namespace cq;
 
@@ -240,6 +241,7 @@ TEST_CASE("cuda paged cache: keys before RoPE, rotated in the kernel, within 1e-
   check_device_cache<bfloat16>(2, 4, 4, 32, 22, 2, &gptj);  // MHA
   RopeConfig plain;
   check_device_cache<float>(1, 2, 2, 256, 23, 16, &plain);  // GQA 8
+  check_device_cache<half>(2, 8, 8, 32, 24, 14, &llama);    // GQA 7
 }
 
 TEST_CASE("cuda paged cache: options the GPU cannot serve are refused") {
@@ -279,20 +281,29 @@ TEST_CASE("cuda paged cache: options the GPU cannot serve are refused") {
   CQ_CHECK_THROWS_CONTAINING(gpu_test::DeviceCache<half>(post, o), "pool_memory names host memory");
 }
 
-TEST_CASE("cuda paged cache: decode steps through begin_decode_step, eager and in a CUDA graph, equal the append/attend calls") {
-  require_gpu();
+namespace {
+
+/// begin_decode_step + append_step/attend_step, eagerly and replayed in a CUDA graph, against the
+/// append/attend calls, with keys after RoPE (codebooks of different widths per layer) or before it
+/// (8c8b then 4c8b, LLaMA-3's RoPE, the second sequence starting at position 70000).
+void check_decode_steps(bool pre_rope) {
   constexpr std::size_t layers = 2, H = 2, D = 128, steps = 40;
   constexpr int q_heads = 8;
-  KVCodebooks codebooks(layers, H, D, std::vector<LayerSpec>{{{8, 8}, {4, 8}}, {{4, 8}, {8, 8}}}, KeyRope::post);
+  RopeConfig llama;
+  llama.theta = 500000.0;
+  const std::vector<LayerSpec> specs = pre_rope ? std::vector<LayerSpec>{{{8, 8}, {8, 8}}, {{4, 8}, {4, 8}}}
+                                                : std::vector<LayerSpec>{{{8, 8}, {4, 8}}, {{4, 8}, {8, 8}}};
+  KVCodebooks codebooks(layers, H, D, specs, pre_rope ? KeyRope::pre : KeyRope::post, pre_rope ? llama : RopeConfig{});
   for (std::size_t l = 0; l < layers; ++l)
     for (std::size_t h = 0; h < H; ++h)
-      codebooks.set(l, h, test::random_codebook(D, l ? 4 : 8, 8, 50 + 4 * l + 2 * h),
-                    test::random_codebook(D, l ? 8 : 4, 8, 51 + 4 * l + 2 * h));
+      codebooks.set(l, h, test::random_codebook(D, specs[l].key.channels, 8, 50 + 4 * l + 2 * h),
+                    test::random_codebook(D, specs[l].value.channels, 8, 51 + 4 * l + 2 * h));
   PagedCacheOptions o;
   o.page_tokens = 64;
   o.full_page_rows = 16;
   o.window = 8;
   o.sinks = 4;
+  if (pre_rope) o.pre_rope_keys = true, o.rope = llama;
   const PagedCacheOptions opt = MemoryPlan(codebooks, o, sizeof(half)).pool_for(3, 300, 150);
   const std::vector<std::size_t> prefill = {150, 70, 3};
   const std::size_t width = H * D, rows = 223;
@@ -307,7 +318,7 @@ TEST_CASE("cuda paged cache: decode steps through begin_decode_step, eager and i
   for (int mode = 0; mode < 3; ++mode) {
     gpu_test::DeviceCache<half> gpu(codebooks, opt);
     std::vector<SeqId> seqs;
-    for (int i = 0; i < 3; ++i) seqs.push_back(gpu.add_sequence());
+    for (int i = 0; i < 3; ++i) seqs.push_back(gpu.add_sequence(pre_rope && i == 1 ? 70000 : 0));
     const std::size_t indptr[4] = {0, 150, 220, 223};
     for (std::size_t l = 0; l < layers; ++l) gpu.append(l, seqs, indptr, pk, pv);
     out[std::size_t(mode)] = gpu.decode_steps(seqs, q_heads, keys, values, q, steps, mode, 512, mode == 2 ? &captures : nullptr);
@@ -325,5 +336,14 @@ TEST_CASE("cuda paged cache: decode steps through begin_decode_step, eager and i
     worst = std::max(worst, test::relative_error(out[1].data() + r * n, ref));
   }
   CHECK(worst < 1e-5);
-  MESSAGE("decode steps: the step API against append/attend, largest relative difference ", worst);
+  MESSAGE("decode steps, keys ", std::string(pre_rope ? "before" : "after"),
+          " RoPE: the step API against append/attend, largest relative difference ", worst);
+}
+
+}  // namespace
+
+TEST_CASE("cuda paged cache: decode steps through begin_decode_step, eager and in a CUDA graph, equal the append/attend calls") {
+  require_gpu();
+  check_decode_steps(false);
+  check_decode_steps(true);
 }
