@@ -90,7 +90,7 @@ struct DeviceSequence {
   const float* full_values = nullptr;
   const std::uint32_t* sink_pages = nullptr;    // page ids of positions 0, page_rows, ...
   const std::uint32_t* recent_pages = nullptr;  // page ids of the recent rows, in order
-  std::uint32_t sinks = 0;                      // of the full rows, how many are sinks (paged rows, or pre-RoPE keys)
+  std::uint32_t sinks = 0;                      // of the full rows, how many are sinks (paged rows; pre-RoPE)
   std::uint32_t recent_row = 0;                 // the window's first row among the recent rows
   std::uint64_t position = 0;                   // RoPE position of token 0 (pre-RoPE keys only)
 

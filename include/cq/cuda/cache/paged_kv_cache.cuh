@@ -29,13 +29,13 @@
 /// Keys are appended as the model has them: after RoPE (post-RoPE codebooks), or before it
 /// (pre_rope_keys, pre-RoPE codebooks: the CQ paper's configuration): then attention rotates every
 /// key, coded or full-precision, to token t's position t + the sequence's first position, inside
-/// the grouped-rows kernel (which then serves every group size; it needs 8-bit codes of 2, 4 or 8
-/// channels alike for keys and values at head_dim 128, and rotate_half over every channel or
-/// interleaved pairs: checked at construction).
+/// the grouped-rows kernel (which then serves every group size up to 16 query heads per KV head,
+/// checked by attend; it needs 8-bit codes of 2, 4 or 8 channels alike for keys and values at
+/// head_dim 128, and rotate_half over every channel or interleaved pairs: checked at construction).
 ///
 /// Not yet on the GPU: a prefill kernel (query rows are served as decode rows, each reading its
-/// codes: right for a few draft tokens, slow for a long chunk). Rows are not checked for NaN/Inf here (it would cost a synchronisation per
-/// append); the CPU cache checks them.
+/// codes: right for a few draft tokens, slow for a long chunk). Rows are not checked for NaN/Inf
+/// here (it would cost a synchronisation per append); the CPU cache checks them.
 ///
 /// Thread safety: one thread at a time (the host bookkeeping and the upload buffers are shared).
 
