@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <memory_resource>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -41,6 +42,23 @@ struct PagedCacheOptions {
   /// pages, MemoryPlan::pool_bytes() bytes. Tables still come from `memory`.
   std::span<std::byte> pool_memory = {};
 };
+
+/// The RoPE a cache rotates its keys with: checks `opt` against what the key codebooks were fitted
+/// on -- keys before or after RoPE as the codebooks record it, and for pre-RoPE keys the same RoPE --
+/// and returns the Rope when keys are pre-RoPE (validated for the head_dim), else nothing. Throws
+/// cq::Error, its message starting with `what` (the cache), naming the mismatch.
+inline std::optional<Rope> cache_key_rope(const KVCodebooks& codebooks, const PagedCacheOptions& opt, const char* what) {
+  CQ_CHECK(codebooks.key_rope() != KeyRope::unknown, what,
+           ": the key codebooks do not record whether keys were coded before or after RoPE; ",
+           "re-run cq-calibrate, or stamp the file with --key-rope");
+  const KeyRope want = opt.pre_rope_keys ? KeyRope::pre : KeyRope::post;
+  CQ_CHECK(codebooks.key_rope() == want, what, ": the cache takes ", key_rope_name(want),
+           " keys but the key codebooks were fitted on ", key_rope_name(codebooks.key_rope()), " keys");
+  if (!opt.pre_rope_keys) return std::nullopt;
+  CQ_CHECK(codebooks.rope() == opt.rope, what, ": the cache's RoPE (", describe(opt.rope),
+           ") differs from the one the key codebooks were fitted with (", describe(codebooks.rope()), ")");
+  return Rope(opt.rope, codebooks.head_dim());
+}
 
 /// Bytes held, by part. `*_in_use` count the pages sequences hold; the others what is allocated.
 struct MemoryUsage {

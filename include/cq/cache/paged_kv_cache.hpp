@@ -46,17 +46,7 @@ class PagedKVCache {
   /// between the options' RoPE settings and those the key codebooks were fitted with.
   PagedKVCache(const KVCodebooks& codebooks, const PagedCacheOptions& opt)
       : cb_(&codebooks), plan_(codebooks, opt, sizeof(T)), table_(plan_, opt, codebooks.layers()) {
-    CQ_CHECK(codebooks.key_rope() != KeyRope::unknown,
-             "paged cache: the key codebooks do not record whether keys were coded before or after RoPE; ",
-             "re-run cq-calibrate, or stamp the file with --key-rope");
-    const KeyRope want = opt.pre_rope_keys ? KeyRope::pre : KeyRope::post;
-    CQ_CHECK(codebooks.key_rope() == want, "paged cache: the cache takes ", key_rope_name(want),
-             " keys but the key codebooks were fitted on ", key_rope_name(codebooks.key_rope()), " keys");
-    if (opt.pre_rope_keys) {
-      CQ_CHECK(codebooks.rope() == opt.rope, "paged cache: the cache's RoPE (", describe(opt.rope),
-               ") differs from the one the key codebooks were fitted with (", describe(codebooks.rope()), ")");
-      rope_.emplace(opt.rope, codebooks.head_dim());
-    }
+    rope_ = cache_key_rope(codebooks, opt, "paged cache");
   }
   PagedKVCache(const PagedKVCache&) = delete;
   PagedKVCache& operator=(const PagedKVCache&) = delete;

@@ -69,6 +69,7 @@
 #include <cstring>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -108,16 +109,8 @@ class PagedKVCache {
         pool_(allocate_pool(plan_, opt, device_pool, stream)),
         table_(plan_, with_pool(opt, device_pool.empty() ? pool_span() : device_pool), codebooks.layers(), &ops_),
         layers_(codebooks.layers()) {
-    CQ_CHECK(codebooks.key_rope() != KeyRope::unknown,
-             "cuda paged cache: the key codebooks do not record whether keys were coded before or after RoPE; ",
-             "re-run cq-calibrate, or stamp the file with --key-rope");
-    const KeyRope want = opt.pre_rope_keys ? KeyRope::pre : KeyRope::post;
-    CQ_CHECK(codebooks.key_rope() == want, "cuda paged cache: the cache takes ", key_rope_name(want),
-             " keys but the key codebooks were fitted on ", key_rope_name(codebooks.key_rope()), " keys");
-    if (opt.pre_rope_keys) {
-      CQ_CHECK(codebooks.rope() == opt.rope, "cuda paged cache: the cache's RoPE (", describe(opt.rope),
-               ") differs from the one the key codebooks were fitted with (", describe(codebooks.rope()), ")");
-      const DeviceRope r = make_device_rope(Rope(opt.rope, codebooks.head_dim()));
+    if (const std::optional<Rope> rope = cache_key_rope(codebooks, opt, "cuda paged cache")) {
+      const DeviceRope r = make_device_rope(*rope);
       for (std::size_t l = 0; l < layers_; ++l) {
         const LayerSpec& sp = codebooks.spec(l);
         CQ_CHECK(codebooks.head_dim() == 128 && sp.key.bits == 8 && sp.value.bits == 8 &&
@@ -129,7 +122,7 @@ class PagedKVCache {
       }
       rope_ = DeviceBuffer<DeviceRope>(&r, 1, stream);
       CQ_CUDA_CHECK(cudaStreamSynchronize(stream));  // r leaves scope
-      rope_dim_ = int(Rope(opt.rope, codebooks.head_dim()).rotary_dim());
+      rope_dim_ = int(rope->rotary_dim());
       rope_style_ = opt.rope.style;
     }
     CQ_CHECK((opt.page_tokens & (opt.page_tokens - 1)) == 0, "cuda paged cache: page_tokens ", opt.page_tokens,
