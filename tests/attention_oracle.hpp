@@ -10,12 +10,13 @@
 
 namespace cq::test {
 
+/// Every key and value the query at `pos` sees, as floats (keys rotated when the view is pre-RoPE),
+/// appended to keys and values.
 template <element_type T>
-std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos,
-                                  float scale) {
+void oracle_rows(const KVHeadView<T>& kv, std::size_t pos, std::vector<std::vector<float>>& keys,
+                 std::vector<std::vector<float>>& values) {
   const std::size_t D = kv.head_dim, visible = pos + 1;
   const VisibleTokens vis = visible_tokens(pos, kv.sinks, kv.window);
-  std::vector<std::vector<float>> keys, values;
   std::vector<float> k(D), v(D);
   for (std::size_t p = 0; p < visible; ++p) {
     if (p < vis.sink_end || p >= vis.window_begin) {
@@ -40,6 +41,13 @@ std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::
     keys.push_back(k);
     values.push_back(v);
   }
+}
+
+/// Attention of `heads` queries (heads x D) over the given rows, in double.
+inline std::vector<double> oracle_over(const std::vector<std::vector<float>>& keys,
+                                       const std::vector<std::vector<float>>& values, const float* q,
+                                       std::size_t heads, std::size_t D, float scale) {
+  const std::size_t visible = keys.size();
   std::vector<double> out(heads * D, 0.0);
   for (std::size_t h = 0; h < heads; ++h) {
     std::vector<double> s(visible);
@@ -56,6 +64,14 @@ std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::
       for (std::size_t i = 0; i < D; ++i) out[h * D + i] += s[p] / sum * values[p][i];
   }
   return out;
+}
+
+template <element_type T>
+std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos,
+                                  float scale) {
+  std::vector<std::vector<float>> keys, values;
+  oracle_rows(kv, pos, keys, values);
+  return oracle_over(keys, values, q, heads, kv.head_dim, scale);
 }
 
 /// The attention tests' shape grid: head_dim 64/128, C 2/4/8, bits 4/8/10, window 0/32, sinks

@@ -77,7 +77,28 @@ struct Handle {
   cuda::FusedAttention fa;
   cuda::AttentionPlan plan;
   long long bytes = 0;
+  // cqb_prefill: a chunk of prefill_rows fp16 rows per sequence and its plan.
+  int prefill_rows = 0;
+  cuda::DeviceBuffer<__half> pq, pk, pv, pout;
+  cuda::DeviceBuffer<std::uint32_t> pindptr;
+  cuda::PrefillAttention pa;
+  cuda::PrefillPlan pplan;
+  cuda::PrefillRows prows;
 };
+
+__global__ void to_half_kernel(const float* x, std::size_t n, __half* y) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    y[i] = __float2half_rn(x[i]);
+}
+
+cuda::DeviceBuffer<__half> synthetic_half(std::size_t jobs, std::size_t n, int dim, std::uint64_t seed) {
+  cuda::DeviceBuffer<float> f(jobs * n * dim);
+  make_synthetic(f.data(), jobs, n, dim, seed);
+  cuda::DeviceBuffer<__half> h(f.size());
+  to_half_kernel<<<1024, 256>>>(f.data(), f.size(), h.data());
+  CQ_CUDA_CHECK_LAUNCH(to_half_kernel);
+  return h;
+}
 
 }  // namespace
 
@@ -249,6 +270,49 @@ double cqb_append_ms(void* handle, int reps, std::uint64_t stream, int with_rows
 } catch (const std::exception& e) {
   last_error = e.what();
   return -1.0;
+}
+
+/// Chunked prefill over the handle's context (its coded tokens and window rows): a chunk of `rows`
+/// fp16 tokens per sequence (synthetic q, k, v), causal, through cuda::PrefillAttention on
+/// `stream`. The chunk's buffers are made and the shape planned at the first call with `rows`.
+int cqb_prefill(void* handle, int rows, std::uint64_t stream) try {
+  auto* h = static_cast<Handle*>(handle);
+  constexpr int D = 128;
+  if (h->prefill_rows != rows) {
+    const std::size_t R = std::size_t(h->batch) * rows;
+    h->pq = synthetic_half(1, R * h->q_heads, D, 11);
+    h->pk = synthetic_half(1, R * h->kv_heads, D, 12);
+    h->pv = synthetic_half(1, R * h->kv_heads, D, 13);
+    h->pout = cuda::DeviceBuffer<__half>(R * h->q_heads * D);
+    std::vector<std::uint32_t> indptr(std::size_t(h->batch) + 1);
+    for (std::size_t i = 0; i < indptr.size(); ++i) indptr[i] = std::uint32_t(i * rows);
+    h->pindptr = cuda::DeviceBuffer<std::uint32_t>(indptr);
+    h->pplan = h->pa.plan(h->shape, DType::f16);
+    cuda::PrefillRows& r = h->prows;
+    r.indptr = h->pindptr.data();
+    r.q = h->pq.data(), r.k = h->pk.data(), r.v = h->pv.data(), r.out = h->pout.data();
+    r.q_stride = r.out_stride = std::size_t(h->q_heads) * D;
+    r.kv_stride = std::size_t(h->kv_heads) * D;
+    r.q_heads = h->q_heads;
+    h->prefill_rows = rows;
+    CQ_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  h->pa.run(h->batch_desc, h->prows, rows, h->pplan, reinterpret_cast<cudaStream_t>(stream));
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
+/// The prefill output of cqb_prefill (fp16, [batch x rows][q_heads][128]) as floats into `host`.
+int cqb_prefill_output(void* handle, float* host) try {
+  auto* h = static_cast<Handle*>(handle);
+  const std::vector<__half> o = h->pout.to_host();
+  for (std::size_t i = 0; i < o.size(); ++i) host[i] = __half2float(o[i]);
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
 }
 
 long long cqb_bytes(void* handle) { return static_cast<Handle*>(handle)->bytes; }

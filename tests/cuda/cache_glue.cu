@@ -133,6 +133,30 @@ std::vector<float> DeviceCache<T>::attend(std::size_t layer, std::span<const Seq
 }
 
 template <class T>
+std::vector<float> DeviceCache<T>::prefill(std::size_t layer, std::span<const SeqId> seqs,
+                                           std::span<const std::size_t> indptr, int q_heads,
+                                           const std::vector<float>& q, const std::vector<T>& keys,
+                                           const std::vector<T>& values, std::vector<float>* lse) {
+  const DType type = dtype_of<T>;
+  const std::vector<std::uint8_t> qb = to_bytes(q, type);
+  const std::size_t rows = indptr.back();
+  cuda::DeviceBuffer<std::uint8_t> dq(qb.data(), qb.size(), impl_->stream), dout(q.size() * dtype_size(type));
+  cuda::DeviceBuffer<std::uint8_t> dk(reinterpret_cast<const std::uint8_t*>(keys.data()), keys.size() * sizeof(T),
+                                      impl_->stream);
+  cuda::DeviceBuffer<std::uint8_t> dv(reinterpret_cast<const std::uint8_t*>(values.data()), values.size() * sizeof(T),
+                                      impl_->stream);
+  cuda::DeviceBuffer<float> dlse(lse ? rows * std::size_t(q_heads) : 0);
+  cuda::PrefillChunk in;
+  in.q_heads = q_heads;
+  in.q = dq.data(), in.k = dk.data(), in.v = dv.data(), in.out = dout.data();
+  in.lse = lse ? dlse.data() : nullptr;
+  impl_->cache->attend_prefill(layer, seqs, indptr, in);
+  impl_->sync();
+  if (lse) *lse = dlse.to_host(impl_->stream);
+  return from_bytes(dout.to_host(impl_->stream), type);
+}
+
+template <class T>
 std::vector<float> DeviceCache<T>::decode_steps(std::span<const SeqId> seqs, int q_heads, const std::vector<T>& keys,
                                                 const std::vector<T>& values, const std::vector<float>& q,
                                                 std::size_t steps, int mode, std::size_t max_context, int* captures) {

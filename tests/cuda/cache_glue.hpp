@@ -41,6 +41,12 @@ class DeviceCache {
   std::vector<float> attend(std::size_t layer, std::span<const SeqId> seqs, int q_heads, const std::vector<float>& q,
                             DType q_type, DType out_type, std::vector<float>* lse = nullptr,
                             std::span<const std::size_t> indptr = {});
+  /// Chunked prefill (attend_prefill) before the chunk is appended: q (rows, q_heads x head_dim)
+  /// floats sent in the cache's dtype, the chunk's keys and values (rows, kv_heads x head_dim);
+  /// the output read back as floats, lse if given.
+  std::vector<float> prefill(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
+                             int q_heads, const std::vector<float>& q, const std::vector<T>& keys,
+                             const std::vector<T>& values, std::vector<float>* lse = nullptr);
   /// `steps` decode steps of one token for each of seqs in every layer (the same rows in every
   /// layer): keys and values [step][sequence][kv_heads x head_dim], queries [step][sequence][q_heads
   /// x head_dim], f32 in and out. mode 0: append and attend per layer; 1: begin_decode_step, then

@@ -14,6 +14,7 @@
 #include "cq/cuda/codebook.cuh"
 #include "cq/cuda/quantizer.cuh"
 #include "cq/cuda/attention.cuh"
+#include "cq/cuda/attention/prefill.cuh"
 #include "cq/cuda/cache/encode_pages.cuh"
 #include "cq/cuda/cache/full_pages.cuh"
 #include "cq/cuda/cache/paged_kv_cache.cuh"

@@ -20,23 +20,30 @@
 namespace cq::cuda::detail {
 
 /// The query rows of a call: row r of seqs[i] (indptr[i] <= r < indptr[i + 1]) at position
-/// length - rows + (r - indptr[i]) of `layer`.
+/// length - rows + (r - indptr[i]) of `layer`. With `prefix` (prefill: one row per sequence), the
+/// row stands for the token after the sequence's last and sees every cached token (none when the
+/// sequence is empty).
 struct QueryRows {
   std::vector<VisibleTokens> vis;  // per row
   std::size_t table_entries = 1;   // page-table entries of the segment, one spare first
   int max_coded = 0, max_full = 0;
 
   QueryRows(const SequenceTable& table, std::size_t layer, std::span<const SeqId> seqs,
-            std::span<const std::size_t> indptr, const char* what) {
+            std::span<const std::size_t> indptr, const char* what, bool prefix = false) {
     const std::size_t S = table.options().sinks, W = table.options().window;
     vis.resize(indptr.back());
     for (std::size_t i = 0; i < seqs.size(); ++i) {
       const SequenceTable::Sequence& q = table.at(seqs[i], what);
       const std::size_t n = q.length[layer], rows = indptr[i + 1] - indptr[i];
-      CQ_CHECK(rows <= n, what, ": ", rows, " query rows but sequence ", seqs[i], " holds ", n, " tokens in layer ",
-               layer);
+      CQ_ASSERT(!prefix || rows == 1);
+      CQ_CHECK(prefix || rows <= n, what, ": ", rows, " query rows but sequence ", seqs[i], " holds ", n,
+               " tokens in layer ", layer);
       for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r) {
-        const std::size_t pos = n - rows + (r - indptr[i]);
+        if (prefix && n == 0) {
+          vis[r] = VisibleTokens{};
+          continue;
+        }
+        const std::size_t pos = prefix ? n - 1 : n - rows + (r - indptr[i]);
         vis[r] = visible_tokens(pos, S, W);
         CQ_CHECK(vis[r].window() == 0 || vis[r].window_begin >= q.recent_first, what, ": the window of position ",
                  pos, " of sequence ", seqs[i], " starts at ", vis[r].window_begin,

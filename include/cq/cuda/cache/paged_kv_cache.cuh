@@ -33,8 +33,11 @@
 /// checked by attend; it needs 8-bit codes of 2, 4 or 8 channels alike for keys and values at
 /// head_dim 128, and rotate_half over every channel or interleaved pairs: checked at construction).
 ///
-/// Not yet on the GPU: a prefill kernel (query rows are served as decode rows, each reading its
-/// codes: right for a few draft tokens, slow for a long chunk). Rows are not checked for NaN/Inf
+///   attend_prefill(layer, sequences, indptr, chunk)   chunked prefill: a chunk of new tokens per
+///                                            sequence over its cached tokens and, causally, the
+///                                            chunk's own rows (before appending them)
+///
+/// Rows are not checked for NaN/Inf
 /// here (it would cost a synchronisation per append); the CPU cache checks them.
 ///
 /// Thread safety: one thread at a time (the host bookkeeping and the upload buffers are shared).
@@ -46,6 +49,7 @@
 #include "cq/cache/memory_plan.hpp"
 #include "cq/cache/sequence_table.hpp"
 #include "cq/cuda/attention.cuh"
+#include "cq/cuda/attention/prefill.cuh"
 #include "cq/cuda/cache/attention_records.cuh"
 #include "cq/cuda/cache/encode_pages.cuh"
 #include "cq/cuda/cache/full_pages.cuh"
@@ -84,6 +88,23 @@ struct DecodeQueries {
   DType q_type = DType::f32;
   void* out = nullptr;
   DType out_type = DType::f32;
+  float* lse = nullptr;
+  float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
+};
+
+/// A prefill chunk for PagedKVCache::attend_prefill, device memory in the cache's dtype (F16 or
+/// BF16): q and out [rows, q_heads, head_dim], the chunk's keys and values k and v [rows, kv_heads,
+/// head_dim] (as the model has them: after RoPE), each with a row stride in elements (0: dense);
+/// lse optional, [rows, q_heads] floats (natural log-sum-exp of the scaled scores).
+struct PrefillChunk {
+  int q_heads = 0;
+  const void* q = nullptr;
+  std::size_t q_stride = 0;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  std::size_t kv_stride = 0;
+  void* out = nullptr;
+  std::size_t out_stride = 0;
   float* lse = nullptr;
   float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
 };
@@ -278,6 +299,69 @@ class PagedKVCache {
     const AttentionPlan& p = plan_for(shape);  // may grow the workspace: before the upload is queued
     uploads_.send(stream_);
     attention_.run(batch, p, stream_);
+  }
+
+  /// Chunked prefill in `layer`: the rows of seqs[i]'s chunk (rows indptr[i] .. indptr[i + 1] - 1
+  /// of `in`, the tokens that follow the sequence's cached ones, in order) attend over everything
+  /// the sequence holds -- codes, sinks, window -- and over the chunk's own keys and values in full
+  /// precision, causally (attention/prefill.cuh: tensor cores, coded tiles decoded in shared
+  /// memory). Call it before appending the chunk (append(layer, seqs, indptr, ...) with the same
+  /// rows), as FlashAttention's prefill reads the new keys from the engine's tensors. Throws
+  /// cq::Error, launching nothing, on a bad argument: rows out of 1..2^31 - 1, q_heads not a
+  /// multiple of kv_heads, unset pointers, a cache of F32 rows, keys before RoPE or codebooks the
+  /// prefill kernel does not serve (PrefillAttention::plan), strides or alignment it cannot read.
+  void attend_prefill(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
+                      const PrefillChunk& in) {
+    check_layer(layer, "attend_prefill");
+    const std::size_t H = cb_->kv_heads(), D = cb_->head_dim(), B = seqs.size();
+    CQ_CHECK(dtype_of<T> == DType::f16 || dtype_of<T> == DType::bf16, "attend_prefill: the cache's rows are ",
+             dtype_name(dtype_of<T>), "; prefill serves F16 and BF16 caches");
+    CQ_CHECK(B >= 1 && B <= 65535, "attend_prefill: ", B, " sequences (needs 1 to 65535)");
+    SequenceTable::check_indptr(seqs, indptr, indptr.empty() ? 0 : indptr.back(), "attend_prefill");
+    const std::size_t R = indptr.back();
+    CQ_CHECK(R >= 1 && R <= 0x7fffffffu, "attend_prefill: ", R, " chunk rows (needs 1 to 2^31 - 1)");
+    CQ_CHECK(in.q_heads > 0 && std::size_t(in.q_heads) % H == 0, "attend_prefill: q_heads ", in.q_heads,
+             " must be a positive multiple of kv_heads = ", H);
+    CQ_CHECK(in.q && in.k && in.v && in.out, "attend_prefill: q, k, v and out must be device pointers");
+    CQ_CHECK(std::isfinite(in.scale), "attend_prefill: scale ", in.scale, " is not finite");
+    CQ_CHECK(cb_->complete(layer), "attend_prefill: layer ", layer, " has no codebooks yet");
+    std::size_t max_rows = 0;
+    for (std::size_t i = 0; i < B; ++i) max_rows = std::max(max_rows, indptr[i + 1] - indptr[i]);
+    const LayerOnDevice& cbs = layer_codebooks(layer);
+    std::vector<std::size_t> one(B + 1);
+    for (std::size_t i = 0; i <= B; ++i) one[i] = i;
+    const detail::QueryRows prefix(table_, layer, seqs, one, "attend_prefill", true);
+    const AttentionShape shape = shape_of(layer, B, in.q_heads, 0, 0);
+    const PrefillPlan* p = nullptr;
+    for (const auto& [s, plan] : prefill_plans_)
+      if (s == shape) p = &plan;
+    if (!p) {
+      if (prefill_plans_.size() == 16) prefill_plans_.erase(prefill_plans_.begin());
+      prefill_plans_.emplace_back(shape, prefill_.plan(shape, dtype_of<T>));
+      p = &prefill_plans_.back().second;
+    }
+    PrefillRows rows;
+    rows.q = in.q, rows.k = in.k, rows.v = in.v, rows.out = in.out, rows.lse = in.lse;
+    rows.q_stride = in.q_stride ? in.q_stride : std::size_t(in.q_heads) * D;
+    rows.kv_stride = in.kv_stride ? in.kv_stride : H * D;
+    rows.out_stride = in.out_stride ? in.out_stride : std::size_t(in.q_heads) * D;
+    rows.q_heads = in.q_heads;
+    const std::size_t segment = prefix.segment_bytes(H);
+    unsigned char* blob = uploads_.host(segment + (B + 1) * sizeof(std::uint32_t));
+    unsigned char* dev = uploads_.device_at(0);
+    DecodeQueries scale_only;
+    scale_only.q_heads = in.q_heads;
+    scale_only.scale = in.scale;
+    AttentionBatch batch = batch_of(layer, shape, cbs, scale_only);
+    prefix.write_segment(table_, seqs, one, H, plan_.code_layout(layer),
+                         reinterpret_cast<const std::uint8_t*>(code_pool(layer)), blob, dev, batch);
+    auto* host_indptr = reinterpret_cast<std::uint32_t*>(blob + segment);
+    for (std::size_t i = 0; i <= B; ++i) host_indptr[i] = std::uint32_t(indptr[i]);
+    rows.indptr = reinterpret_cast<const std::uint32_t*>(dev + segment);
+    // Checked before the upload is queued: run throws on strides and alignment, launching nothing.
+    prefill_.check(batch, rows, int(max_rows), *p);
+    uploads_.send(stream_);
+    prefill_.run(batch, rows, int(max_rows), *p, stream_);
   }
 
   // ---- a decode step for a CUDA graph ----
@@ -631,6 +715,8 @@ class PagedKVCache {
   // only in plan_step_attention, never because attend() met a larger shape.
   FusedAttention step_attention_;
   std::vector<std::pair<AttentionShape, AttentionPlan>> step_plans_;
+  PrefillAttention prefill_;
+  std::vector<std::pair<AttentionShape, PrefillPlan>> prefill_plans_;
   std::vector<std::unique_ptr<LayerOnDevice>> device_codebooks_;
   /// The decode step of begin_decode_step: its slot mapping and every layer's records live in
   /// step_buffer_, whose address graphs capture.

@@ -1,0 +1,135 @@
+#pragma once
+/// Chunked prefill on CQ codes, on the GPU: the rows of a chunk of new tokens (many per sequence)
+/// attend over their sequences' cached tokens (codes, sinks, window: an AttentionBatch whose
+/// sequence b is the cache state the chunk follows) and over the chunk's own keys and values,
+/// causally, in the model's dtype (fp16 or bf16). The chunk itself is read as the engine has it,
+/// in full precision, as FlashAttention's prefill does; the engine appends it to the cache
+/// afterwards. Kernel: attention/prefill/kernel.cuh (tensor cores, 128 query rows x 64-token tiles,
+/// coded tiles decoded into shared memory).
+///
+///   PrefillAttention pa;
+///   const PrefillPlan plan = pa.plan(shape, DType::f16);  // once per shape; allocates the workspace
+///   pa.run(prefix, rows, max_rows, plan, stream);          // launches only
+///
+/// Served: head_dim 128, 8-bit codes of 2, 4 or 8 channels (the same for keys and values),
+/// keys after RoPE, q_heads a multiple of kv_heads. Code runs must be 16-byte aligned (cudaMalloc'd
+/// buffers and PagedKVCache's pages are).
+
+#include "cq/cuda/attention/grouped_rows/kernel.cuh"
+#include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/attention/plan_base.cuh"
+#include "cq/cuda/attention/prefill/kernel.cuh"
+#include "cq/cuda/error.cuh"
+#include "cq/cuda/memory.cuh"
+#include "cq/error.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace cq::cuda {
+
+/// A prefill launch, made once per shape by PrefillAttention::plan.
+struct PrefillPlan {
+  AttentionShape shape;
+  DType type = DType::f16;  // of q, k, v and out
+  void (*kernel)(AttentionBatch, PrefillRows, const unsigned char*) = nullptr;
+};
+
+class PrefillAttention {
+ public:
+  /// Checks that the prefill kernel serves `s` (batch, heads, head_dim and code configuration; its
+  /// max_coded / max_full are not used) in dtype `type`, lets the kernel use its shared memory, and
+  /// sizes this object's workspace (the half codebooks). Throws cq::Error naming what is not served.
+  PrefillPlan plan(const AttentionShape& s, DType type) {
+    CQ_CHECK(s.batch >= 1 && s.batch <= 65535, "cuda prefill: batch ", s.batch, " (needs 1 to 65535)");
+    CQ_CHECK(s.kv_heads >= 1 && s.kv_heads <= 65535 && s.q_heads % s.kv_heads == 0 && s.q_heads >= s.kv_heads,
+             "cuda prefill: q_heads ", s.q_heads, " must be a positive multiple of kv_heads ", s.kv_heads);
+    CQ_CHECK(s.head_dim == detail::PrefillConfig::head_dim, "cuda prefill: head_dim ", s.head_dim,
+             " (the prefill kernel serves 128)");
+    CQ_CHECK(s.key_bits == 8 && s.value_bits == 8 && served_channels(s.key_channels) &&
+                 s.value_channels == s.key_channels,
+             "cuda prefill: codes of ", s.key_bits, " bits x ", s.key_channels, " channels (keys) and ", s.value_bits,
+             " x ", s.value_channels, " (values); the prefill kernel serves 8-bit codes of 2, 4 or 8 channels, the "
+             "same for keys and values");
+    CQ_CHECK(s.rope_dim == 0, "cuda prefill: keys coded before RoPE (rope_dim ", s.rope_dim,
+             ") are not served by the prefill kernel yet");
+    CQ_CHECK(type == DType::f16 || type == DType::bf16, "cuda prefill: dtype ", dtype_name(type),
+             " (F16 or BF16: the model's dtype)");
+    PrefillPlan p;
+    p.shape = s;
+    p.type = type;
+    p.kernel = pick(s.key_channels, type);
+    detail::allow_shared(reinterpret_cast<const void*>(p.kernel), detail::PrefillConfig::shared_bytes, true);
+    const std::size_t bytes = std::size_t(s.kv_heads) * detail::HalfCodebooks::bytes;
+    if (workspace_.size() < bytes) workspace_ = DeviceBuffer<unsigned char>(bytes);
+    return p;
+  }
+
+  /// Runs `plan` on `prefix` (its codes, sequences, codebooks, full_pages, page_tokens and scale;
+  /// q, out and lse unused) and the chunk `rows` (device memory; `max_rows`: the most rows of any
+  /// sequence, for the grid). Launches only. Throws cq::Error, launching nothing, if the batch is
+  /// not the plan's shape, a pointer is unset, rows.q_heads differs from the plan's, a row stride
+  /// is shorter than a row or k/v rows are not 16-byte aligned (kv_stride a multiple of 8, k and v
+  /// 16-byte aligned), out rows not 4-byte aligned, or max_rows is not in 1..2^31 / 128.
+  void run(const AttentionBatch& prefix, const PrefillRows& rows, int max_rows, const PrefillPlan& plan,
+           cudaStream_t stream = nullptr) {
+    check(prefix, rows, max_rows, plan);
+    const AttentionShape& s = plan.shape;
+    const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
+    const dim3 grid(unsigned((std::size_t(max_rows) * G + detail::PrefillConfig::rows - 1) / detail::PrefillConfig::rows),
+                    unsigned(s.kv_heads), unsigned(s.batch));
+    detail::half_codebooks_kernel<><<<dim3(64, 2, unsigned(s.kv_heads)), 256, 0, stream>>>(
+        prefix, s.key_channels, s.value_channels, workspace_.data(), false);
+    CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
+    plan.kernel<<<grid, detail::PrefillConfig::threads, detail::PrefillConfig::shared_bytes, stream>>>(
+        prefix, rows, workspace_.data());
+    CQ_CUDA_CHECK_LAUNCH(prefill_kernel);
+  }
+
+  /// The checks of run, without launching.
+  void check(const AttentionBatch& prefix, const PrefillRows& rows, int max_rows, const PrefillPlan& plan) const {
+    const AttentionShape& s = plan.shape;
+    CQ_CHECK(plan.kernel != nullptr && workspace_.size() >= std::size_t(s.kv_heads) * detail::HalfCodebooks::bytes,
+             "cuda prefill: the plan was not made by this object");
+    CQ_CHECK(prefix.batch == s.batch && prefix.kv_heads == s.kv_heads && prefix.head_dim == s.head_dim,
+             "cuda prefill: the batch (", prefix.batch, " sequences, ", prefix.kv_heads, " KV heads, head_dim ",
+             prefix.head_dim, ") is not the plan's (", s.batch, ", ", s.kv_heads, ", ", s.head_dim, ")");
+    CQ_CHECK(rows.q_heads == s.q_heads, "cuda prefill: rows.q_heads ", rows.q_heads, " is not the plan's ", s.q_heads);
+    CQ_CHECK(valid_page_tokens(prefix.page_tokens), "cuda prefill: page_tokens ", prefix.page_tokens,
+             " must be 0 or a power of two from 32 on");
+    CQ_CHECK(prefix.rope == nullptr, "cuda prefill: keys before RoPE are not served");
+    CQ_CHECK(rows.indptr && rows.q && rows.k && rows.v && rows.out, "cuda prefill: indptr, q, k, v and out must be set");
+    const std::size_t D = std::size_t(s.head_dim);
+    CQ_CHECK(rows.q_stride >= std::size_t(s.q_heads) * D && rows.out_stride >= std::size_t(s.q_heads) * D &&
+                 rows.kv_stride >= std::size_t(s.kv_heads) * D,
+             "cuda prefill: row strides (q ", rows.q_stride, ", k/v ", rows.kv_stride, ", out ", rows.out_stride,
+             " elements) shorter than a row");
+    const auto addr = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x); };
+    CQ_CHECK(rows.kv_stride % 8 == 0 && ((addr(rows.k) | addr(rows.v)) & 15u) == 0,
+             "cuda prefill: k and v rows must be 16-byte aligned (kv_stride ", rows.kv_stride, ", k ", rows.k, ", v ",
+             rows.v, ")");
+    CQ_CHECK(rows.out_stride % 2 == 0 && (addr(rows.out) & 3u) == 0, "cuda prefill: out rows must be 4-byte aligned");
+    const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
+    CQ_CHECK(max_rows >= 1 && std::size_t(max_rows) * G <= 0x7fffffffu - detail::PrefillConfig::rows,
+             "cuda prefill: max_rows ", max_rows, " out of range");
+  }
+
+ private:
+  static bool served_channels(int c) { return c == 2 || c == 4 || c == 8; }
+
+  template <class E>
+  static auto pick_typed(int c) -> void (*)(AttentionBatch, PrefillRows, const unsigned char*) {
+    if (c == 2) return detail::prefill_kernel<2, 2, E>;
+    if (c == 4) return detail::prefill_kernel<4, 4, E>;
+    return detail::prefill_kernel<8, 8, E>;
+  }
+  static auto pick(int c, DType t) -> void (*)(AttentionBatch, PrefillRows, const unsigned char*) {
+    return t == DType::bf16 ? pick_typed<__nv_bfloat16>(c) : pick_typed<__half>(c);
+  }
+
+  DeviceBuffer<unsigned char> workspace_;
+};
+
+}  // namespace cq::cuda

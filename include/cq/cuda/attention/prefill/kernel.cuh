@@ -1,0 +1,335 @@
+#pragma once
+/// The chunked-prefill kernel: many query rows of a sequence (a chunk of new tokens, all query
+/// heads of one KV head) attend over the sequence's cached tokens -- coded tokens, then its sinks'
+/// and window's full-precision rows -- and over the chunk's own keys and values, causally. A
+/// FlashAttention-2 style loop on tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
+/// each block holds 128 query rows (GQA: the tokens x the group's heads, so a key tile serves the
+/// whole group) and walks the keys in 64-token tiles; every tile is first written into shared
+/// memory as fp16 rows -- coded tiles decoded from the block's copy of the KV head's fp16
+/// codebooks, full-precision and chunk tiles converted -- so the matrix products never see codes.
+/// Decoding a tile is 2 x 64 x groups centroid copies against 2 x 128 x 64 x 128 multiply-adds of
+/// the products, so the coded prefix costs about what fp16 rows would.
+///
+/// Pipeline: while the warps multiply tile i (one buffer), the loads of tile i + 1 (codes, or the
+/// chunk's rows) are in flight into registers; after the products they are decoded or converted
+/// into the other buffer; one barrier per tile.
+///
+/// Precision: the codebooks are the decode kernels' half copies, each group scaled by a power of
+/// two into [128, 256) (half_codebooks_kernel); full-precision and chunk rows are scaled by the
+/// same per-channel powers of two, the queries by their inverse (then each query row by a power of
+/// two of its own), and the outputs divided by the value scales, so all of it is exact
+/// rescaling. Rows are rounded to fp16 (a bf16 model's rows must lie within fp16's range, as in
+/// the decode kernels).
+
+#include "cq/cuda/attention/grouped_rows/kernel.cuh"
+#include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/elements.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace cq::cuda {
+
+/// A batch's chunk (device memory): sequence b's rows are [indptr[b], indptr[b + 1]) of q, k, v,
+/// out and lse; row i of sequence b is the token at position (its cached tokens) + i - indptr[b].
+struct PrefillRows {
+  const std::uint32_t* indptr = nullptr;  // [batch + 1]
+  const void* q = nullptr;                // [rows][q_heads][head_dim], row stride q_stride elements
+  const void* k = nullptr;                // [rows][kv_heads][head_dim], row stride kv_stride
+  const void* v = nullptr;                // likewise
+  void* out = nullptr;                    // [rows][q_heads][head_dim], row stride out_stride
+  float* lse = nullptr;                   // optional [rows][q_heads]: natural log-sum-exp of the scaled scores
+  std::size_t q_stride = 0, kv_stride = 0, out_stride = 0;
+  int q_heads = 0;
+};
+
+namespace detail {
+
+struct PrefillConfig {
+  static constexpr int head_dim = 128, rows = 128, tile = 64, warps = 8, threads = 32 * warps;
+  static constexpr int tile_bytes = tile * head_dim * 2;  // one K or V tile in fp16
+  /// The KV head's half codebooks and scales (HalfCodebooks), then two buffers of a K and a V tile.
+  static constexpr std::size_t shared_bytes = HalfCodebooks::bytes + 2 * 2 * tile_bytes;
+};
+
+/// Byte offset of 8-channel chunk c of tile row r: 16-byte chunks xor-swizzled by the row, so the
+/// eight rows an ldmatrix reads at one chunk fall in eight different bank groups.
+__device__ __forceinline__ unsigned prefill_chunk(int r, int c) { return unsigned(r * 256 + ((c ^ (r & 7)) << 4)); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned (&b)[4], bool trans) {
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+}
+
+/// Eight elements (one 16-byte load) as floats.
+template <class E>
+__device__ __forceinline__ void unpack8(uint4 w, float (&x)[8]) {
+  const E* e = reinterpret_cast<const E*>(&w);
+  for (int i = 0; i < 8; ++i) x[i] = element_to_float(e[i]);
+}
+
+/// Channels 8c .. 8c + 7 of a row, scaled by their groups' powers of two (groups of C channels),
+/// as eight halves.
+template <int C>
+__device__ __forceinline__ uint4 scaled_halves(const float (&x)[8], const float* scales, int c) {
+  uint4 w;
+  unsigned* u = reinterpret_cast<unsigned*>(&w);
+  for (int i = 0; i < 4; ++i)
+    u[i] = pack_half2(x[2 * i] * scales[(8 * c + 2 * i) / C], x[2 * i + 1] * scales[(8 * c + 2 * i + 1) / C]);
+  return w;
+}
+
+/// What a thread carries from the loads of the next tile to its decode or conversion.
+struct PrefillStage {
+  uint4 raw[8];
+};
+
+template <int CK, int CV, class E>
+__global__ void __launch_bounds__(PrefillConfig::threads, 1)
+    prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks) {
+  using Cfg = PrefillConfig;
+  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile;
+  constexpr int NBK = GK / 4, NBV = GV / 4;  // code bytes of a tile per thread (64 tokens x groups / 256)
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  unsigned char* const smem = prefill_smem;
+  const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = rows.q_heads / p.kv_heads;
+  const int row0 = int(rows.indptr[b]), nrows = int(rows.indptr[b + 1]) - row0;
+  const int R0 = blockIdx.x * Cfg::rows;
+  if (R0 >= nrows * G) return;
+
+  // The KV head's half codebooks and scales.
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
+    uint4* dst = reinterpret_cast<uint4*>(smem);
+    for (int i = tid; i < int(HalfCodebooks::bytes / 16); i += Cfg::threads) dst[i] = src[i];
+  }
+  const __half* cbk = reinterpret_cast<const __half*>(smem);
+  const __half* cbv = cbk + HalfCodebooks::halves;
+  const float* sk = reinterpret_cast<const float*>(smem + 4 * HalfCodebooks::halves);
+  const float* sv = sk + 64;
+  const unsigned tiles_at = unsigned(__cvta_generic_to_shared(smem)) + unsigned(HalfCodebooks::bytes);
+  unsigned char* tiles_ptr = smem + HalfCodebooks::bytes;
+  auto k_tile = [&](int buf) { return 2 * buf * Cfg::tile_bytes; };
+  auto v_tile = [&](int buf) { return (2 * buf + 1) * Cfg::tile_bytes; };
+  __syncthreads();
+
+  const DeviceSequence& seq = p.sequences[b];
+  const int coded = int(seq.coded), full = int(seq.full);
+  const DeviceKVCodes& kv = p.codes[std::size_t(b) * p.kv_heads + kvh];
+  const CodeRun key_run = kv.keys(p.page_shift()), value_run = kv.values(p.page_shift());
+  const int last_row = min(R0 + Cfg::rows, nrows * G) - 1;
+  const int n_coded = (coded + TILE - 1) / TILE, n_full = (full + TILE - 1) / TILE;
+  const int n_tiles = n_coded + n_full + last_row / G / TILE + 1;
+  const E* qb = static_cast<const E*>(rows.q);
+  const E* kb = static_cast<const E*>(rows.k) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
+  const E* vb = static_cast<const E*>(rows.v) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
+
+  // This thread's two query rows (g and g + 8 of the warp's 16): their chunk token and head.
+  const int g = lane / 4, t4 = lane % 4;
+  int row_token[2], row_head[2];
+  bool row_valid[2];
+  float row_scale[2];
+  unsigned qa[8][4];
+  const float base_scale = (p.scale > 0.0f ? p.scale : rsqrtf(float(D))) * 1.4426950408889634f;
+  for (int i = 0; i < 2; ++i) {
+    const int R = R0 + 16 * warp + g + 8 * i;
+    row_valid[i] = R < nrows * G;
+    row_token[i] = row_valid[i] ? R / G : -1;
+    row_head[i] = kvh * G + (row_valid[i] ? R % G : 0);
+    float x[32], m = 0.0f;
+    const E* q = qb + std::size_t(row0 + max(row_token[i], 0)) * rows.q_stride + std::size_t(row_head[i]) * D;
+    for (int ks = 0; ks < 8; ++ks)
+      for (int j = 0; j < 4; ++j) {
+        const int c = 16 * ks + 2 * t4 + (j & 1) + 8 * (j >> 1);
+        x[4 * ks + j] = row_valid[i] ? element_to_float(q[c]) / sk[c / CK] : 0.0f;
+        m = fmaxf(m, fabsf(x[4 * ks + j]));
+      }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float e = range_scale(m);
+    row_scale[i] = base_scale / e;
+    for (int ks = 0; ks < 8; ++ks) {
+      qa[ks][i] = pack_half2(x[4 * ks] * e, x[4 * ks + 1] * e);
+      qa[ks][2 + i] = pack_half2(x[4 * ks + 2] * e, x[4 * ks + 3] * e);
+    }
+  }
+  const bool warp_active = R0 + 16 * warp < nrows * G;
+  const int warp_last_token = min(R0 + 16 * warp + 15, nrows * G - 1) / G;
+
+  // Loads of tile i into registers: codes (coded tiles) or the chunk's rows (chunk tiles).
+  auto fetch = [&](int i, PrefillStage& st) {
+    if (i < n_coded) {
+      const int o = NBK * tid, blk = o / (32 * GK), within = o % (32 * GK);
+      const int ov = NBV * tid, blkv = ov / (32 * GV), withinv = ov % (32 * GV);
+      st.raw[0] = make_uint4(0, 0, 0, 0), st.raw[1] = make_uint4(0, 0, 0, 0);
+      if (TILE * i + 32 * blk < coded) {
+        const std::uint8_t* s = key_run.block(2 * i + blk, 32 * GK) + within;
+        if constexpr (NBK == 16) st.raw[0] = *reinterpret_cast<const uint4*>(s);
+        else if constexpr (NBK == 8) st.raw[0].x = reinterpret_cast<const uint2*>(s)->x, st.raw[0].y = reinterpret_cast<const uint2*>(s)->y;
+        else st.raw[0].x = *reinterpret_cast<const unsigned*>(s);
+      }
+      if (TILE * i + 32 * blkv < coded) {
+        const std::uint8_t* s = value_run.block(2 * i + blkv, 32 * GV) + withinv;
+        if constexpr (NBV == 16) st.raw[1] = *reinterpret_cast<const uint4*>(s);
+        else if constexpr (NBV == 8) st.raw[1].x = reinterpret_cast<const uint2*>(s)->x, st.raw[1].y = reinterpret_cast<const uint2*>(s)->y;
+        else st.raw[1].x = *reinterpret_cast<const unsigned*>(s);
+      }
+    } else if (i >= n_coded + n_full) {
+      const int c0 = (i - n_coded - n_full) * TILE;
+      for (int j = 0; j < 4; ++j) {
+        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
+        const bool ok = c0 + r < nrows;
+        const std::size_t at = std::size_t(c0 + r) * rows.kv_stride + 8 * c;
+        st.raw[j] = ok ? *reinterpret_cast<const uint4*>(kb + at) : make_uint4(0, 0, 0, 0);
+        st.raw[4 + j] = ok ? *reinterpret_cast<const uint4*>(vb + at) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  // Tile i into buffer `buf`: decoded codes, converted chunk rows, or (loaded here) full rows.
+  auto fill = [&](int i, const PrefillStage& st, int buf) {
+    unsigned char* kt = tiles_ptr + k_tile(buf);
+    unsigned char* vt = tiles_ptr + v_tile(buf);
+    if (i < n_coded) {
+      auto decode = [&](const uint4& w, int nb, int grp_count, int C, const __half* cb, unsigned char* tile) {
+        const int o = nb * tid, blk = o / (32 * grp_count), within = o % (32 * grp_count);
+        const int grp = within / 32, r0 = 32 * blk + within % 32;
+        const std::uint8_t* codes = reinterpret_cast<const std::uint8_t*>(&w);
+        for (int j = 0; j < nb; ++j) {
+          const int r = r0 + j;
+          const __half* src = cb + (grp * 256 + codes[j]) * C;
+          unsigned char* dst = tile + prefill_chunk(r, grp * C / 8) + (grp * C % 8) * 2;
+          if (C == 8) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+          else if (C == 4) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+          else *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
+        }
+      };
+      decode(st.raw[0], NBK, GK, CK, cbk, kt);
+      decode(st.raw[1], NBV, GV, CV, cbv, vt);
+    } else if (i >= n_coded + n_full) {
+      for (int j = 0; j < 4; ++j) {
+        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
+        float x[8];
+        unpack8<E>(st.raw[j], x);
+        *reinterpret_cast<uint4*>(kt + prefill_chunk(r, c)) = scaled_halves<CK>(x, sk, c);
+        unpack8<E>(st.raw[4 + j], x);
+        *reinterpret_cast<uint4*>(vt + prefill_chunk(r, c)) = scaled_halves<CV>(x, sv, c);
+      }
+    } else {
+      const int f0 = (i - n_coded) * TILE;
+      visit_full_rows(p, b, kvh, [&](auto fr) {
+        const bool vec = fr.vec(D);
+        for (int j = 0; j < 4; ++j) {
+          const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
+          float x[8] = {}, y[8] = {};
+          if (f0 + r < full) {
+            const auto* key = fr.key(f0 + r);
+            const auto* value = fr.value(f0 + r);
+            const float4 k0 = fr.at4(key, 8 * c, vec), k1 = fr.at4(key, 8 * c + 4, vec);
+            const float4 v0 = fr.at4(value, 8 * c, vec), v1 = fr.at4(value, 8 * c + 4, vec);
+            x[0] = k0.x, x[1] = k0.y, x[2] = k0.z, x[3] = k0.w, x[4] = k1.x, x[5] = k1.y, x[6] = k1.z, x[7] = k1.w;
+            y[0] = v0.x, y[1] = v0.y, y[2] = v0.z, y[3] = v0.w, y[4] = v1.x, y[5] = v1.y, y[6] = v1.z, y[7] = v1.w;
+          }
+          *reinterpret_cast<uint4*>(kt + prefill_chunk(r, c)) = scaled_halves<CK>(x, sk, c);
+          *reinterpret_cast<uint4*>(vt + prefill_chunk(r, c)) = scaled_halves<CV>(y, sv, c);
+        }
+      });
+    }
+  };
+
+  float o[16][4] = {}, m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  PrefillStage st;
+  fetch(0, st);
+  fill(0, st, 0);
+  __syncthreads();
+  for (int i = 0; i < n_tiles; ++i) {
+    if (i + 1 < n_tiles) fetch(i + 1, st);
+    const int buf = i & 1;
+    const bool chunk = i >= n_coded + n_full;
+    const int first = i < n_coded ? TILE * i : chunk ? TILE * (i - n_coded - n_full) : TILE * (i - n_coded);
+    const int valid = i < n_coded ? coded - first : chunk ? nrows - first : full - first;
+    if (warp_active && !(chunk && first > warp_last_token)) {
+      float s[8][4] = {};
+      const unsigned kt = tiles_at + unsigned(k_tile(buf)), vt = tiles_at + unsigned(v_tile(buf));
+      const int mi = lane / 8, r8 = lane % 8;
+      for (int slab = 0; slab < 4; ++slab)
+        for (int j = 0; j < 8; ++j) {
+          unsigned bk[4];
+          ldmatrix_x4(kt + prefill_chunk(8 * j + r8, 4 * slab + mi), bk, false);
+          mma_16816(s[j], qa[2 * slab], bk[0], bk[1]);
+          mma_16816(s[j], qa[2 * slab + 1], bk[2], bk[3]);
+        }
+      float mx[2] = {-INFINITY, -INFINITY};
+      for (int j = 0; j < 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * t4 + (e & 1), ri = e >> 1;
+          const bool ok = col < valid && (!chunk || first + col <= row_token[ri]);
+          s[j][e] = ok ? s[j][e] * row_scale[ri] : -INFINITY;
+          mx[ri] = fmaxf(mx[ri], s[j][e]);
+        }
+      float alpha[2], mb[2];
+      for (int ri = 0; ri < 2; ++ri) {
+        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+        const float m_new = fmaxf(m_run[ri], mx[ri]);
+        mb[ri] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[ri] = exp2f(m_run[ri] - mb[ri]);
+        m_run[ri] = m_new;
+        l_run[ri] *= alpha[ri];
+      }
+      for (int n = 0; n < 16; ++n)
+        for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
+      unsigned pa[4][4];
+      for (int j = 0; j < 8; ++j) {
+        float pr[4];
+        for (int e = 0; e < 4; ++e) {
+          pr[e] = exp2f(s[j][e] - mb[e >> 1]);
+          l_run[e >> 1] += pr[e];
+        }
+        pa[j / 2][(j & 1) * 2] = pack_half2(pr[0], pr[1]);
+        pa[j / 2][(j & 1) * 2 + 1] = pack_half2(pr[2], pr[3]);
+      }
+      for (int kk = 0; kk < 4; ++kk)
+        for (int n2 = 0; n2 < 8; ++n2) {
+          unsigned bv[4];
+          ldmatrix_x4(vt + prefill_chunk(16 * kk + (mi & 1) * 8 + r8, 2 * n2 + (mi >> 1)), bv, true);
+          mma_16816(o[2 * n2], pa[kk], bv[0], bv[1]);
+          mma_16816(o[2 * n2 + 1], pa[kk], bv[2], bv[3]);
+        }
+    }
+    if (i + 1 < n_tiles) fill(i + 1, st, buf ^ 1);
+    __syncthreads();
+  }
+
+  // Out: o / l per row, the value scales undone; the log-sum-exp (natural log) when asked.
+  for (int ri = 0; ri < 2; ++ri) {
+    l_run[ri] += __shfl_xor_sync(0xffffffffu, l_run[ri], 1);
+    l_run[ri] += __shfl_xor_sync(0xffffffffu, l_run[ri], 2);
+  }
+  for (int ri = 0; ri < 2; ++ri) {
+    if (!row_valid[ri]) continue;
+    const std::size_t r = std::size_t(row0 + row_token[ri]);
+    E* out = static_cast<E*>(rows.out) + r * rows.out_stride + std::size_t(row_head[ri]) * D;
+    const float inv = l_run[ri] > 0.0f ? 1.0f / l_run[ri] : 0.0f;
+    for (int n = 0; n < 16; ++n) {
+      const int c = 8 * n + 2 * t4;
+      const float a = o[n][2 * ri] * inv / sv[c / CV], bb = o[n][2 * ri + 1] * inv / sv[(c + 1) / CV];
+      if constexpr (std::is_same_v<E, __half>) *reinterpret_cast<__half2*>(out + c) = __floats2half2_rn(a, bb);
+      else *reinterpret_cast<__nv_bfloat162*>(out + c) = __floats2bfloat162_rn(a, bb);
+    }
+    if (rows.lse != nullptr && t4 == 0)
+      rows.lse[r * rows.q_heads + row_head[ri]] =
+          l_run[ri] > 0.0f ? (m_run[ri] + log2f(l_run[ri])) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+}  // namespace detail
+}  // namespace cq::cuda
