@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--heads", default="32/8,32/32")
     ap.add_argument("--configs", default="8,4,2")
+    ap.add_argument("--page-tokens", type=int, default=0,
+                    help="codes in pages of this many tokens, in shuffled order (0: contiguous buffers)")
     ap.add_argument("--json")
     a = ap.parse_args()
     lib = load(a.lib)
@@ -65,7 +67,8 @@ def main():
     stream = torch.cuda.current_stream().cuda_stream
     B, R, T, D = a.batch, a.rows, a.context, 128
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"prefill of {R} rows over {T - R} cached tokens ({T} in all), batch {B}, head_dim {D}")
+    print(f"prefill of {R} rows over {T - R} cached tokens ({T} in all), batch {B}, head_dim {D}, "
+          f"codes {'in pages of %d tokens' % a.page_tokens if a.page_tokens else 'contiguous'}")
     print("| q/kv heads | config | SDPA flash fp16 ms | cq ms | cq / SDPA | SDPA call |")
     print("|---|---|---|---|---|---|")
     results = []
@@ -79,6 +82,8 @@ def main():
         for C in map(int, a.configs.split(",")):
             h = lib.cqb_create(B, hq, hkv, T - R, C, 8, 32)
             if not h:
+                raise RuntimeError(lib.cqb_last_error().decode())
+            if a.page_tokens and lib.cqb_set_pages(h, a.page_tokens, 0) != 0:
                 raise RuntimeError(lib.cqb_last_error().decode())
 
             def cq():
@@ -94,7 +99,8 @@ def main():
                 c_t.append(median_ms(cq, a.reps))
             s_ms, c_ms = statistics.median(s_t), statistics.median(c_t)
             lib.cqb_destroy(h)
-            row = dict(q_heads=hq, kv_heads=hkv, config=f"{C}c8b", batch=B, rows=R, context=T, sdpa_ms=s_ms,
+            row = dict(q_heads=hq, kv_heads=hkv, config=f"{C}c8b", batch=B, rows=R, context=T,
+                       page_tokens=a.page_tokens, sdpa_ms=s_ms,
                        cq_ms=c_ms, ratio=c_ms / s_ms, sdpa_call=how, cq_tflops=flops / c_ms / 1e9,
                        sdpa_tflops=flops / s_ms / 1e9, rounds_sdpa=s_t, rounds_cq=c_t)
             results.append(row)

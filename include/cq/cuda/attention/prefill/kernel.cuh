@@ -10,9 +10,9 @@
 /// Decoding a tile is 2 x 64 x groups centroid copies against 2 x 128 x 64 x 128 multiply-adds of
 /// the products, so the coded prefix costs about what fp16 rows would.
 ///
-/// Pipeline: while the warps multiply tile i (one buffer), the loads of tile i + 1 (codes, or the
-/// chunk's rows) are in flight into registers; after the products they are decoded or converted
-/// into the other buffer; one barrier per tile.
+/// Pipeline: while the warps multiply tile i (one buffer), the loads of tile i + 1 are in flight --
+/// codes into registers, the chunk's rows by cp.async into the other buffer; after the products
+/// the codes are decoded and the rows converted in place; one barrier per tile.
 ///
 /// Precision: the codebooks are the decode kernels' half copies, each group scaled by a power of
 /// two into [128, 256) (half_codebooks_kernel); full-precision and chunk rows are scaled by the
@@ -87,10 +87,17 @@ __device__ __forceinline__ uint4 scaled_halves(const float (&x)[8], const float*
   return w;
 }
 
-/// What a thread carries from the loads of the next tile to its decode or conversion.
+/// What a thread carries from the loads of the next tile to its decode: its key and value codes.
+/// (Chunk rows go straight to shared memory by cp.async instead: in registers they made the
+/// kernel spill.)
 struct PrefillStage {
-  uint4 raw[8];
+  uint4 raw[2];
 };
+
+/// 16 bytes from global `src` to shared `dst` without registers; zeros when !valid.
+__device__ __forceinline__ void copy16_async(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
 
 template <int CK, int CV, class E>
 __global__ void __launch_bounds__(PrefillConfig::threads, 1)
@@ -183,15 +190,16 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
         else if constexpr (NBV == 8) st.raw[1].x = reinterpret_cast<const uint2*>(s)->x, st.raw[1].y = reinterpret_cast<const uint2*>(s)->y;
         else st.raw[1].x = *reinterpret_cast<const unsigned*>(s);
       }
-    } else if (i >= n_coded + n_full) {
-      const int c0 = (i - n_coded - n_full) * TILE;
+    } else if (i >= n_coded + n_full) {  // raw rows into the tile's buffer, converted in place by fill
+      const int c0 = (i - n_coded - n_full) * TILE, buf = i & 1;
       for (int j = 0; j < 4; ++j) {
         const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
         const bool ok = c0 + r < nrows;
-        const std::size_t at = std::size_t(c0 + r) * rows.kv_stride + 8 * c;
-        st.raw[j] = ok ? *reinterpret_cast<const uint4*>(kb + at) : make_uint4(0, 0, 0, 0);
-        st.raw[4 + j] = ok ? *reinterpret_cast<const uint4*>(vb + at) : make_uint4(0, 0, 0, 0);
+        const std::size_t at = ok ? std::size_t(c0 + r) * rows.kv_stride + 8 * c : 0;
+        copy16_async(tiles_at + unsigned(k_tile(buf)) + prefill_chunk(r, c), kb + at, ok);
+        copy16_async(tiles_at + unsigned(v_tile(buf)) + prefill_chunk(r, c), vb + at, ok);
       }
+      asm volatile("cp.async.commit_group;" ::: "memory");
     }
   };
   // Tile i into buffer `buf`: decoded codes, converted chunk rows, or (loaded here) full rows.
@@ -214,14 +222,17 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       };
       decode(st.raw[0], NBK, GK, CK, cbk, kt);
       decode(st.raw[1], NBV, GV, CV, cbv, vt);
-    } else if (i >= n_coded + n_full) {
+    } else if (i >= n_coded + n_full) {  // this thread's own pieces of fetch's copies, so no barrier
+      asm volatile("cp.async.wait_all;" ::: "memory");
       for (int j = 0; j < 4; ++j) {
         const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
         float x[8];
-        unpack8<E>(st.raw[j], x);
-        *reinterpret_cast<uint4*>(kt + prefill_chunk(r, c)) = scaled_halves<CK>(x, sk, c);
-        unpack8<E>(st.raw[4 + j], x);
-        *reinterpret_cast<uint4*>(vt + prefill_chunk(r, c)) = scaled_halves<CV>(x, sv, c);
+        uint4* k = reinterpret_cast<uint4*>(kt + prefill_chunk(r, c));
+        uint4* v = reinterpret_cast<uint4*>(vt + prefill_chunk(r, c));
+        unpack8<E>(*k, x);
+        *k = scaled_halves<CK>(x, sk, c);
+        unpack8<E>(*v, x);
+        *v = scaled_halves<CV>(x, sv, c);
       }
     } else {
       const int f0 = (i - n_coded) * TILE;
@@ -285,8 +296,9 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
         m_run[ri] = m_new;
         l_run[ri] *= alpha[ri];
       }
-      for (int n = 0; n < 16; ++n)
-        for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
+      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))  // once the maxima settle: rarely
+        for (int n = 0; n < 16; ++n)
+          for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
       unsigned pa[4][4];
       for (int j = 0; j < 8; ++j) {
         float pr[4];
