@@ -4,7 +4,7 @@
 /// sequence b is the cache state the chunk follows) and over the chunk's own keys and values,
 /// causally, in the model's dtype (fp16 or bf16). The chunk itself is read as the engine has it,
 /// in full precision, as FlashAttention's prefill does; the engine appends it to the cache
-/// afterwards. Kernel: attention/prefill/kernel.cuh (tensor cores, 128 query rows x 64-token tiles,
+/// afterwards. Kernel: attention/prefill/kernel.cuh (tensor cores, 256 query rows x 64-token tiles,
 /// coded tiles decoded into shared memory).
 ///
 ///   PrefillAttention pa;
@@ -71,8 +71,9 @@ class PrefillAttention {
   /// q, out and lse unused) and the chunk `rows` (device memory; `max_rows`: the most rows of any
   /// sequence, for the grid). Launches only. Throws cq::Error, launching nothing, if the batch is
   /// not the plan's shape, a pointer is unset, rows.q_heads differs from the plan's, a row stride
-  /// is shorter than a row or k/v rows are not 16-byte aligned (kv_stride a multiple of 8, k and v
-  /// 16-byte aligned), out rows not 4-byte aligned, or max_rows is not in 1..2^31 / 128.
+  /// is shorter than a row or q/k/v rows are not 16-byte aligned (strides multiples of 8, q, k
+  /// and v 16-byte aligned), out rows not 4-byte aligned, or max_rows x the group size is not in
+  /// 1..2^31 - 257.
   void run(const AttentionBatch& prefix, const PrefillRows& rows, int max_rows, const PrefillPlan& plan,
            cudaStream_t stream = nullptr) {
     check(prefix, rows, max_rows, plan);
@@ -110,6 +111,8 @@ class PrefillAttention {
     CQ_CHECK(rows.kv_stride % 8 == 0 && ((addr(rows.k) | addr(rows.v)) & 15u) == 0,
              "cuda prefill: k and v rows must be 16-byte aligned (kv_stride ", rows.kv_stride, ", k ", rows.k, ", v ",
              rows.v, ")");
+    CQ_CHECK(rows.q_stride % 8 == 0 && (addr(rows.q) & 15u) == 0,
+             "cuda prefill: q rows must be 16-byte aligned (q_stride ", rows.q_stride, ", q ", rows.q, ")");
     CQ_CHECK(rows.out_stride % 2 == 0 && (addr(rows.out) & 3u) == 0, "cuda prefill: out rows must be 4-byte aligned");
     const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
     CQ_CHECK(max_rows >= 1 && std::size_t(max_rows) * G <= 0x7fffffffu - detail::PrefillConfig::rows,

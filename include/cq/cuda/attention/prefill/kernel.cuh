@@ -3,16 +3,19 @@
 /// heads of one KV head) attend over the sequence's cached tokens -- coded tokens, then its sinks'
 /// and window's full-precision rows -- and over the chunk's own keys and values, causally. A
 /// FlashAttention-2 style loop on tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
-/// each block holds 128 query rows (GQA: the tokens x the group's heads, so a key tile serves the
-/// whole group) and walks the keys in 64-token tiles; every tile is first written into shared
-/// memory as fp16 rows -- coded tiles decoded from the block's copy of the KV head's fp16
-/// codebooks, full-precision and chunk tiles converted -- so the matrix products never see codes.
-/// Decoding a tile is 2 x 64 x groups centroid copies against 2 x 128 x 64 x 128 multiply-adds of
-/// the products, so the coded prefix costs about what fp16 rows would.
+/// each block holds 256 query rows (GQA: the tokens x the group's heads, so a key tile serves the
+/// whole group), 32 per warp (two m-tiles: each K and V fragment read from shared memory serves
+/// both, halving that traffic, which bounded the kernel at 16 rows per warp), and walks the keys in
+/// 64-token tiles, each in two 32-token online-softmax steps (half the score registers: the
+/// kernel spilled with whole tiles). Every tile is first written into shared memory as fp16 rows
+/// -- coded tiles decoded from the block's copy of the KV head's fp16 codebooks, full-precision
+/// and chunk tiles converted -- so the products never see codes: decoding a tile is 2 x 64 x
+/// groups centroid copies against 2 x 256 x 64 x 128 multiply-adds.
 ///
-/// Pipeline: while the warps multiply tile i (one buffer), the loads of tile i + 1 are in flight --
-/// codes into registers, the chunk's rows by cp.async into the other buffer; after the products
-/// the codes are decoded and the rows converted in place; one barrier per tile.
+/// Shared memory holds the codebooks (128 KiB), the block's queries (64 KiB) and one K and one V
+/// tile, so tiles are single-buffered: the next tile's codes are loaded into registers during the
+/// products, then, between two barriers, decoded (or the chunk's rows copied by cp.async and
+/// converted in place, or full rows loaded).
 ///
 /// Precision: the codebooks are the decode kernels' half copies, each group scaled by a power of
 /// two into [128, 256) (half_codebooks_kernel); full-precision and chunk rows are scaled by the
@@ -50,10 +53,12 @@ struct PrefillRows {
 namespace detail {
 
 struct PrefillConfig {
-  static constexpr int head_dim = 128, rows = 128, tile = 64, warps = 8, threads = 32 * warps;
+  static constexpr int head_dim = 128, rows = 256, tile = 64, warps = 8, threads = 32 * warps;
   static constexpr int tile_bytes = tile * head_dim * 2;  // one K or V tile in fp16
-  /// The KV head's half codebooks and scales (HalfCodebooks), then two buffers of a K and a V tile.
-  static constexpr std::size_t shared_bytes = HalfCodebooks::bytes + 2 * 2 * tile_bytes;
+  static constexpr int q_bytes = rows * head_dim * 2;     // the block's queries in fp16
+  /// The KV head's half codebooks and scales (HalfCodebooks), the queries, a K and a V tile, the
+  /// query rows' score scales.
+  static constexpr std::size_t shared_bytes = HalfCodebooks::bytes + q_bytes + 2 * tile_bytes + rows * 4;
 };
 
 /// Byte offset of 8-channel chunk c of tile row r: 16-byte chunks xor-swizzled by the row, so the
@@ -88,8 +93,7 @@ __device__ __forceinline__ uint4 scaled_halves(const float (&x)[8], const float*
 }
 
 /// What a thread carries from the loads of the next tile to its decode: its key and value codes.
-/// (Chunk rows go straight to shared memory by cp.async instead: in registers they made the
-/// kernel spill.)
+/// (Chunk rows go to shared memory by cp.async instead: in registers they made the kernel spill.)
 struct PrefillStage {
   uint4 raw[2];
 };
@@ -109,11 +113,11 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   unsigned char* const smem = prefill_smem;
   const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = rows.q_heads / p.kv_heads;
-  const int row0 = int(rows.indptr[b]), nrows = int(rows.indptr[b + 1]) - row0;
+  const int row0 = int(rows.indptr[b]), nrows = int(rows.indptr[b + 1]) - row0, nq = nrows * G;
   const int R0 = blockIdx.x * Cfg::rows;
-  if (R0 >= nrows * G) return;
+  if (R0 >= nq) return;
 
-  // The KV head's half codebooks and scales.
+  // Shared memory: codebooks and scales, queries, K tile, V tile, row scales.
   {
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
     uint4* dst = reinterpret_cast<uint4*>(smem);
@@ -123,89 +127,77 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const __half* cbv = cbk + HalfCodebooks::halves;
   const float* sk = reinterpret_cast<const float*>(smem + 4 * HalfCodebooks::halves);
   const float* sv = sk + 64;
-  const unsigned tiles_at = unsigned(__cvta_generic_to_shared(smem)) + unsigned(HalfCodebooks::bytes);
-  unsigned char* tiles_ptr = smem + HalfCodebooks::bytes;
-  auto k_tile = [&](int buf) { return 2 * buf * Cfg::tile_bytes; };
-  auto v_tile = [&](int buf) { return (2 * buf + 1) * Cfg::tile_bytes; };
+  unsigned char* const q_tile = smem + HalfCodebooks::bytes;
+  unsigned char* const kt = q_tile + Cfg::q_bytes;
+  unsigned char* const vt = kt + Cfg::tile_bytes;
+  float* const row_scales = reinterpret_cast<float*>(vt + Cfg::tile_bytes);
+  const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile));
+  const unsigned kt_at = q_at + Cfg::q_bytes, vt_at = kt_at + Cfg::tile_bytes;
   __syncthreads();
+
+  // Query row tid of the block (tokens x the group's heads): divided by the key scales, then by a
+  // power of two of its own into fp16's range; the score scale undoes both.
+  const float base_scale = (p.scale > 0.0f ? p.scale : rsqrtf(float(D))) * 1.4426950408889634f;
+  {
+    const int R = R0 + tid;
+    const bool valid = R < nq;
+    const E* q = static_cast<const E*>(rows.q) + std::size_t(row0 + (valid ? R / G : 0)) * rows.q_stride +
+                 std::size_t(kvh * G + (valid ? R % G : 0)) * D;
+    float m = 0.0f;
+    for (int c = 0; c < 16; ++c) {
+      float x[8] = {};
+      if (valid) unpack8<E>(*reinterpret_cast<const uint4*>(q + 8 * c), x);
+      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] / sk[(8 * c + i) / CK]));
+    }
+    const float e = range_scale(m);
+    for (int c = 0; c < 16; ++c) {
+      float x[8] = {};
+      if (valid) unpack8<E>(*reinterpret_cast<const uint4*>(q + 8 * c), x);
+      uint4 w;
+      unsigned* u = reinterpret_cast<unsigned*>(&w);
+      for (int i = 0; i < 4; ++i)
+        u[i] = pack_half2(x[2 * i] / sk[(8 * c + 2 * i) / CK] * e, x[2 * i + 1] / sk[(8 * c + 2 * i + 1) / CK] * e);
+      *reinterpret_cast<uint4*>(q_tile + prefill_chunk(tid, c)) = w;
+    }
+    row_scales[tid] = base_scale / e;
+  }
 
   const DeviceSequence& seq = p.sequences[b];
   const int coded = int(seq.coded), full = int(seq.full);
   const DeviceKVCodes& kv = p.codes[std::size_t(b) * p.kv_heads + kvh];
   const CodeRun key_run = kv.keys(p.page_shift()), value_run = kv.values(p.page_shift());
-  const int last_row = min(R0 + Cfg::rows, nrows * G) - 1;
+  const int last_row = min(R0 + Cfg::rows, nq) - 1;
   const int n_coded = (coded + TILE - 1) / TILE, n_full = (full + TILE - 1) / TILE;
   const int n_tiles = n_coded + n_full + last_row / G / TILE + 1;
-  const E* qb = static_cast<const E*>(rows.q);
   const E* kb = static_cast<const E*>(rows.k) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
   const E* vb = static_cast<const E*>(rows.v) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
+  const int g = lane / 4, t4 = lane % 4, mi = lane / 8, r8 = lane % 8;
+  const int warp_row = 32 * warp;  // this warp's 32 rows: two m-tiles of 16
+  const bool warp_active = R0 + warp_row < nq;
+  const int warp_last_token = min(R0 + warp_row + 31, nq - 1) / G;
 
-  // This thread's two query rows (g and g + 8 of the warp's 16): their chunk token and head.
-  const int g = lane / 4, t4 = lane % 4;
-  int row_token[2], row_head[2];
-  bool row_valid[2];
-  float row_scale[2];
-  unsigned qa[8][4];
-  const float base_scale = (p.scale > 0.0f ? p.scale : rsqrtf(float(D))) * 1.4426950408889634f;
-  for (int i = 0; i < 2; ++i) {
-    const int R = R0 + 16 * warp + g + 8 * i;
-    row_valid[i] = R < nrows * G;
-    row_token[i] = row_valid[i] ? R / G : -1;
-    row_head[i] = kvh * G + (row_valid[i] ? R % G : 0);
-    float x[32], m = 0.0f;
-    const E* q = qb + std::size_t(row0 + max(row_token[i], 0)) * rows.q_stride + std::size_t(row_head[i]) * D;
-    for (int ks = 0; ks < 8; ++ks)
-      for (int j = 0; j < 4; ++j) {
-        const int c = 16 * ks + 2 * t4 + (j & 1) + 8 * (j >> 1);
-        x[4 * ks + j] = row_valid[i] ? element_to_float(q[c]) / sk[c / CK] : 0.0f;
-        m = fmaxf(m, fabsf(x[4 * ks + j]));
-      }
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    const float e = range_scale(m);
-    row_scale[i] = base_scale / e;
-    for (int ks = 0; ks < 8; ++ks) {
-      qa[ks][i] = pack_half2(x[4 * ks] * e, x[4 * ks + 1] * e);
-      qa[ks][2 + i] = pack_half2(x[4 * ks + 2] * e, x[4 * ks + 3] * e);
-    }
-  }
-  const bool warp_active = R0 + 16 * warp < nrows * G;
-  const int warp_last_token = min(R0 + 16 * warp + 15, nrows * G - 1) / G;
-
-  // Loads of tile i into registers: codes (coded tiles) or the chunk's rows (chunk tiles).
+  // Loads of coded tile i's codes into registers (issued before the products of the tile before).
   auto fetch = [&](int i, PrefillStage& st) {
-    if (i < n_coded) {
-      const int o = NBK * tid, blk = o / (32 * GK), within = o % (32 * GK);
-      const int ov = NBV * tid, blkv = ov / (32 * GV), withinv = ov % (32 * GV);
-      st.raw[0] = make_uint4(0, 0, 0, 0), st.raw[1] = make_uint4(0, 0, 0, 0);
-      if (TILE * i + 32 * blk < coded) {
-        const std::uint8_t* s = key_run.block(2 * i + blk, 32 * GK) + within;
-        if constexpr (NBK == 16) st.raw[0] = *reinterpret_cast<const uint4*>(s);
-        else if constexpr (NBK == 8) st.raw[0].x = reinterpret_cast<const uint2*>(s)->x, st.raw[0].y = reinterpret_cast<const uint2*>(s)->y;
-        else st.raw[0].x = *reinterpret_cast<const unsigned*>(s);
-      }
-      if (TILE * i + 32 * blkv < coded) {
-        const std::uint8_t* s = value_run.block(2 * i + blkv, 32 * GV) + withinv;
-        if constexpr (NBV == 16) st.raw[1] = *reinterpret_cast<const uint4*>(s);
-        else if constexpr (NBV == 8) st.raw[1].x = reinterpret_cast<const uint2*>(s)->x, st.raw[1].y = reinterpret_cast<const uint2*>(s)->y;
-        else st.raw[1].x = *reinterpret_cast<const unsigned*>(s);
-      }
-    } else if (i >= n_coded + n_full) {  // raw rows into the tile's buffer, converted in place by fill
-      const int c0 = (i - n_coded - n_full) * TILE, buf = i & 1;
-      for (int j = 0; j < 4; ++j) {
-        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
-        const bool ok = c0 + r < nrows;
-        const std::size_t at = ok ? std::size_t(c0 + r) * rows.kv_stride + 8 * c : 0;
-        copy16_async(tiles_at + unsigned(k_tile(buf)) + prefill_chunk(r, c), kb + at, ok);
-        copy16_async(tiles_at + unsigned(v_tile(buf)) + prefill_chunk(r, c), vb + at, ok);
-      }
-      asm volatile("cp.async.commit_group;" ::: "memory");
+    if (i >= n_coded) return;
+    const int o = NBK * tid, blk = o / (32 * GK), within = o % (32 * GK);
+    const int ov = NBV * tid, blkv = ov / (32 * GV), withinv = ov % (32 * GV);
+    st.raw[0] = make_uint4(0, 0, 0, 0), st.raw[1] = make_uint4(0, 0, 0, 0);
+    if (TILE * i + 32 * blk < coded) {
+      const std::uint8_t* s = key_run.block(2 * i + blk, 32 * GK) + within;
+      if constexpr (NBK == 16) st.raw[0] = *reinterpret_cast<const uint4*>(s);
+      else if constexpr (NBK == 8) st.raw[0].x = reinterpret_cast<const uint2*>(s)->x, st.raw[0].y = reinterpret_cast<const uint2*>(s)->y;
+      else st.raw[0].x = *reinterpret_cast<const unsigned*>(s);
+    }
+    if (TILE * i + 32 * blkv < coded) {
+      const std::uint8_t* s = value_run.block(2 * i + blkv, 32 * GV) + withinv;
+      if constexpr (NBV == 16) st.raw[1] = *reinterpret_cast<const uint4*>(s);
+      else if constexpr (NBV == 8) st.raw[1].x = reinterpret_cast<const uint2*>(s)->x, st.raw[1].y = reinterpret_cast<const uint2*>(s)->y;
+      else st.raw[1].x = *reinterpret_cast<const unsigned*>(s);
     }
   };
-  // Tile i into buffer `buf`: decoded codes, converted chunk rows, or (loaded here) full rows.
-  auto fill = [&](int i, const PrefillStage& st, int buf) {
-    unsigned char* kt = tiles_ptr + k_tile(buf);
-    unsigned char* vt = tiles_ptr + v_tile(buf);
+  // Tile i into the K and V tiles: decoded codes, the chunk's rows (cp.async, then converted in
+  // place: each thread its own pieces), or full rows.
+  auto fill = [&](int i, const PrefillStage& st) {
     if (i < n_coded) {
       auto decode = [&](const uint4& w, int nb, int grp_count, int C, const __half* cb, unsigned char* tile) {
         const int o = nb * tid, blk = o / (32 * grp_count), within = o % (32 * grp_count);
@@ -222,7 +214,16 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       };
       decode(st.raw[0], NBK, GK, CK, cbk, kt);
       decode(st.raw[1], NBV, GV, CV, cbv, vt);
-    } else if (i >= n_coded + n_full) {  // this thread's own pieces of fetch's copies, so no barrier
+    } else if (i >= n_coded + n_full) {
+      const int c0 = (i - n_coded - n_full) * TILE;
+      for (int j = 0; j < 4; ++j) {
+        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
+        const bool ok = c0 + r < nrows;
+        const std::size_t at = ok ? std::size_t(c0 + r) * rows.kv_stride + 8 * c : 0;
+        copy16_async(kt_at + prefill_chunk(r, c), kb + at, ok);
+        copy16_async(vt_at + prefill_chunk(r, c), vb + at, ok);
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
       asm volatile("cp.async.wait_all;" ::: "memory");
       for (int j = 0; j < 4; ++j) {
         const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
@@ -256,89 +257,139 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     }
   };
 
-  float o[16][4] = {}, m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
   PrefillStage st;
   fetch(0, st);
-  fill(0, st, 0);
-  __syncthreads();
+  fill(0, st);
+  __syncthreads();  // the tiles, and the queries and their scales
+  // This thread's four rows: m-tile m's rows g and g + 8 (index 2 m + i).
+  int row_token[4];
+  float row_scale[4];
+  #pragma unroll
+  for (int ri = 0; ri < 4; ++ri) {
+    const int lr = warp_row + 16 * (ri >> 1) + g + 8 * (ri & 1);
+    row_token[ri] = R0 + lr < nq ? (R0 + lr) / G : -1;
+    row_scale[ri] = row_scales[lr];
+  }
+  float o[2][16][4] = {}, m_run[4], l_run[4];
+  #pragma unroll
+  for (int ri = 0; ri < 4; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.0f;
   for (int i = 0; i < n_tiles; ++i) {
     if (i + 1 < n_tiles) fetch(i + 1, st);
-    const int buf = i & 1;
     const bool chunk = i >= n_coded + n_full;
     const int first = i < n_coded ? TILE * i : chunk ? TILE * (i - n_coded - n_full) : TILE * (i - n_coded);
     const int valid = i < n_coded ? coded - first : chunk ? nrows - first : full - first;
     if (warp_active && !(chunk && first > warp_last_token)) {
-      float s[8][4] = {};
-      const unsigned kt = tiles_at + unsigned(k_tile(buf)), vt = tiles_at + unsigned(v_tile(buf));
-      const int mi = lane / 8, r8 = lane % 8;
-      for (int slab = 0; slab < 4; ++slab)
-        for (int j = 0; j < 8; ++j) {
-          unsigned bk[4];
-          ldmatrix_x4(kt + prefill_chunk(8 * j + r8, 4 * slab + mi), bk, false);
-          mma_16816(s[j], qa[2 * slab], bk[0], bk[1]);
-          mma_16816(s[j], qa[2 * slab + 1], bk[2], bk[3]);
+      // Two halves of 32 tokens, each its own online-softmax step: half the score registers.
+#pragma unroll 1
+      for (int h = 0; h < 2; ++h) {
+        if (chunk && first + 32 * h > warp_last_token) break;
+        float s[2][4][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+          unsigned qa[2][4];
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+            ldmatrix_x4(q_at + prefill_chunk(warp_row + 16 * m + (mi & 1) * 8 + r8, 2 * ks + (mi >> 1)), qa[m], false);
+#pragma unroll
+          for (int jp = 0; jp < 2; ++jp) {
+            unsigned bk[4];
+            ldmatrix_x4(kt_at + prefill_chunk(32 * h + 8 * (2 * jp + (mi >> 1)) + r8, 2 * ks + (mi & 1)), bk, false);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+              mma_16816(s[m][2 * jp], qa[m], bk[0], bk[1]);
+              mma_16816(s[m][2 * jp + 1], qa[m], bk[2], bk[3]);
+            }
+          }
         }
-      float mx[2] = {-INFINITY, -INFINITY};
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * t4 + (e & 1), ri = e >> 1;
-          const bool ok = col < valid && (!chunk || first + col <= row_token[ri]);
-          s[j][e] = ok ? s[j][e] * row_scale[ri] : -INFINITY;
-          mx[ri] = fmaxf(mx[ri], s[j][e]);
+        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = 32 * h + 8 * j + 2 * t4 + (e & 1), ri = 2 * m + (e >> 1);
+              const bool ok = col < valid && (!chunk || first + col <= row_token[ri]);
+              s[m][j][e] = ok ? s[m][j][e] * row_scale[ri] : -INFINITY;
+              mx[ri] = fmaxf(mx[ri], s[m][j][e]);
+            }
+        float alpha[4], mb[4];
+        bool moved = false;
+#pragma unroll
+        for (int ri = 0; ri < 4; ++ri) {
+          mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+          mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+          const float m_new = fmaxf(m_run[ri], mx[ri]);
+          mb[ri] = m_new == -INFINITY ? 0.0f : m_new;
+          alpha[ri] = exp2f(m_run[ri] - mb[ri]);
+          moved |= alpha[ri] != 1.0f;
+          m_run[ri] = m_new;
+          l_run[ri] *= alpha[ri];
         }
-      float alpha[2], mb[2];
-      for (int ri = 0; ri < 2; ++ri) {
-        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
-        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
-        const float m_new = fmaxf(m_run[ri], mx[ri]);
-        mb[ri] = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[ri] = exp2f(m_run[ri] - mb[ri]);
-        m_run[ri] = m_new;
-        l_run[ri] *= alpha[ri];
+        if (__any_sync(0xffffffffu, moved))  // once the maxima settle: rarely
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int n = 0; n < 16; ++n)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) o[m][n][e] *= alpha[2 * m + (e >> 1)];
+        unsigned pa[2][2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float pr[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              pr[e] = exp2f(s[m][j][e] - mb[2 * m + (e >> 1)]);
+              l_run[2 * m + (e >> 1)] += pr[e];
+            }
+            pa[m][j / 2][(j & 1) * 2] = pack_half2(pr[0], pr[1]);
+            pa[m][j / 2][(j & 1) * 2 + 1] = pack_half2(pr[2], pr[3]);
+          }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+          for (int n2 = 0; n2 < 8; ++n2) {
+            unsigned bv[4];
+            ldmatrix_x4(vt_at + prefill_chunk(32 * h + 16 * kk + (mi & 1) * 8 + r8, 2 * n2 + (mi >> 1)), bv, true);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+              mma_16816(o[m][2 * n2], pa[m][kk], bv[0], bv[1]);
+              mma_16816(o[m][2 * n2 + 1], pa[m][kk], bv[2], bv[3]);
+            }
+          }
       }
-      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))  // once the maxima settle: rarely
-        for (int n = 0; n < 16; ++n)
-          for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
-      unsigned pa[4][4];
-      for (int j = 0; j < 8; ++j) {
-        float pr[4];
-        for (int e = 0; e < 4; ++e) {
-          pr[e] = exp2f(s[j][e] - mb[e >> 1]);
-          l_run[e >> 1] += pr[e];
-        }
-        pa[j / 2][(j & 1) * 2] = pack_half2(pr[0], pr[1]);
-        pa[j / 2][(j & 1) * 2 + 1] = pack_half2(pr[2], pr[3]);
-      }
-      for (int kk = 0; kk < 4; ++kk)
-        for (int n2 = 0; n2 < 8; ++n2) {
-          unsigned bv[4];
-          ldmatrix_x4(vt + prefill_chunk(16 * kk + (mi & 1) * 8 + r8, 2 * n2 + (mi >> 1)), bv, true);
-          mma_16816(o[2 * n2], pa[kk], bv[0], bv[1]);
-          mma_16816(o[2 * n2 + 1], pa[kk], bv[2], bv[3]);
-        }
     }
-    if (i + 1 < n_tiles) fill(i + 1, st, buf ^ 1);
-    __syncthreads();
+    if (i + 1 < n_tiles) {
+      __syncthreads();  // every warp is done with the tiles
+      fill(i + 1, st);
+      __syncthreads();
+    }
   }
 
   // Out: o / l per row, the value scales undone; the log-sum-exp (natural log) when asked.
-  for (int ri = 0; ri < 2; ++ri) {
+  #pragma unroll
+  for (int ri = 0; ri < 4; ++ri) {
     l_run[ri] += __shfl_xor_sync(0xffffffffu, l_run[ri], 1);
     l_run[ri] += __shfl_xor_sync(0xffffffffu, l_run[ri], 2);
   }
-  for (int ri = 0; ri < 2; ++ri) {
-    if (!row_valid[ri]) continue;
+  #pragma unroll
+  for (int ri = 0; ri < 4; ++ri) {
+    if (row_token[ri] < 0) continue;
+    const int lr = warp_row + 16 * (ri >> 1) + g + 8 * (ri & 1), head = kvh * G + (R0 + lr) % G, m = ri >> 1;
     const std::size_t r = std::size_t(row0 + row_token[ri]);
-    E* out = static_cast<E*>(rows.out) + r * rows.out_stride + std::size_t(row_head[ri]) * D;
+    E* out = static_cast<E*>(rows.out) + r * rows.out_stride + std::size_t(head) * D;
     const float inv = l_run[ri] > 0.0f ? 1.0f / l_run[ri] : 0.0f;
+    #pragma unroll
     for (int n = 0; n < 16; ++n) {
-      const int c = 8 * n + 2 * t4;
-      const float a = o[n][2 * ri] * inv / sv[c / CV], bb = o[n][2 * ri + 1] * inv / sv[(c + 1) / CV];
+      const int c = 8 * n + 2 * t4, e = 2 * (ri & 1);
+      const float a = o[m][n][e] * inv / sv[c / CV], bb = o[m][n][e + 1] * inv / sv[(c + 1) / CV];
       if constexpr (std::is_same_v<E, __half>) *reinterpret_cast<__half2*>(out + c) = __floats2half2_rn(a, bb);
       else *reinterpret_cast<__nv_bfloat162*>(out + c) = __floats2bfloat162_rn(a, bb);
     }
     if (rows.lse != nullptr && t4 == 0)
-      rows.lse[r * rows.q_heads + row_head[ri]] =
+      rows.lse[r * rows.q_heads + head] =
           l_run[ri] > 0.0f ? (m_run[ri] + log2f(l_run[ri])) * 0.6931471805599453f : -INFINITY;
   }
 }
