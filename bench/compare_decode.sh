@@ -3,7 +3,8 @@
 # alternating processes round by round, medians over rounds. The peer is any program that takes
 # `Q KV CTX THREADS REPS` and prints the median microseconds of REPS decode steps with Q query heads
 # on KV heads of head_dim 128 over CTX f16 tokens on THREADS threads (we use ggml's CPU
-# flash_attn_ext, built from its public source outside this repository; see bench/RESULTS.md).
+# flash_attn_ext, built from its public source outside this repository by bench/peers/ggml_fa_decode.cpp;
+# see bench/RESULTS.md).
 #
 #   PEER=/path/to/peer bench/compare_decode.sh [build-dir] [rounds]
 set -euo pipefail
