@@ -332,14 +332,7 @@ class PagedKVCache {
     for (std::size_t i = 0; i <= B; ++i) one[i] = i;
     const detail::QueryRows prefix(table_, layer, seqs, one, "attend_prefill", true);
     const AttentionShape shape = shape_of(layer, B, in.q_heads, 0, 0);
-    const PrefillPlan* p = nullptr;
-    for (const auto& [s, plan] : prefill_plans_)
-      if (s == shape) p = &plan;
-    if (!p) {
-      if (prefill_plans_.size() == 16) prefill_plans_.erase(prefill_plans_.begin());
-      prefill_plans_.emplace_back(shape, prefill_.plan(shape, dtype_of<T>));
-      p = &prefill_plans_.back().second;
-    }
+    const PrefillPlan* p = &cached_plan(prefill_plans_, shape, [&] { return prefill_.plan(shape, dtype_of<T>); });
     PrefillRows rows;
     rows.q = in.q, rows.k = in.k, rows.v = in.v, rows.out = in.out, rows.lse = in.lse;
     rows.q_stride = in.q_stride ? in.q_stride : std::size_t(in.q_heads) * D;
@@ -689,15 +682,21 @@ class PagedKVCache {
     write_full_rows(pw, stream_);
   }
 
-  /// A plan of `attention` for shape s, kept in `plans` (the last 16).
-  static const AttentionPlan& plan_for(FusedAttention& attention,
-                                       std::vector<std::pair<AttentionShape, AttentionPlan>>& plans,
-                                       const AttentionShape& s) {
+  /// The plan for shape s kept in `plans` (the last 16), made by make() if there is none.
+  template <class Plan, class Make>
+  static const Plan& cached_plan(std::vector<std::pair<AttentionShape, Plan>>& plans, const AttentionShape& s,
+                                 Make&& make) {
     for (const auto& [shape, plan] : plans)
       if (shape == s) return plan;
     if (plans.size() == 16) plans.erase(plans.begin());
-    plans.emplace_back(s, attention.plan(s));
+    plans.emplace_back(s, make());
     return plans.back().second;
+  }
+  /// A plan of `attention` for shape s, kept in `plans`.
+  static const AttentionPlan& plan_for(FusedAttention& attention,
+                                       std::vector<std::pair<AttentionShape, AttentionPlan>>& plans,
+                                       const AttentionShape& s) {
+    return cached_plan(plans, s, [&] { return attention.plan(s); });
   }
   const AttentionPlan& plan_for(const AttentionShape& s) { return plan_for(attention_, plans_, s); }
 

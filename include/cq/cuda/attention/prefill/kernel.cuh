@@ -98,6 +98,14 @@ struct PrefillStage {
   uint4 raw[2];
 };
 
+/// NB (4, 8 or 16) bytes of codes at `src` (NB-byte aligned), in the low bytes of a uint4.
+template <int NB>
+__device__ __forceinline__ uint4 load_code_bytes(const std::uint8_t* src) {
+  if constexpr (NB == 16) return *reinterpret_cast<const uint4*>(src);
+  else if constexpr (NB == 8) return make_uint4(reinterpret_cast<const uint2*>(src)->x, reinterpret_cast<const uint2*>(src)->y, 0, 0);
+  else return make_uint4(*reinterpret_cast<const unsigned*>(src), 0, 0, 0);
+}
+
 /// 16 bytes from global `src` to shared `dst` without registers; zeros when !valid.
 __device__ __forceinline__ void copy16_async(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
@@ -179,21 +187,14 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   // Loads of coded tile i's codes into registers (issued before the products of the tile before).
   auto fetch = [&](int i, PrefillStage& st) {
     if (i >= n_coded) return;
-    const int o = NBK * tid, blk = o / (32 * GK), within = o % (32 * GK);
-    const int ov = NBV * tid, blkv = ov / (32 * GV), withinv = ov % (32 * GV);
-    st.raw[0] = make_uint4(0, 0, 0, 0), st.raw[1] = make_uint4(0, 0, 0, 0);
-    if (TILE * i + 32 * blk < coded) {
-      const std::uint8_t* s = key_run.block(2 * i + blk, 32 * GK) + within;
-      if constexpr (NBK == 16) st.raw[0] = *reinterpret_cast<const uint4*>(s);
-      else if constexpr (NBK == 8) st.raw[0].x = reinterpret_cast<const uint2*>(s)->x, st.raw[0].y = reinterpret_cast<const uint2*>(s)->y;
-      else st.raw[0].x = *reinterpret_cast<const unsigned*>(s);
-    }
-    if (TILE * i + 32 * blkv < coded) {
-      const std::uint8_t* s = value_run.block(2 * i + blkv, 32 * GV) + withinv;
-      if constexpr (NBV == 16) st.raw[1] = *reinterpret_cast<const uint4*>(s);
-      else if constexpr (NBV == 8) st.raw[1].x = reinterpret_cast<const uint2*>(s)->x, st.raw[1].y = reinterpret_cast<const uint2*>(s)->y;
-      else st.raw[1].x = *reinterpret_cast<const unsigned*>(s);
-    }
+    // This thread's bytes of the tile's two 32-token blocks: one group, consecutive tokens.
+    const int o = NBK * tid, blk = o / (32 * GK), ov = NBV * tid, blkv = ov / (32 * GV);
+    st.raw[0] = TILE * i + 32 * blk < coded
+                    ? load_code_bytes<NBK>(key_run.block(2 * i + blk, 32 * GK) + o % (32 * GK))
+                    : make_uint4(0, 0, 0, 0);
+    st.raw[1] = TILE * i + 32 * blkv < coded
+                    ? load_code_bytes<NBV>(value_run.block(2 * i + blkv, 32 * GV) + ov % (32 * GV))
+                    : make_uint4(0, 0, 0, 0);
   };
   // Tile i into the K and V tiles: decoded codes, the chunk's rows (cp.async, then converted in
   // place: each thread its own pieces), or full rows.
