@@ -304,6 +304,18 @@ int cqb_prefill(void* handle, int rows, std::uint64_t stream) try {
   return 1;
 }
 
+/// PrefillAttention::set_workspace_limit for the next cqb_prefill (which plans again); 0: the coded
+/// rows decoded per tile in the kernel.
+int cqb_set_prefill_workspace_limit(void* handle, std::uint64_t bytes) try {
+  auto* h = static_cast<Handle*>(handle);
+  h->pa.set_workspace_limit(bytes);
+  h->prefill_rows = 0;
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
 /// The prefill output of cqb_prefill (fp16, [batch x rows][q_heads][128]) as floats into `host`.
 int cqb_prefill_output(void* handle, float* host) try {
   auto* h = static_cast<Handle*>(handle);

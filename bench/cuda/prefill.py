@@ -6,7 +6,7 @@ same context held in fp16, in one process with the same CUDA events, alternating
     python3 bench/cuda/prefill.py --lib build-h200/bench/cuda/libcq_cuda_bench.so [--json OUT.json]
 
 Shape: D = 128, batch B, a chunk of `--rows` tokens after a prefix of `--context` - rows tokens
-(cq: coded, the last 32 in full precision; SDPA: fp16), causal with the chunk aligned to the end
+(cq: coded, the last `--window` (32) in full precision; SDPA: fp16), causal with the chunk aligned to the end
 of the context (torch.nn.attention.bias.causal_lower_right). Reported: medians over `--rounds`
 rounds, each the median of `--reps` calls of one then of the other.
 """
@@ -59,11 +59,16 @@ def main():
     ap.add_argument("--configs", default="8,4,2")
     ap.add_argument("--page-tokens", type=int, default=0,
                     help="codes in pages of this many tokens, in shuffled order (0: contiguous buffers)")
+    ap.add_argument("--window", type=int, default=32,
+                    help="the prefix's last tokens held in full precision (fp32 rows), the rest coded")
+    ap.add_argument("--in-kernel", action="store_true",
+                    help="also time the kernel decoding the coded tiles itself (no workspace for decoded rows)")
     ap.add_argument("--json")
     a = ap.parse_args()
     lib = load(a.lib)
     lib.cqb_prefill.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
     lib.cqb_prefill_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.cqb_set_prefill_workspace_limit.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     stream = torch.cuda.current_stream().cuda_stream
     B, R, T, D = a.batch, a.rows, a.context, 128
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -80,7 +85,7 @@ def main():
         how, sdpa = sdpa_call(q, k, v, R, T)
         flops = 4.0 * B * hq * D * (R * (T - R) + R * (R + 1) / 2)
         for C in map(int, a.configs.split(",")):
-            h = lib.cqb_create(B, hq, hkv, T - R, C, 8, 32)
+            h = lib.cqb_create(B, hq, hkv, T - R, C, 8, a.window)
             if not h:
                 raise RuntimeError(lib.cqb_last_error().decode())
             if a.page_tokens and lib.cqb_set_pages(h, a.page_tokens, 0) != 0:
@@ -90,19 +95,31 @@ def main():
                 if lib.cqb_prefill(h, R, stream) != 0:
                     raise RuntimeError(lib.cqb_last_error().decode())
 
-            cq()
-            torch.cuda.synchronize()
-            s_t, c_t = [], []
+            def limit(bytes_):
+                lib.cqb_set_prefill_workspace_limit(h, bytes_)
+                cq()
+                torch.cuda.synchronize()
+
+            limit(512 << 20)
+            s_t, c_t, k_t = [], [], []
             for _ in range(a.rounds):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     s_t.append(median_ms(sdpa, a.reps))
                 c_t.append(median_ms(cq, a.reps))
+                if a.in_kernel:
+                    limit(0)
+                    k_t.append(median_ms(cq, a.reps))
+                    limit(512 << 20)
             s_ms, c_ms = statistics.median(s_t), statistics.median(c_t)
             lib.cqb_destroy(h)
             row = dict(q_heads=hq, kv_heads=hkv, config=f"{C}c8b", batch=B, rows=R, context=T,
                        page_tokens=a.page_tokens, sdpa_ms=s_ms,
                        cq_ms=c_ms, ratio=c_ms / s_ms, sdpa_call=how, cq_tflops=flops / c_ms / 1e9,
                        sdpa_tflops=flops / s_ms / 1e9, rounds_sdpa=s_t, rounds_cq=c_t)
+            if k_t:
+                row.update(in_kernel_ms=statistics.median(k_t), rounds_in_kernel=k_t)
+                print(f"  (coded tiles decoded in the kernel: {row['in_kernel_ms']:.3f} ms, "
+                      f"{row['in_kernel_ms'] / s_ms:.2f}x SDPA)", flush=True)
             results.append(row)
             print(f"| {hq}/{hkv} | {C}c8b | {s_ms:.3f} ({row['sdpa_tflops']:.0f} TFLOP/s) | {c_ms:.3f} "
                   f"({row['cq_tflops']:.0f} TFLOP/s) | {c_ms / s_ms:.2f}x | {how} |", flush=True)

@@ -157,6 +157,11 @@ std::vector<float> DeviceCache<T>::prefill(std::size_t layer, std::span<const Se
 }
 
 template <class T>
+void DeviceCache<T>::set_prefill_workspace_limit(std::size_t bytes) {
+  impl_->cache->set_prefill_workspace_limit(bytes);
+}
+
+template <class T>
 std::vector<float> DeviceCache<T>::decode_steps(std::span<const SeqId> seqs, int q_heads, const std::vector<T>& keys,
                                                 const std::vector<T>& values, const std::vector<float>& q,
                                                 std::size_t steps, int mode, std::size_t max_context, int* captures) {

@@ -47,6 +47,8 @@ class DeviceCache {
   std::vector<float> prefill(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
                              int q_heads, const std::vector<float>& q, const std::vector<T>& keys,
                              const std::vector<T>& values, std::vector<float>* lse = nullptr);
+  /// PagedKVCache::set_prefill_workspace_limit.
+  void set_prefill_workspace_limit(std::size_t bytes);
   /// `steps` decode steps of one token for each of seqs in every layer (the same rows in every
   /// layer): keys and values [step][sequence][kv_heads x head_dim], queries [step][sequence][q_heads
   /// x head_dim], f32 in and out. mode 0: append and attend per layer; 1: begin_decode_step, then

@@ -3,7 +3,8 @@
 // as the CPU cache's views say) and, causally, over the chunk's own rows in full precision, within
 // 1e-3 relative error on top of the rounding of the output to the cache's dtype. Sequences of one batch: a long prefix (many 64-token tiles, a partial last
 // one), an empty one, one inside its sinks and window, one ending mid-page; then the chunks are
-// appended and a second chunk attends over the grown caches.
+// appended and a second chunk attends over the grown caches. Both ways of the kernel (coded rows
+// decoded once into the workspace, or per tile in shared memory) give the same outputs.
 #include "../attention_oracle.hpp"
 #include "cache_glue.hpp"
 #include "gpu_glue.hpp"
@@ -51,9 +52,16 @@ double check_prefill(std::size_t C, std::size_t P, std::size_t kv_heads, int q_h
     const std::vector<T> k = test::convert<T>(test::random_normal(rows * width, ++seed));
     const std::vector<T> v = test::convert<T>(test::random_normal(rows * width, ++seed));
     const std::vector<float> q = test::random_normal(rows * std::size_t(q_heads) * D, ++seed);
-    std::vector<float> lse;
+    std::vector<float> lse, lse_in_kernel;
     const std::vector<float> out = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse);
     REQUIRE(out.size() == q.size());
+    // With no workspace for decoded rows the kernel decodes each tile itself, from the same halves:
+    // the same outputs, bit for bit.
+    gpu.set_prefill_workspace_limit(0);
+    const std::vector<float> in_kernel = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse_in_kernel);
+    gpu.set_prefill_workspace_limit(std::size_t(512) << 20);
+    CHECK(in_kernel == out);
+    CHECK(lse_in_kernel == lse);
     for (std::size_t i = 0; i < seqs.size(); ++i)
       for (std::size_t h = 0; h < H; ++h) {
         std::vector<std::vector<float>> keys, values;

@@ -4,8 +4,9 @@
 /// sequence b is the cache state the chunk follows) and over the chunk's own keys and values,
 /// causally, in the model's dtype (fp16 or bf16). The chunk itself is read as the engine has it,
 /// in full precision, as FlashAttention's prefill does; the engine appends it to the cache
-/// afterwards. Kernel: attention/prefill/kernel.cuh (tensor cores, 256 query rows x 64-token tiles,
-/// coded tiles decoded into shared memory).
+/// afterwards. Kernels: attention/prefill/kernel.cuh (tensor cores, 256 query rows x 64-token
+/// tiles; the coded rows decoded once into the workspace, or per tile in shared memory when that
+/// workspace would pass the object's limit).
 ///
 ///   PrefillAttention pa;
 ///   const PrefillPlan plan = pa.plan(shape, DType::f16);  // once per shape; allocates the workspace
@@ -34,14 +35,28 @@ namespace cq::cuda {
 struct PrefillPlan {
   AttentionShape shape;
   DType type = DType::f16;  // of q, k, v and out
-  void (*kernel)(AttentionBatch, PrefillRows, const unsigned char*) = nullptr;
+  /// Whether the coded rows are decoded into the workspace first (else per tile in shared memory),
+  /// and how many tokens of each (sequence, KV head) it holds: shape.max_coded rounded up to 64.
+  bool decoded = false;
+  int decoded_cap = 0;
+  void (*kernel)(AttentionBatch, PrefillRows, const unsigned char*, const __half*, int) = nullptr;
+  void (*decode)(AttentionBatch, const unsigned char*, __half*, int) = nullptr;
+  /// Bytes of the workspace the plan runs with: the half codebooks, then the decoded rows.
+  std::size_t workspace_bytes() const {
+    return codebook_bytes() + std::size_t(2) * shape.batch * shape.kv_heads * std::size_t(decoded_cap) *
+                                  detail::PrefillConfig::head_dim * sizeof(__half);
+  }
+  std::size_t codebook_bytes() const { return std::size_t(shape.kv_heads) * detail::HalfCodebooks::bytes; }
 };
 
 class PrefillAttention {
  public:
-  /// Checks that the prefill kernel serves `s` (batch, heads, head_dim and code configuration; its
-  /// max_coded / max_full are not used) in dtype `type`, lets the kernel use its shared memory, and
-  /// sizes this object's workspace (the half codebooks). Throws cq::Error naming what is not served.
+  /// Checks that the prefill kernel serves `s` (batch, heads, head_dim and code configuration;
+  /// max_full is not used) in dtype `type`, lets the kernel use its shared memory, and sizes this
+  /// object's workspace: the half codebooks (128 KiB a KV head) and, when it stays within
+  /// workspace_limit(), every sequence's coded rows decoded, 512 bytes per token and KV head up to
+  /// s.max_coded (rounded up to 64), which must bound every sequence's coded tokens at run time
+  /// (tokens past it are not attended). Throws cq::Error naming what is not served.
   PrefillPlan plan(const AttentionShape& s, DType type) {
     CQ_CHECK(s.batch >= 1 && s.batch <= 65535, "cuda prefill: batch ", s.batch, " (needs 1 to 65535)");
     CQ_CHECK(s.kv_heads >= 1 && s.kv_heads <= 65535 && s.q_heads % s.kv_heads == 0 && s.q_heads >= s.kv_heads,
@@ -57,15 +72,28 @@ class PrefillAttention {
              ") are not served by the prefill kernel yet");
     CQ_CHECK(type == DType::f16 || type == DType::bf16, "cuda prefill: dtype ", dtype_name(type),
              " (F16 or BF16: the model's dtype)");
+    CQ_CHECK(s.max_coded >= 0 && s.max_coded <= 0x7fffffc0, "cuda prefill: max_coded ", s.max_coded, " out of range");
     PrefillPlan p;
     p.shape = s;
     p.type = type;
-    p.kernel = pick(s.key_channels, type);
-    detail::allow_shared(reinterpret_cast<const void*>(p.kernel), detail::PrefillConfig::shared_bytes, true);
-    const std::size_t bytes = std::size_t(s.kv_heads) * detail::HalfCodebooks::bytes;
-    if (workspace_.size() < bytes) workspace_ = DeviceBuffer<unsigned char>(bytes);
+    const std::size_t cap = std::size_t(s.max_coded + 63) / 64 * 64,
+                      per_token = std::size_t(2) * s.batch * s.kv_heads * detail::PrefillConfig::head_dim * sizeof(__half);
+    p.decoded = limit_ >= p.codebook_bytes() && (limit_ - p.codebook_bytes()) / per_token >= cap;
+    p.decoded_cap = p.decoded ? int(cap) : 0;
+    p.kernel = pick(s.key_channels, type, p.decoded);
+    p.decode = s.key_channels == 2 ? detail::prefill_decode_kernel<2, 2>
+             : s.key_channels == 4 ? detail::prefill_decode_kernel<4, 4>
+                                   : detail::prefill_decode_kernel<8, 8>;
+    detail::allow_shared(reinterpret_cast<const void*>(p.kernel), detail::PrefillConfig::shared(p.decoded), true);
+    if (workspace_.size() < p.workspace_bytes()) workspace_ = DeviceBuffer<unsigned char>(p.workspace_bytes());
     return p;
   }
+
+  /// Plans decode the coded rows into the workspace (fast: once per run, not once per block of
+  /// query rows) while that workspace stays within `bytes` (default 512 MiB: a batch of 8 KV heads
+  /// and 128K coded tokens in all), else per tile in shared memory. Applies to later plans.
+  void set_workspace_limit(std::size_t bytes) { limit_ = bytes; }
+  std::size_t workspace_limit() const { return limit_; }
 
   /// Runs `plan` on `prefix` (its codes, sequences, codebooks, full_pages, page_tokens and scale;
   /// q, out and lse unused) and the chunk `rows` (device memory; `max_rows`: the most rows of any
@@ -84,15 +112,21 @@ class PrefillAttention {
     detail::half_codebooks_kernel<><<<dim3(64, 2, unsigned(s.kv_heads)), 256, 0, stream>>>(
         prefix, s.key_channels, s.value_channels, workspace_.data(), false);
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
-    plan.kernel<<<grid, detail::PrefillConfig::threads, detail::PrefillConfig::shared_bytes, stream>>>(
-        prefix, rows, workspace_.data());
+    __half* decoded = reinterpret_cast<__half*>(workspace_.data() + plan.codebook_bytes());
+    if (plan.decoded_cap > 0) {
+      plan.decode<<<dim3(unsigned(plan.decoded_cap / 64), unsigned(s.kv_heads), unsigned(s.batch)), 256, 0, stream>>>(
+          prefix, workspace_.data(), decoded, plan.decoded_cap);
+      CQ_CUDA_CHECK_LAUNCH(prefill_decode_kernel);
+    }
+    plan.kernel<<<grid, detail::PrefillConfig::threads, detail::PrefillConfig::shared(plan.decoded), stream>>>(
+        prefix, rows, workspace_.data(), decoded, plan.decoded_cap);
     CQ_CUDA_CHECK_LAUNCH(prefill_kernel);
   }
 
   /// The checks of run, without launching.
   void check(const AttentionBatch& prefix, const PrefillRows& rows, int max_rows, const PrefillPlan& plan) const {
     const AttentionShape& s = plan.shape;
-    CQ_CHECK(plan.kernel != nullptr && workspace_.size() >= std::size_t(s.kv_heads) * detail::HalfCodebooks::bytes,
+    CQ_CHECK(plan.kernel != nullptr && workspace_.size() >= plan.workspace_bytes(),
              "cuda prefill: the plan was not made by this object");
     CQ_CHECK(prefix.batch == s.batch && prefix.kv_heads == s.kv_heads && prefix.head_dim == s.head_dim,
              "cuda prefill: the batch (", prefix.batch, " sequences, ", prefix.kv_heads, " KV heads, head_dim ",
@@ -122,17 +156,20 @@ class PrefillAttention {
  private:
   static bool served_channels(int c) { return c == 2 || c == 4 || c == 8; }
 
-  template <class E>
-  static auto pick_typed(int c) -> void (*)(AttentionBatch, PrefillRows, const unsigned char*) {
-    if (c == 2) return detail::prefill_kernel<2, 2, E>;
-    if (c == 4) return detail::prefill_kernel<4, 4, E>;
-    return detail::prefill_kernel<8, 8, E>;
+  using Kernel = void (*)(AttentionBatch, PrefillRows, const unsigned char*, const __half*, int);
+  template <class E, bool Decoded>
+  static Kernel pick_typed(int c) {
+    if (c == 2) return detail::prefill_kernel<2, 2, E, Decoded>;
+    if (c == 4) return detail::prefill_kernel<4, 4, E, Decoded>;
+    return detail::prefill_kernel<8, 8, E, Decoded>;
   }
-  static auto pick(int c, DType t) -> void (*)(AttentionBatch, PrefillRows, const unsigned char*) {
-    return t == DType::bf16 ? pick_typed<__nv_bfloat16>(c) : pick_typed<__half>(c);
+  static Kernel pick(int c, DType t, bool decoded) {
+    if (t == DType::bf16) return decoded ? pick_typed<__nv_bfloat16, true>(c) : pick_typed<__nv_bfloat16, false>(c);
+    return decoded ? pick_typed<__half, true>(c) : pick_typed<__half, false>(c);
   }
 
   DeviceBuffer<unsigned char> workspace_;
+  std::size_t limit_ = std::size_t(512) << 20;
 };
 
 }  // namespace cq::cuda

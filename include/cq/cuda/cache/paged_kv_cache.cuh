@@ -301,11 +301,19 @@ class PagedKVCache {
     attention_.run(batch, p, stream_);
   }
 
+  /// The most workspace attend_prefill may hold to decode the batch's coded rows once before the
+  /// attention (PrefillAttention::set_workspace_limit; default 512 MiB, 512 bytes per coded token
+  /// and KV head of the batch); past it the rows are decoded per tile in the kernel, slower.
+  void set_prefill_workspace_limit(std::size_t bytes) {
+    prefill_.set_workspace_limit(bytes);
+    prefill_plans_.clear();
+  }
+
   /// Chunked prefill in `layer`: the rows of seqs[i]'s chunk (rows indptr[i] .. indptr[i + 1] - 1
   /// of `in`, the tokens that follow the sequence's cached ones, in order) attend over everything
   /// the sequence holds -- codes, sinks, window -- and over the chunk's own keys and values in full
-  /// precision, causally (attention/prefill.cuh: tensor cores, coded tiles decoded in shared
-  /// memory). Call it before appending the chunk (append(layer, seqs, indptr, ...) with the same
+  /// precision, causally (attention/prefill.cuh: tensor cores over fp16 tiles, the coded rows
+  /// decoded first). Call it before appending the chunk (append(layer, seqs, indptr, ...) with the same
   /// rows), as FlashAttention's prefill reads the new keys from the engine's tensors. Throws
   /// cq::Error, launching nothing, on a bad argument: rows out of 1..2^31 - 1, q_heads not a
   /// multiple of kv_heads, unset pointers, a cache of F32 rows, keys before RoPE or codebooks the
@@ -331,7 +339,8 @@ class PagedKVCache {
     std::vector<std::size_t> one(B + 1);
     for (std::size_t i = 0; i <= B; ++i) one[i] = i;
     const detail::QueryRows prefix(table_, layer, seqs, one, "attend_prefill", true);
-    const AttentionShape shape = shape_of(layer, B, in.q_heads, 0, 0);
+    // The longest prefix bounds the rows decoded into the workspace (rounded as decode's plans are).
+    const AttentionShape shape = shape_of(layer, B, in.q_heads, round_to_page(std::size_t(prefix.max_coded)), 0);
     const PrefillPlan* p = &cached_plan(prefill_plans_, shape, [&] { return prefill_.plan(shape, dtype_of<T>); });
     PrefillRows rows;
     rows.q = in.q, rows.k = in.k, rows.v = in.v, rows.out = in.out, rows.lse = in.lse;

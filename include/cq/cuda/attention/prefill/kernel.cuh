@@ -7,22 +7,26 @@
 /// whole group), 32 per warp (two m-tiles: each K and V fragment read from shared memory serves
 /// both, halving that traffic, which bounded the kernel at 16 rows per warp), and walks the keys in
 /// 64-token tiles, each in two 32-token online-softmax steps (half the score registers: the
-/// kernel spilled with whole tiles). Every tile is first written into shared memory as fp16 rows
-/// -- coded tiles decoded from the block's copy of the KV head's fp16 codebooks, full-precision
-/// and chunk tiles converted -- so the products never see codes: decoding a tile is 2 x 64 x
-/// groups centroid copies against 2 x 256 x 64 x 128 multiply-adds.
+/// kernel spilled with whole tiles). Every tile is first written into shared memory as fp16 rows,
+/// so the products never see codes.
 ///
-/// Shared memory holds the codebooks (128 KiB), the block's queries (64 KiB) and one K and one V
-/// tile, so tiles are single-buffered: the next tile's codes are loaded into registers during the
-/// products, then, between two barriers, decoded (or the chunk's rows copied by cp.async and
-/// converted in place, or full rows loaded).
+/// Coded tiles come one of two ways (PrefillPlan::decoded_cap):
+/// - decoded once (prefill_decode_kernel): every (sequence, KV head)'s coded rows are decoded into
+///   a workspace before the attention, once, not once per block of query rows (a 4K-token chunk of
+///   a 4-head group has 64 such blocks per KV head); the kernel then reads every tile by cp.async
+///   into one of two buffers while it computes on the other, as FlashAttention-2 does over fp16.
+///   Costs a workspace of 512 bytes per coded token and KV head;
+/// - decoded in the kernel, into shared memory, from the block's copy of the KV head's fp16
+///   codebooks (128 KiB), when the workspace would be too large: no room is left for a second
+///   buffer, so the next tile's codes are loaded into registers during the products and decoded
+///   between two barriers.
 ///
 /// Precision: the codebooks are the decode kernels' half copies, each group scaled by a power of
 /// two into [128, 256) (half_codebooks_kernel); full-precision and chunk rows are scaled by the
 /// same per-channel powers of two, the queries by their inverse (then each query row by a power of
 /// two of its own), and the outputs divided by the value scales, so all of it is exact
 /// rescaling. Rows are rounded to fp16 (a bf16 model's rows must lie within fp16's range, as in
-/// the decode kernels).
+/// the decode kernels). Both ways give the same halves, so the same outputs.
 
 #include "cq/cuda/attention/grouped_rows/kernel.cuh"
 #include "cq/cuda/attention/params.cuh"
@@ -59,6 +63,15 @@ struct PrefillConfig {
   /// The KV head's half codebooks and scales (HalfCodebooks), the queries, a K and a V tile, the
   /// query rows' score scales.
   static constexpr std::size_t shared_bytes = HalfCodebooks::bytes + q_bytes + 2 * tile_bytes + rows * 4;
+  /// With the coded rows decoded beforehand: the scales only, the queries, two K and V tiles, the
+  /// row scales.
+  static constexpr std::size_t decoded_shared_bytes = 2 * 64 * 4 + q_bytes + 4 * tile_bytes + rows * 4;
+  static constexpr std::size_t shared(bool decoded) { return decoded ? decoded_shared_bytes : shared_bytes; }
+  /// The decoded rows of one (sequence, KV head, keys or values) in the workspace: row t at
+  /// t x head_dim halves.
+  static constexpr std::size_t decoded_run(int batch_index, int kv_heads, int kvh, int which, int cap) {
+    return ((std::size_t(batch_index) * kv_heads + kvh) * 2 + which) * std::size_t(cap) * head_dim;
+  }
 };
 
 /// Byte offset of 8-channel chunk c of tile row r: 16-byte chunks xor-swizzled by the row, so the
@@ -111,9 +124,44 @@ __device__ __forceinline__ void copy16_async(unsigned dst, const void* src, bool
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 
-template <int CK, int CV, class E>
+/// Grid (coded tokens / 64, KV heads, sequences): block (t, h, b) decodes coded tokens 64 t ..
+/// 64 t + 63 of sequence b's KV head h, keys and values, from the half codebooks into the
+/// workspace rows (PrefillConfig::decoded_run; tokens past `cap` are not written: the attention
+/// reads none). A thread writes one group of one row at a time, consecutive threads consecutive
+/// groups, so the rows are written whole; the centroids are read through L1.
+template <int CK, int CV>
+__global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, const unsigned char* __restrict__ codebooks,
+                                                             __half* __restrict__ out, int cap) {
+  constexpr int D = PrefillConfig::head_dim;
+  const int t0 = 64 * blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int n = min(int(p.sequences[b].coded), cap) - t0;
+  if (n <= 0) return;
+  const DeviceKVCodes& kv = p.codes[std::size_t(b) * p.kv_heads + kvh];
+  const __half* cb = reinterpret_cast<const __half*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
+  auto run = [&](auto channels, const CodeRun& codes, int which) {
+    constexpr int C = decltype(channels)::value, G = D / C;
+    const __half* book = cb + which * HalfCodebooks::halves;
+    __half* dst = out + PrefillConfig::decoded_run(b, p.kv_heads, kvh, which, cap) + std::size_t(t0) * D;
+    for (int u = threadIdx.x; u < min(n, 64) * G; u += 256) {
+      const int r = u / G, j = u % G, t = t0 + r;
+      const int code = __ldg(codes.block(t / 32, 32 * G) + j * 32 + t % 32);
+      const __half* src = book + (j * 256 + code) * C;
+      __half* d = dst + std::size_t(r) * D + j * C;
+      if constexpr (C == 8) *reinterpret_cast<uint4*>(d) = __ldg(reinterpret_cast<const uint4*>(src));
+      else if constexpr (C == 4) *reinterpret_cast<uint2*>(d) = __ldg(reinterpret_cast<const uint2*>(src));
+      else *reinterpret_cast<unsigned*>(d) = __ldg(reinterpret_cast<const unsigned*>(src));
+    }
+  };
+  run(std::integral_constant<int, CK>{}, kv.keys(p.page_shift()), 0);
+  run(std::integral_constant<int, CV>{}, kv.values(p.page_shift()), 1);
+}
+
+/// `Decoded`: coded tiles are read from `decoded` (prefill_decode_kernel's rows, `cap` tokens per
+/// run) into two alternating buffers; otherwise decoded in shared memory from `codebooks`.
+template <int CK, int CV, class E, bool Decoded>
 __global__ void __launch_bounds__(PrefillConfig::threads, 1)
-    prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks) {
+    prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks,
+                   const __half* __restrict__ decoded, int cap) {
   using Cfg = PrefillConfig;
   constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile;
   constexpr int NBK = GK / 4, NBV = GV / 4;  // code bytes of a tile per thread (64 tokens x groups / 256)
@@ -125,22 +173,23 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const int R0 = blockIdx.x * Cfg::rows;
   if (R0 >= nq) return;
 
-  // Shared memory: codebooks and scales, queries, K tile, V tile, row scales.
+  // Shared memory: codebooks and scales (decoded beforehand: the scales only), queries, the K and
+  // V tiles (decoded beforehand: two of each), row scales.
+  constexpr std::size_t head_bytes = Decoded ? 2 * 64 * 4 : HalfCodebooks::bytes;
   {
-    const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
+    const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes +
+                                                      (HalfCodebooks::bytes - head_bytes));
     uint4* dst = reinterpret_cast<uint4*>(smem);
-    for (int i = tid; i < int(HalfCodebooks::bytes / 16); i += Cfg::threads) dst[i] = src[i];
+    for (int i = tid; i < int(head_bytes / 16); i += Cfg::threads) dst[i] = src[i];
   }
   const __half* cbk = reinterpret_cast<const __half*>(smem);
   const __half* cbv = cbk + HalfCodebooks::halves;
-  const float* sk = reinterpret_cast<const float*>(smem + 4 * HalfCodebooks::halves);
+  const float* sk = reinterpret_cast<const float*>(smem + head_bytes - 2 * 64 * 4);
   const float* sv = sk + 64;
-  unsigned char* const q_tile = smem + HalfCodebooks::bytes;
-  unsigned char* const kt = q_tile + Cfg::q_bytes;
-  unsigned char* const vt = kt + Cfg::tile_bytes;
-  float* const row_scales = reinterpret_cast<float*>(vt + Cfg::tile_bytes);
-  const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile));
-  const unsigned kt_at = q_at + Cfg::q_bytes, vt_at = kt_at + Cfg::tile_bytes;
+  unsigned char* const q_tile = smem + head_bytes;
+  unsigned char* const tiles = q_tile + Cfg::q_bytes;  // buffer u: K at 2 u tile_bytes, V after it
+  float* const row_scales = reinterpret_cast<float*>(tiles + (Decoded ? 4 : 2) * Cfg::tile_bytes);
+  const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile)), tiles_at = q_at + Cfg::q_bytes;
   __syncthreads();
 
   // Query row tid of the block (tokens x the group's heads): divided by the key scales, then by a
@@ -184,9 +233,10 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const bool warp_active = R0 + warp_row < nq;
   const int warp_last_token = min(R0 + warp_row + 31, nq - 1) / G;
 
-  // Loads of coded tile i's codes into registers (issued before the products of the tile before).
+  // Loads of coded tile i's codes into registers (issued before the products of the tile before;
+  // decoded in the kernel only).
   auto fetch = [&](int i, PrefillStage& st) {
-    if (i >= n_coded) return;
+    if (Decoded || i >= n_coded) return;
     // This thread's bytes of the tile's two 32-token blocks: one group, consecutive tokens.
     const int o = NBK * tid, blk = o / (32 * GK), ov = NBV * tid, blkv = ov / (32 * GV);
     st.raw[0] = TILE * i + 32 * blk < coded
@@ -196,10 +246,13 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
                     ? load_code_bytes<NBV>(value_run.block(2 * i + blkv, 32 * GV) + ov % (32 * GV))
                     : make_uint4(0, 0, 0, 0);
   };
-  // Tile i into the K and V tiles: decoded codes, the chunk's rows (cp.async, then converted in
-  // place: each thread its own pieces), or full rows.
-  auto fill = [&](int i, const PrefillStage& st) {
-    if (i < n_coded) {
+  // Tile i into buffer u: decoded rows or the chunk's rows by cp.async (the chunk's converted in
+  // place by finish: each thread its own pieces), codes decoded here, or full rows loaded.
+  auto fill = [&](int i, int u, const PrefillStage& st) {
+    unsigned char* const kt = tiles + 2 * u * Cfg::tile_bytes;
+    unsigned char* const vt = kt + Cfg::tile_bytes;
+    const unsigned kt_at = tiles_at + 2 * u * Cfg::tile_bytes, vt_at = kt_at + Cfg::tile_bytes;
+    if (i < n_coded && !Decoded) {
       auto decode = [&](const uint4& w, int nb, int grp_count, int C, const __half* cb, unsigned char* tile) {
         const int o = nb * tid, blk = o / (32 * grp_count), within = o % (32 * grp_count);
         const int grp = within / 32, r0 = 32 * blk + within % 32;
@@ -215,33 +268,33 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       };
       decode(st.raw[0], NBK, GK, CK, cbk, kt);
       decode(st.raw[1], NBV, GV, CV, cbv, vt);
-    } else if (i >= n_coded + n_full) {
-      const int c0 = (i - n_coded - n_full) * TILE;
-      for (int j = 0; j < 4; ++j) {
-        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
-        const bool ok = c0 + r < nrows;
-        const std::size_t at = ok ? std::size_t(c0 + r) * rows.kv_stride + 8 * c : 0;
-        copy16_async(kt_at + prefill_chunk(r, c), kb + at, ok);
-        copy16_async(vt_at + prefill_chunk(r, c), vb + at, ok);
+    } else if (i < n_coded || i >= n_coded + n_full) {
+      // Rows from `k`, `v` with row stride `stride` elements, `n` of them valid.
+      auto copy_rows = [&](const auto* k, const auto* v, std::size_t stride, int n) {
+        for (int j = 0; j < 4; ++j) {
+          const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
+          const bool ok = r < n;
+          const std::size_t at = ok ? std::size_t(r) * stride + 8 * c : 0;
+          copy16_async(kt_at + prefill_chunk(r, c), k + at, ok);
+          copy16_async(vt_at + prefill_chunk(r, c), v + at, ok);
+        }
+      };
+      if (i < n_coded) {
+        const std::size_t t0 = std::size_t(TILE) * i;
+        copy_rows(decoded + Cfg::decoded_run(b, p.kv_heads, kvh, 0, cap) + t0 * D,
+                  decoded + Cfg::decoded_run(b, p.kv_heads, kvh, 1, cap) + t0 * D, D, min(coded, cap) - int(t0));
+      } else {
+        const int c0 = (i - n_coded - n_full) * TILE;
+        copy_rows(kb + std::size_t(c0) * rows.kv_stride, vb + std::size_t(c0) * rows.kv_stride, rows.kv_stride,
+                  nrows - c0);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
-      asm volatile("cp.async.wait_all;" ::: "memory");
-      for (int j = 0; j < 4; ++j) {
-        const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
-        float x[8];
-        uint4* k = reinterpret_cast<uint4*>(kt + prefill_chunk(r, c));
-        uint4* v = reinterpret_cast<uint4*>(vt + prefill_chunk(r, c));
-        unpack8<E>(*k, x);
-        *k = scaled_halves<CK>(x, sk, c);
-        unpack8<E>(*v, x);
-        *v = scaled_halves<CV>(x, sv, c);
-      }
     } else {
       const int f0 = (i - n_coded) * TILE;
       visit_full_rows(p, b, kvh, [&](auto fr) {
         const bool vec = fr.vec(D);
         for (int j = 0; j < 4; ++j) {
-          const int u = tid + Cfg::threads * j, r = u / 16, c = u % 16;
+          const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
           float x[8] = {}, y[8] = {};
           if (f0 + r < full) {
             const auto* key = fr.key(f0 + r);
@@ -257,10 +310,29 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       });
     }
   };
+  // After fill(i, u): waits for its copies; a chunk tile's rows are converted in place (each
+  // thread the pieces it copied). The caller's barrier then publishes the tile.
+  auto finish = [&](int i, int u) {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    if (i < n_coded + n_full) return;
+    unsigned char* const kt = tiles + 2 * u * Cfg::tile_bytes;
+    unsigned char* const vt = kt + Cfg::tile_bytes;
+    for (int j = 0; j < 4; ++j) {
+      const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
+      float x[8];
+      uint4* k = reinterpret_cast<uint4*>(kt + prefill_chunk(r, c));
+      uint4* v = reinterpret_cast<uint4*>(vt + prefill_chunk(r, c));
+      unpack8<E>(*k, x);
+      *k = scaled_halves<CK>(x, sk, c);
+      unpack8<E>(*v, x);
+      *v = scaled_halves<CV>(x, sv, c);
+    }
+  };
 
   PrefillStage st;
   fetch(0, st);
-  fill(0, st);
+  fill(0, 0, st);
+  finish(0, 0);
   __syncthreads();  // the tiles, and the queries and their scales
   // This thread's four rows: m-tile m's rows g and g + 8 (index 2 m + i).
   int row_token[4];
@@ -275,7 +347,12 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   #pragma unroll
   for (int ri = 0; ri < 4; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.0f;
   for (int i = 0; i < n_tiles; ++i) {
-    if (i + 1 < n_tiles) fetch(i + 1, st);
+    const int u = Decoded ? i & 1 : 0;
+    const unsigned kt_at = tiles_at + 2 * u * Cfg::tile_bytes, vt_at = kt_at + Cfg::tile_bytes;
+    if (i + 1 < n_tiles) {
+      if constexpr (Decoded) fill(i + 1, u ^ 1, st);  // into the other buffer, during the products
+      else fetch(i + 1, st);
+    }
     const bool chunk = i >= n_coded + n_full;
     const int first = i < n_coded ? TILE * i : chunk ? TILE * (i - n_coded - n_full) : TILE * (i - n_coded);
     const int valid = i < n_coded ? coded - first : chunk ? nrows - first : full - first;
@@ -363,9 +440,15 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       }
     }
     if (i + 1 < n_tiles) {
-      __syncthreads();  // every warp is done with the tiles
-      fill(i + 1, st);
-      __syncthreads();
+      if constexpr (Decoded) {
+        finish(i + 1, u ^ 1);
+        __syncthreads();  // the next tile is in; every warp is done with this one
+      } else {
+        __syncthreads();  // every warp is done with the tiles
+        fill(i + 1, 0, st);
+        finish(i + 1, 0);
+        __syncthreads();
+      }
     }
   }
 
