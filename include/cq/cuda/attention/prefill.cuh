@@ -13,7 +13,10 @@
 ///   pa.run(prefix, rows, max_rows, plan, stream);          // launches only
 ///
 /// Served: head_dim 128, 8-bit codes of 2, 4 or 8 channels (the same for keys and values),
-/// keys after RoPE, q_heads a multiple of kv_heads. Code runs must be 16-byte aligned (cudaMalloc'd
+/// q_heads a multiple of kv_heads; keys after RoPE, or before it (the CQ paper's configuration:
+/// AttentionBatch::rope, the sequences' positions): then the cached keys and the chunk's are
+/// rotated in the kernels, the chunk's rows at the positions after their sequence's cached tokens
+/// (DeviceSequence::position + coded + full), and the queries come rotated, as in decode. Code runs must be 16-byte aligned (cudaMalloc'd
 /// buffers and PagedKVCache's pages are).
 
 #include "cq/cuda/attention/grouped_rows/kernel.cuh"
@@ -68,8 +71,9 @@ class PrefillAttention {
              "cuda prefill: codes of ", s.key_bits, " bits x ", s.key_channels, " channels (keys) and ", s.value_bits,
              " x ", s.value_channels, " (values); the prefill kernel serves 8-bit codes of 2, 4 or 8 channels, the "
              "same for keys and values");
-    CQ_CHECK(s.rope_dim == 0, "cuda prefill: keys coded before RoPE (rope_dim ", s.rope_dim,
-             ") are not served by the prefill kernel yet");
+    CQ_CHECK(s.rope_dim >= 0 && s.rope_dim <= s.head_dim && s.rope_dim % 2 == 0 &&
+                 (s.rope_dim == 0 || s.rope_style == RopeStyle::interleaved || s.rope_dim == s.head_dim),
+             "cuda prefill: rope_dim ", s.rope_dim, " (0, or an even count up to head_dim; rotate_half: head_dim)");
     CQ_CHECK(type == DType::f16 || type == DType::bf16, "cuda prefill: dtype ", dtype_name(type),
              " (F16 or BF16: the model's dtype)");
     CQ_CHECK(s.max_coded >= 0 && s.max_coded <= 0x7fffffc0, "cuda prefill: max_coded ", s.max_coded, " out of range");
@@ -80,6 +84,9 @@ class PrefillAttention {
                       per_token = std::size_t(2) * s.batch * s.kv_heads * detail::PrefillConfig::head_dim * sizeof(__half);
     p.decoded = limit_ >= p.codebook_bytes() && (limit_ - p.codebook_bytes()) / per_token >= cap;
     p.decoded_cap = p.decoded ? int(cap) : 0;
+    CQ_CHECK(p.decoded || s.rope_dim == 0, "cuda prefill: keys coded before RoPE are rotated as the coded rows are "
+             "decoded into the workspace, whose ", per_token, " bytes a token for up to ", cap, " tokens pass the "
+             "workspace limit of ", limit_, " bytes (set_workspace_limit)");
     p.kernel = pick(s.key_channels, type, p.decoded);
     p.decode = s.key_channels == 2 ? detail::prefill_decode_kernel<2, 2>
              : s.key_channels == 4 ? detail::prefill_decode_kernel<4, 4>
@@ -107,10 +114,12 @@ class PrefillAttention {
     check(prefix, rows, max_rows, plan);
     const AttentionShape& s = plan.shape;
     const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
-    const dim3 grid(unsigned((std::size_t(max_rows) * G + detail::PrefillConfig::rows - 1) / detail::PrefillConfig::rows),
+    const std::size_t block_rows = std::size_t(detail::PrefillConfig::rows(plan.decoded));
+    const dim3 grid(unsigned((std::size_t(max_rows) * G + block_rows - 1) / block_rows),
                     unsigned(s.kv_heads), unsigned(s.batch));
     detail::half_codebooks_kernel<><<<dim3(64, 2, unsigned(s.kv_heads)), 256, 0, stream>>>(
-        prefix, s.key_channels, s.value_channels, workspace_.data(), false);
+        prefix, s.key_channels, s.value_channels, workspace_.data(),
+        s.rope_dim > 0 && s.rope_style == RopeStyle::rotate_half);  // a rotation pair's groups share a scale
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
     __half* decoded = reinterpret_cast<__half*>(workspace_.data() + plan.codebook_bytes());
     if (plan.decoded_cap > 0) {
@@ -118,7 +127,7 @@ class PrefillAttention {
           prefix, workspace_.data(), decoded, plan.decoded_cap);
       CQ_CUDA_CHECK_LAUNCH(prefill_decode_kernel);
     }
-    plan.kernel<<<grid, detail::PrefillConfig::threads, detail::PrefillConfig::shared(plan.decoded), stream>>>(
+    plan.kernel<<<grid, unsigned(detail::PrefillConfig::threads(plan.decoded)), detail::PrefillConfig::shared(plan.decoded), stream>>>(
         prefix, rows, workspace_.data(), decoded, plan.decoded_cap);
     CQ_CUDA_CHECK_LAUNCH(prefill_kernel);
   }
@@ -134,7 +143,8 @@ class PrefillAttention {
     CQ_CHECK(rows.q_heads == s.q_heads, "cuda prefill: rows.q_heads ", rows.q_heads, " is not the plan's ", s.q_heads);
     CQ_CHECK(valid_page_tokens(prefix.page_tokens), "cuda prefill: page_tokens ", prefix.page_tokens,
              " must be 0 or a power of two from 32 on");
-    CQ_CHECK(prefix.rope == nullptr, "cuda prefill: keys before RoPE are not served");
+    CQ_CHECK((prefix.rope != nullptr) == (s.rope_dim > 0), "cuda prefill: AttentionBatch::rope must be set exactly "
+             "when the plan's shape has keys before RoPE (rope_dim ", s.rope_dim, ")");
     CQ_CHECK(rows.indptr && rows.q && rows.k && rows.v && rows.out, "cuda prefill: indptr, q, k, v and out must be set");
     const std::size_t D = std::size_t(s.head_dim);
     CQ_CHECK(rows.q_stride >= std::size_t(s.q_heads) * D && rows.out_stride >= std::size_t(s.q_heads) * D &&
@@ -149,7 +159,7 @@ class PrefillAttention {
              "cuda prefill: q rows must be 16-byte aligned (q_stride ", rows.q_stride, ", q ", rows.q, ")");
     CQ_CHECK(rows.out_stride % 2 == 0 && (addr(rows.out) & 3u) == 0, "cuda prefill: out rows must be 4-byte aligned");
     const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
-    CQ_CHECK(max_rows >= 1 && std::size_t(max_rows) * G <= 0x7fffffffu - detail::PrefillConfig::rows,
+    CQ_CHECK(max_rows >= 1 && std::size_t(max_rows) * G <= 0x7fffffffu - 256u,
              "cuda prefill: max_rows ", max_rows, " out of range");
   }
 

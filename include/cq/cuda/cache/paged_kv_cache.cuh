@@ -316,8 +316,11 @@ class PagedKVCache {
   /// decoded first). Call it before appending the chunk (append(layer, seqs, indptr, ...) with the same
   /// rows), as FlashAttention's prefill reads the new keys from the engine's tensors. Throws
   /// cq::Error, launching nothing, on a bad argument: rows out of 1..2^31 - 1, q_heads not a
-  /// multiple of kv_heads, unset pointers, a cache of F32 rows, keys before RoPE or codebooks the
-  /// prefill kernel does not serve (PrefillAttention::plan), strides or alignment it cannot read.
+  /// multiple of kv_heads, unset pointers, a cache of F32 rows, codebooks the prefill kernel does
+  /// not serve (PrefillAttention::plan), strides or alignment it cannot read, or keys before RoPE
+  /// with a workspace limit too small to decode the prefix. With keys before RoPE the chunk's keys
+  /// are given as append takes them, before RoPE (rotated in the kernel to their positions); the
+  /// queries after it.
   void attend_prefill(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
                       const PrefillChunk& in) {
     check_layer(layer, "attend_prefill");

@@ -10,7 +10,10 @@
 /// kernel spilled with whole tiles). Every tile is first written into shared memory as fp16 rows,
 /// so the products never see codes.
 ///
-/// Coded tiles come one of two ways (PrefillPlan::decoded_cap):
+/// Keys coded before RoPE (AttentionBatch::rope) are rotated to their positions as the rows enter
+/// the tiles (coded rows: as they are decoded into the workspace), which only the first way does.
+///
+/// Coded tiles come one of two ways (PrefillPlan::decoded):
 /// - decoded once (prefill_decode_kernel): every (sequence, KV head)'s coded rows are decoded into
 ///   a workspace before the attention, once, not once per block of query rows (a 4K-token chunk of
 ///   a 4-head group has 64 such blocks per KV head); the kernel then reads every tile by cp.async
@@ -57,16 +60,20 @@ struct PrefillRows {
 namespace detail {
 
 struct PrefillConfig {
-  static constexpr int head_dim = 128, rows = 256, tile = 64, warps = 8, threads = 32 * warps;
+  static constexpr int head_dim = 128, tile = 64;
   static constexpr int tile_bytes = tile * head_dim * 2;  // one K or V tile in fp16
-  static constexpr int q_bytes = rows * head_dim * 2;     // the block's queries in fp16
-  /// The KV head's half codebooks and scales (HalfCodebooks), the queries, a K and a V tile, the
-  /// query rows' score scales.
-  static constexpr std::size_t shared_bytes = HalfCodebooks::bytes + q_bytes + 2 * tile_bytes + rows * 4;
-  /// With the coded rows decoded beforehand: the scales only, the queries, two K and V tiles, the
-  /// row scales.
-  static constexpr std::size_t decoded_shared_bytes = 2 * 64 * 4 + q_bytes + 4 * tile_bytes + rows * 4;
-  static constexpr std::size_t shared(bool decoded) { return decoded ? decoded_shared_bytes : shared_bytes; }
+  /// Query rows of a block, one thread each (32 a warp): with the coded rows decoded beforehand
+  /// 128 (4 warps; two blocks an SM, so one computes while the other waits at its barrier, as
+  /// FlashAttention-2 runs); decoding in the kernel 256 (8 warps: the codebooks' 128 KiB allow one
+  /// block an SM, and each decoded tile then serves twice the rows).
+  static constexpr int rows(bool decoded) { return decoded ? 128 : 256; }
+  static constexpr int threads(bool decoded) { return rows(decoded); }
+  /// Shared memory: the codebooks and scales (decoded beforehand: the scales only), the block's
+  /// queries in fp16, the K and V tiles (decoded beforehand: two of each), the row scales.
+  static constexpr std::size_t shared(bool decoded) {
+    return (decoded ? 2 * 64 * 4 + 4 * tile_bytes : HalfCodebooks::bytes + 2 * tile_bytes) +
+           std::size_t(rows(decoded)) * (head_dim * 2 + 4);
+  }
   /// The decoded rows of one (sequence, KV head, keys or values) in the workspace: row t at
   /// t x head_dim halves.
   static constexpr std::size_t decoded_run(int batch_index, int kv_heads, int kvh, int which, int cap) {
@@ -119,16 +126,60 @@ __device__ __forceinline__ uint4 load_code_bytes(const std::uint8_t* src) {
   else return make_uint4(*reinterpret_cast<const unsigned*>(src), 0, 0, 0);
 }
 
+/// 2^x by the SFU alone (ex2.approx.ftz: results below 2^-126 flush to zero, as softmax weights
+/// that small vanish beside the row's largest, which is 1); exp2f adds denormal handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 /// 16 bytes from global `src` to shared `dst` without registers; zeros when !valid.
 __device__ __forceinline__ void copy16_async(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+/// Channels 8c .. 8c + 7 of a key row (x, unscaled) rotated to position `pos`; `partner` holds
+/// channels 8 (c ^ 8) .. 8 (c ^ 8) + 7 of the same row (rotate_half pairs channel i with i + 64;
+/// interleaved pairs lie within x).
+__device__ __forceinline__ void rotate_chunk(float (&x)[8], const float (&partner)[8], int c, std::uint64_t pos,
+                                             const DeviceRope& rope) {
+  if (rope.style == int(RopeStyle::rotate_half)) {
+    const float sign = c < 8 ? -1.0f : 1.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 cs = rope.at(8 * (c & 7) + i, pos);
+      x[i] = x[i] * cs.x + sign * partner[i] * cs.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 cs = rope.at(4 * c + k, pos);
+      const float a = x[2 * k], b = x[2 * k + 1];
+      x[2 * k] = a * cs.x - b * cs.y;
+      x[2 * k + 1] = b * cs.x + a * cs.y;
+    }
+  }
+}
+
+/// rotate_chunk for the tile fills, where the lane holding chunk c ^ 8 of the same row is this
+/// lane ^ 8 (16 chunks a row, consecutive threads): all 32 lanes must call it.
+__device__ __forceinline__ void rotate_tile_chunk(float (&x)[8], int c, std::uint64_t pos, const DeviceRope& rope,
+                                                  bool valid) {
+  float partner[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) partner[i] = __shfl_xor_sync(0xffffffffu, x[i], 8);
+  if (valid) rotate_chunk(x, partner, c, pos, rope);
 }
 
 /// Grid (coded tokens / 64, KV heads, sequences): block (t, h, b) decodes coded tokens 64 t ..
 /// 64 t + 63 of sequence b's KV head h, keys and values, from the half codebooks into the
 /// workspace rows (PrefillConfig::decoded_run; tokens past `cap` are not written: the attention
 /// reads none). A thread writes one group of one row at a time, consecutive threads consecutive
-/// groups, so the rows are written whole; the centroids are read through L1.
+/// groups, so the rows are written whole; the centroids are read through L1. Keys coded before
+/// RoPE (p.rope) are rotated to their positions here, once: with rotate_half a thread takes the
+/// two groups of its channels' pairs (their half codebooks share a scale: key_partners), so the
+/// rotation of scaled halves is exact rescaling.
 template <int CK, int CV>
 __global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, const unsigned char* __restrict__ codebooks,
                                                              __half* __restrict__ out, int cap) {
@@ -152,25 +203,65 @@ __global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, c
       else *reinterpret_cast<unsigned*>(d) = __ldg(reinterpret_cast<const unsigned*>(src));
     }
   };
-  run(std::integral_constant<int, CK>{}, kv.keys(p.page_shift()), 0);
+  if (p.rope == nullptr) run(std::integral_constant<int, CK>{}, kv.keys(p.page_shift()), 0);
+  else {
+    constexpr int C = CK, G = D / C;
+    const DeviceRope& rope = *p.rope;
+    const bool half_style = rope.style == int(RopeStyle::rotate_half);
+    const int units = half_style ? G / 2 : G;  // per row: pairs of groups (j, j + G / 2), or groups
+    const CodeRun codes = kv.keys(p.page_shift());
+    const std::uint64_t pos0 = p.sequences[b].position + p.sequences[b].sinks + std::uint64_t(t0);
+    __half* dst = out + PrefillConfig::decoded_run(b, p.kv_heads, kvh, 0, cap) + std::size_t(t0) * D;
+    for (int u = threadIdx.x; u < min(n, 64) * units; u += 256) {
+      const int r = u / units, j = u % units, t = t0 + r;
+      const std::uint8_t* block = codes.block(t / 32, 32 * G) + t % 32;
+      const __half* a = cb + (j * 256 + __ldg(block + j * 32)) * C;
+      float x[C], y[C];
+#pragma unroll
+      for (int e = 0; e < C; ++e) x[e] = __half2float(a[e]);
+      if (half_style) {
+        const __half* bb = cb + ((j + G / 2) * 256 + __ldg(block + (j + G / 2) * 32)) * C;
+#pragma unroll
+        for (int e = 0; e < C; ++e) {
+          const float2 cs = rope.at(j * C + e, pos0 + r);
+          const float xa = x[e], xb = __half2float(bb[e]);
+          x[e] = xa * cs.x - xb * cs.y;
+          y[e] = xb * cs.x + xa * cs.y;
+        }
+#pragma unroll
+        for (int e = 0; e < C; ++e) dst[std::size_t(r) * D + (j + G / 2) * C + e] = __float2half_rn(y[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < C; e += 2) {
+          const float2 cs = rope.at((j * C + e) / 2, pos0 + r);
+          const float xa = x[e], xb = x[e + 1];
+          x[e] = xa * cs.x - xb * cs.y;
+          x[e + 1] = xb * cs.x + xa * cs.y;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < C; ++e) dst[std::size_t(r) * D + j * C + e] = __float2half_rn(x[e]);
+    }
+  }
   run(std::integral_constant<int, CV>{}, kv.values(p.page_shift()), 1);
 }
 
 /// `Decoded`: coded tiles are read from `decoded` (prefill_decode_kernel's rows, `cap` tokens per
 /// run) into two alternating buffers; otherwise decoded in shared memory from `codebooks`.
 template <int CK, int CV, class E, bool Decoded>
-__global__ void __launch_bounds__(PrefillConfig::threads, 1)
+__global__ void __launch_bounds__(PrefillConfig::threads(Decoded), Decoded ? 2 : 1)
     prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks,
                    const __half* __restrict__ decoded, int cap) {
   using Cfg = PrefillConfig;
   constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile;
+  constexpr int ROWS = Cfg::rows(Decoded), THREADS = Cfg::threads(Decoded), PIECES = 1024 / THREADS;
   constexpr int NBK = GK / 4, NBV = GV / 4;  // code bytes of a tile per thread (64 tokens x groups / 256)
   extern __shared__ __align__(16) unsigned char prefill_smem[];
   unsigned char* const smem = prefill_smem;
   const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = rows.q_heads / p.kv_heads;
   const int row0 = int(rows.indptr[b]), nrows = int(rows.indptr[b + 1]) - row0, nq = nrows * G;
-  const int R0 = blockIdx.x * Cfg::rows;
+  const int R0 = blockIdx.x * ROWS;
   if (R0 >= nq) return;
 
   // Shared memory: codebooks and scales (decoded beforehand: the scales only), queries, the K and
@@ -180,16 +271,16 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes +
                                                       (HalfCodebooks::bytes - head_bytes));
     uint4* dst = reinterpret_cast<uint4*>(smem);
-    for (int i = tid; i < int(head_bytes / 16); i += Cfg::threads) dst[i] = src[i];
+    for (int i = tid; i < int(head_bytes / 16); i += THREADS) dst[i] = src[i];
   }
   const __half* cbk = reinterpret_cast<const __half*>(smem);
   const __half* cbv = cbk + HalfCodebooks::halves;
   const float* sk = reinterpret_cast<const float*>(smem + head_bytes - 2 * 64 * 4);
   const float* sv = sk + 64;
   unsigned char* const q_tile = smem + head_bytes;
-  unsigned char* const tiles = q_tile + Cfg::q_bytes;  // buffer u: K at 2 u tile_bytes, V after it
+  unsigned char* const tiles = q_tile + ROWS * D * 2;  // buffer u: K at 2 u tile_bytes, V after it
   float* const row_scales = reinterpret_cast<float*>(tiles + (Decoded ? 4 : 2) * Cfg::tile_bytes);
-  const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile)), tiles_at = q_at + Cfg::q_bytes;
+  const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile)), tiles_at = q_at + ROWS * D * 2;
   __syncthreads();
 
   // Query row tid of the block (tokens x the group's heads): divided by the key scales, then by a
@@ -223,7 +314,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const int coded = int(seq.coded), full = int(seq.full);
   const DeviceKVCodes& kv = p.codes[std::size_t(b) * p.kv_heads + kvh];
   const CodeRun key_run = kv.keys(p.page_shift()), value_run = kv.values(p.page_shift());
-  const int last_row = min(R0 + Cfg::rows, nq) - 1;
+  const int last_row = min(R0 + ROWS, nq) - 1;
   const int n_coded = (coded + TILE - 1) / TILE, n_full = (full + TILE - 1) / TILE;
   const int n_tiles = n_coded + n_full + last_row / G / TILE + 1;
   const E* kb = static_cast<const E*>(rows.k) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
@@ -271,8 +362,8 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     } else if (i < n_coded || i >= n_coded + n_full) {
       // Rows from `k`, `v` with row stride `stride` elements, `n` of them valid.
       auto copy_rows = [&](const auto* k, const auto* v, std::size_t stride, int n) {
-        for (int j = 0; j < 4; ++j) {
-          const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
+        for (int j = 0; j < PIECES; ++j) {
+          const int w = tid + THREADS * j, r = w / 16, c = w % 16;
           const bool ok = r < n;
           const std::size_t at = ok ? std::size_t(r) * stride + 8 * c : 0;
           copy16_async(kt_at + prefill_chunk(r, c), k + at, ok);
@@ -293,8 +384,8 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       const int f0 = (i - n_coded) * TILE;
       visit_full_rows(p, b, kvh, [&](auto fr) {
         const bool vec = fr.vec(D);
-        for (int j = 0; j < 4; ++j) {
-          const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
+        for (int j = 0; j < PIECES; ++j) {
+          const int w = tid + THREADS * j, r = w / 16, c = w % 16;
           float x[8] = {}, y[8] = {};
           if (f0 + r < full) {
             const auto* key = fr.key(f0 + r);
@@ -304,6 +395,8 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             x[0] = k0.x, x[1] = k0.y, x[2] = k0.z, x[3] = k0.w, x[4] = k1.x, x[5] = k1.y, x[6] = k1.z, x[7] = k1.w;
             y[0] = v0.x, y[1] = v0.y, y[2] = v0.z, y[3] = v0.w, y[4] = v1.x, y[5] = v1.y, y[6] = v1.z, y[7] = v1.w;
           }
+          if (Decoded && p.rope != nullptr)  // keys before RoPE
+            rotate_tile_chunk(x, c, seq.full_position(std::uint32_t(f0 + r)), *p.rope, f0 + r < full);
           *reinterpret_cast<uint4*>(kt + prefill_chunk(r, c)) = scaled_halves<CK>(x, sk, c);
           *reinterpret_cast<uint4*>(vt + prefill_chunk(r, c)) = scaled_halves<CV>(y, sv, c);
         }
@@ -317,12 +410,15 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     if (i < n_coded + n_full) return;
     unsigned char* const kt = tiles + 2 * u * Cfg::tile_bytes;
     unsigned char* const vt = kt + Cfg::tile_bytes;
-    for (int j = 0; j < 4; ++j) {
-      const int w = tid + Cfg::threads * j, r = w / 16, c = w % 16;
+    for (int j = 0; j < PIECES; ++j) {
+      const int w = tid + THREADS * j, r = w / 16, c = w % 16;
       float x[8];
       uint4* k = reinterpret_cast<uint4*>(kt + prefill_chunk(r, c));
       uint4* v = reinterpret_cast<uint4*>(vt + prefill_chunk(r, c));
       unpack8<E>(*k, x);
+      if (Decoded && p.rope != nullptr)  // keys before RoPE: the chunk's tokens follow the cached ones
+        rotate_tile_chunk(x, c, seq.position + std::uint64_t(coded) + full + (i - n_coded - n_full) * TILE + r,
+                          *p.rope, true);
       *k = scaled_halves<CK>(x, sk, c);
       unpack8<E>(*v, x);
       *v = scaled_halves<CV>(x, sv, c);
@@ -379,16 +475,21 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             }
           }
         }
+        // Columns 8 j + (e & 1) of this thread (past 32 h + 2 t4) count while below limit[ri]:
+        // the tile's valid tokens and, in the chunk, the row's own position (causal).
         float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        int limit[4];
+#pragma unroll
+        for (int ri = 0; ri < 4; ++ri)
+          limit[ri] = (chunk ? min(valid, row_token[ri] - first + 1) : valid) - 32 * h - 2 * t4;
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int col = 32 * h + 8 * j + 2 * t4 + (e & 1), ri = 2 * m + (e >> 1);
-              const bool ok = col < valid && (!chunk || first + col <= row_token[ri]);
-              s[m][j][e] = ok ? s[m][j][e] * row_scale[ri] : -INFINITY;
+              const int ri = 2 * m + (e >> 1);
+              s[m][j][e] = 8 * j + (e & 1) < limit[ri] ? s[m][j][e] * row_scale[ri] : -INFINITY;
               mx[ri] = fmaxf(mx[ri], s[m][j][e]);
             }
         float alpha[4], mb[4];
@@ -399,7 +500,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
           mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
           const float m_new = fmaxf(m_run[ri], mx[ri]);
           mb[ri] = m_new == -INFINITY ? 0.0f : m_new;
-          alpha[ri] = exp2f(m_run[ri] - mb[ri]);
+          alpha[ri] = fast_exp2(m_run[ri] - mb[ri]);
           moved |= alpha[ri] != 1.0f;
           m_run[ri] = m_new;
           l_run[ri] *= alpha[ri];
@@ -419,7 +520,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             float pr[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              pr[e] = exp2f(s[m][j][e] - mb[2 * m + (e >> 1)]);
+              pr[e] = fast_exp2(s[m][j][e] - mb[2 * m + (e >> 1)]);
               l_run[2 * m + (e >> 1)] += pr[e];
             }
             pa[m][j / 2][(j & 1) * 2] = pack_half2(pr[0], pr[1]);
