@@ -114,7 +114,7 @@ class PrefillAttention {
     check(prefix, rows, max_rows, plan);
     const AttentionShape& s = plan.shape;
     const std::size_t G = std::size_t(s.q_heads / s.kv_heads);
-    const std::size_t block_rows = std::size_t(detail::PrefillConfig::rows(plan.decoded));
+    const std::size_t block_rows = std::size_t(detail::PrefillConfig::rows);
     const dim3 grid(unsigned((std::size_t(max_rows) * G + block_rows - 1) / block_rows),
                     unsigned(s.kv_heads), unsigned(s.batch));
     detail::half_codebooks_kernel<><<<dim3(64, 2, unsigned(s.kv_heads)), 256, 0, stream>>>(
@@ -127,7 +127,7 @@ class PrefillAttention {
           prefix, workspace_.data(), decoded, plan.decoded_cap);
       CQ_CUDA_CHECK_LAUNCH(prefill_decode_kernel);
     }
-    plan.kernel<<<grid, unsigned(detail::PrefillConfig::threads(plan.decoded)), detail::PrefillConfig::shared(plan.decoded), stream>>>(
+    plan.kernel<<<grid, detail::PrefillConfig::threads, detail::PrefillConfig::shared(plan.decoded), stream>>>(
         prefix, rows, workspace_.data(), decoded, plan.decoded_cap);
     CQ_CUDA_CHECK_LAUNCH(prefill_kernel);
   }

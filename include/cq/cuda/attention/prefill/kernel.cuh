@@ -62,17 +62,14 @@ namespace detail {
 struct PrefillConfig {
   static constexpr int head_dim = 128, tile = 64;
   static constexpr int tile_bytes = tile * head_dim * 2;  // one K or V tile in fp16
-  /// Query rows of a block, one thread each (32 a warp): with the coded rows decoded beforehand
-  /// 128 (4 warps; two blocks an SM, so one computes while the other waits at its barrier, as
-  /// FlashAttention-2 runs); decoding in the kernel 256 (8 warps: the codebooks' 128 KiB allow one
-  /// block an SM, and each decoded tile then serves twice the rows).
-  static constexpr int rows(bool decoded) { return decoded ? 128 : 256; }
-  static constexpr int threads(bool decoded) { return rows(decoded); }
+  /// Query rows of a block, one thread each, 32 a warp: each tile in shared memory serves them all
+  /// (as measured, faster than two blocks of 128 an SM).
+  static constexpr int rows = 256, threads = 256;
   /// Shared memory: the codebooks and scales (decoded beforehand: the scales only), the block's
   /// queries in fp16, the K and V tiles (decoded beforehand: two of each), the row scales.
   static constexpr std::size_t shared(bool decoded) {
     return (decoded ? 2 * 64 * 4 + 4 * tile_bytes : HalfCodebooks::bytes + 2 * tile_bytes) +
-           std::size_t(rows(decoded)) * (head_dim * 2 + 4);
+           std::size_t(rows) * (head_dim * 2 + 4);
   }
   /// The decoded rows of one (sequence, KV head, keys or values) in the workspace: row t at
   /// t x head_dim halves.
@@ -249,19 +246,21 @@ __global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, c
 /// `Decoded`: coded tiles are read from `decoded` (prefill_decode_kernel's rows, `cap` tokens per
 /// run) into two alternating buffers; otherwise decoded in shared memory from `codebooks`.
 template <int CK, int CV, class E, bool Decoded>
-__global__ void __launch_bounds__(PrefillConfig::threads(Decoded), Decoded ? 2 : 1)
+__global__ void __launch_bounds__(PrefillConfig::threads, 1)
     prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks,
                    const __half* __restrict__ decoded, int cap) {
   using Cfg = PrefillConfig;
   constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile;
-  constexpr int ROWS = Cfg::rows(Decoded), THREADS = Cfg::threads(Decoded), PIECES = 1024 / THREADS;
+  constexpr int ROWS = Cfg::rows, THREADS = Cfg::threads, PIECES = 1024 / THREADS;
   constexpr int NBK = GK / 4, NBV = GV / 4;  // code bytes of a tile per thread (64 tokens x groups / 256)
   extern __shared__ __align__(16) unsigned char prefill_smem[];
   unsigned char* const smem = prefill_smem;
   const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = rows.q_heads / p.kv_heads;
   const int row0 = int(rows.indptr[b]), nrows = int(rows.indptr[b + 1]) - row0, nq = nrows * G;
-  const int R0 = blockIdx.x * ROWS;
+  // The blocks of the latest rows first: they have the most chunk tiles (causal), so the last
+  // wave holds the shortest blocks.
+  const int R0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
   if (R0 >= nq) return;
 
   // Shared memory: codebooks and scales (decoded beforehand: the scales only), queries, the K and
