@@ -16,8 +16,8 @@
 /// q_heads a multiple of kv_heads; keys after RoPE, or before it (the CQ paper's configuration:
 /// AttentionBatch::rope, the sequences' positions): then the cached keys and the chunk's are
 /// rotated in the kernels, the chunk's rows at the positions after their sequence's cached tokens
-/// (DeviceSequence::position + coded + full), and the queries come rotated, as in decode. Code runs must be 16-byte aligned (cudaMalloc'd
-/// buffers and PagedKVCache's pages are).
+/// (DeviceSequence::position + coded + full), and the queries come rotated, as in decode. Code
+/// runs must be 16-byte aligned (cudaMalloc'd buffers and PagedKVCache's pages are).
 
 #include "cq/cuda/attention/grouped_rows/kernel.cuh"
 #include "cq/cuda/attention/params.cuh"
@@ -59,7 +59,8 @@ class PrefillAttention {
   /// object's workspace: the half codebooks (128 KiB a KV head) and, when it stays within
   /// workspace_limit(), every sequence's coded rows decoded, 512 bytes per token and KV head up to
   /// s.max_coded (rounded up to 64), which must bound every sequence's coded tokens at run time
-  /// (tokens past it are not attended). Throws cq::Error naming what is not served.
+  /// (coded tokens past it are left out of the attention). Throws cq::Error naming what is not
+  /// served.
   PrefillPlan plan(const AttentionShape& s, DType type) {
     CQ_CHECK(s.batch >= 1 && s.batch <= 65535, "cuda prefill: batch ", s.batch, " (needs 1 to 65535)");
     CQ_CHECK(s.kv_heads >= 1 && s.kv_heads <= 65535 && s.q_heads % s.kv_heads == 0 && s.q_heads >= s.kv_heads,

@@ -314,7 +314,9 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const DeviceKVCodes& kv = p.codes[std::size_t(b) * p.kv_heads + kvh];
   const CodeRun key_run = kv.keys(p.page_shift()), value_run = kv.values(p.page_shift());
   const int last_row = min(R0 + ROWS, nq) - 1;
-  const int n_coded = (coded + TILE - 1) / TILE, n_full = (full + TILE - 1) / TILE;
+  // With decoded rows the plan's cap bounds the coded tokens attended (PrefillPlan::decoded_cap).
+  const int attended = Decoded ? min(coded, cap) : coded;
+  const int n_coded = (attended + TILE - 1) / TILE, n_full = (full + TILE - 1) / TILE;
   const int n_tiles = n_coded + n_full + last_row / G / TILE + 1;
   const E* kb = static_cast<const E*>(rows.k) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
   const E* vb = static_cast<const E*>(rows.v) + std::size_t(row0) * rows.kv_stride + std::size_t(kvh) * D;
@@ -372,7 +374,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
       if (i < n_coded) {
         const std::size_t t0 = std::size_t(TILE) * i;
         copy_rows(decoded + Cfg::decoded_run(b, p.kv_heads, kvh, 0, cap) + t0 * D,
-                  decoded + Cfg::decoded_run(b, p.kv_heads, kvh, 1, cap) + t0 * D, D, min(coded, cap) - int(t0));
+                  decoded + Cfg::decoded_run(b, p.kv_heads, kvh, 1, cap) + t0 * D, D, attended - int(t0));
       } else {
         const int c0 = (i - n_coded - n_full) * TILE;
         copy_rows(kb + std::size_t(c0) * rows.kv_stride, vb + std::size_t(c0) * rows.kv_stride, rows.kv_stride,
@@ -450,7 +452,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     }
     const bool chunk = i >= n_coded + n_full;
     const int first = i < n_coded ? TILE * i : chunk ? TILE * (i - n_coded - n_full) : TILE * (i - n_coded);
-    const int valid = i < n_coded ? coded - first : chunk ? nrows - first : full - first;
+    const int valid = i < n_coded ? attended - first : chunk ? nrows - first : full - first;
     if (warp_active && !(chunk && first > warp_last_token)) {
       // Two halves of 32 tokens, each its own online-softmax step: half the score registers.
 #pragma unroll 1
