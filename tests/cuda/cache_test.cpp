@@ -228,16 +228,9 @@ TEST_CASE("cuda paged cache: the CPU cache's pools byte for byte and decode atte
 
 TEST_CASE("cuda paged cache: keys before RoPE, rotated in the kernel, within 1e-3 of the oracle (rotate_half, interleaved partial rotary, YaRN; MHA and GQA)") {
   require_gpu();
-  RopeConfig llama;  // rotate_half over every channel, theta 500000, llama3 scaling
-  llama.theta = 500000.0;
-  llama.scaling = RopeScaling::llama3;
-  llama.factor = 8.0;
+  const RopeConfig llama = gpu_test::llama3_rope();
   check_device_cache<half>(1, 8, 8, 64, 21, 8, &llama);
-  RopeConfig gptj;  // interleaved pairs over the first 64 channels, YaRN (an attention factor)
-  gptj.style = RopeStyle::interleaved;
-  gptj.rotary_dim = 64;
-  gptj.scaling = RopeScaling::yarn;
-  gptj.factor = 4.0;
+  const RopeConfig gptj = gpu_test::interleaved_yarn_rope();
   check_device_cache<bfloat16>(2, 4, 4, 32, 22, 2, &gptj);  // MHA
   RopeConfig plain;
   check_device_cache<float>(1, 2, 2, 256, 23, 16, &plain);  // GQA 8

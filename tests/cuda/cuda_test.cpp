@@ -408,10 +408,7 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
           CHECK(batch_error(long_case.with_pages(page), kernel, codes) < 1e-3);
         }
     // The same with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
-    RopeConfig llama;
-    llama.theta = 500000.0;
-    llama.scaling = RopeScaling::llama3;
-    llama.factor = 8.0;
+    const RopeConfig llama = gpu_test::llama3_rope();
     for (gpu_test::DeviceCodes codes : both_storages) {
       CAPTURE(codes.pages);
       CHECK(batch_error(long_case.with_rope(llama), gpu_test::Kernel::grouped_rows, codes) < 1e-3);

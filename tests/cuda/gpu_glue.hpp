@@ -7,6 +7,7 @@
 #include <cq/cache/layout.hpp>
 #include <cq/codebook.hpp>
 #include <cq/dtype.hpp>
+#include <cq/rope.hpp>
 
 #include <cstdint>
 #include <string>
@@ -118,5 +119,24 @@ GraphStep append_attend_graph(const HostBatchOf<T>& batch, const std::vector<flo
 std::vector<Codebook> fit_batched(const std::vector<float>& x, const std::vector<float>* weights, int jobs, int n,
                                   int dim, int channels, int bits, int iterations, std::uint64_t seed,
                                   std::vector<double>* objectives = nullptr);
+
+/// The RoPE variants the pre-RoPE device tests share: LLaMA-3's (rotate_half over every channel,
+/// theta 500000, llama3 scaling) and a GPT-J-style one (interleaved pairs over the first 64
+/// channels, YaRN scaling: an attention factor).
+inline RopeConfig llama3_rope() {
+  RopeConfig r;
+  r.theta = 500000.0;
+  r.scaling = RopeScaling::llama3;
+  r.factor = 8.0;
+  return r;
+}
+inline RopeConfig interleaved_yarn_rope() {
+  RopeConfig r;
+  r.style = RopeStyle::interleaved;
+  r.rotary_dim = 64;
+  r.scaling = RopeScaling::yarn;
+  r.factor = 4.0;
+  return r;
+}
 
 }  // namespace cq::gpu_test

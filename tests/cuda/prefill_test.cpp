@@ -169,15 +169,8 @@ TEST_CASE("cuda prefill: chunks over the device cache's codes, sinks and window 
 
 TEST_CASE("cuda prefill: keys coded before RoPE, rotated to their positions by the kernel, within 1e-3 of the oracle") {
   require_gpu();
-  RopeConfig llama;  // rotate_half over every channel, theta 500000, llama3 scaling
-  llama.theta = 500000.0;
-  llama.scaling = RopeScaling::llama3;
-  llama.factor = 8.0;
-  RopeConfig gptj;  // interleaved pairs over the first 64 channels, YaRN (an attention factor)
-  gptj.style = RopeStyle::interleaved;
-  gptj.rotary_dim = 64;
-  gptj.scaling = RopeScaling::yarn;
-  gptj.factor = 4.0;
+  const RopeConfig llama = gpu_test::llama3_rope();
+  const RopeConfig gptj = gpu_test::interleaved_yarn_rope();
   RopeConfig plain;
   struct Case {
     std::size_t C, P, kv_heads;
