@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const int g = lane / 4, t4 = lane % 4, mi = lane / 8, r8 = lane % 8;
   const int warp_row = 32 * warp;  // this warp's 32 rows: two m-tiles of 16
   const bool warp_active = R0 + warp_row < nq;
-  const int warp_last_token = min(R0 + warp_row + 31, nq - 1) / G;
+  const int warp_first_token = (R0 + warp_row) / G, warp_last_token = min(R0 + warp_row + 31, nq - 1) / G;
 
   // Loads of coded tile i's codes into registers (issued before the products of the tile before;
   // decoded in the kernel only).
@@ -476,30 +476,38 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             }
           }
         }
-        // Columns 8 j + (e & 1) of this thread (past 32 h + 2 t4) count while below limit[ri]:
-        // the tile's valid tokens and, in the chunk, the row's own position (causal).
-        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-        int limit[4];
+        // Masks only where a token of the half may not count (warp-uniform): a tile's last
+        // tokens, and chunk tokens past the warp's first row (causal). Columns 8 j + (e & 1) of
+        // this thread (past 32 h + 2 t4) count while below limit[ri]: the tile's valid tokens
+        // and, in the chunk, the row's own position. Scores stay unscaled (the row scale is
+        // positive, so it commutes with the maximum) until the exponent's multiply-add.
+        if ((chunk && first + 32 * h + 31 > warp_first_token) || valid - 32 * h < 32) {
+          int limit[4];
 #pragma unroll
-        for (int ri = 0; ri < 4; ++ri)
-          limit[ri] = (chunk ? min(valid, row_token[ri] - first + 1) : valid) - 32 * h - 2 * t4;
+          for (int ri = 0; ri < 4; ++ri)
+            limit[ri] = (chunk ? min(valid, row_token[ri] - first + 1) : valid) - 32 * h - 2 * t4;
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (8 * j + (e & 1) >= limit[2 * m + (e >> 1)]) s[m][j][e] = -INFINITY;
+        }
+        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int ri = 2 * m + (e >> 1);
-              s[m][j][e] = 8 * j + (e & 1) < limit[ri] ? s[m][j][e] * row_scale[ri] : -INFINITY;
-              mx[ri] = fmaxf(mx[ri], s[m][j][e]);
-            }
+            for (int e = 0; e < 4; ++e) mx[2 * m + (e >> 1)] = fmaxf(mx[2 * m + (e >> 1)], s[m][j][e]);
         float alpha[4], mb[4];
         bool moved = false;
 #pragma unroll
         for (int ri = 0; ri < 4; ++ri) {
           mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
           mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
-          const float m_new = fmaxf(m_run[ri], mx[ri]);
+          const float m_new = fmaxf(m_run[ri], mx[ri] * row_scale[ri]);
           mb[ri] = m_new == -INFINITY ? 0.0f : m_new;
           alpha[ri] = fast_exp2(m_run[ri] - mb[ri]);
           moved |= alpha[ri] != 1.0f;
@@ -521,7 +529,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             float pr[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              pr[e] = fast_exp2(s[m][j][e] - mb[2 * m + (e >> 1)]);
+              pr[e] = fast_exp2(fmaf(s[m][j][e], row_scale[2 * m + (e >> 1)], -mb[2 * m + (e >> 1)]));
               l_run[2 * m + (e >> 1)] += pr[e];
             }
             pa[m][j / 2][(j & 1) * 2] = pack_half2(pr[0], pr[1]);
