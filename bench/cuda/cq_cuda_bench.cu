@@ -84,6 +84,9 @@ struct Handle {
   cuda::PrefillAttention pa;
   cuda::PrefillPlan pplan;
   cuda::PrefillRows prows;
+  // cqb_set_prefill_rope: keys coded before RoPE for cqb_prefill (the decode calls stay post-RoPE).
+  cuda::DeviceBuffer<cuda::DeviceRope> prope;
+  RopeStyle prope_style = RopeStyle::rotate_half;
 };
 
 __global__ void to_half_kernel(const float* x, std::size_t n, __half* y) {
@@ -287,7 +290,9 @@ int cqb_prefill(void* handle, int rows, std::uint64_t stream) try {
     std::vector<std::uint32_t> indptr(std::size_t(h->batch) + 1);
     for (std::size_t i = 0; i < indptr.size(); ++i) indptr[i] = std::uint32_t(i * rows);
     h->pindptr = cuda::DeviceBuffer<std::uint32_t>(indptr);
-    h->pplan = h->pa.plan(h->shape, DType::f16);
+    cuda::AttentionShape shape = h->shape;
+    if (h->prope.size() > 0) shape.rope_dim = D, shape.rope_style = h->prope_style;
+    h->pplan = h->pa.plan(shape, DType::f16);
     cuda::PrefillRows& r = h->prows;
     r.indptr = h->pindptr.data();
     r.q = h->pq.data(), r.k = h->pk.data(), r.v = h->pv.data(), r.out = h->pout.data();
@@ -297,7 +302,9 @@ int cqb_prefill(void* handle, int rows, std::uint64_t stream) try {
     h->prefill_rows = rows;
     CQ_CUDA_CHECK(cudaDeviceSynchronize());
   }
-  h->pa.run(h->batch_desc, h->prows, rows, h->pplan, reinterpret_cast<cudaStream_t>(stream));
+  cuda::AttentionBatch prefix = h->batch_desc;
+  prefix.rope = h->prope.size() > 0 ? h->prope.data() : nullptr;
+  h->pa.run(prefix, h->prows, rows, h->pplan, reinterpret_cast<cudaStream_t>(stream));
   return 0;
 } catch (const std::exception& e) {
   last_error = e.what();
@@ -309,6 +316,27 @@ int cqb_prefill(void* handle, int rows, std::uint64_t stream) try {
 int cqb_set_prefill_workspace_limit(void* handle, std::uint64_t bytes) try {
   auto* h = static_cast<Handle*>(handle);
   h->pa.set_workspace_limit(bytes);
+  h->prefill_rows = 0;
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
+/// Keys coded before RoPE for the next cqb_prefill (which plans again): RoPE with base `theta` over
+/// all 128 channels, rotate_half (style 0) or interleaved pairs (1); theta <= 0: keys after RoPE.
+int cqb_set_prefill_rope(void* handle, double theta, int style) try {
+  auto* h = static_cast<Handle*>(handle);
+  if (theta <= 0.0) {
+    h->prope = cuda::DeviceBuffer<cuda::DeviceRope>();
+  } else {
+    RopeConfig rc;
+    rc.theta = theta;
+    rc.style = style == 1 ? RopeStyle::interleaved : RopeStyle::rotate_half;
+    const cuda::DeviceRope d = cuda::make_device_rope(Rope(rc, 128));
+    h->prope = cuda::DeviceBuffer<cuda::DeviceRope>(std::vector<cuda::DeviceRope>{d});
+    h->prope_style = rc.style;
+  }
   h->prefill_rows = 0;
   return 0;
 } catch (const std::exception& e) {

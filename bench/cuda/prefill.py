@@ -9,7 +9,9 @@ Shape: D = 128, batch B, a chunk of `--rows` tokens after a prefix of `--context
 (cq: coded, the last `--window` (32) in full precision; SDPA: fp16), causal with the chunk aligned to the end
 of the context (torch.nn.attention.bias.causal_lower_right). Reported: medians over `--rounds`
 rounds, each the median of `--reps` calls of one then of the other (`--in-kernel`: then of cq
-with no workspace for decoded rows, the coded tiles decoded in the kernel).
+with no workspace for decoded rows, the coded tiles decoded in the kernel; `--pre-rope`: then of cq
+with the keys coded before RoPE, LLaMA-3's theta 500000 with rotate_half, rotated in the kernels --
+SDPA's keys are after RoPE, its RoPE not timed).
 """
 
 import argparse
@@ -64,12 +66,16 @@ def main():
                     help="the prefix's last tokens held in full precision (fp32 rows), the rest coded")
     ap.add_argument("--in-kernel", action="store_true",
                     help="also time the kernel decoding the coded tiles itself (no workspace for decoded rows)")
+    ap.add_argument("--pre-rope", action="store_true",
+                    help="also time cq with the keys coded before RoPE (rotated in the kernels)")
     ap.add_argument("--json")
     a = ap.parse_args()
     lib = load(a.lib)
     lib.cqb_prefill.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
     lib.cqb_prefill_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.cqb_set_prefill_workspace_limit.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    if a.pre_rope:
+        lib.cqb_set_prefill_rope.argtypes = [ctypes.c_void_p, ctypes.c_double, ctypes.c_int]
     stream = torch.cuda.current_stream().cuda_stream
     B, R, T, D = a.batch, a.rows, a.context, 128
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -101,8 +107,14 @@ def main():
                 cq()
                 torch.cuda.synchronize()
 
+            def rope(theta):
+                if lib.cqb_set_prefill_rope(h, theta, 0) != 0:
+                    raise RuntimeError(lib.cqb_last_error().decode())
+                cq()
+                torch.cuda.synchronize()
+
             limit(512 << 20)
-            s_t, c_t, k_t = [], [], []
+            s_t, c_t, k_t, r_t = [], [], [], []
             for _ in range(a.rounds):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     s_t.append(median_ms(sdpa, a.reps))
@@ -111,6 +123,10 @@ def main():
                     limit(0)
                     k_t.append(median_ms(cq, a.reps))
                     limit(512 << 20)
+                if a.pre_rope:
+                    rope(500000.0)
+                    r_t.append(median_ms(cq, a.reps))
+                    rope(0.0)
             s_ms, c_ms = statistics.median(s_t), statistics.median(c_t)
             lib.cqb_destroy(h)
             row = dict(q_heads=hq, kv_heads=hkv, config=f"{C}c8b", batch=B, rows=R, context=T,
@@ -124,6 +140,10 @@ def main():
                 row.update(in_kernel_ms=statistics.median(k_t), rounds_in_kernel=k_t)
                 print(f"  (the same, coded tiles decoded in the kernel: {row['in_kernel_ms']:.3f} ms, "
                       f"{row['in_kernel_ms'] / s_ms:.2f}x SDPA)", flush=True)
+            if r_t:
+                row.update(pre_rope_ms=statistics.median(r_t), rounds_pre_rope=r_t)
+                print(f"  (the same, keys coded before RoPE: {row['pre_rope_ms']:.3f} ms, "
+                      f"{row['pre_rope_ms'] / s_ms:.2f}x SDPA, {row['pre_rope_ms'] / c_ms:.3f}x post-RoPE)", flush=True)
         del q, k, v
     if a.json:
         with open(a.json, "w") as f:

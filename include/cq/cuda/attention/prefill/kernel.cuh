@@ -6,9 +6,9 @@
 /// each block holds 256 query rows (GQA: the tokens x the group's heads, so a key tile serves the
 /// whole group), 32 per warp (two m-tiles: each K and V fragment read from shared memory serves
 /// both, halving that traffic, which bounded the kernel at 16 rows per warp), and walks the keys in
-/// 64-token tiles, each in two 32-token online-softmax steps (half the score registers: the
-/// kernel spilled with whole tiles). Every tile is first written into shared memory as fp16 rows,
-/// so the products never see codes.
+/// tiles (PrefillConfig::tile), each in 32-token online-softmax steps (the kernel spilled with
+/// 64-token steps). Every tile is first written into shared memory as fp16 rows, so the products
+/// never see codes.
 ///
 /// Keys coded before RoPE (AttentionBatch::rope) are rotated to their positions as the rows enter
 /// the tiles (coded rows: as they are decoded into the workspace), which only the first way does.
@@ -60,15 +60,18 @@ struct PrefillRows {
 namespace detail {
 
 struct PrefillConfig {
-  static constexpr int head_dim = 128, tile = 64;
-  static constexpr int tile_bytes = tile * head_dim * 2;  // one K or V tile in fp16
+  static constexpr int head_dim = 128;
+  /// Tokens of a K or V tile: 128 from decoded rows (half the barriers and loop overhead of 64);
+  /// 64 when the kernel decodes tiles itself (its codebooks fill the room of larger tiles).
+  static constexpr int tile(bool decoded) { return decoded ? 128 : 64; }
+  static constexpr int tile_bytes(bool decoded) { return tile(decoded) * head_dim * 2; }  // in fp16
   /// Query rows of a block, one thread each, 32 a warp: each tile in shared memory serves them all
   /// (as measured, faster than two blocks of 128 an SM).
   static constexpr int rows = 256, threads = 256;
   /// Shared memory: the codebooks and scales (decoded beforehand: the scales only), the block's
   /// queries in fp16, the K and V tiles (decoded beforehand: two of each), the row scales.
   static constexpr std::size_t shared(bool decoded) {
-    return (decoded ? 2 * 64 * 4 + 4 * tile_bytes : HalfCodebooks::bytes + 2 * tile_bytes) +
+    return (decoded ? 2 * 64 * 4 + 4 * tile_bytes(true) : HalfCodebooks::bytes + 2 * tile_bytes(false)) +
            std::size_t(rows) * (head_dim * 2 + 4);
   }
   /// The decoded rows of one (sequence, KV head, keys or values) in the workspace: row t at
@@ -172,8 +175,8 @@ __device__ __forceinline__ void rotate_tile_chunk(float (&x)[8], int c, std::uin
 /// Grid (coded tokens / 64, KV heads, sequences): block (t, h, b) decodes coded tokens 64 t ..
 /// 64 t + 63 of sequence b's KV head h, keys and values, from the half codebooks into the
 /// workspace rows (PrefillConfig::decoded_run; tokens past `cap` are not written: the attention
-/// reads none). A thread writes one group of one row at a time, consecutive threads consecutive
-/// groups, so the rows are written whole; the centroids are read through L1. Keys coded before
+/// reads none). A thread writes 16 bytes of a row at a time (8 / C groups), consecutive threads
+/// consecutive chunks, so the rows are written whole; the centroids are read through L1. Keys coded before
 /// RoPE (p.rope) are rotated to their positions here, once: with rotate_half a thread takes the
 /// two groups of its channels' pairs (their half codebooks share a scale: key_partners), so the
 /// rotation of scaled halves is exact rescaling.
@@ -190,14 +193,26 @@ __global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, c
     constexpr int C = decltype(channels)::value, G = D / C;
     const __half* book = cb + which * HalfCodebooks::halves;
     __half* dst = out + PrefillConfig::decoded_run(b, p.kv_heads, kvh, which, cap) + std::size_t(t0) * D;
-    for (int u = threadIdx.x; u < min(n, 64) * G; u += 256) {
-      const int r = u / G, j = u % G, t = t0 + r;
-      const int code = __ldg(codes.block(t / 32, 32 * G) + j * 32 + t % 32);
-      const __half* src = book + (j * 256 + code) * C;
-      __half* d = dst + std::size_t(r) * D + j * C;
-      if constexpr (C == 8) *reinterpret_cast<uint4*>(d) = __ldg(reinterpret_cast<const uint4*>(src));
-      else if constexpr (C == 4) *reinterpret_cast<uint2*>(d) = __ldg(reinterpret_cast<const uint2*>(src));
-      else *reinterpret_cast<unsigned*>(d) = __ldg(reinterpret_cast<const unsigned*>(src));
+    constexpr int per = 8 / C;  // groups of one 16-byte chunk
+    for (int u = threadIdx.x; u < min(n, 64) * (D / 8); u += 256) {
+      const int r = u / (D / 8), j0 = per * (u % (D / 8)), t = t0 + r;
+      const std::uint8_t* block = codes.block(t / 32, 32 * G) + t % 32;
+      uint4 w;
+      if constexpr (C == 8) w = __ldg(reinterpret_cast<const uint4*>(book + (j0 * 256 + __ldg(block + j0 * 32)) * C));
+      else {
+        unsigned* wu = reinterpret_cast<unsigned*>(&w);
+#pragma unroll
+        for (int k = 0; k < per; ++k) {
+          const __half* src = book + ((j0 + k) * 256 + __ldg(block + (j0 + k) * 32)) * C;
+          if constexpr (C == 4) {
+            const uint2 x = __ldg(reinterpret_cast<const uint2*>(src));
+            wu[2 * k] = x.x, wu[2 * k + 1] = x.y;
+          } else {
+            wu[k] = __ldg(reinterpret_cast<const unsigned*>(src));
+          }
+        }
+      }
+      *reinterpret_cast<uint4*>(dst + std::size_t(r) * D + 8 * (u % (D / 8))) = w;
     }
   };
   if (p.rope == nullptr) run(std::integral_constant<int, CK>{}, kv.keys(p.page_shift()), 0);
@@ -250,9 +265,12 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     prefill_kernel(AttentionBatch p, PrefillRows rows, const unsigned char* __restrict__ codebooks,
                    const __half* __restrict__ decoded, int cap) {
   using Cfg = PrefillConfig;
-  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile;
-  constexpr int ROWS = Cfg::rows, THREADS = Cfg::threads, PIECES = 1024 / THREADS;
+  constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, TILE = Cfg::tile(Decoded), TB = Cfg::tile_bytes(Decoded);
+  constexpr int ROWS = Cfg::rows, THREADS = Cfg::threads, PIECES = TILE * (D / 8) / THREADS;
   constexpr int NBK = GK / 4, NBV = GV / 4;  // code bytes of a tile per thread (64 tokens x groups / 256)
+  // Online-softmax steps of 32 tokens (NJ score n-tiles): half the score registers of 64, which
+  // spill (with decoded rows too).
+  constexpr int STEP = 32, NJ = STEP / 8;
   extern __shared__ __align__(16) unsigned char prefill_smem[];
   unsigned char* const smem = prefill_smem;
   const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -278,7 +296,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   const float* sv = sk + 64;
   unsigned char* const q_tile = smem + head_bytes;
   unsigned char* const tiles = q_tile + ROWS * D * 2;  // buffer u: K at 2 u tile_bytes, V after it
-  float* const row_scales = reinterpret_cast<float*>(tiles + (Decoded ? 4 : 2) * Cfg::tile_bytes);
+  float* const row_scales = reinterpret_cast<float*>(tiles + (Decoded ? 4 : 2) * TB);
   const unsigned q_at = unsigned(__cvta_generic_to_shared(q_tile)), tiles_at = q_at + ROWS * D * 2;
   __syncthreads();
 
@@ -341,9 +359,9 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   // Tile i into buffer u: decoded rows or the chunk's rows by cp.async (the chunk's converted in
   // place by finish: each thread its own pieces), codes decoded here, or full rows loaded.
   auto fill = [&](int i, int u, const PrefillStage& st) {
-    unsigned char* const kt = tiles + 2 * u * Cfg::tile_bytes;
-    unsigned char* const vt = kt + Cfg::tile_bytes;
-    const unsigned kt_at = tiles_at + 2 * u * Cfg::tile_bytes, vt_at = kt_at + Cfg::tile_bytes;
+    unsigned char* const kt = tiles + 2 * u * TB;
+    unsigned char* const vt = kt + TB;
+    const unsigned kt_at = tiles_at + 2 * u * TB, vt_at = kt_at + TB;
     if (i < n_coded && !Decoded) {
       auto decode = [&](const uint4& w, int nb, int grp_count, int C, const __half* cb, unsigned char* tile) {
         const int o = nb * tid, blk = o / (32 * grp_count), within = o % (32 * grp_count);
@@ -409,8 +427,8 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   auto finish = [&](int i, int u) {
     asm volatile("cp.async.wait_all;" ::: "memory");
     if (i < n_coded + n_full) return;
-    unsigned char* const kt = tiles + 2 * u * Cfg::tile_bytes;
-    unsigned char* const vt = kt + Cfg::tile_bytes;
+    unsigned char* const kt = tiles + 2 * u * TB;
+    unsigned char* const vt = kt + TB;
     for (int j = 0; j < PIECES; ++j) {
       const int w = tid + THREADS * j, r = w / 16, c = w % 16;
       float x[8];
@@ -431,21 +449,16 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   fill(0, 0, st);
   finish(0, 0);
   __syncthreads();  // the tiles, and the queries and their scales
-  // This thread's four rows: m-tile m's rows g and g + 8 (index 2 m + i).
-  int row_token[4];
-  float row_scale[4];
-  #pragma unroll
-  for (int ri = 0; ri < 4; ++ri) {
-    const int lr = warp_row + 16 * (ri >> 1) + g + 8 * (ri & 1);
-    row_token[ri] = R0 + lr < nq ? (R0 + lr) / G : -1;
-    row_scale[ri] = row_scales[lr];
-  }
+  // This thread's four rows: m-tile m's rows g and g + 8 (index 2 m + i); their tokens (-1 past
+  // the block's rows) and scales are recomputed or reloaded where needed, not held in registers.
+  auto row_of = [&](int ri) { return warp_row + 16 * (ri >> 1) + g + 8 * (ri & 1); };
+  auto token_of = [&](int ri) { return R0 + row_of(ri) < nq ? (R0 + row_of(ri)) / G : -1; };
   float o[2][16][4] = {}, m_run[4], l_run[4];
   #pragma unroll
   for (int ri = 0; ri < 4; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.0f;
   for (int i = 0; i < n_tiles; ++i) {
     const int u = Decoded ? i & 1 : 0;
-    const unsigned kt_at = tiles_at + 2 * u * Cfg::tile_bytes, vt_at = kt_at + Cfg::tile_bytes;
+    const unsigned kt_at = tiles_at + 2 * u * TB, vt_at = kt_at + TB;
     if (i + 1 < n_tiles) {
       if constexpr (Decoded) fill(i + 1, u ^ 1, st);  // into the other buffer, during the products
       else fetch(i + 1, st);
@@ -454,11 +467,11 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
     const int first = i < n_coded ? TILE * i : chunk ? TILE * (i - n_coded - n_full) : TILE * (i - n_coded);
     const int valid = i < n_coded ? attended - first : chunk ? nrows - first : full - first;
     if (warp_active && !(chunk && first > warp_last_token)) {
-      // Two halves of 32 tokens, each its own online-softmax step: half the score registers.
+      // Steps of STEP tokens, each its own online-softmax step.
 #pragma unroll 1
-      for (int h = 0; h < 2; ++h) {
-        if (chunk && first + 32 * h > warp_last_token) break;
-        float s[2][4][4] = {};
+      for (int h = 0; h < TILE / STEP; ++h) {
+        if (chunk && first + STEP * h > warp_last_token) break;
+        float s[2][NJ][4] = {};
 #pragma unroll
         for (int ks = 0; ks < 8; ++ks) {
           unsigned qa[2][4];
@@ -466,9 +479,9 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
           for (int m = 0; m < 2; ++m)
             ldmatrix_x4(q_at + prefill_chunk(warp_row + 16 * m + (mi & 1) * 8 + r8, 2 * ks + (mi >> 1)), qa[m], false);
 #pragma unroll
-          for (int jp = 0; jp < 2; ++jp) {
+          for (int jp = 0; jp < NJ / 2; ++jp) {
             unsigned bk[4];
-            ldmatrix_x4(kt_at + prefill_chunk(32 * h + 8 * (2 * jp + (mi >> 1)) + r8, 2 * ks + (mi & 1)), bk, false);
+            ldmatrix_x4(kt_at + prefill_chunk(STEP * h + 8 * (2 * jp + (mi >> 1)) + r8, 2 * ks + (mi & 1)), bk, false);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
               mma_16816(s[m][2 * jp], qa[m], bk[0], bk[1]);
@@ -481,24 +494,26 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
         // this thread (past 32 h + 2 t4) count while below limit[ri]: the tile's valid tokens
         // and, in the chunk, the row's own position. Scores stay unscaled (the row scale is
         // positive, so it commutes with the maximum) until the exponent's multiply-add.
-        if ((chunk && first + 32 * h + 31 > warp_first_token) || valid - 32 * h < 32) {
+        if ((chunk && first + STEP * h + STEP - 1 > warp_first_token) || valid - STEP * h < STEP) {
           int limit[4];
 #pragma unroll
           for (int ri = 0; ri < 4; ++ri)
-            limit[ri] = (chunk ? min(valid, row_token[ri] - first + 1) : valid) - 32 * h - 2 * t4;
+            limit[ri] = (chunk ? min(valid, token_of(ri) - first + 1) : valid) - STEP * h - 2 * t4;
 #pragma unroll
           for (int m = 0; m < 2; ++m)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < NJ; ++j)
 #pragma unroll
               for (int e = 0; e < 4; ++e)
                 if (8 * j + (e & 1) >= limit[2 * m + (e >> 1)]) s[m][j][e] = -INFINITY;
         }
-        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, row_scale[4];
+#pragma unroll
+        for (int ri = 0; ri < 4; ++ri) row_scale[ri] = row_scales[row_of(ri)];
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
+          for (int j = 0; j < NJ; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) mx[2 * m + (e >> 1)] = fmaxf(mx[2 * m + (e >> 1)], s[m][j][e]);
         float alpha[4], mb[4];
@@ -521,11 +536,11 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             for (int n = 0; n < 16; ++n)
 #pragma unroll
               for (int e = 0; e < 4; ++e) o[m][n][e] *= alpha[2 * m + (e >> 1)];
-        unsigned pa[2][2][4];
+        unsigned pa[2][NJ / 2][4];
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
+          for (int j = 0; j < NJ; ++j) {
             float pr[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -536,11 +551,11 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             pa[m][j / 2][(j & 1) * 2 + 1] = pack_half2(pr[2], pr[3]);
           }
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
+        for (int kk = 0; kk < STEP / 16; ++kk)
 #pragma unroll
           for (int n2 = 0; n2 < 8; ++n2) {
             unsigned bv[4];
-            ldmatrix_x4(vt_at + prefill_chunk(32 * h + 16 * kk + (mi & 1) * 8 + r8, 2 * n2 + (mi >> 1)), bv, true);
+            ldmatrix_x4(vt_at + prefill_chunk(STEP * h + 16 * kk + (mi & 1) * 8 + r8, 2 * n2 + (mi >> 1)), bv, true);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
               mma_16816(o[m][2 * n2], pa[m][kk], bv[0], bv[1]);
@@ -570,9 +585,10 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
   }
   #pragma unroll
   for (int ri = 0; ri < 4; ++ri) {
-    if (row_token[ri] < 0) continue;
+    const int token = token_of(ri);
+    if (token < 0) continue;
     const int lr = warp_row + 16 * (ri >> 1) + g + 8 * (ri & 1), head = kvh * G + (R0 + lr) % G, m = ri >> 1;
-    const std::size_t r = std::size_t(row0 + row_token[ri]);
+    const std::size_t r = std::size_t(row0 + token);
     E* out = static_cast<E*>(rows.out) + r * rows.out_stride + std::size_t(head) * D;
     const float inv = l_run[ri] > 0.0f ? 1.0f / l_run[ri] : 0.0f;
     #pragma unroll
