@@ -4,9 +4,9 @@
 /// sequence b is the cache state the chunk follows) and over the chunk's own keys and values,
 /// causally, in the model's dtype (fp16 or bf16). The chunk itself is read as the engine has it,
 /// in full precision, as FlashAttention's prefill does; the engine appends it to the cache
-/// afterwards. Kernels: attention/prefill/kernel.cuh (tensor cores, 256 query rows x 64-token
-/// tiles; the coded rows decoded once into the workspace, or per tile in shared memory when that
-/// workspace would pass the object's limit).
+/// afterwards. Kernels: attention/prefill/kernel.cuh (tensor cores, 256 query rows x 128-token
+/// tiles of the coded rows decoded once into the workspace, or 64-token tiles decoded in shared
+/// memory when that workspace would pass the object's limit).
 ///
 ///   PrefillAttention pa;
 ///   const PrefillPlan plan = pa.plan(shape, DType::f16);  // once per shape; allocates the workspace
