@@ -176,10 +176,10 @@ __device__ __forceinline__ void rotate_tile_chunk(float (&x)[8], int c, std::uin
 /// 64 t + 63 of sequence b's KV head h, keys and values, from the half codebooks into the
 /// workspace rows (PrefillConfig::decoded_run; tokens past `cap` are not written: the attention
 /// reads none). A thread writes 16 bytes of a row at a time (8 / C groups), consecutive threads
-/// consecutive chunks, so the rows are written whole; the centroids are read through L1. Keys coded before
-/// RoPE (p.rope) are rotated to their positions here, once: with rotate_half a thread takes the
-/// two groups of its channels' pairs (their half codebooks share a scale: key_partners), so the
-/// rotation of scaled halves is exact rescaling.
+/// consecutive chunks, so the rows are written whole; the centroids are read through L1. Keys
+/// coded before RoPE (p.rope) are rotated to their positions here, once: with rotate_half a
+/// thread takes the two groups of its channels' pairs (their half codebooks share a scale:
+/// key_partners), so the rotation of scaled halves is exact rescaling.
 template <int CK, int CV>
 __global__ void __launch_bounds__(256) prefill_decode_kernel(AttentionBatch p, const unsigned char* __restrict__ codebooks,
                                                              __half* __restrict__ out, int cap) {
@@ -489,9 +489,9 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
             }
           }
         }
-        // Masks only where a token of the half may not count (warp-uniform): a tile's last
+        // Masks only where a token of the step may not count (warp-uniform): a tile's last
         // tokens, and chunk tokens past the warp's first row (causal). Columns 8 j + (e & 1) of
-        // this thread (past 32 h + 2 t4) count while below limit[ri]: the tile's valid tokens
+        // this thread (past STEP h + 2 t4) count while below limit[ri]: the tile's valid tokens
         // and, in the chunk, the row's own position. Scores stay unscaled (the row scale is
         // positive, so it commutes with the maximum) until the exponent's multiply-add.
         if ((chunk && first + STEP * h + STEP - 1 > warp_first_token) || valid - STEP * h < STEP) {
