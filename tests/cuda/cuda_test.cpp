@@ -407,6 +407,13 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
           CAPTURE(codes.pages);
           CHECK(batch_error(long_case.with_pages(page), kernel, codes) < 1e-3);
         }
+    // 2c8b in pages across splits: the lane-tables kernel's value-rows mode, which reads its page
+    // ids from the split's copy in shared memory (a split's first page is not page 0).
+    const test::AttentionCase long_rows = test::AttentionCase::of(128, 2, 8, 32, 4, 4, {40000, 7000}).with_seed(997);
+    for (std::size_t page : {32u, 64u, 256u}) {
+      CAPTURE(page);
+      CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}) < 1e-3);
+    }
     // The same with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
     const RopeConfig llama = gpu_test::llama3_rope();
     for (gpu_test::DeviceCodes codes : both_storages) {

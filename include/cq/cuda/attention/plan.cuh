@@ -227,7 +227,8 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   } else {
     hi = std::max(lo, std::min(lo * 32, blocks32 / 16));
   }
-  lo = std::max(1LL, lo);
+  // Splits within the shared copy of their page ids.
+  lo = std::max({1LL, lo, (blocks32 + lane_tables_split_blocks - 1) / lane_tables_split_blocks});
   hi = std::max(lo, hi);
   // A split also costs its score tables and its histogram x codebook product (L2 reads of the
   // key and value codebooks), counted as half as many 32-token blocks of codes.

@@ -56,6 +56,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   float* q_shared = stage + 256 * (Cfg::stage_groups + 1);                // [D]
   float* vmean = q_shared + L.head_dim;                                   // [D] value-rows mode
   float* vunscale = vmean + L.head_dim;                                   // [D / 2] value-rows mode
+  auto* page_ids = reinterpret_cast<std::uint32_t*>(vunscale + L.head_dim);  // [lane_tables_page_cap]
   // The table addresses' immediate offset assumes this (the host checks the reserved size).
   if (unsigned(__cvta_generic_to_shared(tab)) != unsigned(lane_tables_shared_base)) __trap();
 
@@ -71,10 +72,25 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const int nfull = split == 0 ? int(seq.full) : 0;
   const CodeRun key_run = codes.keys(p.page_shift()), value_run = codes.values(p.page_shift());
-  // The first round's codes head for L2 while the block builds its tables.
+  // The first round's codes head for L2 while the block builds its tables (pages looked up in
+  // the page table itself: its copy below is not in yet).
   if (warp == 0 && n > 0) {
-    if (stages & stage_scan) prefetch_code_blocks<KL, warps * R>(key_run, c0 / 32, 0, nblocks, lane);
-    if (stages & stage_hist) prefetch_code_blocks<VL, warps * R>(value_run, c0 / 32, 0, nblocks, lane);
+    const auto table = [&](int blk) { return key_run.page_of(blk); };
+    if (stages & stage_scan) prefetch_code_blocks<KL, warps * R>(key_run, table, c0 / 32, 0, nblocks, lane);
+    if (stages & stage_hist) prefetch_code_blocks<VL, warps * R>(value_run, table, c0 / 32, 0, nblocks, lane);
+  }
+  // Paged codes, value-rows mode: the split's page ids into shared memory by cp.async (no thread
+  // waits on them before the main loop's barrier; PageLookup says why this mode only).
+  const int first_page = (c0 / 32) >> p.page_shift();
+  const unsigned page_ids_at = unsigned(__cvta_generic_to_shared(page_ids));
+  const SplitPages split_pages{page_ids_at - 4u * unsigned(first_page), p.page_shift()};
+  if (Rows && key_run.pages && n > 0) {
+    const int count = ((c0 / 32 + nblocks - 1) >> split_pages.shift) - first_page + 1;
+    if (count > lane_tables_page_cap) __trap();  // the plan keeps splits within the cap
+    for (int i = tid; i < count; i += threads)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(page_ids_at + 4u * unsigned(i)),
+                   "l"(key_run.pages + first_page + i)
+                   : "memory");
   }
 
   // Prologue (prologue.cuh). The full-precision value rows' loads go out first: thread
@@ -109,6 +125,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
     full_max = weigh_full_values<Cfg, vchunk>(vfirst, rows, vd, full_score, red, product, vpart, parts, nfull, tid);
   });
   if (tables) fill_columns<KL, threads, 0>(tab, stage, tid);
+  asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's page ids are in
   __syncthreads();
   const bool accumulate = stages & stage_hist;
   if constexpr (Rows)
@@ -141,8 +158,9 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   LaneTablesBlock k;
   k.split = split, k.b = b, k.kvh = kvh, k.bh = bh, k.D = D, k.tid = tid, k.warp = warp, k.lane = lane;
   k.codes = codes, k.n = n, k.nblocks = nblocks, k.scale = scale, k.nfull = nfull;
-  k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32;
-  LaneTablesShared sh{tab, round_barrier, wbuf, red, full_score, product, code_part, stage, q_shared, vmean, vunscale};
+  k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32, k.pages = split_pages;
+  LaneTablesShared sh{tab,       round_barrier, wbuf,  red,      full_score, product,
+                      code_part, stage,         q_shared, vmean, vunscale, page_ids};
   if (aligned)
     scan_split<Cfg, Rows, true>(L, k, sh, a, my_weights, scan, accumulate, ref, wsum, acc);
   else

@@ -161,6 +161,25 @@ struct LaneTablesConfig {
   static constexpr int round_blocks = warps * round;                                 // blocks per block and round
 };
 
+/// Paged codes in value-rows mode: the split's page ids, copied into shared memory by the kernel
+/// before its main loop (lane_tables_page_cap words), so that neither the main loop nor the warp
+/// prefetching for the block waits on the page table in global memory (PageLookup, mainloop.cuh).
+/// Block b lies in page ids[(b >> shift) - first]; keys and values share the page table.
+struct SplitPages {
+  unsigned at;  // shared-window address of the ids, less 4 x (the split's first page)
+  int shift;    // log2 of the blocks per page
+  __device__ __forceinline__ std::uint32_t operator()(int b) const {
+    std::uint32_t id;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(id) : "r"(at + ((unsigned(b) >> shift) << 2)));
+    return id;
+  }
+};
+
+/// Most pages a split's codes span (the page ids in shared memory): splits are at most
+/// lane_tables_split_blocks 32-token blocks, pages at least one block.
+constexpr int lane_tables_split_blocks = 2048;
+constexpr int lane_tables_page_cap = lane_tables_split_blocks + 4;
+
 /// Shape and plan of a launch of lane_tables_kernel. Shared memory: the planes first (at
 /// shared-window address lane_tables_shared_base), then the small buffers at byte `small_at` of
 /// the dynamic allocation.
@@ -172,13 +191,13 @@ struct LaneTablesLayout {
 
 /// Words of lane_tables_kernel<GK, GV>'s small buffers: the round barrier, per-warp weights of two
 /// rounds, reductions, the full-precision tokens' scores, their values' partial sums, the codes'
-/// share of the output, the staged score tables and q, and (value-rows mode) the value rows'
-/// rounding means and scales.
+/// share of the output, the staged score tables and q, (value-rows mode) the value rows' rounding
+/// means and scales, and the split's page ids.
 template <int GK, int GV>
 CQ_HOST_DEVICE constexpr int lane_tables_small_words(int full_cap, int D) {
   using Cfg = LaneTablesConfig<GK, GV>;
   return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + full_cap + Cfg::threads / D * D + D +
-         256 * (Cfg::stage_groups + 1) + 3 * D;
+         256 * (Cfg::stage_groups + 1) + 3 * D + lane_tables_page_cap;
 }
 
 /// The buffers of a lane_tables_kernel block in dynamic shared memory, as the kernel carves them
@@ -196,6 +215,7 @@ struct LaneTablesShared {
   float* q;                          // [D]
   float* vmean;                      // [D] value-rows mode: the rows' rounding means
   float* vunscale;                   // [D / 2] value-rows mode: the rows' scales
+  std::uint32_t* page_ids;           // [lane_tables_page_cap] paged codes, value-rows mode: the split's page ids
 };
 
 /// What a lane_tables_kernel block serves -- one query head of one sequence over one split of its
@@ -209,6 +229,7 @@ struct LaneTablesBlock {
   int nfull;       // full-precision tokens (split 0 only)
   CodeRun key_run, value_run;  // the codes, by blocks (params.cuh)
   int first_block;             // the split's first block
+  SplitPages pages;            // paged codes, value-rows mode: the split's page ids in shared memory
 };
 
 }  // namespace cq::cuda::detail

@@ -125,11 +125,25 @@ __device__ inline void load_unit(unsigned* dst, const std::uint8_t* src) {
 /// The page ids of the `R` consecutive blocks from the split's block `blk` (clamped to its last
 /// block), for load_code_blocks; keys and values share them (one page table). Contiguous: nothing.
 /// Looked up a round before the loads that use them, so a load never waits on the page table.
-template <int R>
-__device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, int first, int blk, int nblocks) {
+template <int R, class PageOf>
+__device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, const PageOf& page_of, int first, int blk,
+                                   int nblocks) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? run.page_of(first + min(blk + r, nblocks - 1)) : 0u;
+  for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? page_of(first + min(blk + r, nblocks - 1)) : 0u;
 }
+
+/// Where the main loop looks a block's page up: in value-rows mode the split's page ids in shared
+/// memory (its rounds are one block a warp, so a page-table load's latency sat in every round);
+/// in histogram mode the page table itself, whose loads go out a round ahead and hit L1 (the
+/// shared copy measured slower there: docs/design/cuda-attention.md, "Paged codes", session 13).
+template <bool Rows>
+struct PageLookup {
+  const LaneTablesBlock& k;
+  __device__ __forceinline__ std::uint32_t operator()(int b) const {
+    if constexpr (Rows) return k.pages(b);
+    else return k.key_run.page_of(b);
+  }
+};
 
 /// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at the split's
 /// block `blk` (block first + blk of the run; in pages, pages pg from block_pages). When the R
@@ -171,10 +185,11 @@ __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::
 /// by one warp. Contiguous: lane 0 asks for the whole range in one bulk prefetch (sm_90). In
 /// pages of 4 blocks or more: one bulk prefetch per page's run of blocks, lane i for the run
 /// starting at block i; in smaller pages: 128-byte line prefetches spread over the lanes (many
-/// small bulk requests queue behind each other). The lanes look their pages up here: page ids held
-/// in registers a round ahead spill in the main loop, which cost more than the wait they save.
-template <class Lanes, int R>
-__device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int blk, int nblocks, int lane) {
+/// small bulk requests queue behind each other). `page_of(b)` gives block b's page id (PageLookup
+/// in the main loop; the page table itself before the kernel has copied it).
+template <class Lanes, int R, class PageOf>
+__device__ inline void prefetch_code_blocks(const CodeRun& run, const PageOf& page_of, int first, int blk, int nblocks,
+                                            int lane) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int block_bytes = 32 * Lanes::groups, block_lines = block_bytes / 128;
   const int count = min(R, nblocks - blk);
@@ -190,7 +205,7 @@ __device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int b
     for (int r = lane; r < count; r += 32) {
       const int b = first + blk + r, in_page = b & (pb - 1);
       if (r > 0 && in_page != 0) continue;  // not the start of a page's run
-      const std::uint8_t* p = run.block(b, block_bytes);
+      const std::uint8_t* p = run.block_in(page_of(b), b, block_bytes);
       const int blocks = min(pb - in_page, count - r);
       if ((reinterpret_cast<std::uintptr_t>(p) & 15u) == 0)
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(unsigned(blocks * block_bytes))
@@ -199,7 +214,8 @@ __device__ inline void prefetch_code_blocks(const CodeRun& run, int first, int b
     return;
   }
   for (int i = lane; i < count * block_lines; i += 32) {
-    const std::uint8_t* p = run.block(first + blk + i / block_lines, block_bytes) + (i % block_lines) * 128;
+    const int b = first + blk + i / block_lines;
+    const std::uint8_t* p = run.block_in(page_of(b), b, block_bytes) + (i % block_lines) * 128;
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
   }
 #endif
@@ -226,14 +242,15 @@ template <bool Rows>
 using LaneWeight = std::conditional_t<Rows, float, unsigned>;
 
 /// Warp 0 asks L2 for round r's blocks of each codes array that the stages read.
-template <class Cfg>
+template <class Cfg, bool Rows>
 __device__ __forceinline__ void prefetch_round(const LaneTablesBlock& k, bool scan, bool accumulate, int r) {
   if (k.warp != 0) return;
+  const PageLookup<Rows> page_of{k};
   if (scan)
-    prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_run, k.first_block, r * Cfg::round_blocks,
-                                                                    k.nblocks, k.lane);
+    prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_run, page_of, k.first_block,
+                                                                    r * Cfg::round_blocks, k.nblocks, k.lane);
   if (accumulate)
-    prefetch_code_blocks<typename Cfg::ValueLanes, Cfg::round_blocks>(k.value_run, k.first_block,
+    prefetch_code_blocks<typename Cfg::ValueLanes, Cfg::round_blocks>(k.value_run, page_of, k.first_block,
                                                                       r * Cfg::round_blocks, k.nblocks, k.lane);
 }
 
@@ -299,9 +316,10 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
   using VL = typename Cfg::ValueLanes;
   constexpr int R = Cfg::round, round_blocks = Cfg::round_blocks;
   unsigned kq[R][KL::slots][KL::words], vq[R][VL::slots][VL::words];
+  const PageLookup<Rows> page_of{k};
   // Paged codes: the pages of this round's blocks (pg) and of the next round's (pg_next).
   std::uint32_t pg[R], pg_next[R];
-  block_pages(pg_next, k.key_run, k.first_block, k.warp * R, k.nblocks);
+  block_pages(pg_next, k.key_run, page_of, k.first_block, k.warp * R, k.nblocks);
   if (k.n > 0) {
     if (scan) load_code_blocks<KL, R, Aligned>(kq, k.key_run, k.first_block, pg_next, a.koff, k.warp * R, k.nblocks);
     if (accumulate)
@@ -312,11 +330,11 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
     const int blk0 = round * round_blocks + k.warp * R;
 #pragma unroll
     for (int r = 0; r < R; ++r) pg[r] = pg_next[r];
-    block_pages(pg_next, k.key_run, k.first_block, blk0 + round_blocks, k.nblocks);
+    block_pages(pg_next, k.key_run, page_of, k.first_block, blk0 + round_blocks, k.nblocks);
     // L2 fetches the next round's blocks while this one computes; the register loads for them go
     // out after this round's lookups. (The stage switch is per round, so the lookups carry no
     // predicate.)
-    prefetch_round<Cfg>(k, scan, accumulate, round + 1);
+    prefetch_round<Cfg, Rows>(k, scan, accumulate, round + 1);
     float s[R];
     if (scan) {
 #pragma unroll
