@@ -280,18 +280,19 @@ GpuCaseOf<T> gpu_case(const test::AttentionCase& c, const test::CaseCache<T>& cc
 }
 
 std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>& g, gpu_test::Kernel kernel,
-                                 gpu_test::DeviceCodes codes = {}) {
-  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, codes);
+                                 gpu_test::DeviceCodes codes = {}, int* splits_used = nullptr) {
+  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, codes, splits_used);
 }
 
 // Codes in contiguous buffers, and in the CPU cache's pages read through page tables.
 constexpr gpu_test::DeviceCodes both_storages[] = {{.pages = false}, {.pages = true}};
 
 // ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
-double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {}) {
+double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {},
+                   int* splits_used = nullptr) {
   const auto cc = test::build_case<float>(c);
   const auto g = gpu_case(c, cc);
-  const std::vector<float> got = gpu_attention(c, g, kernel, codes);
+  const std::vector<float> got = gpu_attention(c, g, kernel, codes, splits_used);
   std::vector<double> ref;
   const std::size_t qw = cc.q_heads * c.D;
   for (std::size_t i = 0; i < cc.seqs.size(); ++i)
@@ -412,7 +413,9 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     const test::AttentionCase long_rows = test::AttentionCase::of(128, 2, 8, 32, 4, 4, {40000, 7000}).with_seed(997);
     for (std::size_t page : {32u, 64u, 256u}) {
       CAPTURE(page);
-      CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}) < 1e-3);
+      int splits = 0;
+      CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}, &splits) < 1e-3);
+      CHECK(splits > 1);
     }
     // The same with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
     const RopeConfig llama = gpu_test::llama3_rope();

@@ -82,7 +82,8 @@ LaneTablesLayout lane_tables_layout(const AttentionShape& s, std::size_t* bytes)
   L.head_dim = s.head_dim;
   L.full_cap = s.max_full;
   L.small_at = LaneTablesConfig<GK, GV>::planes * plane_bytes;
-  *bytes = std::size_t(L.small_at) + std::size_t(lane_tables_small_words<GK, GV>(s.max_full, s.head_dim)) * 4;
+  const bool rows = GV == 64 && s.value_channels == 2;  // value-rows mode (plan_lane_tables' choice)
+  *bytes = std::size_t(L.small_at) + std::size_t(lane_tables_small_words<GK, GV>(s.max_full, s.head_dim, rows)) * 4;
   return L;
 }
 
@@ -227,8 +228,8 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   } else {
     hi = std::max(lo, std::min(lo * 32, blocks32 / 16));
   }
-  // Splits within the shared copy of their page ids.
-  lo = std::max({1LL, lo, (blocks32 + lane_tables_split_blocks - 1) / lane_tables_split_blocks});
+  // Value-rows mode: splits within the shared copy of their page ids.
+  lo = std::max({1LL, lo, Rows ? (blocks32 + lane_tables_split_blocks - 1) / lane_tables_split_blocks : 1LL});
   hi = std::max(lo, hi);
   // A split also costs its score tables and its histogram x codebook product (L2 reads of the
   // key and value codebooks), counted as half as many 32-token blocks of codes.

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   float* q_shared = stage + 256 * (Cfg::stage_groups + 1);                // [D]
   float* vmean = q_shared + L.head_dim;                                   // [D] value-rows mode
   float* vunscale = vmean + L.head_dim;                                   // [D / 2] value-rows mode
-  auto* page_ids = reinterpret_cast<std::uint32_t*>(vunscale + L.head_dim);  // [lane_tables_page_cap]
+  auto* page_ids = reinterpret_cast<std::uint32_t*>(vunscale + L.head_dim);  // [lane_tables_page_cap] value-rows mode
   // The table addresses' immediate offset assumes this (the host checks the reserved size).
   if (unsigned(__cvta_generic_to_shared(tab)) != unsigned(lane_tables_shared_base)) __trap();
 

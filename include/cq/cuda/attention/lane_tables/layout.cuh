@@ -175,8 +175,9 @@ struct SplitPages {
   }
 };
 
-/// Most pages a split's codes span (the page ids in shared memory): splits are at most
-/// lane_tables_split_blocks 32-token blocks, pages at least one block.
+/// Most pages a split's codes span (the page ids in shared memory, value-rows mode): the plan keeps
+/// its splits within lane_tables_split_blocks 32-token blocks (histogram mode's fixed point keeps
+/// them shorter anyway), pages are at least one block.
 constexpr int lane_tables_split_blocks = 2048;
 constexpr int lane_tables_page_cap = lane_tables_split_blocks + 4;
 
@@ -192,12 +193,12 @@ struct LaneTablesLayout {
 /// Words of lane_tables_kernel<GK, GV>'s small buffers: the round barrier, per-warp weights of two
 /// rounds, reductions, the full-precision tokens' scores, their values' partial sums, the codes'
 /// share of the output, the staged score tables and q, (value-rows mode) the value rows' rounding
-/// means and scales, and the split's page ids.
+/// means and scales, and (value-rows mode, `rows`) the split's page ids.
 template <int GK, int GV>
-CQ_HOST_DEVICE constexpr int lane_tables_small_words(int full_cap, int D) {
+CQ_HOST_DEVICE constexpr int lane_tables_small_words(int full_cap, int D, bool rows) {
   using Cfg = LaneTablesConfig<GK, GV>;
   return 4 + Cfg::warps * 2 * Cfg::round * 32 + 4 * Cfg::warps + full_cap + Cfg::threads / D * D + D +
-         256 * (Cfg::stage_groups + 1) + 3 * D + lane_tables_page_cap;
+         256 * (Cfg::stage_groups + 1) + 3 * D + (rows ? lane_tables_page_cap : 0);
 }
 
 /// The buffers of a lane_tables_kernel block in dynamic shared memory, as the kernel carves them
