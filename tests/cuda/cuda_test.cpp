@@ -417,7 +417,7 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
       CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}, &splits) < 1e-3);
       CHECK(splits > 1);
     }
-    // The same with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
+    // The long case with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
     const RopeConfig llama = gpu_test::llama3_rope();
     for (gpu_test::DeviceCodes codes : both_storages) {
       CAPTURE(codes.pages);

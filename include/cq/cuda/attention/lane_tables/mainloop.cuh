@@ -134,8 +134,8 @@ __device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, c
 
 /// Where the main loop looks a block's page up: in value-rows mode the split's page ids in shared
 /// memory (its rounds are one block a warp, so a page-table load's latency sat in every round);
-/// in histogram mode the page table itself, whose loads go out a round ahead and hit L1 (the
-/// shared copy measured slower there: docs/design/cuda-attention.md, "Paged codes", session 13).
+/// in histogram mode the page table itself, whose loads go out a round ahead (the shared copy
+/// measured slower there: docs/design/cuda-attention.md, "Paged codes", session 13).
 template <bool Rows>
 struct PageLookup {
   const LaneTablesBlock& k;
