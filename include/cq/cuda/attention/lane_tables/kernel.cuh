@@ -159,8 +159,7 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   k.split = split, k.b = b, k.kvh = kvh, k.bh = bh, k.D = D, k.tid = tid, k.warp = warp, k.lane = lane;
   k.codes = codes, k.n = n, k.nblocks = nblocks, k.scale = scale, k.nfull = nfull;
   k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32, k.pages = split_pages;
-  LaneTablesShared sh{tab,       round_barrier, wbuf,  red,      full_score, product,
-                      code_part, stage,         q_shared, vmean, vunscale, page_ids};
+  LaneTablesShared sh{tab, round_barrier, wbuf, red, full_score, product, code_part, stage, q_shared, vmean, vunscale};
   if (aligned)
     scan_split<Cfg, Rows, true>(L, k, sh, a, my_weights, scan, accumulate, ref, wsum, acc);
   else

@@ -216,7 +216,6 @@ struct LaneTablesShared {
   float* q;                          // [D]
   float* vmean;                      // [D] value-rows mode: the rows' rounding means
   float* vunscale;                   // [D / 2] value-rows mode: the rows' scales
-  std::uint32_t* page_ids;           // [lane_tables_page_cap] paged codes, value-rows mode: the split's page ids
 };
 
 /// What a lane_tables_kernel block serves -- one query head of one sequence over one split of its
