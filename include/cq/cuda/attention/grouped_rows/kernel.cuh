@@ -6,10 +6,11 @@
 /// Why: the lane-tables kernel does its lookups once per *query* head, so its cost grows with the
 /// group while the bytes fp16 attention reads grow with the KV heads only. Here each coded token's
 /// key and value rows are decoded once per KV head, from half-precision centroids in shared memory
-/// (both codebooks: 2 x 256 x 128 halves = 128 KiB), and the group's heads are served by tensor
-/// cores (mma.sync m16n8k16, fp32 accumulate) with the tokens as M and the heads as N (8 per
-/// column tile, so a group of 4-8 heads pads to 8, not 16): S = K Q^T, then O^T += V^T P^T with
-/// the tokens as K -- P's two 8 x 8 blocks become the B operand by one movmatrix transpose each.
+/// (both codebooks: 2 x 256 x 128 halves = 128 KiB, at 8c8b the keys' twice: dual_key_slot), and
+/// the group's heads are served by tensor cores (mma.sync m16n8k16, fp32 accumulate) with the
+/// tokens as M and the heads as N (8 per column tile, so a group of 4-8 heads pads to 8, not 16):
+/// S = K Q^T, then O^T += V^T P^T with the tokens as K -- P's two 8 x 8 blocks become the B
+/// operand by one movmatrix transpose each.
 /// Per 16-token tile that is 16 products for a group of up to 8 heads. The cost per token is the
 /// decode (512 bytes of centroids from shared memory), independent of the group size.
 ///
@@ -34,7 +35,7 @@
 /// query, value scales divide the output channels at the end.
 ///
 /// A launch: half_codebooks_kernel converts every KV head's codebooks once into the workspace;
-/// then the grid is (splits, sequences x KV heads): a block copies its KV head's 128 KiB into
+/// then the grid is (splits, sequences x KV heads): a block copies its KV head's codebooks into
 /// shared memory, and 16 warps (8 for groups of 9-16 heads, whose two column tiles need twice the
 /// registers, and for keys rotated in the kernel at 2 channels) take 16-token tiles in turn, each
 /// staging its next tile's codes by cp.async (through the page table when the codes are paged)
@@ -64,8 +65,15 @@ struct GroupedRowsLayout {
 struct GroupedRowsConfig {
   static constexpr int head_dim = 128, max_group = 16, tile = 16;
   static constexpr int codebook_bytes = 256 * head_dim * 2;  // one codebook in half precision
-  /// A warp's staged codes of one tile: 16 bytes per key and value group (at most 64 each).
-  static constexpr int stage_bytes = 2 * 64 * tile;
+  /// A warp's staged codes of one tile at `channels` per group: 16 bytes per key and value group.
+  static constexpr int stage_bytes(int channels) { return 2 * (head_dim / channels) * tile; }
+  /// Whether the key codebook is held twice in shared memory, placed so that the key fragment's
+  /// centroid loads never meet on a bank (dual_key_slot): at 8 channels with keys not rotated in
+  /// the kernel (with the RoPE tables it would not fit).
+  static constexpr bool dual_keys(int channels, int rope_channels) { return channels == 8 && rope_channels == 0; }
+  static constexpr int key_codebook_bytes(int channels, int rope_channels) {
+    return codebook_bytes * (dual_keys(channels, rope_channels) ? 2 : 1);
+  }
   /// Column tiles (8 heads each) for a group of `heads` query heads.
   static constexpr int head_tiles(int heads) { return heads <= 8 ? 1 : 2; }
   /// Warps of a block: 16 for one column tile of heads (128 registers a thread), 8 for two. With
@@ -77,13 +85,15 @@ struct GroupedRowsConfig {
   static constexpr std::size_t rope_bytes(int tiles, int rope_channels) {
     return std::size_t(DeviceRope::steps + 2 * warps(tiles, rope_channels)) * DeviceRope::max_pairs * 2 * 4;
   }
-  /// Dynamic shared memory for `full_cap` full-precision tokens: the two codebooks and the warps'
-  /// two code stages (the warps' states and the full tokens' scores reuse them after the main
-  /// loop), then the group scales, then (pre-RoPE keys) rope_bytes.
-  static constexpr std::size_t shared_bytes(int full_cap, int tiles, int rope_channels = 0) {
+  /// Dynamic shared memory for `full_cap` full-precision tokens at `channels` per group: the two
+  /// codebooks (the keys' perhaps twice) and the warps' two code stages (the warps' states and the
+  /// full tokens' scores reuse them after the main loop), then the group scales, then (pre-RoPE
+  /// keys) rope_bytes.
+  static constexpr std::size_t shared_bytes(int full_cap, int tiles, int channels, int rope_channels = 0) {
     const int w = warps(tiles, rope_channels), heads = 8 * tiles;
     const std::size_t merge = std::size_t(w * (heads * head_dim + 2 * heads) + heads * full_cap + 2 * heads) * 4;
-    const std::size_t loop = 2u * codebook_bytes + std::size_t(w) * 2 * stage_bytes;
+    const std::size_t loop = std::size_t(key_codebook_bytes(channels, rope_channels)) + codebook_bytes +
+                             std::size_t(w) * 2 * stage_bytes(channels);
     return (merge > loop ? merge : loop) + 2 * 64 * 4 + (rope_channels ? rope_bytes(tiles, rope_channels) : 0);
   }
 };
@@ -199,6 +209,17 @@ __device__ __forceinline__ void put_centroid_words(const __half* cb, int g, unsi
   }
 }
 
+/// The dual placement of an 8-channel key codebook (GroupedRowsConfig::dual_keys). In the key
+/// fragment's load g (of 4), lane (gq, tq) reads group 4 tq + g for a token of row parity gq & 1,
+/// and a quarter-warp's eight lanes are two such rows by four tq. Placed by group and code alone,
+/// a centroid's bank quad is its code mod 8, so random codes meet (2.6 wavefronts a load, measured,
+/// where 1 would do). Held twice instead, copy r of group 4 tq + g's centroid `code` in 16-byte
+/// slot dual_key_slot(g, code, r, tq), the eight lanes (copy r = gq & 1) fall on the eight distinct
+/// quads 4 r + tq whatever their codes.
+__device__ __forceinline__ int dual_key_slot(int g, unsigned code, int copy, int tq) {
+  return 8 * (256 * g + int(code)) + 4 * copy + tq;
+}
+
 /// Where the tile's tokens sit: the mma fragments' token index r (0..15) is staged token
 /// 4 (r % 8 / 2) + r % 2 + 2 (r / 8), so a thread's two key rows (r, r + 8) share a 32-bit word
 /// of a group's staged codes (bytes e and e + 2), and its four value tokens (2 tq, 2 tq + 1,
@@ -274,11 +295,14 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
   using Cfg = GroupedRowsConfig;
   constexpr int D = Cfg::head_dim, GK = D / CK, GV = D / CV, warps = Cfg::warps(NT, Rope ? CK : 0), threads = warps * 32;
   constexpr int MG = 8 * NT;  // heads a block's fragments hold (the group padded)
+  constexpr bool dual = Cfg::dual_keys(CK, Rope ? CK : 0);
+  constexpr int stage_bytes = Cfg::stage_bytes(CK);
+  static_assert(CK == CV, "one stage size for keys and values");
   extern __shared__ __align__(16) unsigned char grouped_rows_smem[];
   __half* kc = reinterpret_cast<__half*>(grouped_rows_smem);
-  __half* vc = kc + 256 * D;
+  __half* vc = kc + (dual ? 2 : 1) * 256 * D;
   const std::size_t small_at =
-      Cfg::shared_bytes(L.full_cap, NT, Rope ? CK : 0) - 2 * 64 * 4 - (Rope ? Cfg::rope_bytes(NT, CK) : 0);
+      Cfg::shared_bytes(L.full_cap, NT, CK, Rope ? CK : 0) - 2 * 64 * 4 - (Rope ? Cfg::rope_bytes(NT, CK) : 0);
   float* kscale = reinterpret_cast<float*>(grouped_rows_smem + small_at);  // [GK]
   float* vscale = kscale + 64;                                             // [GV]
   // Pre-RoPE keys: the step table [t][pair] (cos, sin), then each warp's two tile anchors
@@ -299,10 +323,25 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
 
   {  // This KV head's half-precision codebooks and scales (half_codebooks_kernel) into shared memory.
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
-    uint4* dst = reinterpret_cast<uint4*>(kc);
     constexpr int words = 4 * HalfCodebooks::halves / 16;
+    if constexpr (dual) {  // keys twice (dual_key_slot; a 16-byte word is a centroid), values as they are
+      uint4* kdst = reinterpret_cast<uint4*>(kc);
+#pragma unroll 4
+      for (int i = tid; i < words / 2; i += threads) {
+        const uint4 v = __ldg(src + i);
+        const int grp = i / 256, tq = grp / 4, g = grp % 4;
+        const unsigned code = unsigned(i % 256);
+        kdst[dual_key_slot(g, code, 0, tq)] = v;
+        kdst[dual_key_slot(g, code, 1, tq)] = v;
+      }
+      uint4* vdst = reinterpret_cast<uint4*>(vc);
+#pragma unroll 4
+      for (int i = tid; i < words / 2; i += threads) vdst[i] = __ldg(src + words / 2 + i);
+    } else {
+      uint4* dst = reinterpret_cast<uint4*>(kc);
 #pragma unroll 8
-    for (int i = tid; i < words; i += threads) dst[i] = __ldg(src + i);
+      for (int i = tid; i < words; i += threads) dst[i] = __ldg(src + i);
+    }
     if (tid < 128) kscale[tid] = reinterpret_cast<const float*>(src + words)[tid];  // kscale, then vscale
     if constexpr (Rope)  // the step table, chunks placed by rope_chunk
       for (int i = tid; i < DeviceRope::steps * DeviceRope::max_pairs; i += threads) {
@@ -352,7 +391,8 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
   }
   const int tiles = (n + Cfg::tile - 1) / Cfg::tile;
   // Each warp stages its next tile's codes (cp.async) while it computes the current one.
-  std::uint8_t* stages = grouped_rows_smem + 2 * Cfg::codebook_bytes + warp * 2 * Cfg::stage_bytes;
+  std::uint8_t* stages = grouped_rows_smem + Cfg::key_codebook_bytes(CK, Rope ? CK : 0) + Cfg::codebook_bytes +
+                         warp * 2 * stage_bytes;
   const unsigned stages_at = unsigned(__cvta_generic_to_shared(stages));
   const bool wide = codes.aligned16();
   // Paged codes: the page of the tile after next is looked up a tile ahead, so the page-table
@@ -380,12 +420,12 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
     const int t0 = tile * Cfg::tile;
     if (tile + warps < tiles)
       stage_tile_codes<GK, GV>(key_run, value_run, next_page, c0 + t0 + warps * Cfg::tile, wide,
-                               stages_at + ((i + 1) & 1) * Cfg::stage_bytes, lane);
+                               stages_at + ((i + 1) & 1) * stage_bytes, lane);
     asm volatile("cp.async.commit_group;" ::: "memory");
     next_page = page_of_tile(tile + 2 * warps);
     asm volatile("cp.async.wait_group 1;" ::: "memory");
     __syncwarp();
-    const unsigned* staged = reinterpret_cast<const unsigned*>(stages + (i & 1) * Cfg::stage_bytes);
+    const unsigned* staged = reinterpret_cast<const unsigned*>(stages + (i & 1) * stage_bytes);
     // Scores S = K Q^T: rows gq and gq + 8 of the tile (staged tokens row0 and row0 + 2), channels
     // 32 tq .. 32 tq + 31. Two accumulators (even and odd k-steps) halve the chain of products.
     float sc[NT][4];
@@ -395,8 +435,16 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
       for (int g = 0; g < 32 / CK; ++g) {
         const int grp = key_channel<Rope>(tq, g * CK) / CK;
         const unsigned word = staged[4 * grp + (row0 >> 2)] >> (8 * e);
-        put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
-        put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
+        if constexpr (dual) {
+          const uint4* slots = reinterpret_cast<const uint4*>(kc);
+          const uint4 a = slots[dual_key_slot(g, word & 255u, gq & 1, tq)];
+          const uint4 b = slots[dual_key_slot(g, (word >> 16) & 255u, gq & 1, tq)];
+          w0[4 * g] = a.x, w0[4 * g + 1] = a.y, w0[4 * g + 2] = a.z, w0[4 * g + 3] = a.w;
+          w1[4 * g] = b.x, w1[4 * g + 1] = b.y, w1[4 * g + 2] = b.z, w1[4 * g + 3] = b.w;
+        } else {
+          put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
+          put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
+        }
       }
       if constexpr (Rope) {
         rotate_key_words(w0, w1, anchors + (i & 1) * 2 * DeviceRope::max_pairs, rope_steps, row0, row0 + 2, tq,

@@ -38,22 +38,22 @@ inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev)
   return s.head_dim == GroupedRowsConfig::head_dim && s.key_bits == 8 && s.value_bits == 8 &&
          (c == 2 || c == 4 || c == 8) && s.value_channels == c &&
          s.q_heads / s.kv_heads <= GroupedRowsConfig::max_group && rope_ok &&
-         GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads),
+         GroupedRowsConfig::shared_bytes(s.max_full, GroupedRowsConfig::head_tiles(s.q_heads / s.kv_heads), c,
                                          s.rope_dim > 0 ? c : 0) <= std::size_t(dev.shared_max);
 }
 
 /// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
 /// it measured faster on the H200 (docs/design/cuda-attention.md, "The grouped-rows kernel"):
 /// groups of 4 or more query heads with (sequence, KV head) blocks for a quarter of the
-/// multiprocessors or more (splits fill the rest); past 8K coded tokens at 2c8b, at 4c8b from 7
-/// heads, at 8c8b from 8; up to 8K tokens only with two blocks per multiprocessor or more (batch
-/// 64 at 4K: there the lane tables' per-block table building weighs most; at batch 16 they win).
+/// multiprocessors or more (splits fill the rest); past 8K coded tokens at 2c8b, at 4c8b and 8c8b
+/// from 7 heads; up to 8K tokens only with two blocks per multiprocessor or more (batch 64 at 4K:
+/// there the lane tables' per-block table building weighs most; at batch 16 they win).
 inline bool grouped_rows_preferred(const AttentionShape& s, const DeviceLimits& dev) {
   const int group = s.q_heads / s.kv_heads, c = s.key_channels;
   const long long items = (long long)s.batch * s.kv_heads;
   if (group < 4 || 4 * items < dev.multiprocessors) return false;
   if (s.max_coded <= 8192) return items >= 2LL * dev.multiprocessors;
-  return c == 2 || (c == 4 && group >= 7) || (c == 8 && group >= 8);
+  return c == 2 || group >= 7;
 }
 
 /// Calls f.template operator()<C, NT, Rope>() for the shape's channels per group (2, 4 or 8; keys
@@ -85,7 +85,7 @@ inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, i
   with_grouped_instance(s, [&]<int C, int NT, bool Rope>() {
     g.kernel = grouped_rows_kernel<C, C, NT, Rope>;
     g.threads = GroupedRowsConfig::warps(NT, Rope ? C : 0) * 32;
-    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, Rope ? C : 0);
+    g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, C, Rope ? C : 0);
   });
   g.key_partners = s.rope_dim > 0 && s.rope_style == RopeStyle::rotate_half;
   allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
