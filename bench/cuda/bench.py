@@ -2,7 +2,8 @@
 """Times PyTorch's fp16 scaled_dot_product_attention and cq's fused CQ attention on the same decode
 shapes, in one process with the same CUDA events, and cq's batched GPU calibration.
 
-    python3 bench/cuda/bench.py --lib build-h200/bench/cuda/libcq_cuda_bench.so [--quick | --gqa-grid] [--json OUT.json]
+    python3 bench/cuda/bench.py --lib build-h200/bench/cuda/libcq_cuda_bench.so [--quick | --gqa-grid | --shapes S]
+                                [--json OUT.json]
 
 Decode attention: D = 128, one query token per sequence, window 32 (cq) / all tokens (SDPA).
 Reported: median of `--reps` timed calls after warm-up; bandwidth = bytes the call must read
@@ -78,6 +79,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="B=16, 32K, MHA only, plus the time split")
     ap.add_argument("--gqa-grid", action="store_true",
                     help="the model-shape grid: batch 1/4/16/64 x heads 32/32, 32/8, 64/8, 28/4 x 4K/32K/128K")
+    ap.add_argument("--shapes", help="only these shapes: B,HQ,HKV,CTX[;B,HQ,HKV,CTX...] (e.g. rows of the grid)")
     ap.add_argument("--json")
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--split-tokens", type=int, default=0, help="cq's longest split (0: its default)")
@@ -92,7 +94,9 @@ def main():
     stream = torch.cuda.current_stream().cuda_stream
     results = {"device": dev.name, "copy_bw": bw, "rows": [], "split": None}
 
-    if a.quick:
+    if a.shapes:
+        shapes = [tuple(int(x) for x in sh.split(",")) for sh in a.shapes.split(";")]
+    elif a.quick:
         shapes = [(16, 32, 32, 32768)]
     elif a.gqa_grid:  # GQA as LLaMA-3-8B (32/8), LLaMA-3-70B (64/8), Qwen2-7B (28/4)
         shapes = [(b, hq, hkv, ctx) for (hq, hkv) in ((32, 32), (32, 8), (64, 8), (28, 4)) for b in (1, 4, 16, 64)
