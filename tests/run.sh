@@ -18,6 +18,9 @@ jobs="$(nproc)"
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leaks=1 TSAN_OPTIONS=halt_on_error=1
 
 "$root/cmake/install-deps.sh"
+# Wall-clock seconds of each step, printed as it ends, so a slow CI run says where its time went.
+step() { echo "-- $1 done at ${SECONDS}s"; }
+step "install"
 
 # Without a GPU the CUDA code is only compiled: sm_90a machine code alone (no PTX fallback) checks it
 # in half of nvcc's time. Sanitizer builds keep line tables only (enough for their reports) and
@@ -30,18 +33,24 @@ sanitizer_flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEB
 echo "== 1/3 Release build and tests"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release "${cuda_gencode[@]}"
 cmake --build "$build" -j"$jobs"
+step "build 1/3"
 ctest --test-dir "$build" --output-on-failure -j"$jobs"
+step "tests 1/3"
 
 echo "== 2/3 AddressSanitizer + UndefinedBehaviorSanitizer (clang), with the fuzzers"
 CXX=clang++ cmake -S "$root" -B "$build-asan" "${sanitizer_flags[@]}" -DCQ_SANITIZE=address,undefined \
   -DCQ_ENABLE_CUDA=OFF -DCQ_BUILD_BENCH=OFF -DCQ_BUILD_FUZZERS=ON
 cmake --build "$build-asan" -j"$jobs"
+step "build 2/3"
 ctest --test-dir "$build-asan" --output-on-failure -j"$jobs"
+step "tests 2/3"
 
 echo "== 3/3 ThreadSanitizer (clang): thread pool, concurrent attention, parallel fits, cq-calibrate"
 CXX=clang++ cmake -S "$root" -B "$build-tsan" "${sanitizer_flags[@]}" -DCQ_SANITIZE=thread \
   -DCQ_ENABLE_CUDA=OFF -DCQ_BUILD_BENCH=OFF -DCQ_BUILD_EXAMPLES=OFF
 cmake --build "$build-tsan" -j"$jobs" --target cq_tests cq_calibrate_tests
+step "build 3/3"
 "$build-tsan/tests/cq_tests" -tc="*concurrent*,*thread*,*splitting*,*reproducible*,*ThreadPool*"
 "$build-tsan/tools/cq_calibrate_tests"
+step "tests 3/3"
 echo "all passes clean"
