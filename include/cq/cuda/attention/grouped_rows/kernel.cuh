@@ -324,15 +324,14 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
   {  // This KV head's half-precision codebooks and scales (half_codebooks_kernel) into shared memory.
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
     constexpr int words = 4 * HalfCodebooks::halves / 16;
-    if constexpr (dual) {  // keys twice (dual_key_slot; a 16-byte word is a centroid), values as they are
+    if constexpr (dual) {  // keys twice, values as they are (a 16-byte word is a key centroid)
+      // Slot by slot, so a warp's stores are consecutive: slot s = dual_key_slot(g, code, copy, tq)
+      // holds group 4 tq + g's centroid `code`, whichever copy (bit 2 of s) it is.
       uint4* kdst = reinterpret_cast<uint4*>(kc);
 #pragma unroll 4
-      for (int i = tid; i < words / 2; i += threads) {
-        const uint4 v = __ldg(src + i);
-        const int grp = i / 256, tq = grp / 4, g = grp % 4;
-        const unsigned code = unsigned(i % 256);
-        kdst[dual_key_slot(g, code, 0, tq)] = v;
-        kdst[dual_key_slot(g, code, 1, tq)] = v;
+      for (int s = tid; s < words; s += threads) {
+        const int tq = s & 3, g = s >> 11, code = (s >> 3) & 255;
+        kdst[s] = __ldg(src + (4 * tq + g) * 256 + code);
       }
       uint4* vdst = reinterpret_cast<uint4*>(vc);
 #pragma unroll 4
