@@ -19,7 +19,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leak
 
 "$root/cmake/install-deps.sh"
 # Wall-clock seconds of each step, printed as it ends, so a slow CI run says where its time went.
-step() { echo "-- $1 done at ${SECONDS}s"; }
+step() { echo "[time] $1 done at ${SECONDS}s"; }
 step "install"
 
 # Without a GPU the CUDA code is only compiled: sm_90a machine code alone (no PTX fallback) checks it
