@@ -212,10 +212,10 @@ __device__ __forceinline__ void put_centroid_words(const __half* cb, int g, unsi
 /// The dual placement of an 8-channel key codebook (GroupedRowsConfig::dual_keys). In the key
 /// fragment's load g (of 4), lane (gq, tq) reads group 4 tq + g for a token of row parity gq & 1,
 /// and a quarter-warp's eight lanes are two such rows by four tq. Placed by group and code alone,
-/// a centroid's bank quad is its code mod 8, so random codes meet (2.6 wavefronts a load, measured,
-/// where 1 would do). Held twice instead, copy r of group 4 tq + g's centroid `code` in 16-byte
-/// slot dual_key_slot(g, code, r, tq), the eight lanes (copy r = gq & 1) fall on the eight distinct
-/// quads 4 r + tq whatever their codes.
+/// a centroid's bank quad is its code mod 8, so random codes meet (eight lanes on eight quads at
+/// random: the busiest holds two or three, and the load replays as often). Held twice instead,
+/// copy r of group 4 tq + g's centroid `code` in 16-byte slot dual_key_slot(g, code, r, tq), the
+/// eight lanes (copy r = gq & 1) fall on the eight distinct quads 4 r + tq whatever their codes.
 __device__ __forceinline__ int dual_key_slot(int g, unsigned code, int copy, int tq) {
   return 8 * (256 * g + int(code)) + 4 * copy + tq;
 }
