@@ -5,7 +5,7 @@
 #pragma nv_diag_suppress 20012
 #include "cache_glue.hpp"
 
-#include <cq/cuda/cache/paged_kv_cache.cuh>
+#include <cq/cuda/cuda.cuh>  // the umbrella, as in gpu_glue.cu (which says why)
 #include <cq/element.hpp>
 #pragma nv_diag_default 20012
 

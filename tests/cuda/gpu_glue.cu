@@ -4,14 +4,10 @@
 #include "gpu_glue.hpp"
 
 #include <cq/attention/problem.hpp>
-// The headers it uses, not the umbrella cuda.cuh, so that edits to the device cache do not rebuild
-// this unit (second_unit.cu includes the umbrella).
-#include <cq/cuda/attention.cuh>
-#include <cq/cuda/cache/encode_pages.cuh>
-#include <cq/cuda/cache/full_pages.cuh>
-#include <cq/cuda/host_elements.cuh>
-#include <cq/cuda/kmeans.cuh>
-#include <cq/cuda/quantizer.cuh>
+// The umbrella, as in cache_glue.cu: two units of one program that include every CUDA header, so
+// the build fails to link if a header defines a kernel or function that is not a template or inline
+// (cuda.cuh says why).
+#include <cq/cuda/cuda.cuh>
 #pragma nv_diag_default 20012
 
 #include <algorithm>
