@@ -194,10 +194,15 @@ __device__ __forceinline__ unsigned transpose_8x8(unsigned x) {
   return y;
 }
 
-/// Appends centroid `code` of group g (C halves, C / 2 words) to w at word i * C / 2.
+/// Centroid `code` of group g in a codebook of C-channel centroids stored in order.
 template <int C>
-__device__ __forceinline__ void put_centroid_words(const __half* cb, int g, unsigned code, unsigned* w, int i) {
-  const __half* c = cb + (g * 256 + int(code)) * C;
+__device__ __forceinline__ const __half* centroid_at(const __half* cb, int g, unsigned code) {
+  return cb + (g * 256 + int(code)) * C;
+}
+
+/// Appends the centroid at c (C halves, C / 2 words) to w at word i * C / 2.
+template <int C>
+__device__ __forceinline__ void put_centroid_words(const __half* c, unsigned* w, int i) {
   if constexpr (C == 8) {
     const uint4 v = *reinterpret_cast<const uint4*>(c);
     w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
@@ -323,24 +328,17 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
 
   {  // This KV head's half-precision codebooks and scales (half_codebooks_kernel) into shared memory.
     const uint4* src = reinterpret_cast<const uint4*>(codebooks + std::size_t(kvh) * HalfCodebooks::bytes);
-    constexpr int words = 4 * HalfCodebooks::halves / 16;
-    if constexpr (dual) {  // keys twice, values as they are (a 16-byte word is a key centroid)
-      // Slot by slot, so a warp's stores are consecutive: slot s = dual_key_slot(g, code, copy, tq)
-      // holds group 4 tq + g's centroid `code`, whichever copy (bit 2 of s) it is.
-      uint4* kdst = reinterpret_cast<uint4*>(kc);
+    constexpr int words = 4 * HalfCodebooks::halves / 16, key_words = words / 2;  // 16-byte words
+    // Keys (dual: twice, slot by slot so that a warp's stores are consecutive -- slot s =
+    // dual_key_slot(g, code, copy, tq) holds group 4 tq + g's centroid `code`, whichever copy, bit
+    // 2 of s, it is), then values as they are.
+    uint4* kdst = reinterpret_cast<uint4*>(kc);
 #pragma unroll 4
-      for (int s = tid; s < words; s += threads) {
-        const int tq = s & 3, g = s >> 11, code = (s >> 3) & 255;
-        kdst[s] = __ldg(src + (4 * tq + g) * 256 + code);
-      }
-      uint4* vdst = reinterpret_cast<uint4*>(vc);
+    for (int s = tid; s < (dual ? 2 : 1) * key_words; s += threads)
+      kdst[s] = __ldg(src + (dual ? (4 * (s & 3) + (s >> 11)) * 256 + ((s >> 3) & 255) : s));
+    uint4* vdst = reinterpret_cast<uint4*>(vc);
 #pragma unroll 4
-      for (int i = tid; i < words / 2; i += threads) vdst[i] = __ldg(src + words / 2 + i);
-    } else {
-      uint4* dst = reinterpret_cast<uint4*>(kc);
-#pragma unroll 8
-      for (int i = tid; i < words; i += threads) dst[i] = __ldg(src + i);
-    }
+    for (int i = tid; i < key_words; i += threads) vdst[i] = __ldg(src + key_words + i);
     if (tid < 128) kscale[tid] = reinterpret_cast<const float*>(src + words)[tid];  // kscale, then vscale
     if constexpr (Rope)  // the step table, chunks placed by rope_chunk
       for (int i = tid; i < DeviceRope::steps * DeviceRope::max_pairs; i += threads) {
@@ -434,15 +432,12 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
       for (int g = 0; g < 32 / CK; ++g) {
         const int grp = key_channel<Rope>(tq, g * CK) / CK;
         const unsigned word = staged[4 * grp + (row0 >> 2)] >> (8 * e);
-        if constexpr (dual) {
-          const uint4* slots = reinterpret_cast<const uint4*>(kc);
-          const uint4 a = slots[dual_key_slot(g, word & 255u, gq & 1, tq)];
-          const uint4 b = slots[dual_key_slot(g, (word >> 16) & 255u, gq & 1, tq)];
-          w0[4 * g] = a.x, w0[4 * g + 1] = a.y, w0[4 * g + 2] = a.z, w0[4 * g + 3] = a.w;
-          w1[4 * g] = b.x, w1[4 * g + 1] = b.y, w1[4 * g + 2] = b.z, w1[4 * g + 3] = b.w;
+        if constexpr (dual) {  // a slot is one 8-channel centroid
+          put_centroid_words<CK>(kc + 8 * dual_key_slot(g, word & 255u, gq & 1, tq), w0, g);
+          put_centroid_words<CK>(kc + 8 * dual_key_slot(g, (word >> 16) & 255u, gq & 1, tq), w1, g);
         } else {
-          put_centroid_words<CK>(kc, grp, word & 255u, w0, g);
-          put_centroid_words<CK>(kc, grp, (word >> 16) & 255u, w1, g);
+          put_centroid_words<CK>(centroid_at<CK>(kc, grp, word & 255u), w0, g);
+          put_centroid_words<CK>(centroid_at<CK>(kc, grp, (word >> 16) & 255u), w1, g);
         }
       }
       if constexpr (Rope) {
@@ -503,7 +498,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
       const int grp = 16 * gq / CV + g;
       const unsigned word = vstaged[4 * grp + tq];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) put_centroid_words<CV>(vc, grp, (word >> (8 * r)) & 255u, vw[r], g);
+      for (int r = 0; r < 4; ++r) put_centroid_words<CV>(centroid_at<CV>(vc, grp, (word >> (8 * r)) & 255u), vw[r], g);
     }
 #pragma unroll
     for (int mt = 0; mt < 8; ++mt) {
