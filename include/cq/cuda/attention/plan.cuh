@@ -234,11 +234,7 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   // A split also costs its score tables and its histogram x codebook product (L2 reads of the
   // key and value codebooks), counted as half as many 32-token blocks of codes.
   const long long overhead = 256LL * 4 * (GK * s.key_channels + GV * s.value_channels) / (2LL * 32 * (GK + GV));
-  long long splits = lo, best = -1;
-  for (long long sp = lo; sp <= hi; ++sp) {
-    const long long cost = (items * sp + resident - 1) / resident * ((blocks32 + sp - 1) / sp + overhead);
-    if (best < 0 || cost < best) best = cost, splits = sp;
-  }
+  long long splits = wave_splits(items, resident, blocks32, lo, hi, overhead);
   L.split_tokens = int((blocks32 + splits - 1) / splits * 32);
   splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
   CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");

@@ -73,6 +73,20 @@ inline std::size_t reserve(std::size_t* size, std::size_t bytes) {
   return at;
 }
 
+/// The split count in [lo, hi] that minimises waves x split length: `items` (sequence, head)
+/// pairs cut into `splits` blocks each, `resident` blocks running at once (a wave), a split of the
+/// longest sequence's `blocks32` 32-token blocks of codes costing its share of them plus a block's
+/// fixed work, `overhead`, in the same unit. The fewest splits among equals (least combining).
+inline long long wave_splits(long long items, long long resident, long long blocks32, long long lo, long long hi,
+                             long long overhead) {
+  long long splits = lo, best = -1;
+  for (long long sp = lo; sp <= hi; ++sp) {
+    const long long cost = (items * sp + resident - 1) / resident * ((blocks32 + sp - 1) / sp + overhead);
+    if (best < 0 || cost < best) best = cost, splits = sp;
+  }
+  return splits;
+}
+
 /// Lets `kernel` use `bytes` of dynamic shared memory with the largest shared carveout (raising
 /// the limit only: plans of other shapes may need more).
 inline void allow_shared(const void* kernel, std::size_t bytes, bool carveout) {

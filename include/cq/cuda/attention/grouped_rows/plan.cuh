@@ -76,8 +76,11 @@ void with_grouped_instance(const AttentionShape& s, F&& f) {
 }
 
 /// The grouped-rows kernel's plan: one block per (sequence, KV head, split), one block per
-/// multiprocessor (the codebooks fill its shared memory); splits until the blocks fill a wave,
-/// at least 256 tokens each (two rounds of the warps' tiles).
+/// multiprocessor (the codebooks fill its shared memory). Splits of at least 256 tokens (two
+/// rounds of the warps' tiles), no more than fill one wave, as many as make the fewest waves x
+/// split length (wave_splits; a block's prologue -- the codebooks from L2 -- counted as 256
+/// tokens): a split count that leaves a second wave of a few blocks can nearly double the
+/// kernel's time.
 /// Fills `g` (kernel, threads, shared memory); returns the splits. Workspace: `*workspace` bytes
 /// (partial states, then the half-precision codebooks).
 inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens,
@@ -91,9 +94,16 @@ inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, i
   allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
   const long long items = (long long)s.batch * s.kv_heads;
   CQ_CHECK(items <= 65535, "cuda attention: batch x kv_heads ", items, " exceeds 65535");
-  long long splits = max_split_tokens ? (s.max_coded + max_split_tokens - 1LL) / max_split_tokens
-                                      : std::min<long long>((dev.multiprocessors + items - 1) / items, s.max_coded / 256);
-  splits = std::max(1LL, splits);
+  int per_sm = 0;
+  CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, g.kernel, g.threads, g.shared));
+  CQ_CHECK(per_sm > 0, "cuda attention: the grouped-rows kernel does not fit a multiprocessor (", g.shared, " bytes)");
+  const long long blocks32 = std::max(1, (s.max_coded + 31) / 32);
+  long long splits = std::max(1LL, max_split_tokens ? (s.max_coded + max_split_tokens - 1LL) / max_split_tokens : 1LL);
+  if (!max_split_tokens) {
+    const long long resident = (long long)per_sm * dev.multiprocessors;
+    splits = wave_splits(items, resident, blocks32, 1,
+                         std::max(1LL, std::min<long long>(s.max_coded / 256, (resident + items - 1) / items)), 8);
+  }
   g.layout.split_tokens = int(std::max(32LL, ((s.max_coded + splits - 1) / splits + 31) / 32 * 32));
   splits = std::max(1, (s.max_coded + g.layout.split_tokens - 1) / g.layout.split_tokens);
   CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
