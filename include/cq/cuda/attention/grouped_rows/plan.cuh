@@ -43,17 +43,19 @@ inline bool grouped_rows_apply(const AttentionShape& s, const DeviceLimits& dev)
 }
 
 /// Whether the automatic choice takes the grouped-rows kernel over the lane-tables kernel: where
-/// it measured faster on the H200 (docs/design/cuda-attention.md, "The grouped-rows kernel"):
-/// groups of 4 or more query heads with (sequence, KV head) blocks for a quarter of the
-/// multiprocessors or more (splits fill the rest); past 8K coded tokens at 2c8b, at 4c8b and 8c8b
-/// from 7 heads; up to 8K tokens only with two blocks per multiprocessor or more (batch 64 at 4K:
-/// there the lane tables' per-block table building weighs most; at batch 16 they win).
+/// it measured faster on the H200 (docs/design/cuda-attention.md, "The grouped-rows kernel" and
+/// "Session 16"): groups of 4 or more query heads; at 2c8b past 8K coded tokens from (sequence,
+/// KV head) blocks for an eighth of the multiprocessors (batch 4 of 4 KV heads); otherwise from
+/// blocks for a quarter of them (splits fill the rest), up to 8K tokens at every code width, past
+/// 8K at 4c8b and 8c8b from 7 heads. Where blocks are fewer, a block's prologue (the codebooks into
+/// shared memory) outweighs its share of the tokens.
 inline bool grouped_rows_preferred(const AttentionShape& s, const DeviceLimits& dev) {
   const int group = s.q_heads / s.kv_heads, c = s.key_channels;
   const long long items = (long long)s.batch * s.kv_heads;
-  if (group < 4 || 4 * items < dev.multiprocessors) return false;
-  if (s.max_coded <= 8192) return items >= 2LL * dev.multiprocessors;
-  return c == 2 || group >= 7;
+  if (group < 4) return false;
+  if (c == 2 && s.max_coded > 8192) return items >= dev.multiprocessors / 8;
+  if (4 * items < dev.multiprocessors) return false;
+  return s.max_coded <= 8192 || group >= 7;
 }
 
 /// Calls f.template operator()<C, NT, Rope>() for the shape's channels per group (2, 4 or 8; keys
