@@ -14,8 +14,10 @@ if(CMAKE_CUDA_COMPILER)
       CACHE STRING "nvcc -gencode options (a list) for cq's CUDA tests and benchmarks")
   # A build that only checks that the CUDA code compiles, where no GPU will run it (tests/run.sh
   # without one): PTX alone, generated without optimisation (cicc -O0), so nvcc spends its time in
-  # the C++ front end and the host compiler, a sixth of a full build's. What it does not check is
-  # ptxas's part -- inline PTX, registers, spills: the GPU machine's build does.
+  # the C++ front end and the host compiler, a sixth of a full build's; the targets' C++ sources at
+  # -O0; and each binary stops as it loads (compile_check_guard.cpp), so none is timed by mistake.
+  # What it does not check is ptxas's part -- inline PTX, registers, spills: the GPU machine's
+  # build does.
   option(CQ_CUDA_COMPILE_CHECK "Compile cq's CUDA targets for a check only (PTX without optimisation)" OFF)
   if(CQ_CUDA_COMPILE_CHECK)
     set(CQ_CUDA_GENCODE "-gencode=arch=compute_90a,code=compute_90a;-Xcicc=-O0")
@@ -43,4 +45,8 @@ function(cq_cuda_target target)
     endif()
   endforeach()
   set_target_properties(${target} PROPERTIES COMPILE_OPTIONS "${host_opts}")
+  if(CQ_CUDA_COMPILE_CHECK)
+    target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O0>)
+    target_sources(${target} PRIVATE "${PROJECT_SOURCE_DIR}/cmake/compile_check_guard.cpp")
+  endif()
 endfunction()
