@@ -353,24 +353,30 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
   // The queries as B fragments of S = K Q^T (tokens x heads): column gq of column tile j is head
   // 8 j + gq; k-step s's rows 2 tq + {0, 1} and 2 tq + 8 + {0, 1} are channels 32 tq + 4 s + {0, 1}
   // and + {2, 3} (the reduction dimension permuted alike in K), so a thread's key fragments are
-  // whole centroids. Each channel is divided by its key group's scale, then all scaled by qs
-  // into half's range.
-  float qmax = 0.0f;
-  for (int i = lane; i < group * D; i += 32) qmax = fmaxf(qmax, fabsf(q(i) / kscale[(i % D) / CK]));
-  for (int o = 16; o > 0; o >>= 1) qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, o));
-  const float qs = range_scale(qmax);
+  // whole centroids. Each channel is divided by its key group's scale (times its reciprocal), then
+  // all scaled by qs into half's range: qs from the largest of those, which the warp's fragments
+  // cover once each (heads and channels), so the queries are loaded once, all at a time.
   unsigned qb[NT][8][2];
+  float qmax = 0.0f, qx[NT][8][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const int h = 8 * j + gq, ch = key_channel<Rope>(tq, 4 * s);
-      float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (h < group)
 #pragma unroll
-        for (int k = 0; k < 4; ++k) x[k] = q(h * D + ch + k) / kscale[(ch + k) / CK] * qs;
-      qb[j][s][0] = pack_half2(x[0], x[1]);
-      qb[j][s][1] = pack_half2(x[2], x[3]);
+      for (int k = 0; k < 4; ++k) {
+        qx[j][s][k] = h < group ? q(h * D + ch + k) * __frcp_rn(kscale[(ch + k) / CK]) : 0.0f;
+        qmax = fmaxf(qmax, fabsf(qx[j][s][k]));
+      }
+    }
+  for (int o = 16; o > 0; o >>= 1) qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, o));
+  const float qs = range_scale(qmax);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      qb[j][s][0] = pack_half2(qx[j][s][0] * qs, qx[j][s][1] * qs);
+      qb[j][s][1] = pack_half2(qx[j][s][2] * qs, qx[j][s][3] * qs);
     }
   const float score_mul = scale / qs;
 
@@ -548,31 +554,42 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
         wml[(warp * MG + 8 * j + 2 * tq + c) * 2 + 1] = l[j][c];
       }
   }
-  // Full-precision tokens (split 0): warp w scores heads w, w + warps, ... in float.
+  // Full-precision tokens (split 0), scored in float: rows spread over the warps, a row's 64
+  // channel pairs over the lanes (pairs lane and lane + 32: with keys before RoPE the rotation
+  // pairs, rotated with exact sincos, else channels 2 pr and 2 pr + 1), each row loaded once for
+  // all heads -- so no warp walks a row's channels alone while the others wait at the barrier.
   const int nfull = split == 0 ? int(seq.full) : 0;
-  for (int h = warp; h < group; h += warps) {
-    float fm = -INFINITY;
-    if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
-      for (int j = lane; j < nfull; j += 32) {
-        const auto* k = rows.key(j);
-        float s = 0.0f;
-        if constexpr (Rope) {  // rotated to its position pair by pair, with exact sincos
-          const std::uint64_t pos = seq.full_position(std::uint32_t(j));
-          for (int pr = 0; pr < D / 2; ++pr) {
-            const int2 ab = p.rope->channels(pr, D);
-            const float2 cs = p.rope->at(pr, pos);
-            const float ka = rows.at(k, ab.x), kb = rows.at(k, ab.y);
-            s = fmaf(q(h * D + ab.x), ka * cs.x - kb * cs.y, s);
-            s = fmaf(q(h * D + ab.y), kb * cs.x + ka * cs.y, s);
-          }
+  if (nfull > 0) visit_full_rows(p, b, kvh, [&](const auto& rows) {
+    for (int j = warp; j < nfull; j += warps) {
+      const auto* k = rows.key(j);
+      int2 ch[2];
+      float kr[2][2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int pr = lane + 32 * u;
+        if constexpr (Rope) {
+          ch[u] = p.rope->channels(pr, D);
+          const float2 cs = p.rope->at(pr, seq.full_position(std::uint32_t(j)));
+          const float ka = rows.at(k, ch[u].x), kb = rows.at(k, ch[u].y);
+          kr[u][0] = ka * cs.x - kb * cs.y, kr[u][1] = kb * cs.x + ka * cs.y;
         } else {
-          for (int d = 0; d < D; ++d) s = fmaf(q(h * D + d), rows.at(k, d), s);
+          ch[u] = make_int2(2 * pr, 2 * pr + 1);
+          kr[u][0] = rows.at(k, ch[u].x), kr[u][1] = rows.at(k, ch[u].y);
         }
-        s *= scale;
-        fsc[h * L.full_cap + j] = s;
-        fm = fmaxf(fm, s);
       }
-    });
+      for (int h = 0; h < group; ++h) {
+        float sc = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) sc = fmaf(q(h * D + ch[u].x), kr[u][0], fmaf(q(h * D + ch[u].y), kr[u][1], sc));
+        for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+        if (lane == 0) fsc[h * L.full_cap + j] = sc * scale;
+      }
+    }
+  });
+  __syncthreads();
+  for (int h = warp; h < group && nfull > 0; h += warps) {
+    float fm = -INFINITY;
+    for (int j = lane; j < nfull; j += 32) fm = fmaxf(fm, fsc[h * L.full_cap + j]);
     for (int off = 16; off > 0; off >>= 1) fm = fmaxf(fm, __shfl_xor_sync(0xffffffffu, fm, off));
     float fl = 0.0f;
     for (int j = lane; j < nfull; j += 32) {
