@@ -3,10 +3,13 @@
 /// over the ISA traits. Same contracts as backend/scalar_attention.hpp.
 ///
 /// Score scan: per 32-token block and key group, the codes are widened to 32-bit lanes and the
-/// group's table row is gathered (8-bit, 16-bit and generic widths). With AVX-512 and 4-bit codes
-/// a whole table row is 16 floats — one register — so the lookup is an in-register permute
-/// (vpermps), the float analogue of faiss's PQ fast-scan. Value histograms are scalar
-/// read-modify-writes ordered token-major so consecutive updates hit different groups.
+/// group's table row is gathered (8-bit, 16-bit and generic widths). With AVX-512 the lookup stays
+/// in registers, the float analogue of faiss's PQ fast-scan: at 4-bit codes a table row is 16
+/// floats, one register, so one permute (vpermps); at 8-bit codes the 256-float row is 16
+/// registers, read by eight two-register permutes (vpermt2ps) and a three-level blend on the
+/// code's top bits — fewer micro-ops than a 16-lane gather, which issues a load per lane. Value
+/// histograms are scalar read-modify-writes ordered token-major so consecutive updates hit
+/// different groups.
 
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/backend/simd_group_attention.hpp"
@@ -98,6 +101,27 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
         Isa::store(out + 16, _mm512_permutex2var_ps(even, hi_idx, odd));
         return;
       }
+      if (bits == 8 && stride >= 256) {  // a 256-float row in 16 registers: 8 two-register permutes, a 3-level blend
+        const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64), bit7 = _mm512_set1_epi32(128);
+        for (std::size_t g = 0; g < codes.groups; ++g) {
+          const float* row = lut + g * stride;
+          vf t[16];
+          for (int r = 0; r < 16; ++r) t[r] = Isa::load(row + 16 * r);
+          const std::uint8_t* chunk = codes.chunk(block, g);
+          for (int k = 0; k < per_block; ++k) {
+            const vi idx = Isa::load_u8(chunk + k * W);
+            const __mmask16 m5 = _mm512_test_epi32_mask(idx, bit5), m6 = _mm512_test_epi32_mask(idx, bit6),
+                            m7 = _mm512_test_epi32_mask(idx, bit7);
+            vf p[8];  // p[j]: entry (32 j + idx % 32)
+            for (int j = 0; j < 8; ++j) p[j] = _mm512_permutex2var_ps(t[2 * j], idx, t[2 * j + 1]);
+            for (int j = 0; j < 4; ++j) p[j] = _mm512_mask_blend_ps(m5, p[2 * j], p[2 * j + 1]);
+            for (int j = 0; j < 2; ++j) p[j] = _mm512_mask_blend_ps(m6, p[2 * j], p[2 * j + 1]);
+            acc[k] = Isa::add(acc[k], _mm512_mask_blend_ps(m7, p[0], p[1]));
+          }
+        }
+        for (int k = 0; k < per_block; ++k) Isa::store(out + k * W, acc[k]);
+        return;
+      }
     }
 #endif
     if (bits == 8) {
@@ -175,6 +199,8 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
   /// scalar histogram updates for every group width, so the histogram is never preferred here.
   static bool prefers_value_histogram(const CodebookView&) { return false; }
 
+  static constexpr int log2_of(int c) { return c <= 1 ? 0 : 1 + log2_of(c / 2); }
+
   template <int C>
   static void accumulate_fixed(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
                                const float* p, float* acc) {
@@ -187,26 +213,36 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
       const std::size_t take = std::min(B, n - done);
       const float* w = p + done;
       std::size_t g0 = 0;
-      // Codes become element offsets ((k * K + code) * C) up front, so the token loop's address
-      // is one scaled index: load offset, load C floats, multiply-add.
+      // Codes become element offsets ((g * K + code) * C, from the codebook's start) up front, so
+      // the token loop's address is one base register and a scaled index: load offset, load C
+      // floats, multiply-add. 8-bit codes are widened in
+      // registers and stored a vector at a time: a vector load of offsets just written as scalars
+      // would wait for the stores to drain (no store forwarding from several stores to one load).
       auto offsets = [&](int k, std::size_t g) {
+        const std::uint32_t base = static_cast<std::uint32_t>(g * K);
+        if (codes.bits == 8) {
+          const std::uint8_t* chunk = codes.chunk(block, g);
+          const vi vbase = Isa::set1i(static_cast<int>(base));
+          for (int j = 0; j < per_block; ++j)
+            Isa::storei(idx[k] + j * W, Isa::template slli<log2_of(C)>(Isa::addi(Isa::load_u8(chunk + j * W), vbase)));
+          return;
+        }
         detail::unpack_chunk(codes.chunk(block, g), codes.bits, idx[k]);
-        const std::uint32_t base = static_cast<std::uint32_t>(std::size_t(k) * K);
         for (std::size_t t = 0; t < B; ++t) idx[k][t] = (idx[k][t] + base) * C;
       };
       for (; g0 + gc <= G; g0 += gc) {
         for (int k = 0; k < gc; ++k) offsets(k, g0 + k);
-        accumulate_pass<C, gc>(cb.centroids + g0 * K * C, idx, w, take, acc + g0 * C);
+        accumulate_pass<C, gc>(cb.centroids, idx, w, take, acc + g0 * C);
       }
       for (; g0 < G; ++g0) {
         offsets(0, g0);
-        accumulate_pass<C, 1>(cb.centroids + g0 * K * C, idx, w, take, acc + g0 * C);
+        accumulate_pass<C, 1>(cb.centroids, idx, w, take, acc + g0 * C);
       }
     }
   }
 
-  // NG groups (consecutive, from `cents`) over `take` tokens; off[k][t] is the element offset of
-  // token t's centroid of group k from `cents`. Accumulators stay in registers.
+  // NG groups over `take` tokens; off[k][t] is the element offset of token t's centroid of the
+  // pass's group k from `cents`. Accumulators stay in registers.
   template <int C, int NG>
   static CQ_ALWAYS_INLINE void accumulate_pass(const float* cents, const std::uint32_t (*off)[B], const float* w,
                                                std::size_t take, float* acc) {
@@ -222,7 +258,8 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
       V a[NG];
       for (int k = 0; k < NG; ++k) std::memcpy(&a[k], acc + k * C, sizeof(V));
       for (std::size_t t = 0; t < take; ++t) {
-        const V wt = V{} + w[t];
+        V wt;
+        for (int c = 0; c < C; ++c) wt[c] = w[t];  // a broadcast (V{} + w[t] would add a zero)
         for (int k = 0; k < NG; ++k) {
           V c;
           std::memcpy(&c, cents + off[k][t], sizeof(V));

@@ -250,6 +250,19 @@ struct SimdGroupOps {
     for (std::size_t done = 0; done < n; done += B) {
       const std::size_t block = (first + done) / B, take = std::min(B, n - done);
       float* dst = take == B ? scores + done * N : tmp;
+      if (codes.bits == 8) {  // codes read in place, the row and code pointers stepped per group
+        for (std::size_t t0 = 0; t0 < B; t0 += T) {
+          V<N> acc[T];
+          for (auto& a : acc) a = V<N>{};
+          const std::uint8_t* c = codes.chunk(block, 0) + t0;
+          const float* row = lut;
+          for (std::size_t g = 0; g < codes.groups; ++g, c += B, row += K * N)
+            for (std::size_t t = 0; t < T; ++t) acc[t] += load<N>(row + std::size_t(c[t]) * N);
+          for (std::size_t t = 0; t < T; ++t) store<N>(dst + (t0 + t) * N, acc[t]);
+        }
+        if (take < B) std::copy_n(tmp, take * N, scores + done * N);
+        continue;
+      }
       for (std::size_t t0 = 0; t0 < B; t0 += T) {
         V<N> acc[T];
         for (auto& a : acc) a = V<N>{};
@@ -279,8 +292,11 @@ struct SimdGroupOps {
         const std::uint8_t* base = codes.chunk(block, 0);
         for (std::size_t t = 0; t < take; ++t) {
           const V<N> wt = load<N>(w + (done + t) * N);
-          for (std::size_t g = 0; g < G; ++g) {
-            float* e = hist + (g * K + base[g * B + t]) * N;
+          const std::uint8_t* c = base + t;
+          float* h = hist;
+#pragma GCC unroll 16
+          for (std::size_t g = 0; g < G; ++g, c += B, h += K * N) {
+            float* e = h + std::size_t(*c) * N;
             store<N>(e, load<N>(e) + wt);
           }
         }

@@ -57,6 +57,9 @@ struct Avx512Isa {
   }
   static CQ_ALWAYS_INLINE vi set1i(int x) { return _mm512_set1_epi32(x); }
   static CQ_ALWAYS_INLINE vi addi(vi a, vi b) { return _mm512_add_epi32(a, b); }
+  template <int N>
+  static CQ_ALWAYS_INLINE vi slli(vi a) { return _mm512_maskz_slli_epi32(0xFFFF, a, N); }
+  static CQ_ALWAYS_INLINE void storei(std::uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
   /// Lane-wise: where a < minv (ordered, so NaN never wins) take (a, idx).
   static CQ_ALWAYS_INLINE void argmin_update(vf a, vi idx, vf& minv, vi& mini) {
     const __mmask16 m = _mm512_cmp_ps_mask(a, minv, _CMP_LT_OQ);
@@ -137,6 +140,11 @@ struct Avx2Isa {
   static CQ_ALWAYS_INLINE vi iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static CQ_ALWAYS_INLINE vi set1i(int x) { return _mm256_set1_epi32(x); }
   static CQ_ALWAYS_INLINE vi addi(vi a, vi b) { return _mm256_add_epi32(a, b); }
+  template <int N>
+  static CQ_ALWAYS_INLINE vi slli(vi a) { return _mm256_slli_epi32(a, N); }
+  static CQ_ALWAYS_INLINE void storei(std::uint32_t* p, vi v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
   static CQ_ALWAYS_INLINE void argmin_update(vf a, vi idx, vf& minv, vi& mini) {
     const vf m = _mm256_cmp_ps(a, minv, _CMP_LT_OQ);
     minv = _mm256_blendv_ps(minv, a, m);
