@@ -20,6 +20,7 @@
 #include "cq/cuda/error.cuh"
 #include "cq/cuda/memory.cuh"
 #include "cq/cuda/nearest.cuh"
+#include "cq/cuda/warp.cuh"
 #include "cq/detail/checked.hpp"
 #include "cq/detail/rng.hpp"
 
@@ -48,7 +49,7 @@ __device__ inline double km_uniform(std::uint64_t seed, std::uint64_t pair, std:
 
 /// Block-wide sum of one float per thread (all threads get the result).
 __device__ inline float km_block_sum(float v, float* scratch) {
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) scratch[warp] = v;

@@ -47,6 +47,7 @@
 
 #include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/params.cuh"
+#include "cq/cuda/warp.cuh"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(256) half_codebooks_kernel(AttentionBatch p, i
     const float* partner = src + (g < half_groups ? 1 : -1) * std::ptrdiff_t(half_groups) * 256 * C;
     for (int i = threadIdx.x; i < n; i += 256) m = fmaxf(m, fabsf(partner[i]));
   }
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  m = warp_max(m);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
   __syncthreads();
   m = red[0];
@@ -369,7 +370,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
         qmax = fmaxf(qmax, fabsf(qx[j][s][k]));
       }
     }
-  for (int o = 16; o > 0; o >>= 1) qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, o));
+  qmax = warp_max(qmax);
   const float qs = range_scale(qmax);
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -581,7 +582,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
         float sc = 0.0f;
 #pragma unroll
         for (int u = 0; u < 2; ++u) sc = fmaf(q(h * D + ch[u].x), kr[u][0], fmaf(q(h * D + ch[u].y), kr[u][1], sc));
-        for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+        sc = warp_sum(sc);
         if (lane == 0) fsc[h * L.full_cap + j] = sc * scale;
       }
     }
@@ -590,14 +591,14 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
   for (int h = warp; h < group && nfull > 0; h += warps) {
     float fm = -INFINITY;
     for (int j = lane; j < nfull; j += 32) fm = fmaxf(fm, fsc[h * L.full_cap + j]);
-    for (int off = 16; off > 0; off >>= 1) fm = fmaxf(fm, __shfl_xor_sync(0xffffffffu, fm, off));
+    fm = warp_max(fm);
     float fl = 0.0f;
     for (int j = lane; j < nfull; j += 32) {
       const float w = softmax_exp(fsc[h * L.full_cap + j] - fm);
       fsc[h * L.full_cap + j] = w;
       fl += w;
     }
-    for (int off = 16; off > 0; off >>= 1) fl += __shfl_xor_sync(0xffffffffu, fl, off);
+    fl = warp_sum(fl);
     if (lane == 0) fml[2 * h] = fm, fml[2 * h + 1] = fl;
   }
   __syncthreads();
