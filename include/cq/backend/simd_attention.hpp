@@ -215,9 +215,9 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
       std::size_t g0 = 0;
       // Codes become element offsets ((g * K + code) * C, from the codebook's start) up front, so
       // the token loop's address is one base register and a scaled index: load offset, load C
-      // floats, multiply-add. 8-bit codes are widened in
-      // registers and stored a vector at a time: a vector load of offsets just written as scalars
-      // would wait for the stores to drain (no store forwarding from several stores to one load).
+      // floats, multiply-add. 8-bit codes are widened in registers and stored a vector at a time:
+      // a vector load of offsets just written as scalars would wait for the stores to drain (no
+      // store forwarding from several stores into one load).
       auto offsets = [&](int k, std::size_t g) {
         const std::uint32_t base = static_cast<std::uint32_t>(g * K);
         if (codes.bits == 8) {
