@@ -247,36 +247,38 @@ struct SimdGroupOps {
     CQ_ASSERT(first % B == 0);
     constexpr std::size_t T = N <= 8 ? 8 : 4;
     alignas(64) float tmp[B * N];
+    alignas(64) std::uint32_t idx[64][B];
+    const std::size_t G = codes.groups;
     for (std::size_t done = 0; done < n; done += B) {
       const std::size_t block = (first + done) / B, take = std::min(B, n - done);
       float* dst = take == B ? scores + done * N : tmp;
-      if (codes.bits == 8) {  // codes read in place, the row and code pointers stepped per group
+      // Groups [g0, g0 + gn) into T tokens' accumulators at a time, kept in registers; the row
+      // pointer steps per group. Sums carry over in dst from one call to the next, so every token
+      // adds its groups in order either way.
+      auto scan = [&](std::size_t g0, std::size_t gn, auto code_at) {
         for (std::size_t t0 = 0; t0 < B; t0 += T) {
           V<N> acc[T];
-          for (auto& a : acc) a = V<N>{};
-          const std::uint8_t* c = codes.chunk(block, 0) + t0;
-          const float* row = lut;
-          for (std::size_t g = 0; g < codes.groups; ++g, c += B, row += K * N)
-            for (std::size_t t = 0; t < T; ++t) acc[t] += load<N>(row + std::size_t(c[t]) * N);
+          for (std::size_t t = 0; t < T; ++t) acc[t] = g0 == 0 ? V<N>{} : load<N>(dst + (t0 + t) * N);
+          const float* row = lut + g0 * K * N;
+          for (std::size_t g = 0; g < gn; ++g, row += K * N)
+            for (std::size_t t = 0; t < T; ++t) acc[t] += load<N>(row + std::size_t(code_at(g, t0 + t)) * N);
           for (std::size_t t = 0; t < T; ++t) store<N>(dst + (t0 + t) * N, acc[t]);
         }
-        if (take < B) std::copy_n(tmp, take * N, scores + done * N);
-        continue;
-      }
-      for (std::size_t t0 = 0; t0 < B; t0 += T) {
-        V<N> acc[T];
-        for (auto& a : acc) a = V<N>{};
-        for (std::size_t g = 0; g < codes.groups; ++g) {
-          BlockCodes bc;
-          bc.load(codes, block, g);
-          const float* row = lut + g * K * N;
-          for (std::size_t t = 0; t < T; ++t) acc[t] += load<N>(row + std::size_t(bc[t0 + t]) * N);
+      };
+      if (codes.bits == 8) {  // read in place
+        const std::uint8_t* c = codes.chunk(block, 0);
+        scan(0, G, [c](std::size_t g, std::size_t t) { return c[g * B + t]; });
+      } else {  // unpacked once per block, 64 groups at a time
+        for (std::size_t g0 = 0; g0 < G; g0 += 64) {
+          const std::size_t gn = std::min<std::size_t>(64, G - g0);
+          for (std::size_t g = 0; g < gn; ++g) cq::detail::unpack_chunk(codes.chunk(block, g0 + g), codes.bits, idx[g]);
+          scan(g0, gn, [&idx](std::size_t g, std::size_t t) { return idx[g][t]; });
         }
-        for (std::size_t t = 0; t < T; ++t) store<N>(dst + (t0 + t) * N, acc[t]);
       }
       if (take < B) std::copy_n(tmp, take * N, scores + done * N);
     }
   }
+
 
   // Token-major, group-minor: consecutive updates hit different entries (no store-forwarding
   // chains through one entry).
