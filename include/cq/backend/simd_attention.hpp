@@ -21,6 +21,7 @@
 #include "cq/packed_codes.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <cstdint>
 #include <limits>
@@ -199,8 +200,6 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
   /// scalar histogram updates for every group width, so the histogram is never preferred here.
   static bool prefers_value_histogram(const CodebookView&) { return false; }
 
-  static constexpr int log2_of(int c) { return c <= 1 ? 0 : 1 + log2_of(c / 2); }
-
   template <int C>
   static void accumulate_fixed(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
                                const float* p, float* acc) {
@@ -223,8 +222,9 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
         if (codes.bits == 8) {
           const std::uint8_t* chunk = codes.chunk(block, g);
           const vi vbase = Isa::set1i(static_cast<int>(base));
+          constexpr int shift = std::countr_zero(unsigned(C));  // C is a power of two
           for (int j = 0; j < per_block; ++j)
-            Isa::storei(idx[k] + j * W, Isa::template slli<log2_of(C)>(Isa::addi(Isa::load_u8(chunk + j * W), vbase)));
+            Isa::storei(idx[k] + j * W, Isa::template slli<shift>(Isa::addi(Isa::load_u8(chunk + j * W), vbase)));
           return;
         }
         detail::unpack_chunk(codes.chunk(block, g), codes.bits, idx[k]);
