@@ -49,7 +49,8 @@ concept quantizer_backend =
 ///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `score_rows_heads`, `max_lanes`,
 ///    `exp_sum_lanes`;
 ///  - pre-RoPE keys: `score_rope_codes` (keys rotated by a step table, dotted with queries turned
-///    back to their anchors) and `rope_rows` (the rotated keys as rows).
+///    back to their anchors), `rope_rows` (the rotated keys as rows) and `rope_code_heads` (how
+///    many heads the first serves at once before the second pays).
 template <class B, class T>
 concept attention_ops_for =
     element_type<T> && requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f,
@@ -82,6 +83,7 @@ concept attention_backend =
       B::exp_sum_lanes(f, n, n, cq, f);
       B::score_rope_codes(cb, codes, n, n, rs, cq, n, f, n);
       B::rope_rows(cb, codes, n, n, rs, f);
+      { B::rope_code_heads(cb, rs) } -> std::convertible_to<std::size_t>;
     };
 
 }  // namespace cq

@@ -87,6 +87,12 @@ inline std::vector<AttentionCase> attention_cases(std::size_t every = 1) {
     special(AttentionCase::of(64, 2, 8, 0, 0, 2, {333}).with_queries(2).with_rope(partial));
     partial.rotary_dim = 24;
     special(AttentionCase::of(64, 4, 8, 32, 0, 1, {200}).with_rope(partial));
+    // Full rotary_dim at head sizes 64 and 128 (the AVX-512 kernels' compile-time shapes): one
+    // head, two heads, 4-bit codes, and a grouped item of 6 heads (tiles of 4 and 2).
+    special(AttentionCase::of(128, 8, 8, 32, 0, 1, {1100, 37}).with_rope(r));
+    special(AttentionCase::of(64, 16, 8, 0, 4, 1, {545}).with_rope(r));
+    special(AttentionCase::of(128, 8, 4, 32, 0, 2, {700}).with_rope(r));
+    special(AttentionCase::of(64, 8, 8, 32, 0, 6, {1300}).with_rope(r));  // grouped
     RopeConfig yarn = r;
     yarn.scaling = RopeScaling::yarn;
     yarn.factor = 4.0;

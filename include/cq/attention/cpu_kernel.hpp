@@ -137,11 +137,6 @@ class HeadAttention {
   static constexpr std::size_t max_group_heads = 16;
   /// Fewest coded tokens the grouped path is taken for.
   static constexpr std::size_t min_group_tokens = 1024;
-  /// Most heads of a grouped item that score pre-RoPE keys in registers, each key rotated once per
-  /// four heads; more heads rotate each key once into rows and score them with the heads in lanes
-  /// (measured on AVX2, 8c8b: 4 heads 36 against 48 ns per token, 8 heads 74 against 49).
-  static constexpr std::size_t rope_key_heads = 4;
-
   std::size_t coded_tokens() const { return vis_.coded(); }
   std::size_t heads() const { return heads_; }
   const StateLayout& layout() const { return layout_; }
@@ -322,11 +317,11 @@ class HeadAttention {
     std::optional<RopeStepper> stepper;
     float *qt = nullptr, *qr = nullptr, *tmp = nullptr;
     // Pre-RoPE keys, each step period's queries turned back to its anchor: up to
-    // rope_key_heads heads score the keys in registers (Backend::score_rope_codes, then the
-    // scores transposed to lanes); more heads decode and rotate each key once into a block's rows
-    // in scratch and score them against every head at once, the queries transposed to lanes
-    // (dim, L).
-    const bool key_rows = kv_.rope && heads_ > rope_key_heads;
+    // Backend::rope_code_heads heads score the keys from their codes (Backend::score_rope_codes,
+    // then the scores transposed to lanes); more heads decode and rotate each key once into a
+    // block's rows in scratch and score them against every head at once, the queries transposed
+    // to lanes (dim, L).
+    const bool key_rows = kv_.rope && heads_ > Backend::rope_code_heads(kcb, kv_.rope->steps());
     if (kv_.rope) {
       stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
       const std::size_t head = block_tokens * std::max(D, L);

@@ -139,6 +139,11 @@ struct ScalarAttentionOps {
       }
   }
 
+  /// Most heads of a GQA group that score_rope_codes should serve in one call: up to this many,
+  /// attention scores pre-RoPE keys from their codes; more decode and rotate each key once into
+  /// rows (rope_rows) and score those against every head (score_rows_heads).
+  static std::size_t rope_code_heads(const CodebookView&, const RopeSteps&) { return 4; }
+
   /// Pre-RoPE keys against queries turned back to their anchors (rope_rotate_back): for i < n
   /// (n <= 2 * rs.period), with k the decoded key of token first + i and t = i % rs.period:
   /// scores[h * stride + i] = qr[((i / rs.period) * heads + h) * dim ..] . R(t) k. Codes and

@@ -29,7 +29,7 @@
 namespace cq::backend {
 
 template <class Isa>
-struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps {
+struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
   using vf = typename Isa::vf;
   using vi = typename Isa::vi;
   static constexpr int W = Isa::width;

@@ -11,9 +11,12 @@
 /// centroid (C = 8), two (4), four (2) or half of one (16). Up to four heads share each rotated
 /// key (one head: two tokens share the query loads instead). Scores of 8 tokens are summed
 /// horizontally at once (transpose-add). Other shapes (C = 1 or odd, rotary_dim or head_dim not a
-/// multiple of 16 / 8, code widths over 16 bits) take the scalar reference.
+/// multiple of 16 / 8, code widths over 16 bits) take the scalar reference. Under AVX-512, keys of
+/// 8- and 16-channel groups take the 16-lane kernels of simd_rope_avx512.hpp instead, for any
+/// number of heads.
 
 #include "cq/backend/scalar_attention.hpp"
+#include "cq/backend/simd_rope_avx512.hpp"
 #include "cq/codebook.hpp"
 #include "cq/config.hpp"
 #include "cq/detail/bit_packing.hpp"
@@ -26,13 +29,30 @@
 
 namespace cq::backend {
 
+template <class Isa>
 struct SimdRopeOps {
+  /// Most heads score_rope_codes serves at once at a cost that grows slower than the heads (see
+  /// ScalarAttentionOps::rope_code_heads).
+  static std::size_t rope_code_heads(const CodebookView& cb, const RopeSteps& rs) {
+#if CQ_HAVE_AVX512
+    if constexpr (Isa::width == 16)
+      if (fast_shape(cb, rs, rs.period) && detail_rope512::fits(cb, rs)) return max_heads;
+#endif
+    (void)cb, (void)rs;
+    return 4;
+  }
+
   static void score_rope_codes(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
                                const RopeSteps& rs, const float* qr, std::size_t heads, float* scores,
                                std::size_t stride) {
 #if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
     if (fast_shape(cb, rs, n)) {
       with_offsets(cb, codes, first, [&]<int C>(const std::uint32_t* cd) {
+#if CQ_HAVE_AVX512
+        if constexpr (Isa::width == 16 && (C == 8 || C == 16))
+          if (detail_rope512::fits(cb, rs))
+            return detail_rope512::score_rope_codes<C>(cb, cd, n, rs, qr, heads, scores, stride);
+#endif
         // Up to four heads share each rotated key; a single head takes two tokens at a time.
         for (std::size_t h = 0; h < heads;) {
           if (heads - h >= 4) score_fixed<C, 4, 1>(cb, cd, n, rs, qr, heads, h, scores, stride), h += 4;
@@ -59,6 +79,7 @@ struct SimdRopeOps {
 
 #if CQ_HAVE_AVX2 || CQ_HAVE_AVX512
  private:
+  static constexpr std::size_t max_heads = std::size_t{1} << 20;  // no limit that matters
   static constexpr std::size_t max_groups = 128;  // a block's code offsets sit on the stack
   static constexpr std::size_t period = Rope::step_period;
 
@@ -126,14 +147,6 @@ struct SimdRopeOps {
   // Keeps a loaded vector in a register: GCC otherwise folds its load into every instruction that
   // uses it, loading it again each time, and loads are what these loops are short of.
   static CQ_ALWAYS_INLINE void in_register(__m256& v) { __asm__("" : "+x"(v)); }
-
-  // The 8 horizontal sums of v[0..7], in order.
-  static CQ_ALWAYS_INLINE __m256 sums8(const __m256* v) {
-    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-  }
 
   // Heads h0 .. h0 + H - 1 over the n tokens of the block, U tokens at a time (they share the
   // query loads; H * U <= 4 keeps the accumulators and rotated keys in registers).
@@ -219,17 +232,9 @@ struct SimdRopeOps {
         for (int h = 0; h < H; ++h)
           for (int u = 0; u < U; ++u) part[h][u0 + u] = _mm256_add_ps(a[h][u], b[h][u]);
       }
-      for (int h = 0; h < H; ++h) {
-        float* out = scores + (h0 + h) * stride + i0;
-        const __m256 s = sums8(part[h]);
-        if (take == 8) {
-          _mm256_storeu_ps(out, s);
-        } else {
-          alignas(32) float tmp[8];
-          _mm256_store_ps(tmp, s);
-          std::copy_n(tmp, take, out);
-        }
-      }
+      for (int h = 0; h < H; ++h)
+        cq::detail::Avx2Isa::store_first(scores + (h0 + h) * stride + i0, cq::detail::Avx2Isa::reduce_add8(part[h]),
+                                         take);
     }
   }
 

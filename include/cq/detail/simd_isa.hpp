@@ -125,6 +125,20 @@ struct Avx2Isa {
   static CQ_ALWAYS_INLINE vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
   static CQ_ALWAYS_INLINE vf fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
   static CQ_ALWAYS_INLINE vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+  /// The 8 horizontal sums of v[0..7], in order (transpose-add).
+  static CQ_ALWAYS_INLINE vf reduce_add8(const vf* v) {
+    const vf t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    const vf t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    const vf u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  /// Stores the first n <= 8 lanes of v at p.
+  static CQ_ALWAYS_INLINE void store_first(float* p, vf v, std::size_t n) {
+    if (n == 8) return _mm256_storeu_ps(p, v);
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::copy_n(tmp, n, p);
+  }
   static CQ_ALWAYS_INLINE float reduce_add(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
