@@ -11,6 +11,7 @@
 /// histograms are scalar read-modify-writes ordered token-major so consecutive updates hit
 /// different groups.
 
+#include "cq/backend/avx512_pairs.hpp"
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/backend/simd_group_attention.hpp"
 #include "cq/backend/simd_rope_attention.hpp"
@@ -204,6 +205,11 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
   static void accumulate_fixed(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
                                const float* p, float* acc) {
     CQ_ASSERT(first % B == 0);
+#if CQ_HAVE_AVX512
+    if constexpr (W == 16 && C == 8)
+      if (codes.bits == 8 && cb.groups % 2 == 0 && cb.groups <= 2 * max_pairs)
+        return accumulate_pairs(cb, codes, first, n, p, acc);
+#endif
     constexpr int gc = 8;  // groups per pass: 8 accumulators in flight hide the FMA latency
     const std::size_t G = cb.groups, K = cb.num_centroids();
     alignas(64) std::uint32_t idx[gc][B];
@@ -240,6 +246,40 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
       }
     }
   }
+
+#if CQ_HAVE_AVX512
+  static constexpr std::size_t max_pairs = 64;  // a block's pair entries sit on the stack
+
+  // 8-channel groups and 8-bit codes under AVX-512: two groups' centroids per register
+  // (avx512_pairs), so a token costs one entry load, two centroid loads and one multiply-add per
+  // 16 channels, and 16 groups share each pass over the block's tokens and weights.
+  static void accumulate_pairs(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first,
+                               std::size_t n, const float* p, float* acc) {
+    const std::size_t P = cb.groups / 2;
+    alignas(64) std::uint64_t pairs[max_pairs * B];
+    for (std::size_t done = 0; done < n; done += B) {
+      avx512_pairs::from_codes8(codes, (first + done) / B, cb.num_centroids(), pairs);
+      const std::size_t take = std::min(B, n - done);
+      std::size_t q = 0;
+      for (; q + 8 <= P; q += 8) pair_pass<8>(cb.centroids, pairs + q * B, p + done, take, acc + 16 * q);
+      if (P - q >= 4) pair_pass<4>(cb.centroids, pairs + q * B, p + done, take, acc + 16 * q), q += 4;
+      for (; q < P; ++q) pair_pass<1>(cb.centroids, pairs + q * B, p + done, take, acc + 16 * q);
+    }
+  }
+
+  // NP pairs (entries e[k * B + t]) over `take` tokens of weights w; accumulators in registers.
+  template <int NP>
+  static CQ_ALWAYS_INLINE void pair_pass(const float* cent, const std::uint64_t* e, const float* w, std::size_t take,
+                                         float* acc) {
+    __m512 a[NP];
+    for (int k = 0; k < NP; ++k) a[k] = _mm512_loadu_ps(acc + 16 * k);
+    for (std::size_t t = 0; t < take; ++t) {
+      const __m512 wt = _mm512_set1_ps(w[t]);
+      for (int k = 0; k < NP; ++k) a[k] = _mm512_fmadd_ps(wt, avx512_pairs::load(cent, e + k * B + t), a[k]);
+    }
+    for (int k = 0; k < NP; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
+  }
+#endif
 
   // NG groups over `take` tokens; off[k][t] is the element offset of token t's centroid of the
   // pass's group k from `cents`. Accumulators stay in registers.

@@ -5,8 +5,7 @@
 ///
 /// Why it is shaped so: a coded key is a chain of dependent loads (code offset, then centroid),
 /// and these loops are short of load slots, not arithmetic. So
-/// - a group pair's two 32-bit centroid offsets (C = 8) are one 64-bit load, and a 16-channel
-///   register is its two centroids (one load and one load-insert);
+/// - with C = 8 a 16-channel register is a group pair's two centroids (avx512_pairs);
 /// - one query head keeps its query in registers and scores each key where it is decoded;
 /// - two or more heads rotate four keys into rows (in L1) and score them in register tiles of
 ///   (up to 4 heads) x (4 tokens), so each query vector loaded serves four tokens and each key
@@ -16,6 +15,7 @@
 /// Other shapes (C = 2 or 4, rotary_dim not a multiple of 32 with rotate_half or of 16
 /// interleaved) take the 8-lane kernels of simd_rope_attention.hpp.
 
+#include "cq/backend/avx512_pairs.hpp"
 #include "cq/codebook.hpp"
 #include "cq/config.hpp"
 #include "cq/detail/simd_isa.hpp"
@@ -45,10 +45,9 @@ inline bool fits(const CodebookView& cb, const RopeSteps& rs) {
 // it, and loads are what these loops are short of.
 CQ_ALWAYS_INLINE void in_register(__m512& v) { __asm__("" : "+v"(v)); }
 
-// Channels [16J, 16J + 16) of one token's key. C = 8: e[J * B] holds the offsets of groups 2J and
-// 2J + 1 (low, high 32 bits); C = 16: the u32 e[J * B] is group J's. Offsets in floats from the
-// codebook's start, loaded into a general register on purpose (GCC otherwise routes them through
-// vector registers, a longer chain to the centroid load).
+// Channels [16J, 16J + 16) of one token's key. C = 8: e[J * B] is the entry of groups 2J and
+// 2J + 1 (avx512_pairs); C = 16: the u32 e[J * B] is group J's offset, loaded into a general
+// register for the same reason as the pairs'.
 template <int C>
 CQ_ALWAYS_INLINE __m512 key(const float* cent, const void* e, std::size_t J) {
   if constexpr (C == 16) {
@@ -56,10 +55,7 @@ CQ_ALWAYS_INLINE __m512 key(const float* cent, const void* e, std::size_t J) {
     __asm__("movl %1, %0" : "=r"(x) : "m"(static_cast<const std::uint32_t*>(e)[J * B]));
     return _mm512_loadu_ps(cent + x);
   } else {
-    std::uint64_t x;
-    __asm__("movq %1, %0" : "=r"(x) : "m"(static_cast<const std::uint64_t*>(e)[J * B]));
-    const __m256 lo = _mm256_loadu_ps(cent + static_cast<std::uint32_t>(x));
-    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), _mm256_loadu_ps(cent + (x >> 32)), 1);
+    return avx512_pairs::load(cent, static_cast<const std::uint64_t*>(e) + J * B);
   }
 }
 
@@ -224,16 +220,7 @@ void score_rope_codes(const CodebookView& cb, const std::uint32_t* off, std::siz
   std::size_t esize = sizeof(std::uint32_t);
   alignas(64) std::uint64_t pairs[(max_dim / 16) * B];
   if constexpr (C == 8) {
-    // Group pairs' offsets side by side: one 64-bit load per 16 channels.
-    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (std::size_t p = 0; p < cb.groups / 2; ++p)
-      for (std::size_t t = 0; t < B; t += 16) {
-        const __m512i a = _mm512_load_si512(off + 2 * p * B + t), b = _mm512_load_si512(off + (2 * p + 1) * B + t);
-        std::uint64_t* o = pairs + p * B + t;
-        _mm512_store_si512(o, _mm512_permutex2var_epi32(a, lo, b));
-        _mm512_store_si512(o + 8, _mm512_permutex2var_epi32(a, hi, b));
-      }
+    avx512_pairs::from_offsets(off, cb.groups, pairs);
     e = pairs;
     esize = sizeof(std::uint64_t);
   }
