@@ -12,8 +12,8 @@
 ///   vector up to four heads — a key decoded once for the whole GQA group;
 /// - the common head sizes (64 and 128, fully rotary) are compile-time, so the loops unroll and
 ///   a head's query stays in registers.
-/// Other shapes (C = 2 or 4, rotary_dim not a multiple of 32 with rotate_half or of 16
-/// interleaved) take the 8-lane kernels of simd_rope_attention.hpp.
+/// Other shapes (C = 2 or 4, head_dim over 512, rotary_dim not a multiple of 32 with rotate_half
+/// or of 16 interleaved) take the 8-lane kernels of simd_rope_attention.hpp.
 
 #include "cq/backend/avx512_pairs.hpp"
 #include "cq/codebook.hpp"
@@ -76,7 +76,7 @@ void with_dims(std::size_t dim, std::size_t rotary, F&& f) {
   f(Dims<0, 0>{dim, rotary});
 }
 
-// Token i's key rotated by R(i % period), vector J of D / 16 passed to out(J, v) in order of J.
+// A token's key (entries e) rotated by R(t): each of its D / 16 vectors passed once to out(J, v).
 template <int C, class Dm, class Out>
 CQ_ALWAYS_INLINE void rotated_key(const float* cent, const void* e, const RopeSteps& rs, std::size_t t, Dm dm,
                                   Out&& out) {
