@@ -232,11 +232,15 @@ class Rope {
 /// cos/sin (times the attention factor) of consecutive positions without a sincos per token. An
 /// anchor in double is exact at the first position and advanced every `resync` positions by
 /// complex multiplication (drift ~1e-16 per step); in between, the float values take one float
-/// complex multiplication per position (error below 2e-6 after resync - 1 of them). Holds its
-/// tables inline: constructing one allocates nothing.
+/// complex multiplication per position (error below 2e-6 after resync - 1 of them). jump()
+/// moves `resync` positions at once the same way: float steps, the double anchor every
+/// `jumps_per_anchor` jumps (the double step and its conversion cost several times a float step,
+/// and attention jumps once per 16 coded tokens). Holds its tables inline: constructing one
+/// allocates nothing.
 class RopeStepper {
  public:
   static constexpr int resync = static_cast<int>(Rope::step_period);
+  static constexpr int jumps_per_anchor = 8;
   RopeStepper(const Rope& rope, std::size_t first_pos) : n_(rope.pairs()) { reset(rope, first_pos); }
 
   /// Moves to `pos` (any position) with exact anchors.
@@ -250,44 +254,57 @@ class RopeStepper {
       step_s_[i] = std::sin(resync * f);
       fstep_c_[i] = static_cast<float>(std::cos(f));
       fstep_s_[i] = static_cast<float>(std::sin(f));
+      fjump_c_[i] = static_cast<float>(step_c_[i]);
+      fjump_s_[i] = static_cast<float>(step_s_[i]);
+      double c = 1.0, s = 0.0;  // the resync step to the power jumps_per_anchor
+      for (int k = 0; k < jumps_per_anchor; ++k) {
+        const double cn = c * step_c_[i] - s * step_s_[i];
+        s = s * step_c_[i] + c * step_s_[i];
+        c = cn;
+      }
+      anchor_c_[i] = c;
+      anchor_s_[i] = s;
     }
     since_anchor_ = 0;
+    jumps_ = 0;
     refresh_float();
   }
   /// Moves resync positions ahead at once; only at an anchor (after reset or a previous jump).
+  /// Steppers that jump do not advance() after their first jump.
   void jump() {
     CQ_ASSERT(since_anchor_ == 0);
-    since_anchor_ = resync - 1;
-    advance();
+    step(jumps_, jumps_per_anchor, anchor_c_.data(), anchor_s_.data(), fjump_c_.data(), fjump_s_.data());
   }
   /// cos / sin of the current position, one per pair, as float.
   const float* cos() const { return cf_.data(); }
   const float* sin() const { return sf_.data(); }
   void advance() {
-    if (++since_anchor_ == resync) {
-      since_anchor_ = 0;
-      for (std::size_t i = 0; i < n_; ++i) {
-        const double c = c_[i] * step_c_[i] - s_[i] * step_s_[i];
-        const double s = s_[i] * step_c_[i] + c_[i] * step_s_[i];
-        c_[i] = c;
-        s_[i] = s;
-      }
-      refresh_float();
-      return;
-    }
-    float* __restrict cf = cf_.data();
-    float* __restrict sf = sf_.data();
-    const float* __restrict fc = fstep_c_.data();
-    const float* __restrict fs = fstep_s_.data();
-    for (std::size_t i = 0; i < n_; ++i) {
-      const float c = cf[i] * fc[i] - sf[i] * fs[i];
-      const float s = sf[i] * fc[i] + cf[i] * fs[i];
-      cf[i] = c;
-      sf[i] = s;
-    }
+    CQ_ASSERT(jumps_ == 0);  // the double anchor is the current one
+    step(since_anchor_, resync, step_c_.data(), step_s_.data(), fstep_c_.data(), fstep_s_.data());
   }
 
  private:
+  // Step `count` of `every`: the last moves the double anchor by (ac, as) and refreshes the float
+  // values from it; the others move the float values by (fc, fs).
+  void step(int& count, int every, const double* ac, const double* as, const float* fc, const float* fs) {
+    if (++count == every) {
+      count = 0;
+      rotate(c_.data(), s_.data(), ac, as);
+      refresh_float();
+      return;
+    }
+    rotate(cf_.data(), sf_.data(), fc, fs);
+  }
+  // (c, s) <- (c, s) (step_c, step_s), pair by pair, as complex numbers.
+  template <class F>
+  void rotate(F* __restrict c, F* __restrict s, const F* __restrict step_c, const F* __restrict step_s) {
+    for (std::size_t i = 0; i < n_; ++i) {
+      const F cn = c[i] * step_c[i] - s[i] * step_s[i];
+      const F sn = s[i] * step_c[i] + c[i] * step_s[i];
+      c[i] = cn;
+      s[i] = sn;
+    }
+  }
   void refresh_float() {
     for (std::size_t i = 0; i < n_; ++i) {
       cf_[i] = static_cast<float>(c_[i]);
@@ -296,8 +313,9 @@ class RopeStepper {
   }
   std::size_t n_;
   std::array<double, Rope::max_pairs> c_, s_, step_c_, step_s_;  // the anchor and its resync step
-  std::array<float, Rope::max_pairs> cf_, sf_, fstep_c_, fstep_s_;
-  int since_anchor_ = 0;
+  std::array<double, Rope::max_pairs> anchor_c_, anchor_s_;     // jumps_per_anchor resync steps
+  std::array<float, Rope::max_pairs> cf_, sf_, fstep_c_, fstep_s_, fjump_c_, fjump_s_;
+  int since_anchor_ = 0, jumps_ = 0;
 };
 
 /// Rotates x (head_dim floats) in place with the cos/sin of a stepper's current position.
