@@ -116,8 +116,8 @@ TEST_CASE("RoPE: every variant rotates like transformers' formulas, to positions
 
 TEST_CASE("RoPE: queries turned back to anchors and keys turned by the step table score like R(pos) k, to 10^6") {
   // What attention does with coded pre-RoPE keys: q . R(p) k = (R(a)^T q) . R(p - a) k, the
-  // anchor a exact in double every step_period positions (RopeStepper::jump), R(t) from
-  // Rope::steps().
+  // anchor a every step_period positions (RopeStepper::jump: float steps between exact double
+  // anchors), R(t) from Rope::steps().
   const std::size_t D = 128;
   const auto x = test::random_normal(D, 1), q = test::random_normal(D, 2);
   double qn = 0.0, xn = 0.0;
