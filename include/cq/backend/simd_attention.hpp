@@ -12,6 +12,7 @@
 /// different groups.
 
 #include "cq/backend/avx512_pairs.hpp"
+#include "cq/backend/code_offsets.hpp"
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/backend/simd_group_attention.hpp"
 #include "cq/backend/simd_rope_attention.hpp"
@@ -22,7 +23,6 @@
 #include "cq/packed_codes.hpp"
 
 #include <algorithm>
-#include <bit>
 #include <cstring>
 #include <cstdint>
 #include <limits>
@@ -218,24 +218,10 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
       const std::size_t take = std::min(B, n - done);
       const float* w = p + done;
       std::size_t g0 = 0;
-      // Codes become element offsets ((g * K + code) * C, from the codebook's start) up front, so
-      // the token loop's address is one base register and a scaled index: load offset, load C
-      // floats, multiply-add. 8-bit codes are widened in registers and stored a vector at a time:
-      // a vector load of offsets just written as scalars would wait for the stores to drain (no
-      // store forwarding from several stores into one load).
-      auto offsets = [&](int k, std::size_t g) {
-        const std::uint32_t base = static_cast<std::uint32_t>(g * K);
-        if (codes.bits == 8) {
-          const std::uint8_t* chunk = codes.chunk(block, g);
-          const vi vbase = Isa::set1i(static_cast<int>(base));
-          constexpr int shift = std::countr_zero(unsigned(C));  // C is a power of two
-          for (int j = 0; j < per_block; ++j)
-            Isa::storei(idx[k] + j * W, Isa::template slli<shift>(Isa::addi(Isa::load_u8(chunk + j * W), vbase)));
-          return;
-        }
-        detail::unpack_chunk(codes.chunk(block, g), codes.bits, idx[k]);
-        for (std::size_t t = 0; t < B; ++t) idx[k][t] = (idx[k][t] + base) * C;
-      };
+      // Codes become element offsets from the codebook's start up front (group_offsets), so the
+      // token loop's address is one base register and a scaled index: load offset, load C
+      // floats, multiply-add.
+      auto offsets = [&](int k, std::size_t g) { group_offsets<Isa, C>(codes, block, g, K, idx[k]); };
       for (; g0 + gc <= G; g0 += gc) {
         for (int k = 0; k < gc; ++k) offsets(k, g0 + k);
         accumulate_pass<C, gc>(cb.centroids, idx, w, take, acc + g0 * C);

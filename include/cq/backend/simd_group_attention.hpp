@@ -279,7 +279,6 @@ struct SimdGroupOps {
     }
   }
 
-
   // Token-major, group-minor: consecutive updates hit different entries (no store-forwarding
   // chains through one entry).
   template <int N>

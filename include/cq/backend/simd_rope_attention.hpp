@@ -15,11 +15,11 @@
 /// 8- and 16-channel groups take the 16-lane kernels of simd_rope_avx512.hpp instead, for any
 /// number of heads.
 
+#include "cq/backend/code_offsets.hpp"
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/backend/simd_rope_avx512.hpp"
 #include "cq/codebook.hpp"
 #include "cq/config.hpp"
-#include "cq/detail/bit_packing.hpp"
 #include "cq/detail/simd_isa.hpp"
 #include "cq/packed_codes.hpp"
 #include "cq/rope.hpp"
@@ -90,35 +90,21 @@ struct SimdRopeOps {
   }
 
   // Calls f.template operator()<C>(off) with off (groups, 32): the element offset
-  // (g * K + code) * C of each code of the block, token `first` first.
+  // (g * K + code) * C of each code of the block, token `first` first (group_offsets).
   template <class F>
   static void with_offsets(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, F&& f) {
     CQ_ASSERT(first % block_tokens == 0);
-    const std::size_t block = first / block_tokens, C = cb.channels, K = cb.num_centroids();
+    const std::size_t block = first / block_tokens, K = cb.num_centroids();
     alignas(64) std::uint32_t off[max_groups * block_tokens];
-    for (std::size_t g = 0; g < cb.groups; ++g) {
-      std::uint32_t* o = off + g * block_tokens;
-      const __m256i base = _mm256_set1_epi32(static_cast<int>(g * K));
-      const __m128i shift = _mm_cvtsi32_si128(C == 2 ? 1 : C == 4 ? 2 : C == 8 ? 3 : 4);
-      if (codes.bits == 8) {
-        const std::uint8_t* ch = codes.chunk(block, g);
-        for (std::size_t t = 0; t < block_tokens; t += 8) {
-          const __m256i c = cq::detail::Avx2Isa::load_u8(ch + t);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(o + t), _mm256_sll_epi32(_mm256_add_epi32(c, base), shift));
-        }
-      } else {
-        cq::detail::unpack_chunk(codes.chunk(block, g), codes.bits, o);
-        for (std::size_t t = 0; t < block_tokens; t += 8) {
-          const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(o + t));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(o + t), _mm256_sll_epi32(_mm256_add_epi32(c, base), shift));
-        }
-      }
-    }
-    switch (C) {
-      case 2: return f.template operator()<2>(static_cast<const std::uint32_t*>(off));
-      case 4: return f.template operator()<4>(static_cast<const std::uint32_t*>(off));
-      case 8: return f.template operator()<8>(static_cast<const std::uint32_t*>(off));
-      default: return f.template operator()<16>(static_cast<const std::uint32_t*>(off));
+    auto run = [&]<int C>() {
+      for (std::size_t g = 0; g < cb.groups; ++g) group_offsets<Isa, C>(codes, block, g, K, off + g * block_tokens);
+      return f.template operator()<C>(static_cast<const std::uint32_t*>(off));
+    };
+    switch (cb.channels) {
+      case 2: return run.template operator()<2>();
+      case 4: return run.template operator()<4>();
+      case 8: return run.template operator()<8>();
+      default: return run.template operator()<16>();
     }
   }
 
