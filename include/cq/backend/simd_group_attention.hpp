@@ -170,42 +170,67 @@ struct SimdGroupOps {
   static void max_lanes(const float* x, std::size_t n, std::size_t L, float* m) {
     detail_group::with_lanes(L, [&]<int N>() {
       using namespace detail_group;
-      V<N> v = V<N>{} - std::numeric_limits<float>::infinity();
-      for (std::size_t i = 0; i < n; ++i) {
+      // Four independent chains: one would wait on the max latency per token.
+      const V<N> lowest = V<N>{} - std::numeric_limits<float>::infinity();
+      V<N> v[4] = {lowest, lowest, lowest, lowest};
+      std::size_t i = 0;
+      for (; i + 4 <= n; i += 4)
+        for (std::size_t r = 0; r < 4; ++r) {
+          const V<N> x_i = load<N>(x + (i + r) * N);
+          v[r] = x_i > v[r] ? x_i : v[r];
+        }
+      for (; i < n; ++i) {
         const V<N> x_i = load<N>(x + i * N);
-        v = x_i > v ? x_i : v;
+        v[0] = x_i > v[0] ? x_i : v[0];
       }
-      store<N>(m, v);
+      for (std::size_t r = 1; r < 4; ++r) v[0] = v[r] > v[0] ? v[r] : v[0];
+      store<N>(m, v[0]);
     });
   }
 
-  /// Whole vectors of the ISA over the flat (n, L) array, the shift repeating every L lanes.
+  /// Whole vectors of the ISA over the flat (n, L) array, the shift repeating every L lanes: one
+  /// vector per step when L <= width (the shift pattern is the same in every vector), two when a
+  /// 16-lane group spans two vectors (AVX2); the sums stay in registers.
   static void exp_sum_lanes(float* x, std::size_t n, std::size_t L, const float* shift, float* sum) {
     using vf = typename Isa::vf;
     constexpr std::size_t W = Isa::width;
-    const std::size_t total = n * L, period = L > W ? L / W : 1;  // vectors before the shift repeats
-    alignas(64) float pattern[2 * W];                               // the shift over one or two vectors
-    for (std::size_t k = 0; k < period * W; ++k) pattern[k] = shift[k % L];
-    vf acc[2] = {Isa::zero(), Isa::zero()};
+    CQ_ASSERT(L <= 16 && (L & (L - 1)) == 0);
+    const std::size_t total = n * L, lane = L - 1;  // k % L as k & lane (no division)
+    alignas(64) float pattern[2 * W];               // the shift over two vectors
+    for (std::size_t k = 0; k < 2 * W; ++k) pattern[k] = shift[k & lane];
+    const vf p0 = Isa::load(pattern), p1 = Isa::load(pattern + W);
+    vf acc0 = Isa::zero(), acc1 = Isa::zero();
     std::size_t k = 0;
-    for (; k + W <= total; k += W) {
-      const std::size_t p = (k / W) % period;
-      const vf e = Isa::exp(Isa::sub(Isa::load(x + k), Isa::load(pattern + p * W)));
-      Isa::store(x + k, e);
-      acc[p] = Isa::add(acc[p], e);
+    // Two vectors per step; in the second the shift is p1 (L > W) or p0 again (L <= W).
+    const vf q1 = L > W ? p1 : p0;
+    for (; k + 2 * W <= total; k += 2 * W) {
+      const vf e0 = Isa::exp(Isa::sub(Isa::load(x + k), p0));
+      const vf e1 = Isa::exp(Isa::sub(Isa::load(x + k + W), q1));
+      Isa::store(x + k, e0);
+      Isa::store(x + k + W, e1);
+      acc0 = Isa::add(acc0, e0);
+      acc1 = Isa::add(acc1, e1);
     }
+    if (k + W <= total) {  // (L <= W only: with L = 2W the total is a multiple of 2W)
+      const vf e0 = Isa::exp(Isa::sub(Isa::load(x + k), p0));
+      Isa::store(x + k, e0);
+      acc0 = Isa::add(acc0, e0);
+      k += W;
+    }
+    if (L <= W) acc0 = Isa::add(acc0, acc1), acc1 = Isa::zero();
     alignas(64) float lanes[2 * W];
-    Isa::store(lanes, acc[0]);
-    Isa::store(lanes + W, acc[1]);
-    for (std::size_t j = 0; j < 2 * W; ++j) sum[j % L] += j < period * W ? lanes[j] : 0.0f;
-    for (; k < total; ++k) sum[k % L] += x[k] = std::exp(x[k] - shift[k % L]);  // (n * L < W only)
+    Isa::store(lanes, acc0);
+    Isa::store(lanes + W, acc1);
+    for (std::size_t j = 0; j < 2 * W; ++j) sum[j & lane] += lanes[j];
+    for (; k < total; ++k) sum[k & lane] += x[k] = std::exp(x[k] - shift[k & lane]);  // the last partial vector
   }
 
  private:
   // lut (g, j) = scale * (q_h[g] . centroid[g][j]) for every head h in the lanes: the queries
-  // transposed to (dim, N), then C multiply-adds of a lane vector per centroid, four centroids at
-  // a time (one centroid's C multiply-adds are a dependent chain: alone, the build waits on the
-  // FMA latency, which made it the largest fixed cost of a grouped item at 4K tokens).
+  // transposed to (dim, N), then C multiply-adds of a lane vector per centroid, J centroids at a
+  // time (one centroid's C multiply-adds are a dependent chain: alone, the build waits on the FMA
+  // latency, which made it the largest fixed cost of a grouped item at 4K tokens; eight chains
+  // cover the latency of both FMA pipes where there are registers for them, i.e. AVX-512).
   template <int N>
   static void lut_lanes(const CodebookView& cb, const float* q, std::size_t heads, float scale, float* lut) {
     using namespace detail_group;
@@ -219,7 +244,7 @@ struct SimdGroupOps {
       }
       const float* cent = cb.centroids + g * KC * C;
       float* row = lut + g * K * N;
-      constexpr std::size_t J = 4;
+      constexpr std::size_t J = Isa::width >= 16 ? 8 : 4;
       std::size_t j = 0;
       for (; j + J <= KC; j += J) {
         V<N> acc[J];
