@@ -4,6 +4,9 @@
 // overhead, KV memory and throughput, then a greedy generation with an fp32 and a CQ-8c8b cache.
 //
 //   cq_toy_transformer [--model DIR] [--windows N] [--threads N]
+//   cq_toy_transformer --codebooks A.safetensors[,B...]  fp32 against CQ with these codebook files
+//                                            (cq-calibrate's output; keys before or after RoPE as
+//                                            the file says) instead of the shipped table
 //   cq_toy_transformer --check               small regression run (ctest), exits 1 on regression
 //   cq_toy_transformer --dump-calibration OUT --train data/train.txt
 //                                            K (pre/post RoPE) and V activations for cq-calibrate
@@ -152,6 +155,7 @@ int main(int argc, char** argv) try {
   std::size_t max_windows = 16, threads = 2;
   bool check = false;
   std::string dump, train;
+  std::vector<std::string> codebook_files;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -164,9 +168,16 @@ int main(int argc, char** argv) try {
     else if (a == "--check") check = true;
     else if (a == "--dump-calibration") dump = next();
     else if (a == "--train") train = next();
-    else {
+    else if (a == "--codebooks") {
+      std::string list = next();
+      for (std::size_t at = 0; at <= list.size();) {
+        const std::size_t comma = std::min(list.find(',', at), list.size());
+        if (comma > at) codebook_files.push_back(list.substr(at, comma - at));
+        at = comma + 1;
+      }
+    } else {
       std::fprintf(stderr, "usage: %s [--model DIR] [--windows N] [--threads N] [--check] "
-                           "[--dump-calibration OUT --train FILE]\n", argv[0]);
+                           "[--codebooks FILE[,FILE...]] [--dump-calibration OUT --train FILE]\n", argv[0]);
       return 2;
     }
   }
@@ -200,27 +211,38 @@ int main(int argc, char** argv) try {
   };
   // One KVCodebooks per configuration, loaded once and shared by every thread's cache.
   std::map<std::string, cq::KVCodebooks> books;
-  auto cq_row = [&](const std::string& cfg, const std::string& method, bool pre_rope) {
-    const std::string key = cfg + "-" + method;
-    const cq::KVCodebooks* set = &books.emplace(key, cq::io::load_kv_codebooks(codebook_path(dir, cfg, method))).first->second;
+  auto file_row = [&](const std::string& key, const std::filesystem::path& file, const std::string& name, bool pre_rope) {
+    const cq::KVCodebooks* set = &books.emplace(key, cq::io::load_kv_codebooks(file)).first->second;
     Row r;
-    r.name = "CQ-" + cfg + " " + method;
+    r.name = name;
     for (int w = 0; w < 2; ++w)
       r.make[w] = [&model, set, w, pre_rope] { return std::make_unique<CQCache>(model, *set, w ? 32 : 0, pre_rope); };
     r.codebook_bytes = set->memory();
     rows.push_back(std::move(r));
   };
+  auto cq_row = [&](const std::string& cfg, const std::string& method, bool pre_rope) {
+    file_row(cfg + "-" + method, codebook_path(dir, cfg, method), "CQ-" + cfg + " " + method, pre_rope);
+  };
   const std::vector<std::string> cq_cfgs = check ? std::vector<std::string>{"4c8b", "8c8b"}
                                                  : std::vector<std::string>{"2c8b", "4c8b", "8c8b", "8c10b"};
-  for (const auto& cfg : cq_cfgs)
-    for (const char* method : {"uniform", "fisher"}) cq_row(cfg, method, true);
-  for (int bits : check ? std::vector<int>{2} : std::vector<int>{4, 2, 1}) {
+  for (const auto& file : codebook_files) {
+    const cq::KVCodebooks set = cq::io::load_kv_codebooks(file);
+    const cq::Codebook &k = set.key(0, 0), &v = set.value(0, 0);
+    CQ_CHECK(set.key_rope() != cq::KeyRope::unknown, "--codebooks ", file, ": keys neither before nor after RoPE");
+    const auto cfg = [](const cq::Codebook& b) { return std::to_string(b.channels()) + "c" + std::to_string(b.bits()) + "b"; };
+    file_row(file, file, "CQ-" + cfg(k) + (cfg(k) == cfg(v) ? "" : " / " + cfg(v)) + " " + std::filesystem::path(file).stem().string(),
+             set.key_rope() == cq::KeyRope::pre);
+  }
+  if (codebook_files.empty())
+    for (const auto& cfg : cq_cfgs)
+      for (const char* method : {"uniform", "fisher"}) cq_row(cfg, method, true);
+  for (int bits : !codebook_files.empty() ? std::vector<int>{} : check ? std::vector<int>{2} : std::vector<int>{4, 2, 1}) {
     Row r;
     r.name = "INT" + std::to_string(bits) + "-g32 (KIVI)";
     for (int w = 0; w < 2; ++w) r.make[w] = [&model, bits, w] { return std::make_unique<IntCache>(model, bits, w ? 32 : 0); };
     rows.push_back(std::move(r));
   }
-  if (!check)
+  if (!check && codebook_files.empty())
     for (const char* cfg : {"4c8b", "8c8b"}) cq_row(cfg, "uniform-postrope", false);
 
   std::vector<std::array<Eval, 2>> results(rows.size());
@@ -277,6 +299,8 @@ int main(int argc, char** argv) try {
     expect(find("CQ-8c8b fisher")[1].ppl() < int2, "CQ-8c8b Fisher (1 bit/ch, W=32) beats INT2 (W=32)");
     return ok ? 0 : 1;
   }
+
+  if (!codebook_files.empty()) return 0;  // the generation below uses the shipped 8c8b codebooks
 
   const std::string prompt = "And it came to pass, when the king";
   FloatCache fp(model);
