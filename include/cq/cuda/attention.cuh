@@ -54,6 +54,14 @@ __global__ void queries_to_float_kernel(const T* src, std::size_t n, float* dst)
     dst[i] = element_to_float(src[i]);
 }
 
+/// The split combine of a plan's partial states, a dependent of the main kernel where the device
+/// allows (dependent_launch.cuh).
+inline void launch_combine(const AttentionBatch& batch, const AttentionPlan& plan, const float* partial,
+                           cudaStream_t stream) {
+  launch_kernel(combine_kernel<>, dim3(unsigned(batch.batch * batch.q_heads)), dim3(128), 0, stream,
+                plan.dependent_launch, batch, plan.splits, partial);
+}
+
 /// Launches a plan on `stream` with only the `stages` of it switched on (AttentionStage; timing
 /// experiments); `workspace` holds plan.workspace_bytes. Allocates nothing.
 inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* workspace, cudaStream_t stream,
@@ -83,8 +91,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     g.kernel<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
     CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
     if (plan.splits > 1) {
-      combine_kernel<><<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
-      CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+      launch_combine(batch, plan, partial, stream);
     }
     return;
   }
@@ -94,8 +101,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     t.kernel<<<t.grid, t.threads, plan.shared_bytes, stream>>>(batch, t.layout, partial, stages);
     CQ_CUDA_CHECK_LAUNCH(lane_tables_kernel);
     if (plan.splits > 1) {  // one split writes the output itself
-      combine_kernel<><<<unsigned(batch.batch * batch.q_heads), 128, 0, stream>>>(batch, plan.splits, partial);
-      CQ_CUDA_CHECK_LAUNCH(combine_kernel);
+      launch_combine(batch, plan, partial, stream);
     }
     return;
   }

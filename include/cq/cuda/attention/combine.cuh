@@ -8,6 +8,7 @@
 /// merge kernel (general/merge.cuh), which also sums the splits' histograms.
 
 #include "cq/attention/softmax_state.hpp"
+#include "cq/cuda/attention/dependent_launch.cuh"
 #include "cq/cuda/attention/params.cuh"
 
 #include <cuda_runtime.h>
@@ -43,6 +44,7 @@ __device__ inline void merge_splits(const float* src, int splits, int D, int d, 
 /// Merges the splits of every (sequence, query head): out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s.
 template <class = void>  // a template only so that headers can define it (cuda.cuh)
 __global__ void combine_kernel(AttentionBatch p, int splits, const float* __restrict__ partial) {
+  wait_for_prerequisite();  // the main kernel's partial states (a dependent launch)
   const int bh = blockIdx.x, D = p.head_dim;
   const float* src = partial + std::size_t(bh) * splits * (2 + D);
   const float m = largest_split_reference(src, splits, D);

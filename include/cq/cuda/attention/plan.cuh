@@ -113,6 +113,7 @@ struct AttentionPlan {
   std::size_t shared_bytes = 0;    // dynamic shared memory of the main kernel's blocks
   std::size_t workspace_bytes = 0;  // device memory a launch needs
   std::size_t queries = 0;         // workspace offset of the queries as floats (for f16 / bf16 queries)
+  bool dependent_launch = false;   // the split combine starts while the main kernel ends (sm_90+)
   void* workspace = nullptr;       // the caller's, or null: the FusedAttention's own
   detail::GeneralLaunch general;
   detail::LaneTablesLaunch lane_tables;
@@ -305,6 +306,7 @@ inline AttentionPlan make_plan(const AttentionShape& s, const DeviceLimits& dev,
     plan_general(s, dev, max_split_tokens, plan);
   }
   plan.queries = reserve(&plan.workspace_bytes, std::size_t(s.batch) * s.q_heads * s.head_dim * sizeof(float));
+  plan.dependent_launch = dev.dependent_launch;
   return plan;
 }
 

@@ -39,6 +39,7 @@ struct DeviceLimits {
   int shared_max = 0;       // opt-in dynamic shared memory per block
   int multiprocessors = 0;
   int reserved_shared = 0;  // shared memory the driver reserves per block
+  bool dependent_launch = false;  // programmatic dependent launch (compute capability 9.0+)
 
   /// The current device's.
   static DeviceLimits current() {
@@ -48,6 +49,9 @@ struct DeviceLimits {
     CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, device));
     CQ_CUDA_CHECK(cudaDeviceGetAttribute(&d.reserved_shared, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    int major = 0;
+    CQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    d.dependent_launch = major >= 9;
     return d;
   }
 };
