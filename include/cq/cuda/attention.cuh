@@ -58,8 +58,8 @@ __global__ void queries_to_float_kernel(const T* src, std::size_t n, float* dst)
 /// allows (dependent_launch.cuh).
 inline void launch_combine(const AttentionBatch& batch, const AttentionPlan& plan, const float* partial,
                            cudaStream_t stream) {
-  launch_kernel(combine_kernel<>, dim3(unsigned(batch.batch * batch.q_heads)), dim3(128), 0, stream,
-                plan.dependent_launch, batch, plan.splits, partial);
+  launch_kernel("combine_kernel", combine_kernel<>, dim3(unsigned(batch.batch * batch.q_heads)), dim3(128), 0,
+                stream, plan.dependent_launch, batch, plan.splits, partial);
 }
 
 /// Launches a plan on `stream` with only the `stages` of it switched on (AttentionStage; timing
