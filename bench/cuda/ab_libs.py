@@ -2,8 +2,8 @@
 """A/B of two builds of the benchmark library (bench/cuda/cq_cuda_bench.cu) in one process: per shape
 and code width, both libraries run fused attention on the same synthetic batch (same seeds), in turn
 for --rounds rounds; prints each library's median over the rounds of its per-round medians, the
-ratio b / a (the two take turns to go first: the second of a pair measured ~1% slower on the
-H200 whichever it was), and how far the two outputs are apart (largest difference over the largest magnitude;
+ratio b / a (the two take turns to go first in a round; A's buffers are always allocated before
+B's), and how far the two outputs are apart (largest difference over the largest magnitude;
 0 = identical bit for bit; kernels whose warps raise a shared softmax reference in the order they
 arrive differ in the last bits from run to run). One device call, one torch
 start, the two builds interleaved (the method of bench/RESULTS.md).
