@@ -24,6 +24,7 @@
 #include <iterator>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #ifndef CQ_TOY_MODEL_DIR
 #define CQ_TOY_MODEL_DIR "examples/toy_transformer/model"
@@ -211,8 +212,8 @@ int main(int argc, char** argv) try {
   };
   // One KVCodebooks per configuration, loaded once and shared by every thread's cache.
   std::map<std::string, cq::KVCodebooks> books;
-  auto file_row = [&](const std::string& key, const std::filesystem::path& file, const std::string& name, bool pre_rope) {
-    const cq::KVCodebooks* set = &books.emplace(key, cq::io::load_kv_codebooks(file)).first->second;
+  auto add_row = [&](const std::string& key, cq::KVCodebooks loaded, const std::string& name, bool pre_rope) {
+    const cq::KVCodebooks* set = &books.emplace(key, std::move(loaded)).first->second;
     Row r;
     r.name = name;
     for (int w = 0; w < 2; ++w)
@@ -221,17 +222,19 @@ int main(int argc, char** argv) try {
     rows.push_back(std::move(r));
   };
   auto cq_row = [&](const std::string& cfg, const std::string& method, bool pre_rope) {
-    file_row(cfg + "-" + method, codebook_path(dir, cfg, method), "CQ-" + cfg + " " + method, pre_rope);
+    add_row(cfg + "-" + method, cq::io::load_kv_codebooks(codebook_path(dir, cfg, method)), "CQ-" + cfg + " " + method,
+            pre_rope);
   };
   const std::vector<std::string> cq_cfgs = check ? std::vector<std::string>{"4c8b", "8c8b"}
                                                  : std::vector<std::string>{"2c8b", "4c8b", "8c8b", "8c10b"};
   for (const auto& file : codebook_files) {
-    const cq::KVCodebooks set = cq::io::load_kv_codebooks(file);
-    const cq::Codebook &k = set.key(0, 0), &v = set.value(0, 0);
+    cq::KVCodebooks set = cq::io::load_kv_codebooks(file);
     CQ_CHECK(set.key_rope() != cq::KeyRope::unknown, "--codebooks ", file, ": keys neither before nor after RoPE");
     const auto cfg = [](const cq::Codebook& b) { return std::to_string(b.channels()) + "c" + std::to_string(b.bits()) + "b"; };
-    file_row(file, file, "CQ-" + cfg(k) + (cfg(k) == cfg(v) ? "" : " / " + cfg(v)) + " " + std::filesystem::path(file).stem().string(),
-             set.key_rope() == cq::KeyRope::pre);
+    const std::string k = cfg(set.key(0, 0)), v = cfg(set.value(0, 0));
+    const bool pre_rope = set.key_rope() == cq::KeyRope::pre;
+    add_row(file, std::move(set), "CQ-" + k + (k == v ? "" : " / " + v) + " " + std::filesystem::path(file).stem().string(),
+            pre_rope);
   }
   if (codebook_files.empty())
     for (const auto& cfg : cq_cfgs)
