@@ -5,7 +5,7 @@
 // threads (a cq::ThreadPool). Prints the median time of `reps` calls in microseconds.
 //
 //   ./build/bench/cq_decode_bench --q 8 --kv 1 --ctx 32768 --threads 2 [--pre-rope] [--reps 200]
-//                                 [--method fused|histogram|centroids|dequantize] [--C 8]
+//                                 [--method fused|histogram|centroids|dequantize] [--C 8] [--soft-cap 50]
 
 #include "bench_util.hpp"
 
@@ -22,6 +22,7 @@ using namespace cq;
 
 int main(int argc, char** argv) {
   std::size_t q_heads = 1, kv_heads = 1, ctx = 32768, threads = 1, reps = 200, C = 8;
+  float soft_cap = 0.0f;
   bool pre_rope = false;
   std::string method = "fused";
   for (int i = 1; i < argc; ++i) {
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") reps = next();
     else if (a == "--C") C = next();
     else if (a == "--pre-rope") pre_rope = true;
+    else if (a == "--soft-cap" && i + 1 < argc) soft_cap = std::stof(argv[++i]);
     else if (a == "--method" && i + 1 < argc) method = argv[++i];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
@@ -60,6 +62,7 @@ int main(int argc, char** argv) {
   ThreadPool pool(threads);
   AttendOptions ao;
   ao.executor = threads > 1 ? &pool : nullptr;
+  ao.logits_soft_cap = soft_cap;
   ao.method = method == "histogram"    ? AttentionMethod::fused_histogram
               : method == "centroids"  ? AttentionMethod::fused_centroids
               : method == "dequantize" ? AttentionMethod::dequantize

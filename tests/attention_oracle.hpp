@@ -43,10 +43,11 @@ void oracle_rows(const KVHeadView<T>& kv, std::size_t pos, std::vector<std::vect
   }
 }
 
-/// Attention of `heads` queries (heads x D) over the given rows, in double.
+/// Attention of `heads` queries (heads x D) over the given rows, in double; logits soft-capped to
+/// cap tanh(logit / cap) when soft_cap > 0.
 inline std::vector<double> oracle_over(const std::vector<std::vector<float>>& keys,
                                        const std::vector<std::vector<float>>& values, const float* q,
-                                       std::size_t heads, std::size_t D, float scale) {
+                                       std::size_t heads, std::size_t D, float scale, float soft_cap = 0.0f) {
   const std::size_t visible = keys.size();
   std::vector<double> out(heads * D, 0.0);
   for (std::size_t h = 0; h < heads; ++h) {
@@ -56,6 +57,7 @@ inline std::vector<double> oracle_over(const std::vector<std::vector<float>>& ke
       double d = 0.0;
       for (std::size_t i = 0; i < D; ++i) d += double(q[h * D + i]) * keys[p][i];
       s[p] = d * scale;
+      if (soft_cap > 0.0f) s[p] = soft_cap * std::tanh(s[p] / soft_cap);
       m = std::max(m, s[p]);
     }
     double sum = 0.0;
@@ -68,10 +70,10 @@ inline std::vector<double> oracle_over(const std::vector<std::vector<float>>& ke
 
 template <element_type T>
 std::vector<double> oracle_attend(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos,
-                                  float scale) {
+                                  float scale, float soft_cap = 0.0f) {
   std::vector<std::vector<float>> keys, values;
   oracle_rows(kv, pos, keys, values);
-  return oracle_over(keys, values, q, heads, kv.head_dim, scale);
+  return oracle_over(keys, values, q, heads, kv.head_dim, scale, soft_cap);
 }
 
 /// The attention tests' shape grid: head_dim 64/128, C 2/4/8, bits 4/8/10, window 0/32, sinks

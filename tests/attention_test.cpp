@@ -138,5 +138,33 @@ TEST_CASE("attend_head trusts nothing it is handed: inconsistent views, position
   CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, 300, 0.0f, out.data()), "the window of position 300 is [293, 301)");
   for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()})
     CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, 299, bad, out.data()), "is not finite");
+  for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity(), -1.0f}) {
+    const std::string want = detail::concat("logits_soft_cap ", bad, " must be 0 (none) or finite and positive");
+    CQ_CHECK_THROWS_CONTAINING(attend_head(good, q.data(), 1, 299, {0.0f, bad}, out.data()), want.c_str());
+  }
   CHECK(out == before);  // nothing was written by the refused calls
+}
+
+TEST_CASE("logit soft-capping: the SIMD tanh matches std::tanh at every magnitude and tail length") {
+  // Logits from 0 and subnormals to 1e30, both signs, n not a multiple of any vector width; the
+  // error that matters to a softmax is absolute (a relative error in the weight), so against cap.
+  std::vector<float> x;
+  for (float m : {0.0f, 1e-40f, 1e-30f, 1e-6f, 1e-3f, 0.1f, 0.5f, 0.9f, 1.0f, 1.7f, 3.0f, 9.0f, 20.0f, 44.0f, 100.0f,
+                  1e4f, 1e30f})
+    for (float sign : {1.0f, -1.0f}) x.push_back(sign * m);
+  const auto r = test::random_normal(75, 71, 5.0f);
+  x.insert(x.end(), r.begin(), r.end());
+  for (float cap : {0.5f, 30.0f, 50.0f})
+    for (std::size_t n : {x.size(), std::size_t{1}, std::size_t{13}, std::size_t{37}}) {
+      std::vector<float> got(x.begin(), x.begin() + n), want(got);
+      backend::Native::soft_cap(got.data(), n, cap);
+      backend::Scalar::soft_cap(want.data(), n, cap);
+      for (std::size_t i = 0; i < n; ++i) {
+        CAPTURE(x[i]);
+        CAPTURE(cap);
+        CHECK(std::abs(got[i] - want[i]) <= 4e-7f * cap);
+        CHECK(std::abs(got[i]) <= cap);
+        CHECK(std::signbit(got[i]) == std::signbit(x[i]));
+      }
+    }
 }

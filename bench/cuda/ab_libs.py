@@ -9,7 +9,10 @@ arrive differ in the last bits from run to run). One device call, one torch
 start, the two builds interleaved (the method of bench/RESULTS.md).
 
     python3 bench/cuda/ab_libs.py --a OLD.so --b NEW.so --shapes 1,32,8,32768 16,32,32,32768 \
-        [--C 8 2] [--kernel 0] [--chain 20] [--rounds 3] [--reps 20]
+        [--C 8 2] [--kernel 0] [--chain 20] [--rounds 3] [--reps 20] [--soft-cap-b 50]
+
+--soft-cap-a / --soft-cap-b: that library's runs soft-cap the logits (A and B may be the same build,
+to time the cap itself).
 
 --chain N times N runs issued back to back between two events (the GPU's time per run, without the
 host's launch latency; see time_cq.py).
@@ -39,10 +42,13 @@ def main():
     ap.add_argument("--chain", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--soft-cap-a", type=float, default=0.0)
+    ap.add_argument("--soft-cap-b", type=float, default=0.0)
     a = ap.parse_args()
     libs = {"a": bench.load(a.a), "b": bench.load(a.b)}
     stream = torch.cuda.current_stream().cuda_stream
-    print(f"a = {a.a}, b = {a.b}, kernel {a.kernel}, chain {a.chain}, {a.rounds} rounds of {a.reps} timings")
+    print(f"a = {a.a}, b = {a.b}, kernel {a.kernel}, chain {a.chain}, {a.rounds} rounds of {a.reps} timings, "
+          f"soft caps a {a.soft_cap_a} b {a.soft_cap_b}")
     for shape in a.shapes:
         B, hq, hkv, ctx = (int(x) for x in shape.split(","))
         for C in a.C:
@@ -52,6 +58,9 @@ def main():
                 if not h:
                     raise SystemExit(f"{k}: " + lib.cqb_last_error().decode())
                 lib.cqb_set_kernel(h, a.kernel)
+                cap = a.soft_cap_a if k == "a" else a.soft_cap_b
+                if cap and lib.cqb_set_soft_cap(h, cap):
+                    raise SystemExit(f"{k}: " + lib.cqb_last_error().decode())
                 handles[k] = h
             times = {k: [] for k in libs}
             outs = {}

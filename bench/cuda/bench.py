@@ -30,6 +30,8 @@ def load(path):
     lib.cqb_bytes.restype = ctypes.c_longlong
     lib.cqb_bytes.argtypes = [ctypes.c_void_p]
     lib.cqb_set_kernel.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    if hasattr(lib, "cqb_set_soft_cap"):  # builds from before logit soft-capping lack it
+        lib.cqb_set_soft_cap.argtypes = [ctypes.c_void_p, ctypes.c_float]
     for f in ("cqb_splits", "cqb_head_group", "cqb_kernel"):
         getattr(lib, f).argtypes = [ctypes.c_void_p]
     lib.cqb_shared_bytes.restype = ctypes.c_longlong

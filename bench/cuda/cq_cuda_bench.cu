@@ -417,6 +417,16 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
   return 1;
 }
 /// 0: automatic, 1: the general kernel, 2: the lane-tables kernel, 3: the grouped-rows kernel (cq::cuda::AttentionKernel).
+/// Logits soft-capped at `cap` (AttentionBatch::logits_soft_cap; 0: none) from the next run on.
+int cqb_set_soft_cap(void* handle, float cap) try {
+  cq::detail::check_soft_cap(cap, "cqb_set_soft_cap");
+  static_cast<Handle*>(handle)->batch_desc.logits_soft_cap = cap;
+  return 0;
+} catch (const std::exception& e) {
+  last_error = e.what();
+  return 1;
+}
+
 int cqb_set_kernel(void* handle, int kernel) try {
   CQ_CHECK(kernel >= 0 && kernel <= 3, "cqb_set_kernel: kernel ", kernel, " is not 0, 1, 2 or 3");
   auto* h = static_cast<Handle*>(handle);

@@ -68,6 +68,8 @@ def main():
                     help="also time the kernel decoding the coded tiles itself (no workspace for decoded rows)")
     ap.add_argument("--pre-rope", action="store_true",
                     help="also time cq with the keys coded before RoPE (rotated in the kernels)")
+    ap.add_argument("--soft-cap", type=float, default=0.0,
+                    help="cq's logits soft-capped at this value (0: none; SDPA is not capped)")
     ap.add_argument("--json")
     a = ap.parse_args()
     lib = load(a.lib)
@@ -84,7 +86,8 @@ def main():
     B, R, T, D = a.batch, a.rows, a.context, 128
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"prefill of {R} rows over {T - R} cached tokens ({T} in all), batch {B}, head_dim {D}, "
-          f"codes {'in pages of %d tokens' % a.page_tokens if a.page_tokens else 'contiguous'}")
+          f"codes {'in pages of %d tokens' % a.page_tokens if a.page_tokens else 'contiguous'}"
+          f"{', cq logits soft-capped at %g' % a.soft_cap if a.soft_cap else ''}")
     print("| q/kv heads | config | SDPA flash fp16 ms | cq ms | cq / SDPA | SDPA call |")
     print("|---|---|---|---|---|---|")
     results = []
@@ -101,6 +104,8 @@ def main():
                 raise RuntimeError(lib.cqb_last_error().decode())
             if a.page_tokens:
                 ok(lib.cqb_set_pages(h, a.page_tokens, 0))
+            if a.soft_cap:
+                ok(lib.cqb_set_soft_cap(h, a.soft_cap))
 
             def cq():
                 ok(lib.cqb_prefill(h, R, stream))

@@ -37,12 +37,14 @@ struct AttentionItem {
 };
 
 /// Runs every item, spread over `exec` (items first; long coded ranges also in pieces, see
-/// attention/cpu_plan.hpp; `pieces` > 0 asks for that many per item). `scale`: 0 means
-/// 1 / sqrt(head_dim). Each item's view must have passed detail::check_head_view. Throws cq::Error
-/// when a view does not hold what its position reads.
+/// attention/cpu_plan.hpp; `pieces` > 0 asks for that many per item). `scoring`: the scale (0
+/// means 1 / sqrt(head_dim)) and an optional logit soft cap. Each item's view must have passed
+/// detail::check_head_view. Throws cq::Error when a view does not hold what its position reads, or
+/// when the scale or the soft cap is not finite (or the cap negative).
 template <attention_backend Backend = backend::Native, element_type T>
-void attend_items(std::span<const AttentionItem<T>> items, float scale, AttentionMethod method = AttentionMethod::fused,
+void attend_items(std::span<const AttentionItem<T>> items, Scoring scoring, AttentionMethod method = AttentionMethod::fused,
                   Executor* exec = nullptr, std::size_t pieces = 0) {
+  const float cap = detail::check_soft_cap(scoring.soft_cap, "attend");
   if (items.empty()) return;
   // One kernel object per item, and per max_group_heads query heads of a larger GQA group.
   using Kernel = detail::HeadAttention<Backend, T>;
@@ -51,7 +53,8 @@ void attend_items(std::span<const AttentionItem<T>> items, float scale, Attentio
   for (const AttentionItem<T>& it : items)
     for (std::size_t h0 = 0; h0 < it.heads; h0 += Kernel::max_group_heads) {
       const std::size_t n = std::min(Kernel::max_group_heads, it.heads - h0), D = it.kv->head_dim;
-      heads.emplace_back(*it.kv, it.q + h0 * D, n, it.pos, detail::resolve_scale(scale, D, "attend"), method);
+      heads.emplace_back(*it.kv, it.q + h0 * D, n, it.pos, detail::resolve_scale(scoring.scale, D, "attend"), cap,
+                         method);
       outs.push_back(it.out + h0 * D);
     }
   std::vector<std::size_t> coded(heads.size());
@@ -83,16 +86,17 @@ void attend_items(std::span<const AttentionItem<T>> items, float scale, Attentio
 }
 
 /// Attention of `heads` query heads (q: heads x head_dim, contiguous) at position `pos` over one
-/// KV head's cache; writes out (heads x head_dim). With an executor and `parts` > 1 the coded
-/// range is split into up to that many pieces computed in parallel and merged. Throws cq::Error
-/// when the view is inconsistent or does not hold what the position reads.
+/// KV head's cache; writes out (heads x head_dim). `scoring`: the scale (0: 1 / sqrt(head_dim)),
+/// or {scale, soft cap}. With an executor and `parts` > 1 the coded range is split into up to that
+/// many pieces computed in parallel and merged. Throws cq::Error when the view is inconsistent or
+/// does not hold what the position reads, or on a scale or soft cap attend_items refuses.
 template <attention_backend Backend = backend::Native, element_type T>
-void attend_head(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos, float scale, float* out,
+void attend_head(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos, Scoring scoring, float* out,
                  AttentionMethod method = AttentionMethod::fused, Executor* exec = nullptr, std::size_t parts = 1) {
   detail::check_head_view(kv, "attend_head");
   CQ_CHECK(q != nullptr && out != nullptr, "attend_head: q and out must not be null");
   const AttentionItem<T> item{&kv, q, heads, pos, out};
-  attend_items<Backend, T>(std::span<const AttentionItem<T>>(&item, 1), scale, method, exec, parts);
+  attend_items<Backend, T>(std::span<const AttentionItem<T>>(&item, 1), scoring, method, exec, parts);
 }
 
 }  // namespace cq

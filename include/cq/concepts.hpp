@@ -43,8 +43,8 @@ concept quantizer_backend =
 ///  - `accumulate_centroids(cb, codes, first, n, p, acc)`: acc += sum_i p[i] * centroid of token i;
 ///  - `combine_centroids(cb, hist, stride, out)`: out += sum_j hist[g][j] * centroid[g][j];
 ///  - `prefers_value_histogram(cb)`: which value path the fused method takes;
-///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, and `dot` / `axpy`
-///    of float queries with float, fp16 or bf16 rows;
+///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, `soft_cap`
+///    (x[i] = cap tanh(x[i] / cap)), and `dot` / `axpy` of float queries with float, fp16 or bf16 rows;
 ///  - the grouped forms for the query heads of a GQA group, heads innermost: `score_lut_heads`,
 ///    `score_codes_heads`, `add_histogram_heads`, `combine_centroids_heads`, `score_rows_heads`, `max_lanes`,
 ///    `exp_sum_lanes`;
@@ -73,6 +73,7 @@ concept attention_backend =
       { B::max_of(cq, n) } -> std::convertible_to<float>;
       { B::exp_sum(f, n, x) } -> std::convertible_to<float>;
       B::scale(f, n, x);
+      B::soft_cap(f, n, x);
       B::decode(cb, codes, n, out);
       B::score_lut_heads(cb, cq, n, n, x, f);
       B::score_codes_heads(cq, n, n, codes, n, n, f);

@@ -23,6 +23,7 @@ struct AttentionCase {
   std::size_t page_tokens = 64;
   std::uint64_t seed = 1;
   float value_scale = 1.0f;  // multiplies the values and their codebooks (the output scales with them)
+  float soft_cap = 0.0f;     // logit soft cap (0: none)
 
   /// A shape; the with_* calls set the rest.
   static AttentionCase of(std::size_t D, std::size_t C, int bits, std::size_t window, std::size_t sinks,
@@ -35,11 +36,13 @@ struct AttentionCase {
   AttentionCase with_rope(const RopeConfig& r) const { AttentionCase c = *this; c.rope = r; return c; }
   AttentionCase with_pages(std::size_t p) const { AttentionCase c = *this; c.page_tokens = p; return c; }
   AttentionCase with_seed(std::uint64_t s) const { AttentionCase c = *this; c.seed = s; return c; }
+  AttentionCase with_soft_cap(float cap) const { AttentionCase c = *this; c.soft_cap = cap; return c; }
 
   std::string name() const {
     return detail::concat("D", D, " ", C, "c", bits, "b W", window, " S", sinks, " GQA", group, " q", queries,
                           rope ? " pre-RoPE" : "", " P", page_tokens, value_scale != 1.0f ? " values x" : "",
-                          value_scale != 1.0f ? std::to_string(value_scale) : "");
+                          value_scale != 1.0f ? std::to_string(value_scale) : "",
+                          soft_cap > 0.0f ? " cap " + std::to_string(soft_cap) : "");
   }
 };
 
@@ -103,6 +106,14 @@ inline std::vector<AttentionCase> attention_cases(std::size_t every = 1) {
   special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2500, 600}).with_pages(256));
   special(AttentionCase::of(128, 8, 8, 32, 0, 16, {1500}).with_queries(2));  // a group of 16 heads
   special(AttentionCase::of(64, 4, 8, 0, 0, 20, {1300}));                   // 20 heads: items of 16 and 4
+  // Logit soft-capping (Gemma 2): caps of 0.7 and 2 bite into these scores (about unit-normal), on
+  // the per-head and grouped paths, sinks and windows, several query rows, pre-RoPE keys, 2c8b.
+  special(AttentionCase::of(128, 8, 8, 32, 4, 1, {1100, 37}).with_soft_cap(0.7f));
+  special(AttentionCase::of(128, 8, 8, 32, 0, 8, {2100, 300}).with_soft_cap(2.0f));  // grouped
+  special(AttentionCase::of(64, 4, 8, 32, 4, 4, {545}).with_queries(3).with_soft_cap(0.7f));
+  special(AttentionCase::of(128, 2, 8, 0, 0, 4, {1300}).with_soft_cap(2.0f));
+  special(AttentionCase::of(128, 8, 8, 32, 4, 4, {1100}).with_rope(RopeConfig{}).with_soft_cap(0.7f));
+  special(AttentionCase::of(128, 4, 8, 32, 0, 8, {2100}).with_rope(RopeConfig{}).with_soft_cap(2.0f));  // grouped
   return out;
 }
 
@@ -183,7 +194,7 @@ double check_against_oracle(const AttentionCase& c, const CaseCache<T, Backend>&
       for (std::size_t h = 0; h < c.kv_heads; ++h) {
         const std::size_t row = cc.indptr[i] + r;
         const auto ref = oracle_attend(cc.cache->head_view(0, cc.seqs[i], h), cc.q.data() + row * qw + h * c.group * D,
-                                       c.group, query_position(n, rows, r), 1.0f / std::sqrt(float(D)));
+                                       c.group, query_position(n, rows, r), 1.0f / std::sqrt(float(D)), c.soft_cap);
         const double e = relative_error(out.data() + row * qw + h * c.group * D, ref);
         CAPTURE(i);
         CAPTURE(r);

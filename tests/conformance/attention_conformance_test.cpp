@@ -22,7 +22,7 @@ void run_case(const test::AttentionCase& c) {
     CAPTURE(static_cast<int>(m));
     std::fill(out.begin(), out.end(), -1.0f);
     cc.cache->attend(0, cc.seqs, cc.indptr, ConstMatrixView<float>(cc.q.data(), rows, qw), MatrixView<float>(out.data(), rows, qw),
-                     {.method = m});
+                     {.logits_soft_cap = c.soft_cap, .method = m});
     test::check_against_oracle(c, cc, out, 1e-5);
   }
 }

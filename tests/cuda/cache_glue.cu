@@ -115,7 +115,8 @@ void DeviceCache<T>::append(std::size_t layer, std::span<const SeqId> seqs, std:
 template <class T>
 std::vector<float> DeviceCache<T>::attend(std::size_t layer, std::span<const SeqId> seqs, int q_heads,
                                           const std::vector<float>& q, DType q_type, DType out_type,
-                                          std::vector<float>* lse, std::span<const std::size_t> indptr) {
+                                          std::vector<float>* lse, std::span<const std::size_t> indptr,
+                                          float soft_cap) {
   const std::vector<std::uint8_t> qb = to_bytes(q, q_type);
   const std::size_t rows = indptr.empty() ? seqs.size() : indptr.back();
   cuda::DeviceBuffer<std::uint8_t> dq(qb.data(), qb.size(), impl_->stream), dout(q.size() * dtype_size(out_type));
@@ -125,6 +126,7 @@ std::vector<float> DeviceCache<T>::attend(std::size_t layer, std::span<const Seq
   in.q = dq.data(), in.q_type = q_type;
   in.out = dout.data(), in.out_type = out_type;
   in.lse = lse ? dlse.data() : nullptr;
+  in.logits_soft_cap = soft_cap;
   if (indptr.empty()) impl_->cache->attend(layer, seqs, in);
   else impl_->cache->attend(layer, seqs, indptr, in);
   impl_->sync();
@@ -136,7 +138,7 @@ template <class T>
 std::vector<float> DeviceCache<T>::prefill(std::size_t layer, std::span<const SeqId> seqs,
                                            std::span<const std::size_t> indptr, int q_heads,
                                            const std::vector<float>& q, const std::vector<T>& keys,
-                                           const std::vector<T>& values, std::vector<float>* lse) {
+                                           const std::vector<T>& values, std::vector<float>* lse, float soft_cap) {
   const DType type = dtype_of<T>;
   const std::vector<std::uint8_t> qb = to_bytes(q, type);
   const std::size_t rows = indptr.back();
@@ -150,6 +152,7 @@ std::vector<float> DeviceCache<T>::prefill(std::size_t layer, std::span<const Se
   in.q_heads = q_heads;
   in.q = dq.data(), in.k = dk.data(), in.v = dv.data(), in.out = dout.data();
   in.lse = lse ? dlse.data() : nullptr;
+  in.logits_soft_cap = soft_cap;
   impl_->cache->attend_prefill(layer, seqs, indptr, in);
   impl_->sync();
   if (lse) *lse = dlse.to_host(impl_->stream);

@@ -37,16 +37,16 @@ class DeviceCache {
               const std::vector<T>& keys, const std::vector<T>& values, bool heads_outer = false);
   /// Attention of each sequence's last token, or with `indptr` of its last indptr[i + 1] - indptr[i]
   /// tokens: q (rows, q_heads x head_dim) floats, sent as q_type; the output read back as
-  /// out_type, returned as floats; lse if given.
+  /// out_type, returned as floats; lse if given; logits soft-capped at soft_cap (0: none).
   std::vector<float> attend(std::size_t layer, std::span<const SeqId> seqs, int q_heads, const std::vector<float>& q,
                             DType q_type, DType out_type, std::vector<float>* lse = nullptr,
-                            std::span<const std::size_t> indptr = {});
+                            std::span<const std::size_t> indptr = {}, float soft_cap = 0.0f);
   /// Chunked prefill (attend_prefill) before the chunk is appended: q (rows, q_heads x head_dim)
   /// floats sent in the cache's dtype, the chunk's keys and values (rows, kv_heads x head_dim);
-  /// the output read back as floats, lse if given.
+  /// the output read back as floats, lse if given; logits soft-capped at soft_cap (0: none).
   std::vector<float> prefill(std::size_t layer, std::span<const SeqId> seqs, std::span<const std::size_t> indptr,
                              int q_heads, const std::vector<float>& q, const std::vector<T>& keys,
-                             const std::vector<T>& values, std::vector<float>* lse = nullptr);
+                             const std::vector<T>& values, std::vector<float>* lse = nullptr, float soft_cap = 0.0f);
   /// PagedKVCache::set_prefill_workspace_limit.
   void set_prefill_workspace_limit(std::size_t bytes);
   /// `steps` decode steps of one token for each of seqs in every layer (the same rows in every

@@ -26,6 +26,7 @@ struct Pair {
   gpu_test::DeviceCache<T>& gpu;
   const KVCodebooks& cb;
   std::uint64_t seed = 0;
+  float soft_cap = 0.0f;  // the logit soft cap of check_attention's calls
 
   /// Appends `counts[i]` random rows to seqs[i] in every layer, on both caches.
   void append(const std::vector<SeqId>& seqs, const std::vector<std::size_t>& counts, bool heads_outer = false) {
@@ -68,7 +69,8 @@ struct Pair {
       const std::vector<float> q = test::random_normal(indptr.back() * std::size_t(q_heads) * D, ++seed);
       std::vector<float> lse;
       const std::vector<float> out =
-          gpu.attend(l, seqs, q_heads, q, q_type, out_type, &lse, rows.empty() ? std::span<const std::size_t>{} : indptr);
+          gpu.attend(l, seqs, q_heads, q, q_type, out_type, &lse, rows.empty() ? std::span<const std::size_t>{} : indptr,
+                     soft_cap);
       REQUIRE(out.size() == q.size());
       for (std::size_t i = 0; i < seqs.size(); ++i)
         for (std::size_t r = indptr[i]; r < indptr[i + 1]; ++r)
@@ -79,8 +81,8 @@ struct Pair {
             if (q_type == DType::f16)
               for (float& x : qh) x = float(half(x));
             const std::size_t pos = cpu.length(seqs[i], l) - (indptr[i + 1] - indptr[i]) + (r - indptr[i]);
-            const auto ref =
-                test::oracle_attend(cpu.head_view(l, seqs[i], h), qh.data(), group, pos, 1.0f / std::sqrt(float(D)));
+            const auto ref = test::oracle_attend(cpu.head_view(l, seqs[i], h), qh.data(), group, pos,
+                                                 1.0f / std::sqrt(float(D)), soft_cap);
             const double e = test::relative_error(out.data() + (r * q_heads + h * group) * D, ref);
             CAPTURE(l);
             CAPTURE(i);
@@ -146,6 +148,11 @@ void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_val
   // window (b: a short sequence), then rolled back.
   both.append({a, b, c}, {5, 3, 4});
   worst = std::max(worst, both.check_attention({a, b, c}, q_heads, DType::f32, DType::f32, {5, 3, 4}));
+  // The same with logits soft-capped (Gemma 2), speculative and decode.
+  both.soft_cap = 0.8f;
+  worst = std::max(worst, both.check_attention({a, b, c}, q_heads, DType::f16, DType::f32, {5, 3, 4}));
+  worst = std::max(worst, both.check_attention({a, b, c}, q_heads, DType::f32, DType::f32));
+  both.soft_cap = 0.0f;
   for (auto [s, n] : {std::pair{a, std::size_t(3)}, std::pair{b, std::size_t(2)}, std::pair{c, std::size_t(4)}}) {
     cpu.truncate(s, cpu.length(s, 0) - n);
     gpu.truncate(s, gpu.length(s, 0) - n);
@@ -209,6 +216,10 @@ void check_device_cache(std::size_t layers, std::size_t C_key, std::size_t C_val
   CHECK_THROWS_AS(gpu.attend(layers, std::span<const SeqId>(&a, 1), q_heads, q, DType::f32, DType::f32), Error);
   CHECK_THROWS_AS(gpu.attend(0, std::span<const SeqId>(&g, 1), q_heads, q, DType::f32, DType::f32), Error);  // freed
   CHECK_THROWS_AS(gpu.attend(0, std::span<const SeqId>(&a, 1), 3, q, DType::f32, DType::f32), Error);
+  for (float bad : {-1.0f, std::numeric_limits<float>::infinity(), std::nanf("")})
+    CQ_CHECK_THROWS_CONTAINING(gpu.attend(0, std::span<const SeqId>(&a, 1), q_heads, q, DType::f32, DType::f32, nullptr,
+                                          {}, bad),
+                               "must be 0 (none) or finite and positive");
   MESSAGE("device cache ", sizeof(T) * 8, "-bit rows, ", D / C_key, "/", D / C_value, " key/value groups, pages of ", P,
           ", ", q_heads, "/", H, " heads, ", rope ? describe(*rope) + " keys before RoPE" : std::string("keys after RoPE"),
           ": largest relative error ", worst);

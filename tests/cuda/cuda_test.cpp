@@ -281,7 +281,7 @@ GpuCaseOf<T> gpu_case(const test::AttentionCase& c, const test::CaseCache<T>& cc
 
 std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>& g, gpu_test::Kernel kernel,
                                  gpu_test::DeviceCodes codes = {}, int* splits_used = nullptr) {
-  return gpu_test::attention(g.batch, g.q, 1.0f / std::sqrt(float(c.D)), kernel, codes, splits_used);
+  return gpu_test::attention(g.batch, g.q, {1.0f / std::sqrt(float(c.D)), c.soft_cap}, kernel, codes, splits_used);
 }
 
 // Codes in contiguous buffers, and in the CPU cache's pages read through page tables.
@@ -299,7 +299,8 @@ double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_te
     for (std::size_t row = cc.indptr[i]; row < cc.indptr[i + 1]; ++row)
       for (std::size_t h = 0; h < c.kv_heads; ++h) {
         const auto r = test::oracle_attend(cc.cache->head_view(0, cc.seqs[i], h), cc.q.data() + row * qw + h * c.group * c.D,
-                                           c.group, cc.cache->length(cc.seqs[i]) - 1, 1.0f / std::sqrt(float(c.D)));
+                                           c.group, cc.cache->length(cc.seqs[i]) - 1, 1.0f / std::sqrt(float(c.D)),
+                                           c.soft_cap);
         ref.insert(ref.end(), r.begin(), r.end());
       }
   REQUIRE(ref.size() == got.size());
@@ -569,9 +570,11 @@ std::vector<float> rounded(std::vector<float> x, DType t) {
 }
 
 // log sum_p exp(scale q . k_p) over every position p < n of sequence s, head h, with the keys as
-// attention sees them (PagedKVCache::read_token), in double: the reference log-sum-exp.
+// attention sees them (PagedKVCache::read_token), in double: the reference log-sum-exp (of the
+// soft-capped logits when soft_cap > 0).
 template <class T>
-double reference_lse(const PagedKVCache<T>& cache, SeqId s, std::size_t h, const float* q, std::size_t D, float scale) {
+double reference_lse(const PagedKVCache<T>& cache, SeqId s, std::size_t h, const float* q, std::size_t D, float scale,
+                     float soft_cap) {
   const std::size_t n = cache.length(s);
   std::vector<float> k(D), v(D);
   std::vector<double> sc(n);
@@ -581,6 +584,7 @@ double reference_lse(const PagedKVCache<T>& cache, SeqId s, std::size_t h, const
     double dot = 0.0;
     for (std::size_t d = 0; d < D; ++d) dot += double(q[d]) * k[d];
     sc[p] = scale * dot;
+    if (soft_cap > 0.0f) sc[p] = soft_cap * std::tanh(sc[p] / soft_cap);
     m = std::max(m, sc[p]);
   }
   double sum = 0.0;
@@ -600,6 +604,7 @@ void check_precision(DType qt, DType ot, std::size_t every, double& worst, doubl
     cc.q = rounded(cc.q, qt);
     const auto g = gpu_case(c, cc);
     const float scale = 1.0f / std::sqrt(float(c.D));
+    const Scoring scoring{scale, c.soft_cap};
     for (gpu_test::Kernel kernel : all_kernels) {
       if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
       CAPTURE(c.name());
@@ -608,7 +613,7 @@ void check_precision(DType qt, DType ot, std::size_t every, double& worst, doubl
       CAPTURE(dtype_name(ot));
       const gpu_test::DeviceCodes how{.pages = true, .full_pages = true};
       std::vector<float> lse;
-      const std::vector<float> out = gpu_test::attention(g.batch, g.q, scale, kernel, how, nullptr, {qt, DType::f32, &lse});
+      const std::vector<float> out = gpu_test::attention(g.batch, g.q, scoring, kernel, how, nullptr, {qt, DType::f32, &lse});
       worst = std::max(worst, test::check_against_oracle(c, cc, out, 1e-3));
       // Log-sum-exp: GPU rows are the sequences with a query, in order.
       std::size_t row = 0;
@@ -616,7 +621,7 @@ void check_precision(DType qt, DType ot, std::size_t every, double& worst, doubl
         if (cc.indptr[i + 1] == cc.indptr[i]) continue;
         for (std::size_t hq = 0; hq < cc.q_heads; ++hq) {
           const double ref = reference_lse(*cc.cache, cc.seqs[i], hq / c.group, g.q.data() + (row * cc.q_heads + hq) * c.D,
-                                           c.D, scale);
+                                           c.D, scale, c.soft_cap);
           const double e = std::fabs(double(lse[row * cc.q_heads + hq]) - ref);
           CHECK(e < 1e-3);
           worst_lse = std::max(worst_lse, e);
@@ -624,7 +629,7 @@ void check_precision(DType qt, DType ot, std::size_t every, double& worst, doubl
         ++row;
       }
       if (ot != DType::f32) {
-        const std::vector<float> low = gpu_test::attention(g.batch, g.q, scale, kernel, how, nullptr, {qt, ot, nullptr});
+        const std::vector<float> low = gpu_test::attention(g.batch, g.q, scoring, kernel, how, nullptr, {qt, ot, nullptr});
         const float unit = ot == DType::f16 ? 0x1p-10f : 0x1p-7f;  // one unit in the last place, relative
         std::size_t off = 0;
         for (std::size_t i = 0; i < out.size(); ++i)

@@ -400,7 +400,7 @@ std::vector<float> from_bytes(const std::vector<std::uint8_t>& b, DType t) {
 }  // namespace
 
 template <class T>
-std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>& q, float scale, Kernel kernel,
+std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>& q, Scoring scoring, Kernel kernel,
                              DeviceCodes codes, int* splits_used, Precision precision) {
   DeviceBatch d = device_batch(hb, codes);
   CQ_CHECK(q.size() == std::size_t(d.shape.batch) * d.shape.q_heads * d.shape.head_dim, "gpu_test: q has ", q.size(),
@@ -412,7 +412,8 @@ std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>&
   d.batch.out = dout.data();
   d.batch.out_type = precision.out;
   d.batch.lse = precision.lse ? dlse.data() : nullptr;
-  d.batch.scale = scale;
+  d.batch.scale = scoring.scale;
+  d.batch.logits_soft_cap = scoring.soft_cap;
   cuda::FusedAttention fa;
   fa.set_kernel(kernel == Kernel::general        ? cuda::AttentionKernel::general
                 : kernel == Kernel::lane_tables  ? cuda::AttentionKernel::lane_tables
@@ -522,7 +523,7 @@ GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>
 
 #define CQ_GPU_TEST_INSTANTIATE(T)                                                                                  \
   template bool kernel_serves<T>(Kernel, const HostBatchOf<T>&);                                                    \
-  template std::vector<float> attention<T>(const HostBatchOf<T>&, const std::vector<float>&, float, Kernel,         \
+  template std::vector<float> attention<T>(const HostBatchOf<T>&, const std::vector<float>&, Scoring, Kernel,       \
                                            DeviceCodes, int*, Precision);                                          \
   template GraphStep append_attend_graph<T>(const HostBatchOf<T>&, const std::vector<float>&, float, Kernel,        \
                                             const std::vector<T>&, const std::vector<T>&,                           \

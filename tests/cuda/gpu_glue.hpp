@@ -68,9 +68,10 @@ struct Precision {
 };
 
 /// Fused attention on device 0 for the last token of each sequence; q and the result are
-/// [sequence][q_heads][head_dim]. T: float, half or bfloat16.
+/// [sequence][q_heads][head_dim]. T: float, half or bfloat16. `scoring`: the scale, or {scale,
+/// logit soft cap}.
 template <class T>
-std::vector<float> attention(const HostBatchOf<T>& batch, const std::vector<float>& q, float scale,
+std::vector<float> attention(const HostBatchOf<T>& batch, const std::vector<float>& q, Scoring scoring,
                              Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr,
                              Precision precision = {});
 

@@ -29,6 +29,7 @@ struct PrefillSetup {
   std::size_t C = 8, P = 64, kv_heads = 2, window = 8, sinks = 4;
   int q_heads = 8;
   const RopeConfig* rope = nullptr;
+  float soft_cap = 0.0f;  // logit soft cap (0: none)
   std::vector<std::size_t> prefix;
   std::vector<std::vector<std::size_t>> chunks;
 };
@@ -78,7 +79,7 @@ double check_prefill(const PrefillSetup& ps, std::uint64_t seed) {
     const std::vector<T> v = test::convert<T>(test::random_normal(rows * width, ++seed));
     const std::vector<float> q = test::random_normal(rows * std::size_t(q_heads) * D, ++seed);
     std::vector<float> lse, lse_in_kernel;
-    const std::vector<float> out = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse);
+    const std::vector<float> out = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse, ps.soft_cap);
     REQUIRE(out.size() == q.size());
     // With no workspace for decoded rows the kernel decodes each tile itself, from the same halves:
     // the same outputs, bit for bit.
@@ -87,7 +88,7 @@ double check_prefill(const PrefillSetup& ps, std::uint64_t seed) {
     if (rope) {
       CQ_CHECK_THROWS_CONTAINING(gpu.prefill(0, seqs, indptr, q_heads, q, k, v), "keys coded before RoPE");
     } else {
-      const std::vector<float> in_kernel = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse_in_kernel);
+      const std::vector<float> in_kernel = gpu.prefill(0, seqs, indptr, q_heads, q, k, v, &lse_in_kernel, ps.soft_cap);
       CHECK(in_kernel == out);
       CHECK(lse_in_kernel == lse);
     }
@@ -107,7 +108,7 @@ double check_prefill(const PrefillSetup& ps, std::uint64_t seed) {
           values.push_back(vr);
           for (std::size_t j = 0; j < group * D; ++j)  // the queries the device saw, in T
             qh[j] = to_float(T(q[(r * q_heads + h * group) * D + j]));
-          const auto ref = test::oracle_over(keys, values, qh.data(), group, D, 1.0f / std::sqrt(float(D)));
+          const auto ref = test::oracle_over(keys, values, qh.data(), group, D, 1.0f / std::sqrt(float(D)), ps.soft_cap);
           // The output is in T: its own rounding (bf16: ~1e-3 relative) comes on top of the 1e-3.
           std::vector<float> rounded(ref.size());
           for (std::size_t j = 0; j < ref.size(); ++j) rounded[j] = to_float(T(float(ref[j])));
@@ -228,6 +229,7 @@ TEST_CASE("cuda prefill: the attention conformance cases the prefill kernel serv
     ps.C = c.C, ps.P = c.page_tokens, ps.kv_heads = c.kv_heads, ps.window = c.window, ps.sinks = c.sinks;
     ps.q_heads = int(c.kv_heads * c.group);
     ps.rope = c.rope ? &*c.rope : nullptr;
+    ps.soft_cap = c.soft_cap;
     std::vector<std::size_t> chunk{0};
     for (std::size_t n : c.lengths) {
       const std::size_t rows = std::min(c.queries, n);

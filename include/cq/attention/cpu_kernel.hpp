@@ -108,9 +108,10 @@ class HeadAttention {
  public:
   /// `heads` query heads (q: heads x head_dim, contiguous) at position `pos`. The view must have
   /// passed check_head_view; the positions the query reads are checked here.
+  /// `soft_cap` > 0 soft-caps every logit (cq::soft_cap) before its maximum is taken.
   HeadAttention(const KVHeadView<T>& kv, const float* q, std::size_t heads, std::size_t pos, float scale,
-                AttentionMethod method)
-      : kv_(kv), q_(q), heads_(heads), scale_(scale), method_(method) {
+                float soft_cap, AttentionMethod method)
+      : kv_(kv), q_(q), heads_(heads), scale_(scale), cap_(soft_cap), method_(method) {
     CQ_CHECK(heads >= 1, "attend: at least one query head is needed");
     vis_ = check_visible(kv, pos, "attend");
     // Value path: histograms pay off once there are more coded tokens than bins to clear and
@@ -234,6 +235,7 @@ class HeadAttention {
       for (std::size_t p = vis_.window_begin; p < vis_.window_end; ++p)
         score(vis_.sink_end + (p - vis_.window_begin), kv_.recent_keys.at(p));
     }
+    cap(s, heads_ * n);
     for (std::size_t h = 0; h < heads_; ++h) {
       float* sh = s + h * n;
       raise_reference<Backend>(st[h], Backend::max_of(sh, n), layout_, hist_);
@@ -291,6 +293,7 @@ class HeadAttention {
           const float* q = q_ + h * D;
           for (std::size_t i = 0; i < n; ++i) s[i] = scale_ * Backend::template dot<float>(q, krows + i * D, D);
         }
+        cap(s, n);
         raise_reference<Backend>(st[h], Backend::max_of(s, n), layout_, hist_);
         st[h].softmax.sum += Backend::exp_sum(s, n, st[h].softmax.ref);
         if (hist_) {
@@ -364,6 +367,7 @@ class HeadAttention {
       } else {
         Backend::score_codes_heads(sc.lut.data(), K, L, kc, in_page, n, s);
       }
+      cap(s, n * L);  // (padding lanes hold 0, which stays 0)
       float m[max_group_heads], shift[max_group_heads] = {}, sum[max_group_heads] = {};
       Backend::max_lanes(s, n, L, m);
       for (std::size_t h = 0; h < heads_; ++h) {
@@ -375,6 +379,11 @@ class HeadAttention {
       Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
       t0 += n;
     }
+  }
+
+  // Logit soft-capping of n scores, when asked for.
+  void cap(float* s, std::size_t n) const {
+    if (cap_ > 0.0f) Backend::soft_cap(s, n, cap_);
   }
 
   // Queries turned back to the anchors of the (at most) two step periods of a 32-token block that
@@ -394,7 +403,7 @@ class HeadAttention {
   const KVHeadView<T>& kv_;
   const float* q_;
   std::size_t heads_;
-  float scale_;
+  float scale_, cap_;
   AttentionMethod method_;
   VisibleTokens vis_{};
   bool fused_ = true, hist_ = false;

@@ -40,6 +40,15 @@ enum class AttentionMethod : unsigned char {
   dequantize,       // decode coded keys and values to float, then dense attention (baseline)
 };
 
+/// How a query-key dot product becomes a logit: times `scale` (0: 1 / sqrt(head_dim)), then, when
+/// `soft_cap` > 0, soft-capped to soft_cap x tanh(logit / soft_cap) (cq::soft_cap; Gemma 2's
+/// attn_logit_softcapping). Converts from a float, the scale, as the entry points took before.
+struct Scoring {
+  float scale = 0.0f;
+  float soft_cap = 0.0f;
+  constexpr Scoring(float scale_ = 0.0f, float soft_cap_ = 0.0f) : scale(scale_), soft_cap(soft_cap_) {}  // NOLINT: implicit
+};
+
 namespace detail {
 
 /// The checks every attention entry point runs once per call on a view an engine may have built

@@ -10,6 +10,7 @@
 /// A state whose weights sum to zero is empty and contributes nothing, whatever its reference.
 
 #include "cq/config.hpp"
+#include "cq/error.hpp"
 
 #include <cmath>
 #include <limits>
@@ -25,6 +26,48 @@ CQ_HOST_DEVICE inline float softmax_exp(float x) {
   return std::exp(x);
 #endif
 }
+
+/// Logit soft-capping (Gemma 2's attn_logit_softcapping; FlashInfer's and vLLM's logits_soft_cap):
+/// a scaled score s becomes cap x tanh(s / cap) before the softmax, so no logit exceeds cap in
+/// magnitude; cap == 0 leaves s as it is. Applied by every attention path of cq, CPU and CUDA, to
+/// each score before its maximum is taken (tanh is increasing, so a capped maximum is the maximum of
+/// the capped scores).
+CQ_HOST_DEVICE inline float soft_cap(float s, float cap);
+
+/// The device kernels' form, made where a loop of scores is capped. The main loops of the
+/// lane-tables and grouped-rows kernels are instantiated with and without a cap: a run-time branch
+/// there still slowed the uncapped code (register allocation and scheduling around it; see
+/// docs/design/cuda-attention.md). The general and prefill kernels cap inside a branch on the
+/// parameter, read there: a select per score would let the compiler compute the tanh for every
+/// score, and a SoftCap held across a main loop costs registers. tanh as (1 - e) / (1 + e),
+/// e = exp(-2 |x|), through the hardware exp and reciprocal: absolute error ~1e-7 of cap, which is
+/// what a softmax sees (an absolute error in a logit is a relative one in its weight); tanh.approx
+/// is ~2^-11 *relative*, up to cap x 5e-4 in a logit, too coarse for the attention's 1e-3
+/// tolerance. The unit of cap is the kernel's score unit (a kernel in log2 units gives cap x log2 e).
+struct SoftCap {
+  float cap, inv;
+  CQ_HOST_DEVICE explicit SoftCap(float c) : cap(c), inv(1.0f / c) {}
+  /// cap x tanh(s / cap).
+  CQ_HOST_DEVICE float operator()(float s) const {
+#if defined(__CUDA_ARCH__)
+    const float e = __expf(-2.0f * fabsf(s * inv));
+    return copysignf(cap * __fdividef(1.0f - e, 1.0f + e), s);
+#else
+    return cap * std::tanh(s * inv);
+#endif
+  }
+};
+
+CQ_HOST_DEVICE inline float soft_cap(float s, float cap) { return cap > 0.0f ? SoftCap(cap)(s) : s; }
+
+namespace detail {
+/// A logit soft cap as given by a caller: returned when 0 (none) or finite and positive, else
+/// throws cq::Error naming `what`.
+inline float check_soft_cap(float cap, const char* what) {
+  CQ_CHECK(std::isfinite(cap) && cap >= 0.0f, what, ": logits_soft_cap ", cap, " must be 0 (none) or finite and positive");
+  return cap;
+}
+}  // namespace detail
 
 /// One query head's online-softmax state over some tokens (accumulators live beside it).
 struct SoftmaxState {

@@ -12,6 +12,7 @@
 ///     padded centroid count; per-token scores and weights are L floats at (i * L). Lanes past
 ///     the group's heads hold zeros and are ignored.
 
+#include "cq/attention/softmax_state.hpp"
 #include "cq/codebook.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
@@ -205,6 +206,10 @@ struct ScalarAttentionOps {
   }
   static void scale(float* x, std::size_t n, float a) {
     for (std::size_t i = 0; i < n; ++i) x[i] *= a;
+  }
+  /// x[i] = cap * tanh(x[i] / cap) (cap > 0): logit soft-capping (softmax_state.hpp).
+  static void soft_cap(float* x, std::size_t n, float cap) {
+    for (std::size_t i = 0; i < n; ++i) x[i] = cq::soft_cap(x[i], cap);
   }
 
   /// sum_i a[i] * b[i] with b of any element type.

@@ -346,6 +346,25 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
     return total;
   }
 
+  /// x[i] = cap * tanh(x[i] / cap) (cap > 0), as cap * sign(x) (1 - e) / (1 + e) with e =
+  /// exp(-2 |x| / cap): within a few ulp of cap (the size that matters to a softmax: an absolute
+  /// error in a logit is a relative one in its weight). The tail through the same formula.
+  static void soft_cap(float* x, std::size_t n, float cap) {
+    const vf vcap = Isa::set1(cap), m2 = Isa::set1(-2.0f / cap), one = Isa::set1(1.0f);
+    auto cap_vector = [&](vf v) {
+      const vf e = Isa::exp(Isa::mul(Isa::abs(v), m2));
+      return Isa::with_sign_of(Isa::mul(vcap, Isa::div(Isa::sub(one, e), Isa::add(one, e))), v);
+    };
+    std::size_t i = 0;
+    for (; i + W <= n; i += W) Isa::store(x + i, cap_vector(Isa::load(x + i)));
+    if (i < n) {
+      alignas(64) float tail[W] = {};
+      for (std::size_t k = 0; i + k < n; ++k) tail[k] = x[i + k];
+      Isa::store(tail, cap_vector(Isa::load(tail)));
+      for (std::size_t k = 0; i + k < n; ++k) x[i + k] = tail[k];
+    }
+  }
+
   static void scale(float* x, std::size_t n, float a) {
     const vf va = Isa::set1(a);
     std::size_t i = 0;

@@ -71,6 +71,7 @@ struct MemoryUsage {
 /// Options for attention calls.
 struct AttendOptions {
   float scale = 0.0f;                               // 0: 1 / sqrt(head_dim); must be finite
+  float logits_soft_cap = 0.0f;                     // > 0: logits soft-capped to cap x tanh(logit / cap) (Gemma 2)
   Executor* executor = nullptr;                     // spread sequences, heads and long ranges over threads
   AttentionMethod method = AttentionMethod::fused;  // dequantize: the decode-then-attend baseline
 };

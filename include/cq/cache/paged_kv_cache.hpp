@@ -176,7 +176,7 @@ class PagedKVCache {
                            out.row(row) + h * group * D});
         }
     }
-    attend_items<Backend, T>(items, scale, opt.method, opt.executor);
+    attend_items<Backend, T>(items, Scoring(scale, opt.logits_soft_cap), opt.method, opt.executor);
   }
 
   // ---- rollback ----

@@ -88,7 +88,8 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
     half_codebooks_kernel<><<<dim3(64, 2, unsigned(batch.kv_heads)), 256, 0, stream>>>(
         batch, plan.shape.key_channels, plan.shape.value_channels, codebooks, g.key_partners);
     CQ_CUDA_CHECK_LAUNCH(half_codebooks_kernel);
-    g.kernel<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(batch, g.layout, codebooks, partial);
+    (batch.logits_soft_cap > 0.0f ? g.capped : g.kernel)<<<g.grid, unsigned(g.threads), plan.shared_bytes, stream>>>(
+        batch, g.layout, codebooks, partial);
     CQ_CUDA_CHECK_LAUNCH(grouped_rows_kernel);
     if (plan.splits > 1) {
       launch_combine(batch, plan, partial, stream);
@@ -98,7 +99,8 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
   if (plan.kernel == AttentionKernel::lane_tables) {
     const LaneTablesLaunch& t = plan.lane_tables;
     float* partial = at(t.partial);
-    t.kernel<<<t.grid, t.threads, plan.shared_bytes, stream>>>(batch, t.layout, partial, stages);
+    (batch.logits_soft_cap > 0.0f ? t.capped : t.kernel)<<<t.grid, t.threads, plan.shared_bytes, stream>>>(
+        batch, t.layout, partial, stages);
     CQ_CUDA_CHECK_LAUNCH(lane_tables_kernel);
     if (plan.splits > 1) {  // one split writes the output itself
       launch_combine(batch, plan, partial, stream);
@@ -217,6 +219,8 @@ class FusedAttention {
              ", ", s.head_dim, ")");
     CQ_CHECK(valid_page_tokens(batch.page_tokens), "cuda attention: page_tokens ", batch.page_tokens,
              " must be 0 (contiguous codes) or a power of two from 32 on");
+    CQ_CHECK(std::isfinite(batch.scale), "cuda attention: scale ", batch.scale, " is not finite");
+    cq::detail::check_soft_cap(batch.logits_soft_cap, "cuda attention");
     CQ_CHECK((batch.rope != nullptr) == (s.rope_dim > 0), "cuda attention: the batch's rope (", batch.rope,
              ") must be set exactly when the plan's keys are before RoPE (rope_dim ", s.rope_dim, ")");
     CQ_CHECK(batch.q != nullptr && batch.out != nullptr, "cuda attention: q (", batch.q, ") and out (", batch.out,

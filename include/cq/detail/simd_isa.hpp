@@ -107,6 +107,15 @@ struct Avx512Isa {
                                        _mm512_set1_epi32(0x4B400000));
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, e, 23));
   }
+  static CQ_ALWAYS_INLINE vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf abs(vf a) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
+  /// t (>= 0) with the sign of s.
+  static CQ_ALWAYS_INLINE vf with_sign_of(vf t, vf s) {
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(s), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+  }
   static CQ_ALWAYS_INLINE vf exp(vf x);
 };
 #endif
@@ -204,6 +213,12 @@ struct Avx2Isa {
     const __m256i e = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(n, set1(12582912.0f + 127.0f))),
                                        _mm256_set1_epi32(0x4B400000));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static CQ_ALWAYS_INLINE vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+  static CQ_ALWAYS_INLINE vf abs(vf a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+  /// t (>= 0) with the sign of s.
+  static CQ_ALWAYS_INLINE vf with_sign_of(vf t, vf s) {
+    return _mm256_or_ps(t, _mm256_and_ps(s, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN))));
   }
   static CQ_ALWAYS_INLINE vf exp(vf x);
 };

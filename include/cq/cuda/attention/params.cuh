@@ -12,6 +12,7 @@
 #include "cq/config.hpp"
 #include "cq/cuda/codebook.cuh"
 #include "cq/cuda/elements.cuh"
+#include "cq/attention/softmax_state.hpp"
 #include "cq/cuda/attention/rope.cuh"
 #include "cq/dtype.hpp"
 
@@ -132,6 +133,9 @@ struct AttentionBatch {
   /// own over other tokens (cascade / shared-prefix attention), as FlashAttention's softmax_lse.
   float* lse = nullptr;
   float scale = 0.0f;                       // 0: 1 / sqrt(head_dim)
+  /// > 0: every logit (score x scale) is soft-capped to cap x tanh(logit / cap) before the softmax
+  /// (cq::soft_cap; Gemma 2); 0: none. The log-sum-exp is then over the capped logits.
+  float logits_soft_cap = 0.0f;
   FullRowPages full_pages;                  // the sinks' and windows' rows in pages (optional)
   /// Tokens per page of the paged codes (every paged entry of `codes` has pages of this size): 0
   /// when every entry is contiguous, else a power of two from 32 on (FusedAttention::run checks).

@@ -51,6 +51,7 @@ struct LaneTablesLaunch {
   dim3 grid;
   int threads = 0;
   LaneTablesKernelFn kernel = nullptr;
+  LaneTablesKernelFn capped = nullptr;  // the same for soft-capped logits (AttentionBatch::logits_soft_cap)
   std::size_t partial = 0;
 };
 
@@ -202,12 +203,14 @@ inline void plan_general(const AttentionShape& s, const DeviceLimits& dev, int m
 template <int GK, int GV, bool Rows>
 void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens, AttentionPlan& plan) {
   LaneTablesLaunch& t = plan.lane_tables;
-  t.kernel = lane_tables_kernel<GK, GV, Rows>;
+  t.kernel = lane_tables_kernel<GK, GV, Rows, false>;
+  t.capped = lane_tables_kernel<GK, GV, Rows, true>;
   std::size_t smem = 0;
   LaneTablesLayout& L = t.layout;
   L = lane_tables_layout<GK, GV>(s, &smem);
   t.threads = LaneTablesConfig<GK, GV>::threads;
   allow_shared(reinterpret_cast<const void*>(t.kernel), smem, true);
+  allow_shared(reinterpret_cast<const void*>(t.capped), smem, true);
   int per_sm = 0;
   CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, t.kernel, t.threads, smem));
   CQ_CHECK(per_sm > 0, "cuda attention: the lane-tables kernel does not fit a multiprocessor (", smem, " bytes)");

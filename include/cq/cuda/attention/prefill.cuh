@@ -144,6 +144,10 @@ class PrefillAttention {
     CQ_CHECK(rows.q_heads == s.q_heads, "cuda prefill: rows.q_heads ", rows.q_heads, " is not the plan's ", s.q_heads);
     CQ_CHECK(valid_page_tokens(prefix.page_tokens), "cuda prefill: page_tokens ", prefix.page_tokens,
              " must be 0 or a power of two from 32 on");
+    // (The kernel keeps scores unscaled until the exponent: a negative scale would flip their maximum.)
+    CQ_CHECK(std::isfinite(prefix.scale) && prefix.scale >= 0.0f, "cuda prefill: scale ", prefix.scale,
+             " must be finite and >= 0 (0: 1 / sqrt(head_dim))");
+    cq::detail::check_soft_cap(prefix.logits_soft_cap, "cuda prefill");
     CQ_CHECK((prefix.rope != nullptr) == (s.rope_dim > 0), "cuda prefill: AttentionBatch::rope must be set exactly "
              "when the plan's shape has keys before RoPE (rope_dim ", s.rope_dim, ")");
     CQ_CHECK(rows.indptr && rows.q && rows.k && rows.v && rows.out, "cuda prefill: indptr, q, k, v and out must be set");

@@ -89,7 +89,8 @@ struct DecodeQueries {
   void* out = nullptr;
   DType out_type = DType::f32;
   float* lse = nullptr;
-  float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
+  float scale = 0.0f;            // 0: 1 / sqrt(head_dim)
+  float logits_soft_cap = 0.0f;  // > 0: logits soft-capped to cap x tanh(logit / cap) (Gemma 2); 0: none
 };
 
 /// A prefill chunk for PagedKVCache::attend_prefill, device memory in the cache's dtype (F16 or
@@ -106,7 +107,8 @@ struct PrefillChunk {
   void* out = nullptr;
   std::size_t out_stride = 0;
   float* lse = nullptr;
-  float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
+  float scale = 0.0f;            // 0: 1 / sqrt(head_dim)
+  float logits_soft_cap = 0.0f;  // > 0: logits soft-capped to cap x tanh(logit / cap) (Gemma 2); 0: none
 };
 
 template <element_type T = half>
@@ -285,6 +287,7 @@ class PagedKVCache {
     CQ_CHECK(in.q && in.out, "attend: q (", in.q, ") and out (", in.out, ") must be device pointers");
     CQ_CHECK(R >= 1 && R <= 0x7fffffffu, "attend: ", R, " query rows (needs 1 to 2^31 - 1)");
     CQ_CHECK(std::isfinite(in.scale), "attend: scale ", in.scale, " is not finite");
+    cq::detail::check_soft_cap(in.logits_soft_cap, "attend");
     CQ_CHECK(cb_->complete(layer), "attend: layer ", layer, " has no codebooks yet");
     const LayerOnDevice& cbs = layer_codebooks(layer);
     const detail::QueryRows rows(table_, layer, seqs, indptr, "attend");
@@ -334,7 +337,9 @@ class PagedKVCache {
     CQ_CHECK(in.q_heads > 0 && std::size_t(in.q_heads) % H == 0, "attend_prefill: q_heads ", in.q_heads,
              " must be a positive multiple of kv_heads = ", H);
     CQ_CHECK(in.q && in.k && in.v && in.out, "attend_prefill: q, k, v and out must be device pointers");
-    CQ_CHECK(std::isfinite(in.scale), "attend_prefill: scale ", in.scale, " is not finite");
+    CQ_CHECK(std::isfinite(in.scale) && in.scale >= 0.0f, "attend_prefill: scale ", in.scale,
+             " must be finite and >= 0 (0: 1 / sqrt(head_dim))");
+    cq::detail::check_soft_cap(in.logits_soft_cap, "attend_prefill");
     CQ_CHECK(cb_->complete(layer), "attend_prefill: layer ", layer, " has no codebooks yet");
     std::size_t max_rows = 0;
     for (std::size_t i = 0; i < B; ++i) max_rows = std::max(max_rows, indptr[i + 1] - indptr[i]);
@@ -354,10 +359,11 @@ class PagedKVCache {
     const std::size_t segment = prefix.segment_bytes(H);
     unsigned char* blob = uploads_.host(segment + (B + 1) * sizeof(std::uint32_t));
     unsigned char* dev = uploads_.device_at(0);
-    DecodeQueries scale_only;
-    scale_only.q_heads = in.q_heads;
-    scale_only.scale = in.scale;
-    AttentionBatch batch = batch_of(layer, shape, cbs, scale_only);
+    DecodeQueries scoring;
+    scoring.q_heads = in.q_heads;
+    scoring.scale = in.scale;
+    scoring.logits_soft_cap = in.logits_soft_cap;
+    AttentionBatch batch = batch_of(layer, shape, cbs, scoring);
     prefix.write_segment(table_, seqs, one, H, plan_.code_layout(layer),
                          reinterpret_cast<const std::uint8_t*>(code_pool(layer)), blob, dev, batch);
     auto* host_indptr = reinterpret_cast<std::uint32_t*>(blob + segment);
@@ -498,6 +504,7 @@ class PagedKVCache {
   void attend_step(std::size_t layer, const DecodeQueries& in) {
     check_step(layer, "attend_step");
     CQ_CHECK(in.q && in.out && std::isfinite(in.scale), "attend_step: q and out must be set, scale finite");
+    cq::detail::check_soft_cap(in.logits_soft_cap, "attend_step");
     const AttentionPlan& p = plan_step_attention(layer, in.q_heads);
     AttentionBatch b = step_.layers[layer];
     b.q_heads = in.q_heads;
@@ -505,6 +512,7 @@ class PagedKVCache {
     b.out = in.out, b.out_type = in.out_type;
     b.lse = in.lse;
     b.scale = in.scale;
+    b.logits_soft_cap = in.logits_soft_cap;
     step_attention_.run(b, p, stream_);
   }
 
@@ -659,6 +667,7 @@ class PagedKVCache {
     batch.out = in.out, batch.out_type = in.out_type;
     batch.lse = in.lse;
     batch.scale = in.scale;
+    batch.logits_soft_cap = in.logits_soft_cap;
     batch.full_pages = {full_pool(layer), dtype_of<T>, std::uint32_t(options().full_page_rows),
                         plan_.full_layout(layer).page_bytes()};
     batch.page_tokens = int(options().page_tokens);

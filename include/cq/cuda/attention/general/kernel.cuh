@@ -147,6 +147,19 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
         if (valid) lmax[h] = fmaxf(lmax[h], s[h]);
       }
     }
+    // Soft-capped logits: each warp caps its own blocks' scores and its maxima (tanh is increasing)
+    // after the loop above, which stays the same with or without a cap (softmax_state.hpp, SoftCap).
+    if (p.logits_soft_cap > 0.0f) {
+      const SoftCap cap(p.logits_soft_cap);
+      for (int blk = warp; blk < nblocks; blk += general_warps)
+        if (blk * 32 + lane < n)
+          for (int h = 0; h < HG; ++h) {
+            float& x = score[h * L.score_stride() + blk * 32 + lane];
+            x = cap(x);
+          }
+#pragma unroll
+      for (int h = 0; h < HG; ++h) lmax[h] = lmax[h] > -FLT_MAX ? cap(lmax[h]) : lmax[h];
+    }
   } else {
     for (int i = tid; i < nblocks * 32; i += general_threads)
 #pragma unroll
@@ -165,7 +178,7 @@ __global__ void __launch_bounds__(general_threads) general_kernel(AttentionBatch
         if (stages & stage_full) {
           const std::size_t q0 = (std::size_t(b) * p.q_heads + h0 + h) * D;
           for (int d = lane; d < D; d += 32) s = fmaf(p.query(q0 + d), rows.at(k, d), s);
-          s = scale * warp_sum(s);
+          s = soft_cap(scale * warp_sum(s), p.logits_soft_cap);
         }
         if (lane == 0) score[h * L.score_stride() + L.split_tokens + j] = s;
         // A full-precision token raises the reference only to within full_reach of itself: the

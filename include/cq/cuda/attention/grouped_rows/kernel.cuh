@@ -1,7 +1,8 @@
 #pragma once
 /// The grouped-rows kernel: fused decode attention for a whole GQA group at once, 8-bit codes
 /// with 2, 4 or 8 channels per group at head_dim 128 (CQ-2c8b, 4c8b, 8c8b), query groups of up
-/// to 16 heads.
+/// to 16 heads. Template flag Capped: the logits soft-capped (AttentionBatch::logits_soft_cap),
+/// instantiated apart so that a batch without a cap runs a main loop without one (softmax_state.hpp).
 ///
 /// Why: the lane-tables kernel does its lookups once per *query* head, so its cost grows with the
 /// group while the bytes fp16 attention reads grow with the KV heads only. Here each coded token's
@@ -294,7 +295,7 @@ __device__ __forceinline__ void rotate_key_words(unsigned (&w0)[16], unsigned (&
   }
 }
 
-template <int CK, int CV, int NT, bool Rope>
+template <int CK, int CV, int NT, bool Rope, bool Capped>
 __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 32, 1)
     grouped_rows_kernel(AttentionBatch p, GroupedRowsLayout L, const unsigned char* __restrict__ codebooks,
                         float* __restrict__ partial) {
@@ -467,6 +468,16 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
         for (int k = 0; k < 4; ++k) sc[j][k] += odd[k];
       }
     }
+    // Logits sc x score_mul; soft-capped ones divided back by score_mul, so the loop below is the
+    // same with or without a cap.
+    if constexpr (Capped) {
+      const SoftCap cap(p.logits_soft_cap);
+      const float back = 1.0f / score_mul;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sc[j][c] = cap(sc[j][c] * score_mul) * back;
+    }
     // Online softmax per head (column): the tile's maximum over its 16 rows (lanes of one tq).
     const bool valid0 = t0 + row0 < n, valid1 = t0 + row0 + 2 < n;
     unsigned pb[NT][2];
@@ -583,7 +594,7 @@ __global__ void __launch_bounds__(GroupedRowsConfig::warps(NT, Rope ? CK : 0) * 
 #pragma unroll
         for (int u = 0; u < 2; ++u) sc = fmaf(q(h * D + ch[u].x), kr[u][0], fmaf(q(h * D + ch[u].y), kr[u][1], sc));
         sc = warp_sum(sc);
-        if (lane == 0) fsc[h * L.full_cap + j] = sc * scale;
+        if (lane == 0) fsc[h * L.full_cap + j] = Capped ? soft_cap(sc * scale, p.logits_soft_cap) : sc * scale;
       }
     }
   });

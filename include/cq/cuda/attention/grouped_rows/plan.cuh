@@ -21,6 +21,7 @@ struct GroupedRowsLaunch {
   GroupedRowsLayout layout{};
   dim3 grid;
   GroupedRowsKernelFn kernel = nullptr;
+  GroupedRowsKernelFn capped = nullptr;  // the same for soft-capped logits (AttentionBatch::logits_soft_cap)
   int threads = 0;
   std::size_t shared = 0;  // dynamic shared memory of a block
   std::size_t partial = 0;
@@ -88,12 +89,14 @@ void with_grouped_instance(const AttentionShape& s, F&& f) {
 inline int plan_grouped_rows(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens,
                              GroupedRowsLaunch& g, std::size_t* workspace) {
   with_grouped_instance(s, [&]<int C, int NT, bool Rope>() {
-    g.kernel = grouped_rows_kernel<C, C, NT, Rope>;
+    g.kernel = grouped_rows_kernel<C, C, NT, Rope, false>;
+    g.capped = grouped_rows_kernel<C, C, NT, Rope, true>;
     g.threads = GroupedRowsConfig::warps(NT, Rope ? C : 0) * 32;
     g.shared = GroupedRowsConfig::shared_bytes(s.max_full, NT, C, Rope ? C : 0);
   });
   g.key_partners = s.rope_dim > 0 && s.rope_style == RopeStyle::rotate_half;
   allow_shared(reinterpret_cast<const void*>(g.kernel), g.shared, true);
+  allow_shared(reinterpret_cast<const void*>(g.capped), g.shared, true);
   const long long items = (long long)s.batch * s.kv_heads;
   CQ_CHECK(items <= 65535, "cuda attention: batch x kv_heads ", items, " exceeds 65535");
   int per_sm = 0;

@@ -8,6 +8,10 @@
 /// then the epilogue (epilogue.cuh): the histogram x codebook product and, with one split, the
 /// output; otherwise its partial state for combine_kernel (flash-decoding).
 ///
+/// Template flag Capped: the logits soft-capped (AttentionBatch::logits_soft_cap); the plan holds
+/// both instantiations so that a batch without a cap runs a main loop without one
+/// (softmax_state.hpp, SoftCap).
+///
 /// Value-rows mode (template flag Rows; 2-channel value groups at D = 128, i.e. CQ-2c8b values):
 /// the lanes' histogram columns hold the value centroids instead (a half pair per word, scaled per
 /// group by a power of two), and the value lanes sum weight x centroid in registers: runs of four
@@ -35,7 +39,7 @@
 
 namespace cq::cuda::detail {
 
-template <int GK, int GV, bool Rows>
+template <int GK, int GV, bool Rows, bool Capped>
 __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
     lane_tables_kernel(AttentionBatch p, LaneTablesLayout L, float* __restrict__ partial, unsigned stages) {
   static_assert(!Rows || GV == 64, "value-rows mode: 2-channel value groups at D = 128");
@@ -114,7 +118,8 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   visit_full_rows(p, b, kvh, [&](const auto& rows) {
     const bool vec = rows.vec(D);
     const FullKeyRows<Cfg, std::decay_t<decltype(rows)>> load_full_keys{rows, D, lane, nfull, vec, full_scores};
-    score_full_keys<Cfg>(load_full_keys, q_shared, full_score, red, scale, nfull, warp, lane, D);
+    score_full_keys<Cfg>(load_full_keys, q_shared, full_score, red, scale, Capped ? p.logits_soft_cap : 0.0f, nfull,
+                         warp, lane, D);
   });
   // This head's score tables (staged; copied into the lanes' columns after the next barrier).
   const bool tables = n > 0 && (stages & stage_lut);
@@ -161,9 +166,9 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   k.key_run = key_run, k.value_run = value_run, k.first_block = c0 / 32, k.pages = split_pages;
   LaneTablesShared sh{tab, round_barrier, wbuf, red, full_score, product, code_part, stage, q_shared, vmean, vunscale};
   if (aligned)
-    scan_split<Cfg, Rows, true>(L, k, sh, a, my_weights, scan, accumulate, ref, wsum, acc);
+    scan_split<Cfg, Rows, true, Capped>(L, k, sh, a, my_weights, scan, accumulate, p.logits_soft_cap, ref, wsum, acc);
   else
-    scan_split<Cfg, Rows, false>(L, k, sh, a, my_weights, scan, accumulate, ref, wsum, acc);
+    scan_split<Cfg, Rows, false, Capped>(L, k, sh, a, my_weights, scan, accumulate, p.logits_soft_cap, ref, wsum, acc);
 
   // Epilogue (epilogue.cuh): out = (codes' part + full-precision part) / weight sum, each part
   // moved from its own reference to the larger one.

@@ -305,11 +305,12 @@ __device__ __forceinline__ void accumulate_round(
   __syncwarp();  // the weights buffer is rewritten two rounds on
 }
 
-/// The scan of a split: every round of the warp's blocks (code pointers 16-byte aligned or not).
-template <class Cfg, bool Rows, bool Aligned>
+/// The scan of a split: every round of the warp's blocks (code pointers 16-byte aligned or not;
+/// Capped: logits soft-capped at `cap`).
+template <class Cfg, bool Rows, bool Aligned, bool Capped>
 __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const LaneTablesBlock& k,
                                            const LaneTablesShared& sh, const LaneAddressing<Cfg>& a,
-                                           unsigned* my_weights, bool scan, bool accumulate, float& ref,
+                                           unsigned* my_weights, bool scan, bool accumulate, float cap, float& ref,
                                            LaneWeight<Rows>& wsum,
                                            float (&acc)[Cfg::ValueLanes::slots][2]) {
   using KL = typename Cfg::KeyLanes;
@@ -357,7 +358,8 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
             }
           }
         }
-        const float total = reduce_partial_scores(part);
+        float total = reduce_partial_scores(part);
+        if constexpr (Capped) total = SoftCap(cap)(total);
         s[r] = (blk0 + r) * 32 + KL::scored_token(k.lane) < k.n ? total : -FLT_MAX;
       }
       load_code_blocks<KL, R, Aligned>(kq, k.key_run, k.first_block, pg_next, a.koff, blk0 + round_blocks, k.nblocks);

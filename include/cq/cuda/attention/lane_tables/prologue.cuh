@@ -86,7 +86,7 @@ struct FullKeyRows {
 /// from load_keys(kr, j0)); the warp's maximum goes to red[2 warps + warp].
 template <class Cfg, class LoadKeys>
 __device__ __forceinline__ void score_full_keys(const LoadKeys& load_keys, const float* q_shared, float* full_score,
-                                                float* red, float scale, int nfull, int warp,
+                                                float* red, float scale, float cap, int nfull, int warp,
                                                 int lane, int D) {
   float dmax = -FLT_MAX;
   for (int j0 = warp; j0 < nfull; j0 += 4 * Cfg::warps) {
@@ -105,7 +105,8 @@ __device__ __forceinline__ void score_full_keys(const LoadKeys& load_keys, const
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int j = j0 + k * Cfg::warps;
-      const float sk = scale * warp_sum(s[k]);
+      float sk = scale * warp_sum(s[k]);
+      if (cap > 0.0f) sk = SoftCap(cap)(sk);
       if (j < nfull) {
         if (lane == 0) full_score[j] = sk;
         dmax = fmaxf(dmax, sk);

@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
 
   // Query row tid of the block (tokens x the group's heads): divided by the key scales, then by a
   // power of two of its own into fp16's range; the score scale undoes both.
-  const float base_scale = (p.scale > 0.0f ? p.scale : rsqrtf(float(D))) * 1.4426950408889634f;
+  const float base_scale = (p.scale != 0.0f ? p.scale : rsqrtf(float(D))) * 1.4426950408889634f;
   {
     const int R = R0 + tid;
     const bool valid = R < nq;
@@ -494,6 +494,20 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
         // this thread (past STEP h + 2 t4) count while below limit[ri]: the tile's valid tokens
         // and, in the chunk, the row's own position. Scores stay unscaled (the row scale is
         // positive, so it commutes with the maximum) until the exponent's multiply-add.
+        float row_scale[4];
+#pragma unroll
+        for (int ri = 0; ri < 4; ++ri) row_scale[ri] = row_scales[row_of(ri)];
+        if (p.logits_soft_cap > 0.0f) {  // soft-capped logits in log2 units (SoftCap); the row scale is then 1
+          const SoftCap cap2(p.logits_soft_cap * 1.4426950408889634f);
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[m][j][e] = cap2(s[m][j][e] * row_scale[2 * m + (e >> 1)]);
+#pragma unroll
+          for (int ri = 0; ri < 4; ++ri) row_scale[ri] = 1.0f;
+        }
         if ((chunk && first + STEP * h + STEP - 1 > warp_first_token) || valid - STEP * h < STEP) {
           int limit[4];
 #pragma unroll
@@ -507,9 +521,7 @@ __global__ void __launch_bounds__(PrefillConfig::threads, 1)
               for (int e = 0; e < 4; ++e)
                 if (8 * j + (e & 1) >= limit[2 * m + (e >> 1)]) s[m][j][e] = -INFINITY;
         }
-        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, row_scale[4];
-#pragma unroll
-        for (int ri = 0; ri < 4; ++ri) row_scale[ri] = row_scales[row_of(ri)];
+        float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
