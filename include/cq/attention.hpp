@@ -13,13 +13,13 @@
 #include "cq/attention/softmax_state.hpp"
 #include "cq/backend/native.hpp"
 #include "cq/concepts.hpp"
+#include "cq/detail/aligned_buffer.hpp"
 #include "cq/element.hpp"
 #include "cq/error.hpp"
 #include "cq/executor.hpp"
 
 #include <algorithm>
 #include <cstddef>
-#include <memory>
 #include <span>
 #include <vector>
 
@@ -62,25 +62,32 @@ void attend_items(std::span<const AttentionItem<T>> items, Scoring scoring, Atte
   const detail::AttentionPlan plan =
       detail::plan_attention(coded.data(), heads.size(), exec ? exec->concurrency() : 1, exec ? pieces : 1);
   // Partial states of every unit live in this call's buffers (never in thread-local scratch: an
-  // executor may run other work on this thread while it waits).
+  // executor may run other work on this thread while it waits), each unit's accumulators and
+  // softmax states on cache lines of their own: units run on different threads, and a line two
+  // of them share is written by both for every block of tokens (false sharing slowed two pieces
+  // running at once far more than two processes do).
+  constexpr std::size_t line = 64, line_floats = line / sizeof(float);
+  constexpr std::size_t line_states = line / sizeof(detail::HeadState) ? line / sizeof(detail::HeadState) : 1;
+  auto round_up = [](std::size_t n, std::size_t m) { return (n + m - 1) / m * m; };
   std::vector<std::size_t> offset(plan.units() + 1, 0), state_at(plan.units() + 1, 0);
   for (std::size_t i = 0; i < heads.size(); ++i)
     for (std::size_t u = plan.first[i]; u < plan.first[i + 1]; ++u) {
-      offset[u + 1] = offset[u] + heads[i].layout().floats();
-      state_at[u + 1] = state_at[u] + heads[i].heads();
+      offset[u + 1] = offset[u] + round_up(heads[i].layout().floats(), line_floats);
+      state_at[u + 1] = state_at[u] + round_up(heads[i].heads(), line_states);
     }
-  std::unique_ptr<float[]> floats(new float[offset.back()]);
-  std::vector<detail::HeadState> states(state_at.back());
+  detail::AlignedBuffer<float> floats(offset.back());
+  detail::AlignedBuffer<detail::HeadState> states(state_at.back());
   std::vector<std::size_t> item_of(plan.units());
   for (std::size_t i = 0; i < heads.size(); ++i)
     for (std::size_t u = plan.first[i]; u < plan.first[i + 1]; ++u) item_of[u] = i;
   parallel_for(exec, plan.units(), [&](std::size_t u) {
     const std::size_t i = item_of[u];
-    heads[i].run(plan.begin[u], plan.end[u], u == plan.first[i], floats.get() + offset[u], states.data() + state_at[u]);
+    heads[i].run(plan.begin[u], plan.end[u], u == plan.first[i], floats.data() + offset[u], states.data() + state_at[u]);
   });
   parallel_for(exec, heads.size(), [&](std::size_t i) {
     const std::size_t u = plan.first[i];
-    heads[i].merge(floats.get() + offset[u], states.data() + state_at[u], plan.pieces(i));
+    heads[i].merge(floats.data() + offset[u], offset[u + 1] - offset[u], states.data() + state_at[u],
+                   state_at[u + 1] - state_at[u], plan.pieces(i));
     heads[i].finish(states.data() + state_at[u], outs[i]);
   });
 }

@@ -154,21 +154,21 @@ class HeadAttention {
     }
   }
 
-  /// Merges `parts` partial states (each layout().floats() floats and heads states, consecutive)
-  /// into the first one.
-  void merge(float* states, HeadState* st, std::size_t parts) const {
-    const std::size_t n = layout_.floats(), D = kv_.head_dim, L = layout_.lanes;
+  /// Merges `parts` partial states into the first one: part p's layout().floats() floats at
+  /// states + p x stride (stride >= layout().floats()), its heads states at st + p x st_stride.
+  void merge(float* states, std::size_t stride, HeadState* st, std::size_t st_stride, std::size_t parts) const {
+    const std::size_t D = kv_.head_dim, L = layout_.lanes;
     for (std::size_t p = 1; p < parts; ++p) {
-      const float* y = states + p * n;
+      const float* y = states + p * stride;
       float fa[max_group_heads], fb[max_group_heads];
       for (std::size_t h = 0; h < heads_; ++h) {
-        const MergeFactors f = merge_into(st[h].softmax, st[p * heads_ + h].softmax);
+        const MergeFactors f = merge_into(st[h].softmax, st[p * st_stride + h].softmax);
         fa[h] = f.a, fb[h] = f.b;
         for (std::size_t i = 0; i < D; ++i) states[h * D + i] = f.a * states[h * D + i] + f.b * y[h * D + i];
         if (layout_.hist_entries && !L)
           for (std::size_t i = 0; i < layout_.hist_entries; ++i) {
             float& x = st[h].hist[i];
-            x = f.a * x + f.b * st[p * heads_ + h].hist[i];
+            x = f.a * x + f.b * st[p * st_stride + h].hist[i];
           }
       }
       if (L)  // the grouped histogram, lane by lane (lanes past the heads are unused)
