@@ -67,7 +67,7 @@ void attend_items(std::span<const AttentionItem<T>> items, Scoring scoring, Atte
   // of them share is written by both for every block of tokens (false sharing slowed two pieces
   // running at once far more than two processes do).
   constexpr std::size_t line = 64, line_floats = line / sizeof(float);
-  constexpr std::size_t line_states = line / sizeof(detail::HeadState) ? line / sizeof(detail::HeadState) : 1;
+  constexpr std::size_t line_states = std::max<std::size_t>(1, line / sizeof(detail::HeadState));
   auto round_up = [](std::size_t n, std::size_t m) { return (n + m - 1) / m * m; };
   std::vector<std::size_t> offset(plan.units() + 1, 0), state_at(plan.units() + 1, 0);
   for (std::size_t i = 0; i < heads.size(); ++i)

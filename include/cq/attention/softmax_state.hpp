@@ -27,13 +27,6 @@ CQ_HOST_DEVICE inline float softmax_exp(float x) {
 #endif
 }
 
-/// Logit soft-capping (Gemma 2's attn_logit_softcapping; FlashInfer's and vLLM's logits_soft_cap):
-/// a scaled score s becomes cap x tanh(s / cap) before the softmax, so no logit exceeds cap in
-/// magnitude; cap == 0 leaves s as it is. Applied by every attention path of cq, CPU and CUDA, to
-/// each score before its maximum is taken (tanh is increasing, so a capped maximum is the maximum of
-/// the capped scores).
-CQ_HOST_DEVICE inline float soft_cap(float s, float cap);
-
 /// The device kernels' form, made where a loop of scores is capped. The main loops of the
 /// lane-tables and grouped-rows kernels are instantiated with and without a cap: a run-time branch
 /// there still slowed the uncapped code (register allocation and scheduling around it; see
@@ -58,6 +51,11 @@ struct SoftCap {
   }
 };
 
+/// Logit soft-capping (Gemma 2's attn_logit_softcapping; FlashInfer's and vLLM's logits_soft_cap):
+/// a scaled score s becomes cap x tanh(s / cap) before the softmax, so no logit exceeds cap in
+/// magnitude; cap == 0 leaves s as it is. Applied by every attention path of cq, CPU and CUDA, to
+/// each score before its maximum is taken (tanh is increasing, so a capped maximum is the maximum of
+/// the capped scores).
 CQ_HOST_DEVICE inline float soft_cap(float s, float cap) { return cap > 0.0f ? SoftCap(cap)(s) : s; }
 
 namespace detail {

@@ -209,7 +209,8 @@ struct ScalarAttentionOps {
   }
   /// x[i] = cap * tanh(x[i] / cap) (cap > 0): logit soft-capping (softmax_state.hpp).
   static void soft_cap(float* x, std::size_t n, float cap) {
-    for (std::size_t i = 0; i < n; ++i) x[i] = cq::soft_cap(x[i], cap);
+    const SoftCap c(cap);
+    for (std::size_t i = 0; i < n; ++i) x[i] = c(x[i]);
   }
 
   /// sum_i a[i] * b[i] with b of any element type.
