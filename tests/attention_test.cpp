@@ -34,20 +34,27 @@ TEST_CASE("RopeStepper: cos/sin of every position (advance) and every anchor (ju
 }
 
 TEST_CASE("splitting a long code range across threads gives the unsplit result") {
+  // Grouped items of 4, 6 (lanes past the heads in the merged histograms) and 8 heads, and one
+  // head (per-head path), in 2 and 4 pieces.
   KVCacheConfig cfg;
   cfg.head_dim = 128;
   cfg.spec = {{8, 8}, {8, 8}};
   const auto cache = test::random_cache<float>(cfg, 9000, 31);
-  const auto q = test::random_normal(4 * 128, 32);
-  std::vector<float> one(4 * 128), four(4 * 128);
   ThreadPool pool(4);
   const KVHeadView<float> view = cache.head_view(0, 0);
-  attend_head(view, q.data(), 4, 8999, 0.1f, one.data());
-  attend_head(view, q.data(), 4, 8999, 0.1f, four.data(), AttentionMethod::fused, &pool, 4);
-  std::vector<double> ref(one.begin(), one.end());
-  CHECK(test::relative_error(four.data(), ref) < 1e-5);  // float sums in another order
-  const auto oracle = test::oracle_attend(view, q.data(), 4, 8999, 0.1f);
-  CHECK(test::relative_error(four.data(), oracle) < 1e-5);
+  for (std::size_t heads : {1, 4, 6, 8})
+    for (std::size_t parts : {2, 4}) {
+      CAPTURE(heads);
+      CAPTURE(parts);
+      const auto q = test::random_normal(heads * 128, 32 + heads);
+      std::vector<float> one(heads * 128), split(heads * 128);
+      attend_head(view, q.data(), heads, 8999, 0.1f, one.data());
+      attend_head(view, q.data(), heads, 8999, 0.1f, split.data(), AttentionMethod::fused, &pool, parts);
+      std::vector<double> ref(one.begin(), one.end());
+      CHECK(test::relative_error(split.data(), ref) < 1e-5);  // float sums in another order
+      const auto oracle = test::oracle_attend(view, q.data(), heads, 8999, 0.1f);
+      CHECK(test::relative_error(split.data(), oracle) < 1e-5);
+    }
 }
 
 TEST_CASE("scores far apart in magnitude stay accurate (the lazy reference maximum rescales)") {

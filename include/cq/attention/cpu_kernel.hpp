@@ -171,12 +171,7 @@ class HeadAttention {
             x = f.a * x + f.b * st[p * st_stride + h].hist[i];
           }
       }
-      if (L)  // the grouped histogram, lane by lane (lanes past the heads are unused)
-        for (std::size_t e = 0; e < layout_.hist_entries; ++e)
-          for (std::size_t h = 0; h < heads_; ++h) {
-            float& x = states[layout_.acc_len() + e * L + h];
-            x = fa[h] * x + fb[h] * y[layout_.acc_len() + e * L + h];
-          }
+      if (L) merge_lanes(states + layout_.acc_len(), y + layout_.acc_len(), fa, fb);
     }
   }
 
@@ -379,6 +374,25 @@ class HeadAttention {
       Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
       t0 += n;
     }
+  }
+
+  // x = fa[h] x + fb[h] y over a grouped histogram, h the lane. The factors repeat with period L
+  // (a power of two <= 16) and the length is a multiple of 16 (whole padded centroid rows), so the
+  // loop runs over 16-float vectors with one pattern of factors (lane by lane, it was the largest
+  // cost of merging two pieces of a short item). Lanes past the heads are never read; they keep x.
+  void merge_lanes(float* x, const float* y, const float* fa, const float* fb) const {
+    constexpr std::size_t V = 16;
+    static_assert(max_group_heads <= V, "cq: a grouped histogram's lanes fit one 16-float pattern");
+    const std::size_t L = layout_.lanes, n = layout_.hist_len();
+    CQ_ASSERT(V % L == 0 && n % V == 0);
+    alignas(64) float a[V], b[V];
+    for (std::size_t k = 0; k < V; ++k) {
+      const std::size_t h = k % L;
+      a[k] = h < heads_ ? fa[h] : 1.0f;
+      b[k] = h < heads_ ? fb[h] : 0.0f;
+    }
+    for (std::size_t i = 0; i < n; i += V)
+      for (std::size_t k = 0; k < V; ++k) x[i + k] = a[k] * x[i + k] + b[k] * y[i + k];
   }
 
   // Logit soft-capping of n scores, when asked for.

@@ -8,6 +8,7 @@
 /// read-modify-write — instead of one lookup and one update per head. fp16 attention reads each
 /// KV head once for all its query heads; so does this.
 
+#include "cq/backend/avx512_group_tables.hpp"
 #include "cq/backend/scalar_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/bit_packing.hpp"
@@ -121,7 +122,13 @@ struct SimdGroupOps {
 
   static void score_lut_heads(const CodebookView& cb, const float* q, std::size_t heads, std::size_t L, float scale,
                               float* lut) {
-    detail_group::with_lanes(L, [&]<int N>() { lut_lanes<N>(cb, q, heads, scale, lut); });
+    detail_group::with_lanes(L, [&]<int N>() {
+#if CQ_HAVE_AVX512
+      if constexpr (Isa::width == 16 && avx512_group_tables::serves(N))
+        if (avx512_group_tables::serves_lut(N, cb.channels)) return avx512_group_tables::lut<N>(cb, q, heads, scale, lut);
+#endif
+      lut_lanes<N>(cb, q, heads, scale, lut);
+    });
   }
 
   static void score_codes_heads(const float* lut, std::size_t K, std::size_t L, ConstPackedCodesView codes,
@@ -136,7 +143,13 @@ struct SimdGroupOps {
 
   static void combine_centroids_heads(const CodebookView& cb, const float* hist, std::size_t L, std::size_t heads,
                                       float* out, std::size_t out_stride) {
-    detail_group::with_lanes(L, [&]<int N>() { combine_lanes<N>(cb, hist, heads, out, out_stride); });
+    detail_group::with_lanes(L, [&]<int N>() {
+#if CQ_HAVE_AVX512
+      if constexpr (Isa::width == 16 && avx512_group_tables::serves(N))
+        if (cb.channels == 8) return avx512_group_tables::combine<N>(cb, hist, heads, out, out_stride);
+#endif
+      combine_lanes<N>(cb, hist, heads, out, out_stride);
+    });
   }
 
   static void score_rows_heads(const float* qt, std::size_t L, const float* rows, std::size_t n, std::size_t dim,

@@ -69,6 +69,12 @@ class AlignedBuffer {
     if (n > size_) std::fill(data_ + size_, data_ + n, fill);
     size_ = n;
   }
+  /// Resizes without setting new elements (the caller writes them before reading: a buffer that
+  /// is cleared piece by piece where it is used need not be cleared twice).
+  void resize_for_overwrite(std::size_t n) {
+    if (n > capacity_) reserve(std::max(n, capacity_ + std::min(capacity_ / 2, max_elements() - capacity_)));
+    size_ = n;
+  }
   void clear() { size_ = 0; }
   void assign(const T* src, std::size_t n) {
     if (n > capacity_) {
