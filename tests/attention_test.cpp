@@ -34,15 +34,15 @@ TEST_CASE("RopeStepper: cos/sin of every position (advance) and every anchor (ju
 }
 
 TEST_CASE("splitting a long code range across threads gives the unsplit result") {
-  // Grouped items of 4, 6 (lanes past the heads in the merged histograms) and 8 heads, and one
-  // head (per-head path), in 2 and 4 pieces.
+  // Grouped items of 4, 6 (lanes past the heads in the merged histograms), 8 and 12 (16 lanes)
+  // heads, and one head (per-head path), in 2 and 4 pieces.
   KVCacheConfig cfg;
   cfg.head_dim = 128;
   cfg.spec = {{8, 8}, {8, 8}};
   const auto cache = test::random_cache<float>(cfg, 9000, 31);
   ThreadPool pool(4);
   const KVHeadView<float> view = cache.head_view(0, 0);
-  for (std::size_t heads : {1, 4, 6, 8})
+  for (std::size_t heads : {1, 4, 6, 8, 12})
     for (std::size_t parts : {2, 4}) {
       CAPTURE(heads);
       CAPTURE(parts);

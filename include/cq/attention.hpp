@@ -75,7 +75,9 @@ void attend_items(std::span<const AttentionItem<T>> items, Scoring scoring, Atte
       offset[u + 1] = offset[u] + round_up(heads[i].layout().floats(), line_floats);
       state_at[u + 1] = state_at[u] + round_up(heads[i].heads(), line_states);
     }
-  detail::AlignedBuffer<float> floats;  // each unit's run clears its own
+  // Not cleared here: every unit's run (all of them, empty ranges too) clears its own floats
+  // before any merge reads them, and nothing reads the padding between units.
+  detail::AlignedBuffer<float> floats;
   floats.resize_for_overwrite(offset.back());
   detail::AlignedBuffer<detail::HeadState> states(state_at.back());
   std::vector<std::size_t> item_of(plan.units());

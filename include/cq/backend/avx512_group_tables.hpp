@@ -8,7 +8,9 @@
 ///   codebook with the centroids in the lanes (16 per register) and one accumulator per head,
 ///   then transposed to heads-in-lanes rows: one 16-wide multiply-add per (head, channel, 16
 ///   centroids), against one N-wide multiply-add per (channel, centroid) with the heads in the
-///   lanes. The sums run in the same order, so the table is the same to the bit.
+///   lanes. The sums run over the channels in the same order as the generic build's. Rows past
+///   the centroids come out 0 because the transposed codebook is zero-padded (Codebook builds it
+///   so); codes never index them.
 /// - Combine: out[h][g * 8 + c] += sum_j hist[(g, j)][h] * centroid[g][j][c] for 8-channel
 ///   groups, as outer products: a register holds two heads x 8 channels, one permute spreads the
 ///   two heads' weights, so a centroid costs N / 2 multiply-adds of 16 lanes, not 8 of N lanes.
