@@ -378,8 +378,8 @@ class HeadAttention {
 
   // x = fa[h] x + fb[h] y over a grouped histogram, h the lane. The factors repeat with period L
   // (a power of two <= 16) and the length is a multiple of 16 (whole padded centroid rows), so the
-  // loop runs over 16-float vectors with one pattern of factors (lane by lane, it was the largest
-  // cost of merging two pieces of a short item). Lanes past the heads are never read; they keep x.
+  // loop runs over 16-float vectors with one pattern of factors (a lane-by-lane loop over a
+  // run-time head count does not vectorise). Lanes past the heads are never read; they keep x.
   void merge_lanes(float* x, const float* y, const float* fa, const float* fb) const {
     constexpr std::size_t V = 16;
     static_assert(max_group_heads <= V, "cq: a grouped histogram's lanes fit one 16-float pattern");

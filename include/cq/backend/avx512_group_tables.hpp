@@ -1,8 +1,8 @@
 #pragma once
 /// The fixed-size parts of a grouped (GQA) item under AVX-512, for groups of 4 or 8 query heads
 /// in the lanes (backend/simd_group_attention.hpp): the score table and the final combine. Both
-/// are 2^Bits x head_dim multiply-adds per head whatever the context, so at 4K tokens they were
-/// a fifth of a grouped decode's time.
+/// are 2^Bits x head_dim multiply-adds per head whatever the context, so at short contexts they
+/// are a large share of a grouped decode.
 ///
 /// - Score table: lut[(g, j)][h] = scale * q_h[g] . centroid[g][j]. Built from the transposed
 ///   codebook with the centroids in the lanes (16 per register) and one accumulator per head,
