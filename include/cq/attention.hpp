@@ -12,6 +12,7 @@
 #include "cq/attention/problem.hpp"
 #include "cq/attention/softmax_state.hpp"
 #include "cq/backend/native.hpp"
+#include "cq/cache/layout.hpp"
 #include "cq/concepts.hpp"
 #include "cq/detail/aligned_buffer.hpp"
 #include "cq/element.hpp"
@@ -66,9 +67,8 @@ void attend_items(std::span<const AttentionItem<T>> items, Scoring scoring, Atte
   // softmax states on cache lines of their own: units run on different threads, and a line two
   // of them share is written by both for every block of tokens (false sharing slowed two pieces
   // running at once far more than two processes do).
-  constexpr std::size_t line = 64, line_floats = line / sizeof(float);
-  constexpr std::size_t line_states = std::max<std::size_t>(1, line / sizeof(detail::HeadState));
-  auto round_up = [](std::size_t n, std::size_t m) { return (n + m - 1) / m * m; };
+  constexpr std::size_t line_floats = buffer_alignment / sizeof(float);  // buffer_alignment: a cache line
+  constexpr std::size_t line_states = std::max<std::size_t>(1, buffer_alignment / sizeof(detail::HeadState));
   std::vector<std::size_t> offset(plan.units() + 1, 0), state_at(plan.units() + 1, 0);
   for (std::size_t i = 0; i < heads.size(); ++i)
     for (std::size_t u = plan.first[i]; u < plan.first[i + 1]; ++u) {
