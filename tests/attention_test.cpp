@@ -33,6 +33,26 @@ TEST_CASE("RopeStepper: cos/sin of every position (advance) and every anchor (ju
   CHECK(by_jump < 2e-6);
 }
 
+TEST_CASE("LinePrefetch issues each run's lines in even shares per step and the rest at finish") {
+  alignas(64) static const std::uint8_t a[64 * 64] = {}, b[16 * 64] = {};
+  detail::LinePrefetch pf(a, sizeof a, b, 15 * 64 + 1, 8);  // 64 lines and 16 (the last one partial) over 8 steps
+  for (int s = 1; s <= 3; ++s) {
+    pf.step();
+    CHECK(pf.issued(0) == std::size_t(8 * s));
+    CHECK(pf.issued(1) == std::size_t(2 * s));
+  }
+  pf.finish();
+  CHECK(pf.issued(0) == 64);
+  CHECK(pf.issued(1) == 16);
+  for (int s = 0; s < 4; ++s) pf.step();  // nothing past the runs' ends
+  CHECK(pf.issued(0) == 64);
+  CHECK(pf.issued(1) == 16);
+  detail::LinePrefetch one(a, 3 * 64, nullptr, 0, 8);  // fewer lines than steps: one a step
+  one.step();
+  CHECK(one.issued(0) == 1);
+  CHECK(one.issued(1) == 0);
+}
+
 TEST_CASE("splitting a long code range across threads gives the unsplit result") {
   // Grouped items of 4, 6 (lanes past the heads in the merged histograms), 8 and 12 (16 lanes)
   // heads, and one head (per-head path), in 2 and 4 pieces.

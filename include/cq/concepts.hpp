@@ -5,6 +5,7 @@
 /// conformance suite per contract tests every backend against backend::Scalar (tests/conformance).
 
 #include "cq/codebook.hpp"
+#include "cq/detail/line_prefetch.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
 #include "cq/rope.hpp"
@@ -40,7 +41,8 @@ concept quantizer_backend =
 ///  - `score_lut(cb, q, scale, lut, stride)`: lut[g * stride + j] = scale * q_g . centroid[g][j];
 ///  - `score_codes(lut, stride, codes, first, n, scores)`: scores[i] = sum_g lut[g][code(first + i, g)];
 ///  - `add_histogram(codes, first, n, p, hist, stride)`: hist[g][code(first + i, g)] += p[i];
-///  - `accumulate_centroids(cb, codes, first, n, p, acc)`: acc += sum_i p[i] * centroid of token i;
+///  - `accumulate_centroids(cb, codes, first, n, p, acc, pf)`: acc += sum_i p[i] * centroid of token
+///    i; `pf` (a detail::LinePrefetch*, may be null): cache lines to issue a share of per block;
 ///  - `combine_centroids(cb, hist, stride, out)`: out += sum_j hist[g][j] * centroid[g][j];
 ///  - `prefers_value_histogram(cb)`: which value path the fused method takes;
 ///  - `max_of`, `exp_sum` (x[i] = exp(x[i] - shift), returns the sum), `scale`, `soft_cap`
@@ -63,11 +65,11 @@ template <class B>
 concept attention_backend =
     attention_ops_for<B, float> && attention_ops_for<B, half> && attention_ops_for<B, bfloat16> &&
     requires(const CodebookView& cb, ConstPackedCodesView codes, const float* cq, float* f, std::size_t n, float x,
-             MatrixView<float> out, const RopeSteps& rs) {
+             MatrixView<float> out, const RopeSteps& rs, detail::LinePrefetch* pf) {
       B::score_lut(cb, cq, x, f, n);
       B::score_codes(cq, n, codes, n, n, f);
       B::add_histogram(codes, n, n, cq, f, n);
-      B::accumulate_centroids(cb, codes, n, n, cq, f);
+      B::accumulate_centroids(cb, codes, n, n, cq, f, pf);
       B::combine_centroids(cb, cq, n, f);
       { B::prefers_value_histogram(cb) } -> std::convertible_to<bool>;
       { B::max_of(cq, n) } -> std::convertible_to<float>;

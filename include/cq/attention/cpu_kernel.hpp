@@ -5,14 +5,14 @@
 ///
 /// Scores of coded tokens come from a per-query-head table LUT[g][j] = scale * q_g . centroid_K[g][j]
 /// (G lookups per token instead of D multiplies); softmax weights of coded tokens are either
-/// accumulated into per-group histograms over value codes, turned into an output by one small
-/// (G x 2^Bits x C) product at the end, or multiplied into the value centroids as they stream
-/// (the backend chooses). The query heads of a GQA group are served together ("grouped"): their
-/// tables and histograms keep the heads innermost, so each coded token costs one table row and
-/// one histogram update per group for all of them (backend/simd_group_attention.hpp), and the
-/// work per token does not grow with the group. Full-precision tokens are scored and accumulated
-/// densely. Each query
-/// head keeps an online-softmax state (softmax_state.hpp) whose reference maximum is raised
+/// accumulated into per-group histograms over value codes, turned into an output by one
+/// small (G x 2^Bits x C) product at the end, or multiplied into the value centroids as
+/// they stream (the backend chooses). The query heads of a GQA group are served together
+/// ("grouped"): their tables and histograms keep the heads innermost, so each coded token costs
+/// one table row and one histogram update per group for all of them
+/// (backend/simd_group_attention.hpp), and the work per token does not grow with the group.
+/// Full-precision tokens are scored and accumulated densely. Each query head keeps an
+/// online-softmax state (softmax_state.hpp) whose reference maximum is raised
 /// lazily: accumulators are rescaled only when a score exceeds the reference by more than 16, so
 /// almost never. Coded tokens are walked in steps of at most 512 that never cross a page.
 ///
@@ -29,6 +29,7 @@
 #include "cq/attention/softmax_state.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/aligned_buffer.hpp"
+#include "cq/detail/line_prefetch.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
 #include "cq/rope.hpp"
@@ -263,9 +264,8 @@ class HeadAttention {
 
     const std::size_t P = kv_.key_codes.page_tokens;
     for (std::size_t t0 = c0; t0 < c1;) {
-      // One step: at most a superblock, inside one page (P is a multiple of 32, t0 too).
       const std::size_t page = t0 / P, in_page = t0 % P;
-      const std::size_t n = std::min({superblock, c1 - t0, P - in_page});
+      const std::size_t n = step_tokens(t0, c1);
       const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
       float* krows = rows_needed ? sc.rows.data() : nullptr;
       float* vrows = decode_values ? sc.rows.data() + superblock * D : nullptr;
@@ -280,6 +280,11 @@ class HeadAttention {
           Backend::score_rope_codes(kcb, kc, in_page + b, m, kv_.rope->steps(), krows, heads_, sc.scores.data() + b,
                                     superblock);
         }
+      // The value pass streams centroids: it also brings in the next step's code runs, a share of
+      // lines per block over every head's pass (detail::LinePrefetch says why).
+      LinePrefetch next;
+      if (fused_ && !hist_ && t0 + n < c1)
+        next = next_step_lines(t0 + n, c1, (n + block_tokens - 1) / block_tokens * heads_);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
         if (use_lut) {
@@ -294,7 +299,7 @@ class HeadAttention {
         if (hist_) {
           Backend::add_histogram(vc, in_page, n, s, st[h].hist, layout_.hist_stride);
         } else if (fused_) {
-          Backend::accumulate_centroids(kv_.value_codebook, vc, in_page, n, s, st[h].acc);
+          Backend::accumulate_centroids(kv_.value_codebook, vc, in_page, n, s, st[h].acc, &next);
         } else {
           for (std::size_t i = 0; i < n; ++i) Backend::axpy(s[i], vrows + i * D, st[h].acc, D);
         }
@@ -339,7 +344,7 @@ class HeadAttention {
     const std::size_t P = kv_.key_codes.page_tokens;
     for (std::size_t t0 = c0; t0 < c1;) {
       const std::size_t page = t0 / P, in_page = t0 % P;
-      const std::size_t n = std::min({superblock, c1 - t0, P - in_page});
+      const std::size_t n = step_tokens(t0, c1);
       const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
       if (kv_.rope) {
         // 32 tokens at a time, so decoded keys or scores stay in L1.
@@ -393,6 +398,23 @@ class HeadAttention {
     }
     for (std::size_t i = 0; i < n; i += V)
       for (std::size_t k = 0; k < V; ++k) x[i + k] = a[k] * x[i + k] + b[k] * y[i + k];
+  }
+
+  // Tokens of the step that starts at coded token t0 < c1: at most a superblock, inside one page
+  // (the page size is a multiple of 32, t0 too).
+  std::size_t step_tokens(std::size_t t0, std::size_t c1) const {
+    const std::size_t P = kv_.key_codes.page_tokens;
+    return std::min({superblock, c1 - t0, P - t0 % P});
+  }
+
+  // The key and value runs of the step that starts at coded token t1 (< c1), as lines to issue
+  // over `blocks` calls of step().
+  LinePrefetch next_step_lines(std::size_t t1, std::size_t c1, std::size_t blocks) const {
+    const std::size_t P = kv_.key_codes.page_tokens, page = t1 / P, in_page = t1 % P;
+    const std::size_t n = step_tokens(t1, c1);
+    const ConstPackedCodesView kc = kv_.key_codes.page(page), vc = kv_.value_codes.page(page);
+    const std::size_t first = in_page / block_tokens, count = (n + block_tokens - 1) / block_tokens;
+    return {kc.chunk(first, 0), count * kc.block_bytes(), vc.chunk(first, 0), count * vc.block_bytes(), blocks};
   }
 
   // Logit soft-capping of n scores, when asked for.

@@ -14,6 +14,7 @@
 
 #include "cq/attention/softmax_state.hpp"
 #include "cq/codebook.hpp"
+#include "cq/detail/line_prefetch.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
 #include "cq/rope.hpp"
@@ -55,9 +56,10 @@ struct ScalarAttentionOps {
   }
 
   /// acc[g * C + c] += sum_i p[i] * centroid[g][code(first + i, g)][c]: values straight from the
-  /// value centroids, without a histogram.
+  /// value centroids, without a histogram. `pf` (optional): cache lines a fast backend issues a
+  /// share of per 32-token block while it runs (detail::LinePrefetch); the reference ignores it.
   static void accumulate_centroids(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
-                                   const float* p, float* acc) {
+                                   const float* p, float* acc, detail::LinePrefetch* = nullptr) {
     for (std::size_t i = 0; i < n; ++i)
       for (std::size_t g = 0; g < cb.groups; ++g) {
         const float* c = cb.centroids + (g * cb.num_centroids() + codes.get(first + i, g)) * cb.channels;

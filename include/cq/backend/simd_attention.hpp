@@ -18,6 +18,7 @@
 #include "cq/backend/simd_rope_attention.hpp"
 #include "cq/codebook.hpp"
 #include "cq/detail/bit_packing.hpp"
+#include "cq/detail/line_prefetch.hpp"
 #include "cq/detail/simd_isa.hpp"
 #include "cq/element.hpp"
 #include "cq/packed_codes.hpp"
@@ -185,16 +186,18 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
   /// Values straight from the centroids: for each 32-token block, `gc` groups at a time keep their
   /// C-wide accumulators in registers while the block's tokens stream through, so every token
   /// costs one C-float load and one fused multiply-add per group, with no memory round trip.
+  /// `pf` (optional): lines issued a share per block (detail::LinePrefetch).
   static void accumulate_centroids(const CodebookView& cb, ConstPackedCodesView codes, std::size_t first, std::size_t n,
-                                   const float* p, float* acc) {
+                                   const float* p, float* acc, detail::LinePrefetch* pf = nullptr) {
     switch (cb.channels) {
-      case 1: return accumulate_fixed<1>(cb, codes, first, n, p, acc);
-      case 2: return accumulate_fixed<2>(cb, codes, first, n, p, acc);
-      case 4: return accumulate_fixed<4>(cb, codes, first, n, p, acc);
-      case 8: return accumulate_fixed<8>(cb, codes, first, n, p, acc);
-      case 16: return accumulate_fixed<16>(cb, codes, first, n, p, acc);
-      default: return ScalarAttentionOps::accumulate_centroids(cb, codes, first, n, p, acc);
+      case 1: accumulate_fixed<1>(cb, codes, first, n, p, acc, pf); break;
+      case 2: accumulate_fixed<2>(cb, codes, first, n, p, acc, pf); break;
+      case 4: accumulate_fixed<4>(cb, codes, first, n, p, acc, pf); break;
+      case 8: accumulate_fixed<8>(cb, codes, first, n, p, acc, pf); break;
+      case 16: accumulate_fixed<16>(cb, codes, first, n, p, acc, pf); break;
+      default: ScalarAttentionOps::accumulate_centroids(cb, codes, first, n, p, acc); break;
     }
+    if (pf) pf->finish();
   }
 
   /// Measured on AVX-512 (bench/RESULTS.md): the register-resident centroid accumulation beats
@@ -203,17 +206,18 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
 
   template <int C>
   static void accumulate_fixed(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first, std::size_t n,
-                               const float* p, float* acc) {
+                               const float* p, float* acc, detail::LinePrefetch* pf) {
     CQ_ASSERT(first % B == 0);
 #if CQ_HAVE_AVX512
     if constexpr (W == 16 && C == 8)
       if (codes.bits == 8 && cb.groups % 2 == 0 && cb.groups <= 2 * max_pairs)
-        return accumulate_pairs(cb, codes, first, n, p, acc);
+        return accumulate_pairs(cb, codes, first, n, p, acc, pf);
 #endif
     constexpr int gc = 8;  // groups per pass: 8 accumulators in flight hide the FMA latency
     const std::size_t G = cb.groups, K = cb.num_centroids();
     alignas(64) std::uint32_t idx[gc][B];
     for (std::size_t done = 0; done < n; done += B) {
+      if (pf) pf->step();
       const std::size_t block = (first + done) / B;
       const std::size_t take = std::min(B, n - done);
       const float* w = p + done;
@@ -240,10 +244,11 @@ struct SimdAttentionOps : SimdGroupOps<Isa>, SimdRopeOps<Isa> {
   // (avx512_pairs), so a token costs one entry load, two centroid loads and one multiply-add per
   // 16 channels, and 16 groups share each pass over the block's tokens and weights.
   static void accumulate_pairs(const CodebookView& cb, const ConstPackedCodesView& codes, std::size_t first,
-                               std::size_t n, const float* p, float* acc) {
+                               std::size_t n, const float* p, float* acc, detail::LinePrefetch* pf) {
     const std::size_t P = cb.groups / 2;
     alignas(64) std::uint64_t pairs[max_pairs * B];
     for (std::size_t done = 0; done < n; done += B) {
+      if (pf) pf->step();
       avx512_pairs::from_codes8(codes, (first + done) / B, cb.num_centroids(), pairs);
       const std::size_t take = std::min(B, n - done);
       std::size_t q = 0;
