@@ -5,8 +5,8 @@
 ///
 /// Scores of coded tokens come from a per-query-head table LUT[g][j] = scale * q_g . centroid_K[g][j]
 /// (G lookups per token instead of D multiplies); softmax weights of coded tokens are either
-/// accumulated into per-group histograms over value codes, turned into an output by one
-/// small (G x 2^Bits x C) product at the end, or multiplied into the value centroids as
+/// accumulated into per-group histograms over value codes, turned into values by one small
+/// (G x 2^Bits x C) product at the end of each piece, or multiplied into the value centroids as
 /// they stream (the backend chooses). The query heads of a GQA group are served together
 /// ("grouped"): their tables and histograms keep the heads innermost, so each coded token costs
 /// one table row and one histogram update per group for all of them
@@ -152,44 +152,50 @@ class HeadAttention {
     if (c1 > c0) {
       if (layout_.lanes) run_coded_grouped(c0, c1, st);
       else run_coded(c0, c1, st);
+      fold_histograms(st);
     }
   }
 
   /// Merges `parts` partial states into the first one: part p's layout().floats() floats at
   /// states + p x stride (stride >= layout().floats()), its heads states at st + p x st_stride.
+  /// Only the value accumulators merge: every piece folded its histograms into them (run).
   void merge(float* states, std::size_t stride, HeadState* st, std::size_t st_stride, std::size_t parts) const {
-    const std::size_t D = kv_.head_dim, L = layout_.lanes;
+    const std::size_t D = kv_.head_dim;
     for (std::size_t p = 1; p < parts; ++p) {
       const float* y = states + p * stride;
-      float fa[max_group_heads], fb[max_group_heads];
       for (std::size_t h = 0; h < heads_; ++h) {
         const MergeFactors f = merge_into(st[h].softmax, st[p * st_stride + h].softmax);
-        fa[h] = f.a, fb[h] = f.b;
         for (std::size_t i = 0; i < D; ++i) states[h * D + i] = f.a * states[h * D + i] + f.b * y[h * D + i];
-        if (layout_.hist_entries && !L)
-          for (std::size_t i = 0; i < layout_.hist_entries; ++i) {
-            float& x = st[h].hist[i];
-            x = f.a * x + f.b * st[p * st_stride + h].hist[i];
-          }
       }
-      if (L) merge_lanes(states + layout_.acc_len(), y + layout_.acc_len(), fa, fb);
     }
   }
 
   /// out (heads x head_dim) from merged states.
   void finish(const HeadState* st, float* out) const {
     const std::size_t D = kv_.head_dim;
-    for (std::size_t h = 0; h < heads_; ++h) std::copy_n(st[h].acc, D, out + h * D);
-    if (hist_ && layout_.lanes)
-      Backend::combine_centroids_heads(kv_.value_codebook, st[0].hist, layout_.lanes, heads_, out, D);
     for (std::size_t h = 0; h < heads_; ++h) {
       float* o = out + h * D;
-      if (hist_ && !layout_.lanes) Backend::combine_centroids(kv_.value_codebook, st[h].hist, layout_.hist_stride, o);
+      std::copy_n(st[h].acc, D, o);
       Backend::scale(o, D, st[h].softmax.sum > 0.0f ? 1.0f / st[h].softmax.sum : 0.0f);
     }
   }
 
  private:
+  // A piece's value histograms into its value accumulators, at the end of its coded range: the
+  // histograms hold weights relative to the same softmax references as the accumulators, so the
+  // pieces then merge (heads x head_dim) values instead of (value groups x 2^Bits) histograms per
+  // head -- and each piece reads only its own histogram, on its own core, where a merge of
+  // histograms read every other piece's from the core that wrote it.
+  void fold_histograms(HeadState* st) const {
+    if (!hist_) return;
+    if (layout_.lanes) {  // the group's histogram, heads in lanes; the heads' accumulators are contiguous
+      Backend::combine_centroids_heads(kv_.value_codebook, st[0].hist, layout_.lanes, heads_, st[0].acc, kv_.head_dim);
+      return;
+    }
+    for (std::size_t h = 0; h < heads_; ++h)
+      Backend::combine_centroids(kv_.value_codebook, st[h].hist, layout_.hist_stride, st[h].acc);
+  }
+
   // Points each head's state at its accumulators in `states`.
   void bind(float* states, HeadState* st) const {
     float* hist = states + layout_.acc_len();
@@ -379,25 +385,6 @@ class HeadAttention {
       Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
       t0 += n;
     }
-  }
-
-  // x = fa[h] x + fb[h] y over a grouped histogram, h the lane. The factors repeat with period L
-  // (a power of two <= 16) and the length is a multiple of 16 (whole padded centroid rows), so the
-  // loop runs over 16-float vectors with one pattern of factors (a lane-by-lane loop over a
-  // run-time head count does not vectorise). Lanes past the heads are never read; they keep x.
-  void merge_lanes(float* x, const float* y, const float* fa, const float* fb) const {
-    constexpr std::size_t V = 16;
-    static_assert(max_group_heads <= V, "cq: a grouped histogram's lanes fit one 16-float pattern");
-    const std::size_t L = layout_.lanes, n = layout_.hist_len();
-    CQ_ASSERT(V % L == 0 && n % V == 0);
-    alignas(64) float a[V], b[V];
-    for (std::size_t k = 0; k < V; ++k) {
-      const std::size_t h = k % L;
-      a[k] = h < heads_ ? fa[h] : 1.0f;
-      b[k] = h < heads_ ? fb[h] : 0.0f;
-    }
-    for (std::size_t i = 0; i < n; i += V)
-      for (std::size_t k = 0; k < V; ++k) x[i + k] = a[k] * x[i + k] + b[k] * y[i + k];
   }
 
   // Tokens of the step that starts at coded token t0 < c1: at most a superblock, inside one page
