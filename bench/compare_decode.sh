@@ -6,12 +6,16 @@
 # flash_attn_ext, built from its public source outside this repository by bench/peers/ggml_fa_decode.cpp;
 # see bench/RESULTS.md).
 #
-#   PEER=/path/to/peer bench/compare_decode.sh [build-dir] [rounds]
+#   PEER=/path/to/peer [EVICT=64] bench/compare_decode.sh [build-dir] [rounds]
+#
+# EVICT=M: both programs read M MiB of other memory before every timed call (cold caches, as in a
+# real model's decode step; the peer takes it as a sixth argument).
 set -euo pipefail
 build="${1:-build}"
 rounds="${2:-11}"
 cq="$build/bench/cq_decode_bench"
 : "${PEER:?set PEER to the peer decode program}"
+evict="${EVICT:-0}"
 median() { sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 shapes=("1 1 32768" "8 8 32768" "8 2 32768" "8 1 32768" "1 1 4096" "8 2 4096" "8 1 4096")
@@ -23,9 +27,9 @@ for shape in "${shapes[@]}"; do
   for threads in 1 2; do
     peer_t=() post_t=() pre_t=()
     for ((r = 0; r < rounds; r++)); do
-      peer_t+=("$("$PEER" "$q" "$kv" "$ctx" "$threads" "$reps")")
-      post_t+=("$("$cq" --q "$q" --kv "$kv" --ctx "$ctx" --threads "$threads" --reps "$reps")")
-      pre_t+=("$("$cq" --q "$q" --kv "$kv" --ctx "$ctx" --threads "$threads" --reps "$reps" --pre-rope)")
+      peer_t+=("$("$PEER" "$q" "$kv" "$ctx" "$threads" "$reps" "$evict")")
+      post_t+=("$("$cq" --q "$q" --kv "$kv" --ctx "$ctx" --threads "$threads" --reps "$reps" --evict "$evict")")
+      pre_t+=("$("$cq" --q "$q" --kv "$kv" --ctx "$ctx" --threads "$threads" --reps "$reps" --evict "$evict" --pre-rope)")
     done
     p=$(printf '%s\n' "${peer_t[@]}" | median)
     c=$(printf '%s\n' "${post_t[@]}" | median)

@@ -6,6 +6,13 @@
 //
 //   ./build/bench/cq_decode_bench --q 8 --kv 1 --ctx 32768 --threads 2 [--pre-rope] [--reps 200]
 //                                 [--method fused|histogram|centroids|dequantize] [--C 8] [--soft-cap 50]
+//                                 [--evict 64]
+//
+// --evict M reads M MiB of other memory before every timed call, so the call finds its codes and
+// codebooks out of the caches, as a decode step of a real model does (the layers' weights pass
+// through the caches between two attention calls of a layer). Without it, repeated calls on the
+// same small cache find it in L2/L3. The thread pool then spins through the eviction, as ggml's
+// threadpool does by default (the peer of bench/compare_decode.sh).
 
 #include "bench_util.hpp"
 
@@ -21,7 +28,7 @@
 using namespace cq;
 
 int main(int argc, char** argv) {
-  std::size_t q_heads = 1, kv_heads = 1, ctx = 32768, threads = 1, reps = 200, C = 8;
+  std::size_t q_heads = 1, kv_heads = 1, ctx = 32768, threads = 1, reps = 200, C = 8, evict_mib = 0;
   float soft_cap = 0.0f;
   bool pre_rope = false;
   std::string method = "fused";
@@ -34,6 +41,7 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = next();
     else if (a == "--reps") reps = next();
     else if (a == "--C") C = next();
+    else if (a == "--evict") evict_mib = next();
     else if (a == "--pre-rope") pre_rope = true;
     else if (a == "--soft-cap" && i + 1 < argc) soft_cap = std::stof(argv[++i]);
     else if (a == "--method" && i + 1 < argc) method = argv[++i];
@@ -59,7 +67,10 @@ int main(int argc, char** argv) {
   }
   const auto q = synthetic_kv(1, q_heads * D, {.seed = 5});
   std::vector<float> out(q_heads * D);
-  ThreadPool pool(threads);
+  // With --evict, the workers spin through the eviction instead of sleeping (ThreadPool's default
+  // spin is 200 us; ggml's default threadpool polls for far longer): a woken worker starts ~45 us
+  // late on the development VM, which would be charged to every cold call.
+  ThreadPool pool(threads, evict_mib ? std::chrono::microseconds(200000) : std::chrono::microseconds(200));
   AttendOptions ao;
   ao.executor = threads > 1 ? &pool : nullptr;
   ao.logits_soft_cap = soft_cap;
@@ -72,7 +83,14 @@ int main(int argc, char** argv) {
   };
   for (int i = 0; i < 10; ++i) run();
   std::vector<double> t(reps);
+  std::vector<unsigned char> other(evict_mib << 20, 1);
+  volatile unsigned sink = 0;
   for (auto& x : t) {
+    if (!other.empty()) {
+      unsigned sum = 0;  // one read per cache line: clean lines, nothing written back during the call
+      for (std::size_t i = 0; i < other.size(); i += 64) sum += other[i];
+      sink = sink + sum;
+    }
     const auto a = std::chrono::steady_clock::now();
     run();
     x = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();

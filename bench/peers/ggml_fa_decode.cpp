@@ -7,9 +7,10 @@
 //   g++ -O2 -std=c++17 -I include <cq>/bench/peers/ggml_fa_decode.cpp \
 //       build/src/libggml.a build/src/libggml-cpu.a build/src/libggml-base.a -fopenmp -o fa_bench
 //
-// Usage: fa_bench Q KV CTX THREADS REPS -- Q query heads over KV heads of head_dim 128, CTX f16
-// tokens, one query row (f32, as ggml keeps activations), on a ggml_threadpool of THREADS; prints
-// the median microseconds of REPS graph computes (after 3 warm-up computes).
+// Usage: fa_bench Q KV CTX THREADS REPS [EVICT_MIB] -- Q query heads over KV heads of head_dim 128,
+// CTX f16 tokens, one query row (f32, as ggml keeps activations), on a ggml_threadpool of THREADS;
+// prints the median microseconds of REPS graph computes (after 3 warm-up computes). EVICT_MIB > 0
+// reads that many MiB of other memory before every timed compute (cq_decode_bench --evict).
 #include <ggml-cpu.h>
 #include <ggml.h>
 
@@ -22,12 +23,14 @@
 #include <vector>
 
 int main(int argc, char** argv) {
-  if (argc != 6) {
-    std::fprintf(stderr, "usage: %s Q KV CTX THREADS REPS\n", argv[0]);
+  if (argc != 6 && argc != 7) {
+    std::fprintf(stderr, "usage: %s Q KV CTX THREADS REPS [EVICT_MIB]\n", argv[0]);
     return 2;
   }
   const int q_heads = std::atoi(argv[1]), kv_heads = std::atoi(argv[2]), ctx_len = std::atoi(argv[3]);
   const int threads = std::atoi(argv[4]), reps = std::atoi(argv[5]);
+  std::vector<unsigned char> other(argc == 7 ? std::size_t(std::atoi(argv[6])) << 20 : 0, 1);
+  volatile unsigned sink = 0;
   constexpr int d = 128;
 
   ggml_init_params params{};
@@ -59,6 +62,11 @@ int main(int argc, char** argv) {
 
   std::vector<double> us;
   for (int r = 0; r < reps + 3; ++r) {
+    if (!other.empty()) {
+      unsigned sum = 0;
+      for (std::size_t i = 0; i < other.size(); i += 64) sum += other[i];
+      sink = sink + sum;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     if (ggml_graph_compute(graph, &plan) != GGML_STATUS_SUCCESS) {
       std::fprintf(stderr, "ggml_graph_compute failed\n");
