@@ -3,12 +3,12 @@
 /// fetches the next step's code runs this way.
 ///
 /// Why spread, and why at all: a step's codes are two runs of a page (the key run, the value run;
-/// cache/layout.hpp), and on the CPUs measured the hardware prefetchers do not bring them in ahead
-/// of the loop that reads them once they have left the caches (codes of other heads and layers
-/// push them out between calls), so every line is a miss the loop waits for. Prefetching the next
-/// step's lines all at once at a step's start helps nothing: most of the requests find the miss
-/// buffers full and are dropped. A few per 32-token block, over the whole step, keep the buffers
-/// busy without overflowing them (design notes: docs/design/cpu-attention.md, session 22).
+/// cache/layout.hpp), and on the machine measured (Zen 5) the hardware prefetchers do not bring
+/// them in ahead of the loop that reads them once they have left the caches (codes of other heads
+/// and layers push them out between calls), so every line is a miss the loop waits for.
+/// Prefetching the next step's lines all at once at a step's start helps nothing: most of the
+/// requests find the miss buffers full and are dropped. A few per 32-token block, over the whole
+/// step, keep the buffers busy without overflowing them (docs/design/cpu-attention.md, session 22).
 
 #include "cq/config.hpp"
 
