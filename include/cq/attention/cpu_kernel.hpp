@@ -268,6 +268,7 @@ class HeadAttention {
     std::optional<RopeStepper> stepper;
     if (kv_.rope) stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
 
+    touch_codebooks(rope_fused, fused_ && !hist_);
     const std::size_t P = kv_.key_codes.page_tokens;
     for (std::size_t t0 = c0; t0 < c1;) {
       const std::size_t page = t0 / P, in_page = t0 % P;
@@ -345,6 +346,7 @@ class HeadAttention {
       sc.lut.resize(std::max(sc.lut.size(), kcb.groups * K * L));
       Backend::score_lut_heads(kcb, q_, heads_, L, scale_, sc.lut.data());
     }
+    touch_codebooks(kv_.rope != nullptr, false);  // pre-RoPE keys are decoded; values go to the histogram
     float* s = sc.scores.data();
     float* hist = st[0].hist;
     const std::size_t P = kv_.key_codes.page_tokens;
@@ -385,6 +387,15 @@ class HeadAttention {
       Backend::add_histogram_heads(vc, in_page, n, s, Kv, L, hist);
       t0 += n;
     }
+  }
+
+  // The codebooks a piece reads at random -- the key codebook when coded keys are decoded (pre-RoPE
+  // keys; post-RoPE keys read it once, in order, for the score table), the value codebook when the
+  // value pass streams centroids -- read in order first (detail::touch_lines says why).
+  void touch_codebooks(bool keys, bool values) const {
+    auto bytes = [](const CodebookView& cb) { return cb.groups * cb.num_centroids() * cb.channels * sizeof(float); };
+    if (keys) touch_lines(kv_.key_codebook.centroids, bytes(kv_.key_codebook));
+    if (values) touch_lines(kv_.value_codebook.centroids, bytes(kv_.value_codebook));
   }
 
   // Tokens of the step that starts at coded token t0 < c1: at most a superblock, inside one page

@@ -1,6 +1,7 @@
 #pragma once
-/// Cache lines brought into L1 a few at a time while a loop runs: the CPU attention's value pass
-/// fetches the next step's code runs this way.
+/// Cache lines brought in ahead of the loops that read them: the CPU attention's value pass fetches
+/// the next step's code runs a few lines at a time (LinePrefetch), and a piece reads the codebooks
+/// it will read at random in order first (touch_lines).
 ///
 /// Why spread, and why at all: a step's codes are two runs of a page (the key run, the value run;
 /// cache/layout.hpp), and on the machine measured (Zen 5) the hardware prefetchers do not bring
@@ -48,5 +49,17 @@ class LinePrefetch {
   const std::uint8_t* runs_[2] = {nullptr, nullptr};
   std::size_t lines_[2] = {0, 0}, per_step_[2] = {0, 0}, issued_[2] = {0, 0};
 };
+
+/// Reads one byte of every cache line of [p, p + bytes), in order, and waits for them: for a
+/// table that a loop is about to read at random (a codebook), when it may have left the caches.
+/// In-order demand loads are what the hardware prefetchers stream in at full rate; the random
+/// misses they replace are waited for a few at a time, and a burst of software prefetches would be
+/// dropped. Costs one L1 or L2 hit per line when the table is still cached.
+inline void touch_lines(const void* p, std::size_t bytes) noexcept {
+  const auto* c = static_cast<const volatile unsigned char*>(p);
+  unsigned sum = 0;
+  for (std::size_t i = 0; i < bytes; i += buffer_alignment) sum += c[i];
+  asm volatile("" ::"r"(sum));
+}
 
 }  // namespace cq::detail
