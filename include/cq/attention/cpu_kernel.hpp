@@ -260,6 +260,7 @@ class HeadAttention {
     }
     const bool decode_keys = !use_lut && !rope_fused;  // dequantise-then-attend
     const bool decode_values = !fused_;
+    const bool stream_values = fused_ && !hist_;  // values straight from the centroids, read at random
     // Scratch rows: a step of decoded keys and values, or the anchored queries (2, heads, D) for
     // rope_fused.
     const std::size_t rows_needed = decode_keys || decode_values ? 2 * superblock * D : rope_fused ? 2 * heads_ * D : 0;
@@ -268,7 +269,7 @@ class HeadAttention {
     std::optional<RopeStepper> stepper;
     if (kv_.rope) stepper.emplace(*kv_.rope, kv_.position_offset + kv_.sinks + c0);
 
-    touch_codebooks(rope_fused, fused_ && !hist_);
+    touch_codebooks(rope_fused, stream_values);
     const std::size_t P = kv_.key_codes.page_tokens;
     for (std::size_t t0 = c0; t0 < c1;) {
       const std::size_t page = t0 / P, in_page = t0 % P;
@@ -290,7 +291,7 @@ class HeadAttention {
       // The value pass streams centroids: it also brings in the next step's code runs, a share of
       // lines per block over every head's pass (detail::LinePrefetch says why).
       LinePrefetch next;
-      if (fused_ && !hist_ && t0 + n < c1)
+      if (stream_values && t0 + n < c1)
         next = next_step_lines(t0 + n, c1, (n + block_tokens - 1) / block_tokens * heads_);
       for (std::size_t h = 0; h < heads_; ++h) {
         float* s = sc.scores.data() + h * superblock;
