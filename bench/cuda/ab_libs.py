@@ -16,6 +16,10 @@ to time the cap itself).
 
 --chain N times N runs issued back to back between two events (the GPU's time per run, without the
 host's launch latency; see time_cq.py).
+
+--pages P also times each library with the same codes in shuffled pages of P tokens (cqb_set_pages),
+the four runs of a round taking turns, and prints each library's paged time and paged / contiguous
+beside the contiguous line.
 """
 
 import argparse
@@ -44,6 +48,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--soft-cap-a", type=float, default=0.0)
     ap.add_argument("--soft-cap-b", type=float, default=0.0)
+    ap.add_argument("--pages", type=int, default=0, help="also time the codes in shuffled pages of this many tokens")
     a = ap.parse_args()
     libs = {"a": bench.load(a.a), "b": bench.load(a.b)}
     stream = torch.cuda.current_stream().cuda_stream
@@ -62,28 +67,41 @@ def main():
                 if cap and lib.cqb_set_soft_cap(h, cap):
                     raise SystemExit(f"{k}: " + lib.cqb_last_error().decode())
                 handles[k] = h
-            times = {k: [] for k in libs}
+            modes = (0, a.pages) if a.pages else (0,)
+            times = {(k, p): [] for k in libs for p in modes}
             outs = {}
             for r in range(a.rounds):
-                for k in ("a", "b") if r % 2 == 0 else ("b", "a"):  # each first every other round
+                order = [(k, p) for k in ("a", "b") for p in modes]
+                for k, p in order if r % 2 == 0 else order[::-1]:  # each first every other round
                     lib = libs[k]
                     h = handles[k]
+                    if a.pages and lib.cqb_set_pages(h, p, 0):
+                        raise SystemExit(f"{k}: " + lib.cqb_last_error().decode())
 
                     def runs():
                         for _ in range(a.chain):
                             lib.cqb_run(h, 31, stream)
 
-                    times[k].append(bench.median_ms(runs, a.reps) / a.chain)
+                    times[(k, p)].append(bench.median_ms(runs, a.reps) / a.chain)
                     if r == 0:
                         buf = (ctypes.c_float * (B * hq * 128))()
                         lib.cqb_output(h, buf)
-                        outs[k] = list(buf)
-            med = {k: statistics.median(t) for k, t in times.items()}
+                        outs[(k, p)] = list(buf)
+            medp = {kp: statistics.median(t) for kp, t in times.items()}
+            med = {k: medp[(k, 0)] for k in libs}
+            times = {k: times[(k, 0)] for k in libs}
             splits = libs["b"].cqb_splits(handles["b"])
             print(f"{shape} {C}c8b: a {med['a']:.4f} ms, b {med['b']:.4f} ms, b / a {med['b'] / med['a']:.3f}, "
-                  f"outputs apart {apart(outs['a'], outs['b']):.1e} (splits {splits}; rounds a "
+                  f"outputs apart {apart(outs[('a', 0)], outs[('b', 0)]):.1e} (splits {splits}; rounds a "
                   f"{' '.join(f'{t:.4f}' for t in times['a'])}, b {' '.join(f'{t:.4f}' for t in times['b'])})",
                   flush=True)
+            if a.pages:
+                pa, pb = medp[("a", a.pages)], medp[("b", a.pages)]
+                same = all(outs[(k, 0)] == outs[(k, a.pages)] for k in libs)
+                print(f"{shape} {C}c8b pages of {a.pages}: a {pa:.4f} ms ({pa / med['a']:.3f} of contiguous), "
+                      f"b {pb:.4f} ms ({pb / med['b']:.3f} of contiguous; {pb / med['a']:.3f} of a's contiguous), "
+                      f"b / a {pb / pa:.3f}, paged outputs {'identical to' if same else 'DIFFER from'} contiguous",
+                      flush=True)
             for k, lib in libs.items():
                 lib.cqb_destroy(handles[k])
 

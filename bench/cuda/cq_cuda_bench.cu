@@ -70,6 +70,8 @@ struct Handle {
   cuda::DeviceBuffer<std::uint32_t> page_table;
   CodePageLayout page_layout{};           // cqb_set_pages: the pool's layout
   std::vector<std::uint32_t> page_ids;    // sequence s's pages: [s x page_ids.size() / batch, ...)
+  std::vector<cuda::DeviceKVCodes> paged;  // cqb_set_pages: the descriptors of the pool built last
+  int paged_tokens = 0, paged_in_order = -1;  // ... and its page size and order
   cuda::DeviceBuffer<cuda::DeviceSequence> seqs;
   cuda::DeviceBuffer<float> q, out;
   cuda::AttentionBatch batch_desc;
@@ -379,7 +381,27 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
     CQ_CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
   }
+  if (page_tokens == h->paged_tokens && in_order == h->paged_in_order) {  // the same pool again (A/B rounds)
+    h->codes.upload(h->paged.data(), h->paged.size());
+    CQ_CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
   const std::size_t G = std::size_t(128 / h->C), coded = std::size_t(h->ctx - h->window), P = std::size_t(page_tokens);
+  if (in_order == 2) {  // each (sequence, KV head)'s own buffers read as pages in order: the paged path, contiguous bytes
+    const std::size_t per_seq = (coded + P - 1) / P;
+    std::vector<std::uint32_t> ids(per_seq);
+    std::iota(ids.begin(), ids.end(), 0u);
+    h->page_table = cuda::DeviceBuffer<std::uint32_t>(ids);
+    std::vector<cuda::DeviceKVCodes> codes = h->contiguous;
+    for (cuda::DeviceKVCodes& c : codes) {
+      c.pages = h->page_table.data();
+      c.page_bytes = packed_code_bytes(P, G, h->bits);
+    }
+    h->codes.upload(codes.data(), codes.size());
+    h->paged = codes, h->paged_tokens = page_tokens, h->paged_in_order = in_order;
+    CQ_CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
   const std::size_t block_bytes = packed_code_bytes(block_tokens, G, h->bits);
   const CodePageLayout cl{P, std::size_t(h->kv_heads), block_bytes, block_bytes};
   const std::size_t per_seq = (coded + P - 1) / P, pages = std::size_t(h->batch) * per_seq;
@@ -410,6 +432,7 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
       codes.push_back(c);
     }
   h->codes.upload(codes.data(), codes.size());
+  h->paged = codes, h->paged_tokens = page_tokens, h->paged_in_order = in_order;
   CQ_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;
 } catch (const std::exception& e) {

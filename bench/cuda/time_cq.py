@@ -42,6 +42,9 @@ def main():
                     help="with --pages: also time encoding one new token per sequence into the pages "
                          "(cuda::encode_into_pages, fp16 rows) against the paged decode")
     ap.add_argument("--in-order", action="store_true", help="each sequence's pages consecutive (default: shuffled)")
+    ap.add_argument("--identity", action="store_true",
+                    help="the contiguous buffers themselves read as pages in order (the paged code path over "
+                         "contiguous bytes: separates the path's instructions from the pool's access pattern)")
     a = ap.parse_args()
     lib = bench.load(a.lib)
     B, hq, hkv, ctx = (int(x) for x in a.shape.split(","))
@@ -58,7 +61,7 @@ def main():
         outs, times = {}, {0: [], a.pages: []}
         for r in range(a.rounds):
             for p in (0, a.pages):
-                if lib.cqb_set_pages(h, p, int(a.in_order)):
+                if lib.cqb_set_pages(h, p, 2 if a.identity and p else int(a.in_order)):
                     raise SystemExit(lib.cqb_last_error().decode())
                 times[p].append(bench.median_ms(lambda: runs(31), a.reps) / a.chain)
                 if r == 0:
