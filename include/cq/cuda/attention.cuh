@@ -99,8 +99,7 @@ inline void launch(const AttentionBatch& in, const AttentionPlan& plan, void* wo
   if (plan.kernel == AttentionKernel::lane_tables) {
     const LaneTablesLaunch& t = plan.lane_tables;
     float* partial = at(t.partial);
-    (batch.logits_soft_cap > 0.0f ? t.capped : t.kernel)<<<t.grid, t.threads, plan.shared_bytes, stream>>>(
-        batch, t.layout, partial, stages);
+    t.pick(batch)<<<t.grid, t.threads, plan.shared_bytes, stream>>>(batch, t.layout, partial, stages);
     CQ_CUDA_CHECK_LAUNCH(lane_tables_kernel);
     if (plan.splits > 1) {  // one split writes the output itself
       launch_combine(batch, plan, partial, stream);

@@ -52,6 +52,12 @@ struct LaneTablesLaunch {
   int threads = 0;
   LaneTablesKernelFn kernel = nullptr;
   LaneTablesKernelFn capped = nullptr;  // the same for soft-capped logits (AttentionBatch::logits_soft_cap)
+  LaneTablesKernelFn paged = nullptr;   // both again for batches with paged codes (page_tokens != 0)
+  LaneTablesKernelFn paged_capped = nullptr;
+  LaneTablesKernelFn pick(const AttentionBatch& b) const {
+    return b.page_tokens ? (b.logits_soft_cap > 0.0f ? paged_capped : paged)
+                         : (b.logits_soft_cap > 0.0f ? capped : kernel);
+  }
   std::size_t partial = 0;
 };
 
@@ -203,14 +209,16 @@ inline void plan_general(const AttentionShape& s, const DeviceLimits& dev, int m
 template <int GK, int GV, bool Rows>
 void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens, AttentionPlan& plan) {
   LaneTablesLaunch& t = plan.lane_tables;
-  t.kernel = lane_tables_kernel<GK, GV, Rows, false>;
-  t.capped = lane_tables_kernel<GK, GV, Rows, true>;
+  t.kernel = lane_tables_kernel<GK, GV, Rows, false, false>;
+  t.capped = lane_tables_kernel<GK, GV, Rows, true, false>;
+  t.paged = lane_tables_kernel<GK, GV, Rows, false, true>;
+  t.paged_capped = lane_tables_kernel<GK, GV, Rows, true, true>;
   std::size_t smem = 0;
   LaneTablesLayout& L = t.layout;
   L = lane_tables_layout<GK, GV>(s, &smem);
   t.threads = LaneTablesConfig<GK, GV>::threads;
-  allow_shared(reinterpret_cast<const void*>(t.kernel), smem, true);
-  allow_shared(reinterpret_cast<const void*>(t.capped), smem, true);
+  for (LaneTablesKernelFn f : {t.kernel, t.capped, t.paged, t.paged_capped})
+    allow_shared(reinterpret_cast<const void*>(f), smem, true);
   int per_sm = 0;
   CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, t.kernel, t.threads, smem));
   CQ_CHECK(per_sm > 0, "cuda attention: the lane-tables kernel does not fit a multiprocessor (", smem, " bytes)");

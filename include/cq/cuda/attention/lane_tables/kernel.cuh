@@ -12,6 +12,12 @@
 /// both instantiations so that a batch without a cap runs a main loop without one
 /// (softmax_state.hpp, SoftCap).
 ///
+/// Template flag Paged: the batch may hold paged codes (AttentionBatch::page_tokens != 0); the
+/// launch picks the instantiation. Without it every code address is base + block x bytes and
+/// the page-table branches are compiled out, so the paged path's instructions and registers
+/// neither slow the contiguous kernel nor move its code generation (they did while both shared
+/// one instantiation: docs/design/cuda-attention.md, "Paged codes").
+///
 /// Value-rows mode (template flag Rows; 2-channel value groups at D = 128, i.e. CQ-2c8b values):
 /// the lanes' histogram columns hold the value centroids instead (a half pair per word, scaled per
 /// group by a power of two), and the value lanes sum weight x centroid in registers: runs of four
@@ -39,7 +45,7 @@
 
 namespace cq::cuda::detail {
 
-template <int GK, int GV, bool Rows, bool Capped>
+template <int GK, int GV, bool Rows, bool Capped, bool Paged>
 __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
     lane_tables_kernel(AttentionBatch p, LaneTablesLayout L, float* __restrict__ partial, unsigned stages) {
   static_assert(!Rows || GV == 64, "value-rows mode: 2-channel value groups at D = 128");
@@ -75,7 +81,12 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const int n = max(0, min(int(seq.coded), c0 + L.split_tokens) - c0), nblocks = (n + 31) / 32;
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const int nfull = split == 0 ? int(seq.full) : 0;
-  const CodeRun key_run = codes.keys(p.page_shift()), value_run = codes.values(p.page_shift());
+  // Without Paged the page table is a constant nullptr: every paged branch folds away.
+  const auto run = [](CodeRun r) {
+    if constexpr (!Paged) r.pages = nullptr;
+    return r;
+  };
+  const CodeRun key_run = run(codes.keys(p.page_shift())), value_run = run(codes.values(p.page_shift()));
   // The first round's codes head for L2 while the block builds its tables (pages looked up in
   // the page table itself: its copy below is not in yet).
   if (warp == 0 && n > 0) {
