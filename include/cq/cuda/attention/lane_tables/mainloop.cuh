@@ -6,7 +6,8 @@
 /// exp(s - ref) <= 1 and adds them into the value histograms (u32 fixed point, shared-memory
 /// integer atomics: float atomics are compare-and-swap loops) or, in value-rows mode, sums
 /// weight x value centroid in registers. Codes are loaded into registers, the next round's while
-/// this one computes, after an L2 bulk prefetch of that round.
+/// this one computes, after an L2 bulk prefetch of that round (but paged codes in histogram mode:
+/// prefetch_round says why).
 ///
 /// Reduction: a lane's partial scores are kept in a lane-dependent token order (position t holds
 /// token t ^ mask(lane)), which turns every halving step of the reduction into one shuffle and
@@ -242,9 +243,16 @@ template <bool Rows>
 using LaneWeight = std::conditional_t<Rows, float, unsigned>;
 
 /// Warp 0 asks L2 for round r's blocks of each codes array that the stages read.
+///
+/// Not for paged codes in histogram mode: there warp 0 would first wait on the page table for each
+/// page's request, and every warp waits for warp 0 at the round barrier; the register loads issued
+/// a round ahead cover the codes' latency without it, and the paged kernel ran faster so
+/// (docs/design/cuda-attention.md, "Paged codes", session 23). Value-rows mode has no round
+/// barrier and reads the page ids from shared memory: it keeps the prefetch.
 template <class Cfg, bool Rows>
 __device__ __forceinline__ void prefetch_round(const LaneTablesBlock& k, bool scan, bool accumulate, int r) {
   if (k.warp != 0) return;
+  if (!Rows && k.key_run.pages) return;
   const PageLookup<Rows> page_of{k};
   if (scan)
     prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_run, page_of, k.first_block,
