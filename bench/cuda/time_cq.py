@@ -4,14 +4,15 @@ A/B driver behind the kernel-version tables of docs/design/cuda-attention.md. Bu
 and after a change) and run this once per library in the same device call.
 
     python3 bench/cuda/time_cq.py --lib LIB.so [--shape B,HQ,HKV,CTX] [--C 8] [--kernel 2] [--stages] [--chain N]
-                                  [--pages P [--rounds R] [--in-order] [--append]]
+                                  [--pages P [--rounds R] [--in-order | --identity] [--append]]
 
 --stages also times the stage subsets bench.py uses for its time split (stage bits: 1 score tables,
 2 key scan, 4 value histograms, 8 window, 16 histogram x codebook). --chain N times N runs issued
 back to back between two events and reports the time per run: the GPU's time, without the host's
 launch latency that a single short run waits for (both matter to a decode step; they differ at
 batch 1 and short contexts). --pages P times the same codes in contiguous buffers and in pages of P
-tokens (shuffled over the pool, or each sequence's in order with --in-order), alternating for R rounds, and checks that both give the same output;
+tokens (shuffled over the pool, or each sequence's in order with --in-order, or with --identity the contiguous
+buffers themselves through an identity page table), alternating for R rounds, and checks that both give the same output;
 --append then times cuda::encode_into_pages of one new token per sequence into those pages (a decode step's
 append), alone and followed by cuda::write_full_rows of the same rows into fp16 window pages, and reports each
 against the paged decode.

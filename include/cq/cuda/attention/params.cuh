@@ -138,7 +138,9 @@ struct AttentionBatch {
   float logits_soft_cap = 0.0f;
   FullRowPages full_pages;                  // the sinks' and windows' rows in pages (optional)
   /// Tokens per page of the paged codes (every paged entry of `codes` has pages of this size): 0
-  /// when every entry is contiguous, else a power of two from 32 on (FusedAttention::run checks).
+  /// when every entry is contiguous (kernels may then ignore `pages`: the lane-tables kernel runs
+  /// an instantiation without page tables), else a power of two from 32 on (FusedAttention::run
+  /// checks).
   int page_tokens = 0;
   /// Keys (coded and full-precision) stored before RoPE: the kernels rotate each to its position
   /// (DeviceSequence::position) by this device copy of make_device_rope(...); nullptr: keys after
