@@ -284,8 +284,10 @@ std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>
   return gpu_test::attention(g.batch, g.q, {1.0f / std::sqrt(float(c.D)), c.soft_cap}, kernel, codes, splits_used);
 }
 
-// Codes in contiguous buffers, and in the CPU cache's pages read through page tables.
-constexpr gpu_test::DeviceCodes both_storages[] = {{.pages = false}, {.pages = true}};
+// Codes in contiguous buffers, in the CPU cache's pages read through page tables, and both in one
+// batch (every other sequence contiguous: AttentionBatch allows it; the kernels' paged
+// instantiations then meet entries without a page table).
+constexpr gpu_test::DeviceCodes storages[] = {{.pages = false}, {.pages = true}, {.pages = true, .mixed = true}};
 
 // ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
 double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {},
@@ -380,13 +382,15 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     // Every case through the general kernel; those with 8-bit codes in 16, 32 or 64 groups (what
     // the plan admits) also through the lane-tables kernel, and those at head_dim 128 with 2, 4
     // or 8 channels and groups of up to 16 heads through the grouped-rows kernel. Each with its
-    // codes copied into contiguous buffers and read in the cache's own pages (the case's page size).
+    // codes copied into contiguous buffers, read in the cache's own pages (the case's page size),
+    // and both in one batch.
     for (gpu_test::Kernel kernel : all_kernels)
-      for (gpu_test::DeviceCodes codes : both_storages) {
+      for (gpu_test::DeviceCodes codes : storages) {
         if (!gpu_test::kernel_serves(kernel, g.batch)) continue;
         CAPTURE(c.name());
         CAPTURE(int(kernel));
         CAPTURE(codes.pages);
+        CAPTURE(codes.mixed);
         const double e = test::check_against_oracle(c, cc, gpu_attention(c, g, kernel, codes), 1e-3);
         double& w = kernel == gpu_test::Kernel::grouped_rows ? worst_grouped : worst;
         w = std::max(w, e);
@@ -402,11 +406,12 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     const test::AttentionCase long_case = test::AttentionCase::of(128, 8, 8, 32, 4, 4, {40000, 7000}).with_seed(999);
     for (gpu_test::Kernel kernel : all_kernels)
       for (std::size_t page : {32u, 64u, 256u})
-        for (gpu_test::DeviceCodes codes : both_storages) {
+        for (gpu_test::DeviceCodes codes : storages) {
           if (!codes.pages && page != 64) continue;
           CAPTURE(int(kernel));
           CAPTURE(page);
           CAPTURE(codes.pages);
+          CAPTURE(codes.mixed);
           CHECK(batch_error(long_case.with_pages(page), kernel, codes) < 1e-3);
         }
     // 2c8b in pages across splits: the lane-tables kernel's value-rows mode, which reads its page
@@ -420,7 +425,7 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     }
     // The long case with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
     const RopeConfig llama = gpu_test::llama3_rope();
-    for (gpu_test::DeviceCodes codes : both_storages) {
+    for (gpu_test::DeviceCodes codes : storages) {
       CAPTURE(codes.pages);
       CHECK(batch_error(long_case.with_rope(llama), gpu_test::Kernel::grouped_rows, codes) < 1e-3);
     }

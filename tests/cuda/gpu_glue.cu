@@ -293,7 +293,7 @@ DeviceBatch device_batch(const HostBatchOf<T>& hb, gpu_test::DeviceCodes how) {
     for (std::size_t h = 0; h < H; ++h) {
       const KVHeadView<T>& v = hb.views[s * H + h];
       // Coded tokens are code indices 0 .. coded - 1 (position sinks + i).
-      if (how.pages) {
+      if (how.pages && !(how.mixed && s % 2 == 1)) {
         const std::size_t k = std::size_t(std::find(pools.begin(), pools.end(), v.key_codes.pool) - pools.begin());
         std::uint8_t* pool = d.code_buffers[k].data() + shift;
         cuda::DeviceKVCodes c;

@@ -55,6 +55,7 @@ bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch);
 /// tables, instead of float rows per sequence.
 struct DeviceCodes {
   bool pages = false;
+  bool mixed = false;  // with pages: every other sequence's codes in contiguous buffers instead (one batch, both)
   bool misaligned = false;
   int claimed_page_tokens = 0;
   bool full_pages = false;

@@ -50,13 +50,15 @@ struct LaneTablesLaunch {
   LaneTablesLayout layout{};
   dim3 grid;
   int threads = 0;
-  LaneTablesKernelFn kernel = nullptr;
-  LaneTablesKernelFn capped = nullptr;  // the same for soft-capped logits (AttentionBatch::logits_soft_cap)
-  LaneTablesKernelFn paged = nullptr;   // both again for batches with paged codes (page_tokens != 0)
-  LaneTablesKernelFn paged_capped = nullptr;
+  /// The instantiations by PageMode, then without and with soft-capped logits
+  /// (AttentionBatch::logits_soft_cap).
+  LaneTablesKernelFn kernels[3][2] = {};
+  int round_tokens = 0;  // PageMode::round_pages serves pages of this many tokens or more; 0: never
   LaneTablesKernelFn pick(const AttentionBatch& b) const {
-    return b.page_tokens ? (b.logits_soft_cap > 0.0f ? paged_capped : paged)
-                         : (b.logits_soft_cap > 0.0f ? capped : kernel);
+    const PageMode m = b.page_tokens == 0                                        ? PageMode::contiguous
+                       : round_tokens > 0 && b.page_tokens >= round_tokens ? PageMode::round_pages
+                                                                                 : PageMode::paged;
+    return kernels[int(m)][b.logits_soft_cap > 0.0f];
   }
   std::size_t partial = 0;
 };
@@ -209,18 +211,24 @@ inline void plan_general(const AttentionShape& s, const DeviceLimits& dev, int m
 template <int GK, int GV, bool Rows>
 void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens, AttentionPlan& plan) {
   LaneTablesLaunch& t = plan.lane_tables;
-  t.kernel = lane_tables_kernel<GK, GV, Rows, false, false>;
-  t.capped = lane_tables_kernel<GK, GV, Rows, true, false>;
-  t.paged = lane_tables_kernel<GK, GV, Rows, false, true>;
-  t.paged_capped = lane_tables_kernel<GK, GV, Rows, true, true>;
+  using P = PageMode;
+  t.kernels[int(P::contiguous)][0] = lane_tables_kernel<GK, GV, Rows, false, P::contiguous>;
+  t.kernels[int(P::contiguous)][1] = lane_tables_kernel<GK, GV, Rows, true, P::contiguous>;
+  t.kernels[int(P::paged)][0] = lane_tables_kernel<GK, GV, Rows, false, P::paged>;
+  t.kernels[int(P::paged)][1] = lane_tables_kernel<GK, GV, Rows, true, P::paged>;
+  if constexpr (!Rows) {
+    t.kernels[int(P::round_pages)][0] = lane_tables_kernel<GK, GV, Rows, false, P::round_pages>;
+    t.kernels[int(P::round_pages)][1] = lane_tables_kernel<GK, GV, Rows, true, P::round_pages>;
+  }
   std::size_t smem = 0;
   LaneTablesLayout& L = t.layout;
   L = lane_tables_layout<GK, GV>(s, &smem);
   t.threads = LaneTablesConfig<GK, GV>::threads;
-  for (LaneTablesKernelFn f : {t.kernel, t.capped, t.paged, t.paged_capped})
-    allow_shared(reinterpret_cast<const void*>(f), smem, true);
+  for (const auto& by_cap : t.kernels)
+    for (LaneTablesKernelFn f : by_cap)
+      if (f) allow_shared(reinterpret_cast<const void*>(f), smem, true);
   int per_sm = 0;
-  CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, t.kernel, t.threads, smem));
+  CQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, t.kernels[0][0], t.threads, smem));
   CQ_CHECK(per_sm > 0, "cuda attention: the lane-tables kernel does not fit a multiprocessor (", smem, " bytes)");
   const int group = s.q_heads / s.kv_heads;
   CQ_CHECK(std::size_t(s.batch) * s.kv_heads <= 65535, "cuda attention: batch x kv_heads ",
@@ -247,8 +255,14 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   // key and value codebooks), counted as half as many 32-token blocks of codes.
   const long long overhead = 256LL * 4 * (GK * s.key_channels + GV * s.value_channels) / (2LL * 32 * (GK + GV));
   long long splits = wave_splits(items, resident, blocks32, lo, hi, overhead);
-  L.split_tokens = int((blocks32 + splits - 1) / splits * 32);
+  // Splits start at a multiple of a warp's round of blocks (unless the caller fixed their length),
+  // so that in pages of a round or more each round lies in one page (PageMode::round_pages).
+  constexpr int round = LaneTablesConfig<GK, GV>::round;
+  long long per_split = (blocks32 + splits - 1) / splits;
+  if (!max_split_tokens) per_split = (per_split + round - 1) / round * round;
+  L.split_tokens = int(per_split * 32);
   splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
+  t.round_tokens = Rows || per_split % round != 0 ? 0 : 32 * round;
   CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
   L.unit = Rows ? 1.0f : hist_unit_for(L.split_tokens / subsets);
   t.grid = dim3(unsigned(group), unsigned(splits), unsigned(s.batch * s.kv_heads));

@@ -12,9 +12,9 @@
 /// both instantiations so that a batch without a cap runs a main loop without one
 /// (softmax_state.hpp, SoftCap).
 ///
-/// Template flag Paged: the batch may hold paged codes (AttentionBatch::page_tokens != 0); the
-/// launch picks the instantiation. Without it every code address is base + block x bytes and
-/// the page-table branches are compiled out, so the paged path's instructions and registers
+/// Template argument Pages (PageMode, layout.cuh): how the codes are found; the launch picks the
+/// instantiation (LaneTablesLaunch::pick). For contiguous codes the page table is a constant
+/// nullptr and every paged branch folds away, so the paged paths' instructions and registers
 /// neither slow the contiguous kernel nor move its code generation (they did while both shared
 /// one instantiation: docs/design/cuda-attention.md, "Paged codes").
 ///
@@ -45,13 +45,14 @@
 
 namespace cq::cuda::detail {
 
-template <int GK, int GV, bool Rows, bool Capped, bool Paged>
+template <int GK, int GV, bool Rows, bool Capped, PageMode Pages>
 __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
     lane_tables_kernel(AttentionBatch p, LaneTablesLayout L, float* __restrict__ partial, unsigned stages) {
   static_assert(!Rows || GV == 64, "value-rows mode: 2-channel value groups at D = 128");
+  static_assert(!Rows || Pages != PageMode::round_pages, "round pages: histogram mode only");
   using KL = LaneMap<GK>;
   using VL = LaneMap<GV>;
-  using Cfg = LaneTablesConfig<GK, GV>;
+  using Cfg = LaneTablesConfig<GK, GV, Pages == PageMode::round_pages>;
   constexpr int R = Cfg::round, threads = Cfg::threads, warps = Cfg::warps;
   // Shared memory: the planes, then the small buffers (lane_tables_small_words).
   extern __shared__ __align__(16) unsigned char lane_tables_smem[];
@@ -81,9 +82,9 @@ __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
   const int n = max(0, min(int(seq.coded), c0 + L.split_tokens) - c0), nblocks = (n + 31) / 32;
   const float scale = p.scale != 0.0f ? p.scale : rsqrtf(float(D));
   const int nfull = split == 0 ? int(seq.full) : 0;
-  // Without Paged the page table is a constant nullptr: every paged branch folds away.
+  // Contiguous codes: the page table is a constant nullptr, every paged branch folds away.
   const auto run = [](CodeRun r) {
-    if constexpr (!Paged) r.pages = nullptr;
+    if constexpr (Pages == PageMode::contiguous) r.pages = nullptr;
     return r;
   };
   const CodeRun key_run = run(codes.keys(p.page_shift())), value_run = run(codes.values(p.page_shift()));

@@ -145,10 +145,20 @@ __device__ inline void for_each_hist_quad(float* tab, int tid, F&& f) {
     for (int k = 0; k < passes; ++k) f(h[table_word(slot, rows * k, 0) / 4]);
 }
 
+/// How a launch of the lane-tables kernel finds its codes (a template argument: each has its own
+/// instantiation, so no path's instructions or registers burden another's):
+/// - contiguous: every entry's codes in its own buffers (AttentionBatch::page_tokens == 0); no page
+///   table in the code at all;
+/// - paged: pages of any size (a warp's round of blocks may span pages: a page id per block);
+/// - round_pages: pages of at least a round's blocks, and splits starting at a multiple of them
+///   (the plan arranges it), so each warp's round lies in one page: one page-table load and one
+///   address a round, as contiguous codes have one address. Histogram mode only.
+enum class PageMode { contiguous, paged, round_pages };
+
 /// Launch shape for GK key and GV value groups: two planes of tables (128 KiB), one 512-thread
 /// block per multiprocessor. Staged tables (score tables, value rows) take stage_groups + 1 words
-/// per code.
-template <int GK, int GV>
+/// per code. RoundPages: PageMode::round_pages (the main loop's page lookups).
+template <int GK, int GV, bool RoundPages = false>
 struct LaneTablesConfig {
   using KeyLanes = LaneMap<GK>;
   using ValueLanes = LaneMap<GV>;
@@ -159,6 +169,7 @@ struct LaneTablesConfig {
   static constexpr int warps = threads / 32;
   static constexpr int round = round_blocks_for(KeyLanes::words, ValueLanes::words);  // blocks per warp and round
   static constexpr int round_blocks = warps * round;                                 // blocks per block and round
+  static constexpr bool round_pages = RoundPages;
 };
 
 /// Paged codes in value-rows mode: the split's page ids, copied into shared memory by the kernel
