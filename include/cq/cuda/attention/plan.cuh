@@ -206,8 +206,10 @@ inline void plan_general(const AttentionShape& s, const DeviceLimits& dev, int m
   plan.workspace_bytes = ws;
 }
 
-/// The lane-tables kernel's plan: its instantiation (groups; value rows for 2-channel values at
-/// 64 groups), occupancy, and the split count that minimises waves x split length.
+/// The lane-tables kernel's plan: its instantiations (groups; value rows for 2-channel values at
+/// 64 groups; by PageMode), occupancy, and the split count that minimises waves x split length,
+/// each split then lengthened to a multiple of a warp's round of blocks (which may drop a split;
+/// for every batch of the shape, contiguous or paged: page_tokens is not part of the shape).
 template <int GK, int GV, bool Rows>
 void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens, AttentionPlan& plan) {
   LaneTablesLaunch& t = plan.lane_tables;
