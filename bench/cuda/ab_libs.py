@@ -88,12 +88,11 @@ def main():
                         lib.cqb_output(h, buf)
                         outs[(k, p)] = list(buf)
             medp = {kp: statistics.median(t) for kp, t in times.items()}
-            med = {k: medp[(k, 0)] for k in libs}
-            times = {k: times[(k, 0)] for k in libs}
+            med = {k: medp[(k, 0)] for k in libs}  # contiguous
             splits = libs["b"].cqb_splits(handles["b"])
             print(f"{shape} {C}c8b: a {med['a']:.4f} ms, b {med['b']:.4f} ms, b / a {med['b'] / med['a']:.3f}, "
                   f"outputs apart {apart(outs[('a', 0)], outs[('b', 0)]):.1e} (splits {splits}; rounds a "
-                  f"{' '.join(f'{t:.4f}' for t in times['a'])}, b {' '.join(f'{t:.4f}' for t in times['b'])})",
+                  f"{' '.join(f'{t:.4f}' for t in times[('a', 0)])}, b {' '.join(f'{t:.4f}' for t in times[('b', 0)])})",
                   flush=True)
             if a.pages:
                 pa, pb = medp[("a", a.pages)], medp[("b", a.pages)]

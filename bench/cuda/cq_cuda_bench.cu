@@ -371,21 +371,24 @@ int cqb_set_split_tokens(void* handle, int tokens) try {
 /// layout (cache/layout.hpp: per page, every KV head's key run, then its value run), the pages of
 /// all sequences shuffled over one pool (an engine's pool after some churn; `in_order`: each
 /// sequence's pages consecutive instead), read through page tables; 0 goes back to each (sequence,
-/// KV head)'s contiguous buffers.
+/// KV head)'s contiguous buffers. `in_order` 2: those contiguous buffers themselves read through an
+/// identity page table (the paged code path over contiguous bytes; no pool, so not for
+/// cqb_append_ms).
 int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
   auto* h = static_cast<Handle*>(handle);
   CQ_CHECK(cuda::valid_page_tokens(page_tokens), "cqb_set_pages: ", page_tokens, " is not a power of two from 32 on");
   h->batch_desc.page_tokens = page_tokens;
-  if (page_tokens == 0) {
-    h->codes.upload(h->contiguous.data(), h->contiguous.size());
+  const auto use = [&](const std::vector<cuda::DeviceKVCodes>& codes) {  // the batch's code descriptors
+    h->codes.upload(codes.data(), codes.size());
     CQ_CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
-  }
-  if (page_tokens == h->paged_tokens && in_order == h->paged_in_order) {  // the same pool again (A/B rounds)
-    h->codes.upload(h->paged.data(), h->paged.size());
-    CQ_CUDA_CHECK(cudaDeviceSynchronize());
-    return 0;
-  }
+  };
+  const auto keep = [&](const std::vector<cuda::DeviceKVCodes>& codes) {  // ... reused while the page size stays
+    h->paged = codes, h->paged_tokens = page_tokens, h->paged_in_order = in_order;
+    return use(codes);
+  };
+  if (page_tokens == 0) return use(h->contiguous);
+  if (page_tokens == h->paged_tokens && in_order == h->paged_in_order) return use(h->paged);  // A/B rounds
   const std::size_t G = std::size_t(128 / h->C), coded = std::size_t(h->ctx - h->window), P = std::size_t(page_tokens);
   if (in_order == 2) {  // each (sequence, KV head)'s own buffers read as pages in order: the paged path, contiguous bytes
     const std::size_t per_seq = (coded + P - 1) / P;
@@ -397,10 +400,7 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
       c.pages = h->page_table.data();
       c.page_bytes = packed_code_bytes(P, G, h->bits);
     }
-    h->codes.upload(codes.data(), codes.size());
-    h->paged = codes, h->paged_tokens = page_tokens, h->paged_in_order = in_order;
-    CQ_CUDA_CHECK(cudaDeviceSynchronize());
-    return 0;
+    return keep(codes);
   }
   const std::size_t block_bytes = packed_code_bytes(block_tokens, G, h->bits);
   const CodePageLayout cl{P, std::size_t(h->kv_heads), block_bytes, block_bytes};
@@ -431,10 +431,7 @@ int cqb_set_pages(void* handle, int page_tokens, int in_order) try {
       c.page_bytes = cl.page_bytes();
       codes.push_back(c);
     }
-  h->codes.upload(codes.data(), codes.size());
-  h->paged = codes, h->paged_tokens = page_tokens, h->paged_in_order = in_order;
-  CQ_CUDA_CHECK(cudaDeviceSynchronize());
-  return 0;
+  return keep(codes);
 } catch (const std::exception& e) {
   last_error = e.what();
   return 1;
