@@ -289,12 +289,9 @@ std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>
 // instantiations then meet entries without a page table).
 constexpr gpu_test::DeviceCodes storages[] = {{.pages = false}, {.pages = true}, {.pages = true, .mixed = true}};
 
-// ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
-double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {},
-                   int* splits_used = nullptr) {
-  const auto cc = test::build_case<float>(c);
-  const auto g = gpu_case(c, cc);
-  const std::vector<float> got = gpu_attention(c, g, kernel, codes, splits_used);
+// The double oracle of every output of a built case, in the order the GPU writes them.
+template <class Built>
+std::vector<double> batch_oracle(const test::AttentionCase& c, const Built& cc) {
   std::vector<double> ref;
   const std::size_t qw = cc.q_heads * c.D;
   for (std::size_t i = 0; i < cc.seqs.size(); ++i)
@@ -305,6 +302,15 @@ double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_te
                                            c.soft_cap);
         ref.insert(ref.end(), r.begin(), r.end());
       }
+  return ref;
+}
+
+// ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
+double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {},
+                   int* splits_used = nullptr) {
+  const auto cc = test::build_case<float>(c);
+  const std::vector<float> got = gpu_attention(c, gpu_case(c, cc), kernel, codes, splits_used);
+  const std::vector<double> ref = batch_oracle(c, cc);
   REQUIRE(ref.size() == got.size());
   return test::relative_error(got.data(), ref);
 }
@@ -441,6 +447,35 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     // half-precision unit roundoff (2^-11): an eighth of it is the bound.
     CHECK(e_abs < 0x1p-14);
   }
+}
+
+TEST_CASE("cuda fused attention: split lengths fixed by the caller, in and out of step with the round-pages path") {
+  require_device();
+  // Split lengths fixed by the caller (set_max_split_tokens: a power of two), in pages of 64 and
+  // 256. The plan spreads the 624 blocks of 32 coded tokens evenly over ceil(coded / cap) splits:
+  // cap 512 -> 39 splits of 16 blocks, a multiple of a warp's round (4 blocks at 8c8b, 2 at 4c8b),
+  // so pages of a round or more take the round-pages instantiation; 2048 -> 10 splits of 63
+  // blocks and 4096 -> 5 of 125: not a multiple, the per-block paged path. One case and oracle
+  // per page size, the caps on the same codes.
+  for (std::size_t C : {8u, 4u})
+    for (std::size_t page : {64u, 256u}) {
+      const test::AttentionCase c =
+          test::AttentionCase::of(128, C, 8, 32, 4, 4, {20000, 3000}).with_seed(995).with_pages(page);
+      const auto cc = test::build_case<float>(c);
+      const auto g = gpu_case(c, cc);
+      const std::vector<double> ref = batch_oracle(c, cc);
+      for (int cap : {512, 2048, 4096}) {
+        CAPTURE(C);
+        CAPTURE(page);
+        CAPTURE(cap);
+        int splits = 0;
+        const std::vector<float> got =
+            gpu_attention(c, g, gpu_test::Kernel::lane_tables, {.pages = true, .max_split_tokens = cap}, &splits);
+        REQUIRE(got.size() == ref.size());
+        CHECK(test::relative_error(got.data(), ref) < 1e-3);
+        CHECK(splits == (cap == 512 ? 39 : cap == 2048 ? 10 : 5));
+      }
+    }
 }
 
 TEST_CASE("cuda fused attention: code buffers, code pools and centroid tables off 16-byte alignment match the oracle") {

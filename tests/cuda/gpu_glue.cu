@@ -419,6 +419,7 @@ std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>&
                 : kernel == Kernel::lane_tables  ? cuda::AttentionKernel::lane_tables
                 : kernel == Kernel::grouped_rows ? cuda::AttentionKernel::grouped_rows
                                                  : cuda::AttentionKernel::automatic);
+  if (codes.max_split_tokens) fa.set_max_split_tokens(codes.max_split_tokens);
   const cuda::AttentionPlan plan = fa.plan(d.shape);
   fa.run(d.batch, plan);
   if (splits_used) *splits_used = plan.splits;

@@ -52,13 +52,15 @@ bool kernel_serves(Kernel kernel, const HostBatchOf<T>& batch);
 /// of this size instead of the true one (FusedAttention::run must refuse a size it cannot read);
 /// full_pages: the sinks' and windows' rows read in the CPU cache's full-precision pool (copied
 /// byte for byte, in the cache's element type) through the sequences' sink and recent page
-/// tables, instead of float rows per sequence.
+/// tables, instead of float rows per sequence; max_split_tokens: the plan's cap on a split's coded
+/// tokens (FusedAttention::set_max_split_tokens; 0: the plan's own split lengths).
 struct DeviceCodes {
   bool pages = false;
   bool mixed = false;  // with pages: every other sequence's codes in contiguous buffers instead (one batch, both)
   bool misaligned = false;
   int claimed_page_tokens = 0;
   bool full_pages = false;
+  int max_split_tokens = 0;
 };
 
 /// The dtypes of the queries (the float q rounded to it on the host) and outputs (converted back
