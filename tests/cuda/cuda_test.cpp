@@ -280,8 +280,8 @@ GpuCaseOf<T> gpu_case(const test::AttentionCase& c, const test::CaseCache<T>& cc
 }
 
 std::vector<float> gpu_attention(const test::AttentionCase& c, const GpuCaseOf<>& g, gpu_test::Kernel kernel,
-                                 gpu_test::DeviceCodes codes = {}, int* splits_used = nullptr) {
-  return gpu_test::attention(g.batch, g.q, {1.0f / std::sqrt(float(c.D)), c.soft_cap}, kernel, codes, splits_used);
+                                 gpu_test::DeviceCodes codes = {}, gpu_test::PlanUsed* used = nullptr) {
+  return gpu_test::attention(g.batch, g.q, {1.0f / std::sqrt(float(c.D)), c.soft_cap}, kernel, codes, used);
 }
 
 // Codes in contiguous buffers, in the CPU cache's pages read through page tables, and both in one
@@ -307,9 +307,9 @@ std::vector<double> batch_oracle(const test::AttentionCase& c, const Built& cc) 
 
 // ||GPU - oracle|| / ||oracle|| over every output of a case (the special tests' measure).
 double batch_error(const test::AttentionCase& c, gpu_test::Kernel kernel, gpu_test::DeviceCodes codes = {},
-                   int* splits_used = nullptr) {
+                   gpu_test::PlanUsed* used = nullptr) {
   const auto cc = test::build_case<float>(c);
-  const std::vector<float> got = gpu_attention(c, gpu_case(c, cc), kernel, codes, splits_used);
+  const std::vector<float> got = gpu_attention(c, gpu_case(c, cc), kernel, codes, used);
   const std::vector<double> ref = batch_oracle(c, cc);
   REQUIRE(ref.size() == got.size());
   return test::relative_error(got.data(), ref);
@@ -425,9 +425,10 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
     const test::AttentionCase long_rows = test::AttentionCase::of(128, 2, 8, 32, 4, 4, {40000, 7000}).with_seed(997);
     for (std::size_t page : {32u, 64u, 256u}) {
       CAPTURE(page);
-      int splits = 0;
-      CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}, &splits) < 1e-3);
-      CHECK(splits > 1);
+      gpu_test::PlanUsed used;
+      CHECK(batch_error(long_rows.with_pages(page), gpu_test::Kernel::lane_tables, {.pages = true}, &used) < 1e-3);
+      CHECK(used.splits > 1);
+      CHECK(used.page_mode == "paged");  // value-rows mode has no round or pair pages
     }
     // The long case with keys before RoPE (LLaMA-3's RoPE), rotated by the grouped-rows kernel.
     const RopeConfig llama = gpu_test::llama3_rope();
@@ -449,31 +450,37 @@ TEST_CASE("cuda fused attention matches the oracle over the shared attention cas
   }
 }
 
-TEST_CASE("cuda fused attention: split lengths fixed by the caller, in and out of step with the round-pages path") {
+TEST_CASE("cuda fused attention: split lengths fixed by the caller, in and out of step with round and pair pages") {
   require_device();
-  // Split lengths fixed by the caller (set_max_split_tokens: a power of two), in pages of 64 and
-  // 256. The plan spreads the 624 blocks of 32 coded tokens evenly over ceil(coded / cap) splits:
-  // cap 512 -> 39 splits of 16 blocks, a multiple of a warp's round (4 blocks at 8c8b, 2 at 4c8b),
-  // so pages of a round or more take the round-pages instantiation; 2048 -> 10 splits of 63
-  // blocks and 4096 -> 5 of 125: not a multiple, the per-block paged path. One case and oracle
-  // per page size, the caps on the same codes.
+  // Split lengths fixed by the caller (set_max_split_tokens: a power of two) or the plan's own (0),
+  // in pages of 32, 64 and 256. The plan spreads the 624 blocks of 32 coded tokens evenly over
+  // ceil(coded / cap) splits: cap 512 -> 39 splits of 16 blocks, a multiple of a warp's round (4
+  // blocks at 8c8b, 2 at 4c8b), so pages of a round or more take the round-pages instantiation
+  // and, at 8c8b, pages of half a round the pair-pages one; 2048 -> 10 splits of 63 blocks and
+  // 4096 -> 5 of 125: odd, the per-block paged path. The plan's own splits are a multiple of a
+  // round. One case and oracle per page size, the caps on the same codes; the test also asserts
+  // which instantiation the plan picked, so a plan that stopped picking one would show here.
   for (std::size_t C : {8u, 4u})
-    for (std::size_t page : {64u, 256u}) {
+    for (std::size_t page : {32u, 64u, 256u}) {
       const test::AttentionCase c =
           test::AttentionCase::of(128, C, 8, 32, 4, 4, {20000, 3000}).with_seed(995).with_pages(page);
       const auto cc = test::build_case<float>(c);
       const auto g = gpu_case(c, cc);
       const std::vector<double> ref = batch_oracle(c, cc);
-      for (int cap : {512, 2048, 4096}) {
+      const std::size_t round_tokens = C == 8 ? 128 : 64;
+      for (int cap : {0, 512, 2048, 4096}) {
         CAPTURE(C);
         CAPTURE(page);
         CAPTURE(cap);
-        int splits = 0;
+        gpu_test::PlanUsed used;
         const std::vector<float> got =
-            gpu_attention(c, g, gpu_test::Kernel::lane_tables, {.pages = true, .max_split_tokens = cap}, &splits);
+            gpu_attention(c, g, gpu_test::Kernel::lane_tables, {.pages = true, .max_split_tokens = cap}, &used);
         REQUIRE(got.size() == ref.size());
         CHECK(test::relative_error(got.data(), ref) < 1e-3);
-        CHECK(splits == (cap == 512 ? 39 : cap == 2048 ? 10 : 5));
+        if (cap) CHECK(used.splits == (cap == 512 ? 39 : cap == 2048 ? 10 : 5));
+        const bool in_step = cap == 0 || cap == 512;
+        const char* mode = !in_step || page < 64 ? "paged" : page >= round_tokens ? "round_pages" : "pair_pages";
+        CHECK(used.page_mode == mode);
       }
     }
 }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 #include <utility>
 
 namespace cq::gpu_test {
@@ -401,7 +402,7 @@ std::vector<float> from_bytes(const std::vector<std::uint8_t>& b, DType t) {
 
 template <class T>
 std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>& q, Scoring scoring, Kernel kernel,
-                             DeviceCodes codes, int* splits_used, Precision precision) {
+                             DeviceCodes codes, PlanUsed* used, Precision precision) {
   DeviceBatch d = device_batch(hb, codes);
   CQ_CHECK(q.size() == std::size_t(d.shape.batch) * d.shape.q_heads * d.shape.head_dim, "gpu_test: q has ", q.size(),
            " floats for ", d.shape.batch, " sequences of ", d.shape.q_heads, " heads of ", d.shape.head_dim);
@@ -422,7 +423,15 @@ std::vector<float> attention(const HostBatchOf<T>& hb, const std::vector<float>&
   if (codes.max_split_tokens) fa.set_max_split_tokens(codes.max_split_tokens);
   const cuda::AttentionPlan plan = fa.plan(d.shape);
   fa.run(d.batch, plan);
-  if (splits_used) *splits_used = plan.splits;
+  if (used) {
+    used->splits = plan.splits;
+    used->page_mode.clear();
+    if (plan.kernel == cuda::AttentionKernel::lane_tables) {
+      constexpr const char* names[] = {"contiguous", "paged", "round_pages", "pair_pages"};
+      static_assert(std::size(names) == cuda::detail::page_modes);
+      used->page_mode = names[int(plan.lane_tables.page_mode(d.batch))];
+    }
+  }
   if (precision.lse) *precision.lse = dlse.to_host();
   return from_bytes(dout.to_host(), precision.out);
 }
@@ -525,7 +534,7 @@ GraphStep append_attend_graph(const HostBatchOf<T>& hb, const std::vector<float>
 #define CQ_GPU_TEST_INSTANTIATE(T)                                                                                  \
   template bool kernel_serves<T>(Kernel, const HostBatchOf<T>&);                                                    \
   template std::vector<float> attention<T>(const HostBatchOf<T>&, const std::vector<float>&, Scoring, Kernel,       \
-                                           DeviceCodes, int*, Precision);                                          \
+                                           DeviceCodes, PlanUsed*, Precision);                                      \
   template GraphStep append_attend_graph<T>(const HostBatchOf<T>&, const std::vector<float>&, float, Kernel,        \
                                             const std::vector<T>&, const std::vector<T>&,                           \
                                             const std::vector<std::int64_t>&, const std::vector<std::int64_t>&, int);

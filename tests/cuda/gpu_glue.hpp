@@ -70,12 +70,20 @@ struct Precision {
   std::vector<float>* lse = nullptr;
 };
 
+/// What the plan chose for a run: its split count, and (lane-tables kernel) how the main loop
+/// looks pages up for this batch (cq::cuda::detail::PageMode's name: "contiguous", "paged",
+/// "round_pages", "pair_pages"; empty for the other kernels).
+struct PlanUsed {
+  int splits = 0;
+  std::string page_mode;
+};
+
 /// Fused attention on device 0 for the last token of each sequence; q and the result are
 /// [sequence][q_heads][head_dim]. T: float, half or bfloat16. `scoring`: the scale, or {scale,
 /// logit soft cap}.
 template <class T>
 std::vector<float> attention(const HostBatchOf<T>& batch, const std::vector<float>& q, Scoring scoring,
-                             Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, int* splits_used = nullptr,
+                             Kernel kernel = Kernel::automatic, DeviceCodes codes = {}, PlanUsed* used = nullptr,
                              Precision precision = {});
 
 /// Rows for cuda::encode_into_pages: host bytes of `rows` rows of `kv_heads` x head_dim elements

@@ -52,14 +52,16 @@ struct LaneTablesLaunch {
   int threads = 0;
   /// The instantiations by PageMode, then without and with soft-capped logits
   /// (AttentionBatch::logits_soft_cap).
-  LaneTablesKernelFn kernels[3][2] = {};
+  LaneTablesKernelFn kernels[page_modes][2] = {};
   int round_tokens = 0;  // PageMode::round_pages serves pages of this many tokens or more; 0: never
-  LaneTablesKernelFn pick(const AttentionBatch& b) const {
-    const PageMode m = b.page_tokens == 0                                        ? PageMode::contiguous
-                       : round_tokens > 0 && b.page_tokens >= round_tokens ? PageMode::round_pages
-                                                                                 : PageMode::paged;
-    return kernels[int(m)][b.logits_soft_cap > 0.0f];
+  int pair_tokens = 0;   // PageMode::pair_pages serves pages of this many tokens or more; 0: never
+  PageMode page_mode(const AttentionBatch& b) const {
+    return b.page_tokens == 0                                      ? PageMode::contiguous
+           : round_tokens > 0 && b.page_tokens >= round_tokens ? PageMode::round_pages
+           : pair_tokens > 0 && b.page_tokens >= pair_tokens   ? PageMode::pair_pages
+                                                               : PageMode::paged;
   }
+  LaneTablesKernelFn pick(const AttentionBatch& b) const { return kernels[int(page_mode(b))][b.logits_soft_cap > 0.0f]; }
   std::size_t partial = 0;
 };
 
@@ -221,6 +223,10 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   if constexpr (!Rows) {
     t.kernels[int(P::round_pages)][0] = lane_tables_kernel<GK, GV, Rows, false, P::round_pages>;
     t.kernels[int(P::round_pages)][1] = lane_tables_kernel<GK, GV, Rows, true, P::round_pages>;
+    if constexpr (LaneTablesConfig<GK, GV>::round == 4) {
+      t.kernels[int(P::pair_pages)][0] = lane_tables_kernel<GK, GV, Rows, false, P::pair_pages>;
+      t.kernels[int(P::pair_pages)][1] = lane_tables_kernel<GK, GV, Rows, true, P::pair_pages>;
+    }
   }
   std::size_t smem = 0;
   LaneTablesLayout& L = t.layout;
@@ -258,13 +264,15 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   const long long overhead = 256LL * 4 * (GK * s.key_channels + GV * s.value_channels) / (2LL * 32 * (GK + GV));
   long long splits = wave_splits(items, resident, blocks32, lo, hi, overhead);
   // Splits start at a multiple of a warp's round of blocks (unless the caller fixed their length),
-  // so that in pages of a round or more each round lies in one page (PageMode::round_pages).
+  // so that in pages of a round or more each round lies in one page (PageMode::round_pages), in
+  // pages of half a round each half (pair_pages).
   constexpr int round = LaneTablesConfig<GK, GV>::round;
   long long per_split = (blocks32 + splits - 1) / splits;
   if (!max_split_tokens) per_split = (per_split + round - 1) / round * round;
   L.split_tokens = int(per_split * 32);
   splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
   t.round_tokens = Rows || per_split % round != 0 ? 0 : 32 * round;
+  t.pair_tokens = !Rows && round == 4 && per_split % 2 == 0 ? 64 : 0;
   CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
   L.unit = Rows ? 1.0f : hist_unit_for(L.split_tokens / subsets);
   t.grid = dim3(unsigned(group), unsigned(splits), unsigned(s.batch * s.kv_heads));

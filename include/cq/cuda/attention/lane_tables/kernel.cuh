@@ -49,10 +49,11 @@ template <int GK, int GV, bool Rows, bool Capped, PageMode Pages>
 __global__ void __launch_bounds__(LaneTablesConfig<GK, GV>::threads, 1)
     lane_tables_kernel(AttentionBatch p, LaneTablesLayout L, float* __restrict__ partial, unsigned stages) {
   static_assert(!Rows || GV == 64, "value-rows mode: 2-channel value groups at D = 128");
-  static_assert(!Rows || Pages != PageMode::round_pages, "round pages: histogram mode only");
+  static_assert(!Rows || Pages == PageMode::contiguous || Pages == PageMode::paged,
+                "round and pair pages: histogram mode only");
   using KL = LaneMap<GK>;
   using VL = LaneMap<GV>;
-  using Cfg = LaneTablesConfig<GK, GV, Pages == PageMode::round_pages>;
+  using Cfg = LaneTablesConfig<GK, GV, Pages>;
   constexpr int R = Cfg::round, threads = Cfg::threads, warps = Cfg::warps;
   // Shared memory: the planes, then the small buffers (lane_tables_small_words).
   extern __shared__ __align__(16) unsigned char lane_tables_smem[];

@@ -149,16 +149,27 @@ __device__ inline void for_each_hist_quad(float* tab, int tid, F&& f) {
 /// instantiation, so no path's instructions or registers burden another's):
 /// - contiguous: every entry's codes in its own buffers (AttentionBatch::page_tokens == 0); no page
 ///   table in the code at all;
-/// - paged: pages of any size (a warp's round of blocks may span pages: a page id per block);
+/// - paged: pages of any size (a warp's round of blocks may span pages: a page id and an address
+///   per block);
 /// - round_pages: pages of at least a round's blocks, and splits starting at a multiple of them
 ///   (the plan arranges it), so each warp's round lies in one page: one page-table load and one
 ///   address a round, as contiguous codes have one address. Histogram mode only.
-enum class PageMode { contiguous, paged, round_pages };
+/// - pair_pages: the same for halves of rounds of four blocks (CQ-8c8b), in pages of two blocks
+///   (64 tokens) or more, splits starting at a multiple of two blocks: each half round lies in one
+///   page; two page-table loads and two addresses a round where `paged` takes four.
+enum class PageMode { contiguous, paged, round_pages, pair_pages };
+inline constexpr int page_modes = 4;
+
+/// Blocks of a warp's round that share one page lookup and one address in mode `m`, for rounds
+/// of R blocks (1 in `paged` mode: a lookup and an address per block); 0: contiguous.
+CQ_HOST_DEVICE constexpr int page_chunk_blocks(PageMode m, int R) {
+  return m == PageMode::round_pages ? R : m == PageMode::pair_pages ? 2 : m == PageMode::paged ? 1 : 0;
+}
 
 /// Launch shape for GK key and GV value groups: two planes of tables (128 KiB), one 512-thread
 /// block per multiprocessor. Staged tables (score tables, value rows) take stage_groups + 1 words
-/// per code. RoundPages: PageMode::round_pages (the main loop's page lookups).
-template <int GK, int GV, bool RoundPages = false>
+/// per code. Pages: how the main loop looks pages up (PageMode above).
+template <int GK, int GV, PageMode Pages = PageMode::contiguous>
 struct LaneTablesConfig {
   using KeyLanes = LaneMap<GK>;
   using ValueLanes = LaneMap<GV>;
@@ -169,7 +180,9 @@ struct LaneTablesConfig {
   static constexpr int warps = threads / 32;
   static constexpr int round = round_blocks_for(KeyLanes::words, ValueLanes::words);  // blocks per warp and round
   static constexpr int round_blocks = warps * round;                                 // blocks per block and round
-  static constexpr bool round_pages = RoundPages;
+  /// Blocks of a round in one page at one address (page_chunk_blocks); 0: contiguous.
+  static constexpr int page_chunk = page_chunk_blocks(Pages, round);
+  static_assert(round % (page_chunk > 0 ? page_chunk : 1) == 0, "a round is whole page chunks");
 };
 
 /// Paged codes in value-rows mode: the split's page ids, copied into shared memory by the kernel

@@ -126,17 +126,17 @@ __device__ inline void load_unit(unsigned* dst, const std::uint8_t* src) {
 /// The page ids of the `R` consecutive blocks from the split's block `blk` (clamped to its last
 /// block), for load_code_blocks; keys and values share them (one page table). Contiguous: nothing.
 /// Looked up a round before the loads that use them, so a load never waits on the page table.
-/// RoundPages (PageMode::round_pages): the R blocks lie in one page, whose id every pg[r] gets.
-template <int R, bool RoundPages, class PageOf>
+/// Each run of Chunk blocks from blk (PageMode's page_chunk_blocks; 1 in `paged` mode) lies in
+/// one page, whose id each of its pg[r] gets: one lookup a chunk.
+template <int R, int Chunk, class PageOf>
 __device__ inline void block_pages(std::uint32_t (&pg)[R], const CodeRun& run, const PageOf& page_of, int first, int blk,
                                    int nblocks) {
-  if constexpr (RoundPages) {
-    const std::uint32_t id = nblocks > 0 ? page_of(first + min(blk, nblocks - 1)) : 0u;
+  constexpr int step = Chunk > 0 ? Chunk : 1;
 #pragma unroll
-    for (int r = 0; r < R; ++r) pg[r] = id;
-  } else {
+  for (int c = 0; c < R; c += step) {
+    const std::uint32_t id = run.pages && nblocks > 0 ? page_of(first + min(blk + c, nblocks - 1)) : 0u;
 #pragma unroll
-    for (int r = 0; r < R; ++r) pg[r] = run.pages && nblocks > 0 ? page_of(first + min(blk + r, nblocks - 1)) : 0u;
+    for (int r = c; r < c + step; ++r) pg[r] = id;
   }
 }
 
@@ -154,23 +154,38 @@ struct PageLookup {
 };
 
 /// Loads the lane's code words (offsets `off`) of `R` consecutive blocks starting at the split's
-/// block `blk` (block first + blk of the run; in pages, pages pg from block_pages). When the R
-/// blocks lie in the split and in one page (or the codes are contiguous), one address serves every
-/// load (the blocks are immediate offsets from it); otherwise one per block. At the split's end,
-/// blocks past it load the last block again (their tokens are masked).
+/// block `blk` (block first + blk of the run; in pages, pages pg from block_pages).
 ///
-/// RoundPages (PageMode::round_pages): paged codes' R blocks always lie in one page (pg[0]), also
-/// past the split's end, where they are other bytes of that page (in bounds; their tokens are
-/// masked), so one address serves every round.
-template <class Lanes, int R, bool Aligned, bool RoundPages = false>
+/// Paged codes: each run of Chunk blocks (PageMode's page_chunk_blocks, >= 1) lies in one page
+/// (pg[c] for the run from block c) and is read from one address (the blocks are immediate
+/// offsets from it), also past the split's end, where the blocks are other bytes of the split's
+/// last page (in bounds; their tokens are masked). Contiguous codes (also entries without a page
+/// table in a paged batch): one address for the R blocks, but at the split's end, where blocks
+/// past it load the last block again.
+template <class Lanes, int R, bool Aligned, int Chunk = 0>
 __device__ inline void load_code_blocks(unsigned (&dst)[R][Lanes::slots][Lanes::words], const CodeRun& run, int first,
                                         const std::uint32_t (&pg)[R], const int (&off)[Lanes::slots][Lanes::units],
                                         int blk, int nblocks) {
   constexpr int block_bytes = 32 * Lanes::groups;
   const int b0 = first + blk;
-  if ((RoundPages && run.pages != nullptr) ||  // (a batch with pages may hold contiguous entries too)
-      (blk + R <= nblocks && (run.pages == nullptr || (b0 & (run.page_blocks() - 1)) + R <= run.page_blocks()))) {
-    const std::uint8_t* b = run.block_in(pg[0], b0, block_bytes);
+  if constexpr (Chunk > 0) {
+    if (run.pages != nullptr) {
+#pragma unroll
+      for (int c = 0; c < R; c += Chunk) {
+        const std::uint8_t* b = run.block_in(pg[c], b0 + c, block_bytes);
+#pragma unroll
+        for (int i = 0; i < Lanes::slots; ++i)
+#pragma unroll
+          for (int u = 0; u < Lanes::units; ++u)
+#pragma unroll
+            for (int r = c; r < c + Chunk; ++r)
+              load_unit<Lanes::unit, Aligned>(&dst[r][i][u * Lanes::unit], b + off[i][u] + (r - c) * block_bytes);
+      }
+      return;
+    }
+  }
+  if (blk + R <= nblocks) {
+    const std::uint8_t* b = run.block_in(0u, b0, block_bytes);
 #pragma unroll
     for (int i = 0; i < Lanes::slots; ++i)
 #pragma unroll
@@ -322,7 +337,7 @@ __device__ __forceinline__ void accumulate_round(
     }
   }
   if (reload)
-    load_code_blocks<VL, R, Aligned, Cfg::round_pages>(vq, k.value_run, k.first_block, next_pages, a.voff, next,
+    load_code_blocks<VL, R, Aligned, Cfg::page_chunk>(vq, k.value_run, k.first_block, next_pages, a.voff, next,
                                                        k.nblocks);
   __syncwarp();  // the weights buffer is rewritten two rounds on
 }
@@ -342,13 +357,13 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
   const PageLookup<Rows> page_of{k};
   // Paged codes: the pages of this round's blocks (pg) and of the next round's (pg_next).
   std::uint32_t pg[R], pg_next[R];
-  block_pages<R, Cfg::round_pages>(pg_next, k.key_run, page_of, k.first_block, k.warp * R, k.nblocks);
+  block_pages<R, Cfg::page_chunk>(pg_next, k.key_run, page_of, k.first_block, k.warp * R, k.nblocks);
   if (k.n > 0) {
     if (scan)
-      load_code_blocks<KL, R, Aligned, Cfg::round_pages>(kq, k.key_run, k.first_block, pg_next, a.koff, k.warp * R,
+      load_code_blocks<KL, R, Aligned, Cfg::page_chunk>(kq, k.key_run, k.first_block, pg_next, a.koff, k.warp * R,
                                                          k.nblocks);
     if (accumulate)
-      load_code_blocks<VL, R, Aligned, Cfg::round_pages>(vq, k.value_run, k.first_block, pg_next, a.voff, k.warp * R,
+      load_code_blocks<VL, R, Aligned, Cfg::page_chunk>(vq, k.value_run, k.first_block, pg_next, a.voff, k.warp * R,
                                                          k.nblocks);
   }
   const int rounds = (k.nblocks + round_blocks - 1) / round_blocks;
@@ -356,7 +371,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
     const int blk0 = round * round_blocks + k.warp * R;
 #pragma unroll
     for (int r = 0; r < R; ++r) pg[r] = pg_next[r];
-    block_pages<R, Cfg::round_pages>(pg_next, k.key_run, page_of, k.first_block, blk0 + round_blocks, k.nblocks);
+    block_pages<R, Cfg::page_chunk>(pg_next, k.key_run, page_of, k.first_block, blk0 + round_blocks, k.nblocks);
     // L2 fetches the next round's blocks while this one computes; the register loads for them go
     // out after this round's lookups. (The stage switch is per round, so the lookups carry no
     // predicate.)
@@ -387,7 +402,7 @@ __device__ __forceinline__ void scan_split(const LaneTablesLayout& L, const Lane
         if constexpr (Capped) total = SoftCap(cap)(total);
         s[r] = (blk0 + r) * 32 + KL::scored_token(k.lane) < k.n ? total : -FLT_MAX;
       }
-      load_code_blocks<KL, R, Aligned, Cfg::round_pages>(kq, k.key_run, k.first_block, pg_next, a.koff,
+      load_code_blocks<KL, R, Aligned, Cfg::page_chunk>(kq, k.key_run, k.first_block, pg_next, a.koff,
                                                          blk0 + round_blocks, k.nblocks);
     } else {
 #pragma unroll
