@@ -275,11 +275,15 @@ using LaneWeight = std::conditional_t<Rows, float, unsigned>;
 /// page's request, and every warp waits for warp 0 at the round barrier; the register loads issued
 /// a round ahead cover the codes' latency without it, and the paged kernel ran faster so
 /// (docs/design/cuda-attention.md, "Paged codes", session 23). Value-rows mode has no round
-/// barrier and reads the page ids from shared memory: it keeps the prefetch.
+/// barrier and reads the page ids from shared memory: it keeps the prefetch, but with GQA only in
+/// the block of the group's first query head (blockIdx.x 0): the group's blocks read the same codes
+/// side by side, so one block's requests serve them all, and the others' paged prefetches (page
+/// lookups and a request per page's run or line) would only repeat them.
 template <class Cfg, bool Rows>
 __device__ __forceinline__ void prefetch_round(const LaneTablesBlock& k, bool scan, bool accumulate, int r) {
   if (k.warp != 0) return;
   if (!Rows && k.key_run.pages) return;
+  if (Rows && k.key_run.pages && blockIdx.x != 0) return;
   const PageLookup<Rows> page_of{k};
   if (scan)
     prefetch_code_blocks<typename Cfg::KeyLanes, Cfg::round_blocks>(k.key_run, page_of, k.first_block,
