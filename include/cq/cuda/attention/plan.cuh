@@ -216,6 +216,10 @@ template <int GK, int GV, bool Rows>
 void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_split_tokens, AttentionPlan& plan) {
   LaneTablesLaunch& t = plan.lane_tables;
   using P = PageMode;
+  constexpr int round = LaneTablesConfig<GK, GV>::round;
+  // Pair pages: half rounds, only where a round is four blocks (CQ-8c8b); histogram mode only.
+  constexpr int pair = page_chunk_blocks(P::pair_pages, round);
+  constexpr bool pairs = !Rows && round == 2 * pair;
   t.kernels[int(P::contiguous)][0] = lane_tables_kernel<GK, GV, Rows, false, P::contiguous>;
   t.kernels[int(P::contiguous)][1] = lane_tables_kernel<GK, GV, Rows, true, P::contiguous>;
   t.kernels[int(P::paged)][0] = lane_tables_kernel<GK, GV, Rows, false, P::paged>;
@@ -223,7 +227,7 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   if constexpr (!Rows) {
     t.kernels[int(P::round_pages)][0] = lane_tables_kernel<GK, GV, Rows, false, P::round_pages>;
     t.kernels[int(P::round_pages)][1] = lane_tables_kernel<GK, GV, Rows, true, P::round_pages>;
-    if constexpr (LaneTablesConfig<GK, GV>::round == 4) {
+    if constexpr (pairs) {
       t.kernels[int(P::pair_pages)][0] = lane_tables_kernel<GK, GV, Rows, false, P::pair_pages>;
       t.kernels[int(P::pair_pages)][1] = lane_tables_kernel<GK, GV, Rows, true, P::pair_pages>;
     }
@@ -266,13 +270,12 @@ void plan_lane_tables(const AttentionShape& s, const DeviceLimits& dev, int max_
   // Splits start at a multiple of a warp's round of blocks (unless the caller fixed their length),
   // so that in pages of a round or more each round lies in one page (PageMode::round_pages), in
   // pages of half a round each half (pair_pages).
-  constexpr int round = LaneTablesConfig<GK, GV>::round;
   long long per_split = (blocks32 + splits - 1) / splits;
   if (!max_split_tokens) per_split = (per_split + round - 1) / round * round;
   L.split_tokens = int(per_split * 32);
   splits = std::max(1, (s.max_coded + L.split_tokens - 1) / L.split_tokens);
   t.round_tokens = Rows || per_split % round != 0 ? 0 : 32 * round;
-  t.pair_tokens = !Rows && round == 4 && per_split % 2 == 0 ? 64 : 0;
+  t.pair_tokens = pairs && per_split % pair == 0 ? 32 * pair : 0;
   CQ_CHECK(splits <= 65535, "cuda attention: ", splits, " splits exceed 65535");
   L.unit = Rows ? 1.0f : hist_unit_for(L.split_tokens / subsets);
   t.grid = dim3(unsigned(group), unsigned(splits), unsigned(s.batch * s.kv_heads));
